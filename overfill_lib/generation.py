@@ -1,0 +1,534 @@
+"""OverFill generation: the full model prefills and picks the first token, the decoder continues.
+
+The loop mirrors Hugging Face ``generate`` (greedy / multinomial sampling) closely enough that an
+identity pair (decoder = the full model) reproduces ``full.generate`` token for token:
+
+1. The full model runs the (left-padded) prompt with ``position_ids`` from the attention mask's
+   cumulative sum, filling a ``DynamicCache``; its last logits give the first new token.
+2. The pairing strategy turns that cache into the decoder's (``shared_kv``: the same object).
+3. The decoder takes one token per step at the next position, the attention mask growing by one
+   column of ones per step (finished rows keep emitting ``pad``, as in HF).
+
+Sampling goes through ``transformers`` logits processors built from a ``GenerationConfig``
+(repetition penalty, temperature, top-k, top-p, ...). Stopping: eos ids, stop strings (checked on
+the decoded text; trimmed from the returned text, not from the token ids), ``max_new_tokens``.
+
+**Prefill refresh** (future work named by the authors, built here): with ``refresh_every=N`` the
+full model re-processes, every N decoder steps, the last N tokens the decoder wrote into the cache
+(one chunked forward over them with the cache cropped back by N) and its KV replaces the decoder's.
+Tokens already generated never change (no verify or rollback); the refresh's logits are discarded.
+Cost: one full-model forward of N tokens every N decoded tokens, i.e. roughly one extra read of
+the full model's weights per refresh (memory-bound for small N), plus its attention over the
+context. N=1 therefore costs more than running the full model alone; it is a quality reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+if TYPE_CHECKING:
+    from overfill_lib.pair import OverFillModel
+
+log = logging.getLogger(__name__)
+
+# Values HF generate falls back on when neither the model nor the caller sets them.
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, exactly as HF generate builds them (pads get 0)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ragged token lists into (ids, attention_mask) tensors on the given side."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def pad_token_for(model, tokenizer=None) -> int:
+    """The pad id: generation config, then config, then tokenizer, then eos, then 0."""
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        pad = getattr(source, "pad_token_id", None) if source is not None else None
+        if pad is not None:
+            return int(pad)
+    eos = _eos_list(getattr(model, "generation_config", None)) or _eos_list(model.config)
+    return eos[0] if eos else 0
+
+
+def _eos_list(config) -> list[int]:
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def encode_chat(tokenizer, conversations: Sequence[Sequence[dict]], **template_kwargs) -> dict[str, torch.Tensor]:
+    """Apply the tokenizer's chat template (with the generation prompt) to a batch of conversations.
+
+    Returns left-padded ``input_ids`` and ``attention_mask``. The template text already holds any
+    BOS, so it is tokenized without adding special tokens again (as ``apply_chat_template`` does).
+    """
+    texts = [
+        tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **template_kwargs)
+        for messages in conversations
+    ]
+    return encode_prompts(tokenizer, texts, add_special_tokens=False)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+    """Tokenize plain-text prompts into a left-padded batch."""
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids, attention_mask = pad_sequences(ids, pad, side="left")
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation config and logits processors
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_generation_config(
+    model, generation_config: GenerationConfig | None = None, **kwargs: Any
+) -> GenerationConfig:
+    """The model's generation config (or the one given), updated by ``kwargs``, with HF's defaults filled in."""
+    own = getattr(model, "generation_config", None)
+    if generation_config is None:
+        gc = copy.deepcopy(own) if own is not None else GenerationConfig.from_model_config(model.config)
+    else:
+        gc = copy.deepcopy(generation_config)
+        # Special tokens come from the model when the caller's config leaves them unset, as in HF.
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if getattr(gc, name, None) is None and own is not None:
+                setattr(gc, name, getattr(own, name, None))
+    unused = gc.update(**{k: v for k, v in kwargs.items() if v is not None})
+    if unused:
+        raise TypeError(f"unknown generation arguments: {sorted(unused)}")
+    for name, value in GENERATION_DEFAULTS.items():
+        if getattr(gc, name, None) is None:
+            setattr(gc, name, value)
+    if gc.eos_token_id is None:
+        gc.eos_token_id = getattr(model.config, "eos_token_id", None)
+    if gc.num_beams != 1 or gc.num_return_sequences != 1:
+        raise NotImplementedError("OverFill generation supports greedy and sampling only (num_beams=1, num_return_sequences=1)")
+    return gc
+
+
+def build_logits_processor(
+    gc: GenerationConfig,
+    prompt_length: int,
+    device: torch.device | str = "cpu",
+    extra: LogitsProcessorList | Sequence | None = None,
+) -> LogitsProcessorList:
+    """The processors HF generate would apply for ``gc``, in HF's order, from public classes.
+
+    Penalties and constraints first, then any caller-given processors, then (sampling only) the
+    warpers: temperature, top-k, top-p, min-p, typical-p.
+    """
+    eos = _eos_list(gc)
+    procs = LogitsProcessorList()
+    if gc.repetition_penalty not in (None, 1.0):
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty=float(gc.repetition_penalty)))
+    if gc.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(gc.no_repeat_ngram_size))
+    if gc.min_new_tokens and eos:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, gc.min_new_tokens, eos, device=device))
+    if gc.suppress_tokens:
+        procs.append(SuppressTokensLogitsProcessor(gc.suppress_tokens, device=device))
+    if extra:
+        procs.extend(extra)
+    if gc.do_sample:
+        if gc.temperature is not None and gc.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(gc.temperature))
+        if gc.top_k:
+            procs.append(TopKLogitsWarper(top_k=gc.top_k))
+        if gc.top_p is not None and gc.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=gc.top_p))
+        if gc.min_p is not None:
+            procs.append(MinPLogitsWarper(min_p=gc.min_p))
+        if gc.typical_p is not None and gc.typical_p < 1.0:
+            procs.append(TypicalLogitsWarper(mass=gc.typical_p))
+    return procs
+
+
+# --------------------------------------------------------------------------------------------------
+# Stop strings
+# --------------------------------------------------------------------------------------------------
+
+
+class StopStrings:
+    """Stop when a row's decoded new text contains a stop string; trim it from the returned text.
+
+    Only a tail window of tokens is decoded per step: an occurrence ending earlier would have been
+    caught at an earlier step, and a stop string of L characters spans at most about L tokens.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], skip_special_tokens: bool = True):
+        if tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (pass tokenizer= or give the pair one)")
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stop_strings if s]
+        if not self.stops:
+            raise ValueError("stop_strings must contain at least one non-empty string")
+        self.window = max(len(s) for s in self.stops) + 8
+        self.skip_special_tokens = skip_special_tokens
+
+    def hit(self, new_tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(new_tokens[-self.window :], skip_special_tokens=self.skip_special_tokens)
+        return any(s in text for s in self.stops)
+
+    def trim(self, text: str) -> str:
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return text[: min(cuts)] if cuts else text
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationTimings:
+    """Wall-clock seconds per stage (synchronised on CUDA at stage boundaries) and token counts."""
+
+    prefill_s: float = 0.0  # full-model prefill + first token + building the decoder's cache (projection)
+    decode_s: float = 0.0  # every decoder step after the first token, refreshes included
+    refresh_s: float = 0.0  # the part of decode_s spent in prefill refresh
+    batch_size: int = 0
+    prompt_length: int = 0  # padded prompt width
+    prompt_tokens: int = 0  # real prompt tokens, all rows
+    new_tokens: int = 0  # tokens generated before each row finished (its eos included), all rows
+    steps: int = 0  # generated positions (1 from the full model + decode_steps)
+    decode_steps: int = 0  # decoder forwards
+    refreshes: int = 0
+
+    @property
+    def per_token_decode_s(self) -> float:
+        """Seconds per decoder step (each step yields one token per unfinished row)."""
+        return self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {**asdict(self), "per_token_decode_s": self.per_token_decode_s, "total_s": self.total_s}
+
+
+@dataclass
+class OverFillOutput:
+    """Result of :func:`generate`: ids like HF (prompt + new tokens), the new part, texts and timings."""
+
+    sequences: torch.Tensor  # [batch, prompt_length + steps]
+    new_tokens: torch.Tensor  # [batch, steps], pad after a row finished
+    texts: list[str] | None  # decoded new text per row (eos dropped, stop string trimmed); None without tokenizer
+    finish_reasons: list[str]  # per row: "eos", "stop" or "length"
+    timings: GenerationTimings = field(default_factory=GenerationTimings)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.new_tokens.shape[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # [batch, 1, vocab]: last position only
+    cache: DynamicCache
+    position_ids: torch.Tensor  # [batch, prompt_length]
+
+
+def _keep_last(model) -> dict[str, int]:
+    # Computing the LM head on the last position only, as HF generate does when the model allows it.
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def full_prefill(full, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Prefill:
+    """Run the full model over a left-padded prompt batch, returning its last logits and its cache."""
+    cache = DynamicCache(config=full.config)
+    position_ids = positions_from_mask(attention_mask)
+    out = full(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **_keep_last(full),
+    )
+    return Prefill(out.logits[:, -1:], cache, position_ids)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prepare_inputs(pair, input_ids, attention_mask, prompts, messages, tokenizer, chat_template_kwargs):
+    given = [x is not None for x in (input_ids, prompts, messages)]
+    if sum(given) != 1:
+        raise ValueError("pass exactly one of input_ids, prompts (strings) or messages (conversations)")
+    if prompts is not None or messages is not None:
+        if tokenizer is None:
+            raise ValueError("text prompts and chat messages need a tokenizer (pass tokenizer= or give the pair one)")
+        if messages is not None:
+            enc = encode_chat(tokenizer, messages, **(chat_template_kwargs or {}))
+        else:
+            enc = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else prompts)
+        return enc["input_ids"], enc["attention_mask"]
+    if not torch.is_tensor(input_ids):
+        return pad_sequences(input_ids, pad_token_for(pair.full, tokenizer), side="left")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return input_ids, attention_mask
+
+
+def generate(
+    pair: OverFillModel,
+    input_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    prompts: Sequence[str] | str | None = None,
+    messages: Sequence[Sequence[dict]] | None = None,
+    tokenizer=None,
+    generation_config: GenerationConfig | None = None,
+    max_new_tokens: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    streamer=None,
+    refresh_every: int = 0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    logits_processor: LogitsProcessorList | None = None,
+    skip_special_tokens: bool = True,
+    chat_template_kwargs: dict | None = None,
+    **generation_kwargs: Any,
+) -> OverFillOutput:
+    """Generate with an OverFill pair: full-model prefill + first token, decoder for the rest.
+
+    Inputs: ``input_ids`` (a left-padded tensor with ``attention_mask``, or ragged lists of ids),
+    ``prompts`` (strings) or ``messages`` (a batch of conversations, via the chat template).
+    Decoding settings come from the full model's ``generation_config``, then ``generation_config``,
+    then keyword arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+    ``repetition_penalty``, ...). ``seed`` or ``generator`` make sampling reproducible.
+    ``streamer``: an HF ``TextStreamer``-compatible object (``put``/``end``), batch size 1.
+    ``refresh_every``: prefill refresh period N (0: never); see the module docstring.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(pair, "tokenizer", None)
+    full, decoder, strategy = pair.full, pair.decoder, pair.strategy
+    device = next(full.parameters()).device
+    if next(decoder.parameters()).dtype != next(full.parameters()).dtype and strategy.shares_cache:
+        raise ValueError("shared_kv needs the full model and the decoder in one dtype (their cache is shared)")
+    input_ids, attention_mask = _prepare_inputs(
+        pair, input_ids, attention_mask, prompts, messages, tokenizer, chat_template_kwargs
+    )
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch, prompt_length = input_ids.shape
+
+    gc = resolve_generation_config(full, generation_config, max_new_tokens=max_new_tokens, **generation_kwargs)
+    limit = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt_length
+    if limit < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens resolves to {limit}")
+    if refresh_every < 0:
+        raise ValueError("refresh_every must be >= 0 (0: never refresh)")
+    eos = _eos_list(gc)
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+    # Finished rows emit pad; like HF, fall back on the first eos id when no pad id is configured.
+    pad = int(gc.pad_token_id) if gc.pad_token_id is not None else (eos[0] if eos else pad_token_for(full, tokenizer))
+    processors = build_logits_processor(gc, prompt_length, device, logits_processor)
+    stops = None
+    if stop_strings:
+        stops = StopStrings(tokenizer, [stop_strings] if isinstance(stop_strings, str) else stop_strings, skip_special_tokens)
+    if streamer is not None and batch != 1:
+        raise ValueError("streaming supports batch size 1 only (as in HF generate)")
+    if gc.do_sample and generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    def choose(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+        scores = processors(sequences, logits[:, -1].to(dtype=torch.float32, copy=True))
+        if gc.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        return scores.argmax(dim=-1)
+
+    timings = GenerationTimings(batch_size=batch, prompt_length=prompt_length, prompt_tokens=int(attention_mask.sum()))
+    reasons = ["length"] * batch
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    sequences = input_ids
+    produced = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def advance(next_tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (pad for finished rows) and update which rows are finished."""
+        nonlocal sequences, unfinished
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+        produced.add_(unfinished.long())
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if eos:
+            ended = unfinished & torch.isin(next_tokens, eos_t)
+            for row in ended.nonzero().flatten().tolist():
+                reasons[row] = "eos"
+            unfinished = unfinished & ~ended
+        if stops is not None:
+            for row in unfinished.nonzero().flatten().tolist():
+                if stops.hit(sequences[row, prompt_length:].tolist()):
+                    reasons[row] = "stop"
+                    unfinished[row] = False
+        return next_tokens
+
+    with torch.inference_mode():
+        try:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            _sync(device)
+            t0 = time.perf_counter()
+            prefill = full_prefill(full, input_ids, attention_mask)
+            next_tokens = advance(choose(prefill.logits, sequences))
+            cache = strategy.decoder_cache(prefill.cache)
+            # Without refresh the full model's own cache is only needed when it is the decoder's.
+            full_cache = prefill.cache if refresh_every else None
+            last_pos = prefill.position_ids[:, -1:]
+            del prefill
+            _sync(device)
+            t1 = time.perf_counter()
+            timings.prefill_s = t1 - t0
+            pending = 0  # decoder-written positions since the last refresh
+            keep = _keep_last(decoder)
+            while sequences.shape[1] - prompt_length < limit and bool(unfinished.any()):
+                if refresh_every and pending == refresh_every:
+                    r0 = time.perf_counter()
+                    _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, pending)
+                    _sync(device)
+                    timings.refresh_s += time.perf_counter() - r0
+                    timings.refreshes += 1
+                    pending = 0
+                last_pos = last_pos + 1
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+                out = decoder(
+                    input_ids=next_tokens[:, None],
+                    attention_mask=attention_mask,
+                    position_ids=last_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **keep,
+                )
+                pending += 1
+                timings.decode_steps += 1
+                next_tokens = advance(choose(out.logits, sequences))
+                del out
+            _sync(device)
+            timings.decode_s = time.perf_counter() - t1
+        finally:
+            if streamer is not None:
+                streamer.end()
+
+    new_tokens = sequences[:, prompt_length:]
+    timings.steps = new_tokens.shape[1]
+    timings.new_tokens = int(produced.sum())
+    texts = None
+    if tokenizer is not None:
+        texts = []
+        for row in range(batch):
+            # A row's text ends before its eos; later positions hold pad.
+            toks = new_tokens[row, : int(produced[row]) - (reasons[row] == "eos")].tolist()
+            text = tokenizer.decode(toks, skip_special_tokens=skip_special_tokens)
+            texts.append(stops.trim(text) if stops is not None else text)
+    log.debug("overfill generate: %s", timings.to_dict())
+    return OverFillOutput(sequences, new_tokens, texts, reasons, timings)
+
+
+def crop_cache(cache: DynamicCache, tokens: int) -> None:
+    """Drop the last ``tokens`` positions of every layer of a ``DynamicCache``.
+
+    A negative argument to ``Cache.crop`` means "remove this many" both in transformers 5.17 (where a
+    positive one is an absolute length) and in later 5.x (where a positive one is refused), so this
+    is the portable call.
+    """
+    if tokens > 0:
+        cache.crop(-tokens)
+
+
+def _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, n: int) -> None:
+    """Replace the KV of the last ``n`` decoder-written positions with the full model's.
+
+    Those positions hold the tokens fed to the decoder since the last refresh, ``sequences[:, -n-1:-1]``
+    (the newest token has not been fed yet). The full model processes them as one chunk on top of a
+    cache holding everything before them (the mask covers exactly cache + chunk); its logits are
+    discarded. Under ``shared_kv`` the full model writes straight into the shared cache once it is
+    cropped back; otherwise it extends its own cache and the strategy maps the new entries over.
+    """
+    chunk = sequences[:, -n - 1 : -1]
+    positions = last_pos + torch.arange(-n + 1, 1, device=last_pos.device)
+    if strategy.shares_cache:
+        crop_cache(cache, n)
+        target = cache
+    else:
+        target = full_cache
+        expected = cache.get_seq_length() - n
+        if full_cache.get_seq_length() != expected:
+            raise RuntimeError(f"refresh: the full cache holds {full_cache.get_seq_length()} positions, expected {expected}")
+    full(
+        input_ids=chunk,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=target,
+        use_cache=True,
+        **_keep_last(full),
+    )
+    if not strategy.shares_cache:
+        crop_cache(cache, n)
+        strategy.append_from_full(cache, full_cache, full_cache.get_seq_length() - n)

@@ -1,0 +1,696 @@
+"""The OverFill pair: a frozen full model prefills, a smaller decoder generates from its KV cache.
+
+OverFill (Kim et al., COLM 2025, arXiv 2508.08446) splits inference by stage: the full model
+processes the prompt in parallel (compute-bound, cheap per token) and chooses the first new token;
+a decoder pruned in width continues token by token (memory-bound, where a smaller model pays off),
+attending to the full model's prompt KV cache.
+
+How the decoder reads that cache is a *pairing strategy* (a small registry below):
+
+- ``shared_kv`` (the paper's default, "kv_identity"): same layer count, KV heads and head dim; the
+  decoder reads the full model's cache object unchanged.
+- ``layer_subset`` ("kv_prune"): the decoder keeps some of the full model's layers (full-model
+  indices, e.g. from the decoder's ``pruning.json``) and reads those layers' KV.
+- ``kv_projection`` ("kv_proj_layer"): a learned per-layer linear map from the full model's KV to
+  the decoder's KV shape, so any two models sharing a tokenizer can be paired.
+
+The same computation serves training, scoring and generation: :meth:`OverFillModel.forward_continuation`
+(full model under ``no_grad``, decoder with grad), :meth:`OverFillModel.score` (lm-eval style
+log-likelihoods) and :meth:`OverFillModel.generate` (see ``overfill_lib.generation``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+
+from overfill_lib import generation
+from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "overfill_config.json"
+PROJECTION_NAME = "kv_projection.safetensors"
+PRUNING_NAME = "pruning.json"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# KV shapes and compatibility
+# --------------------------------------------------------------------------------------------------
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    # Multimodal configs nest the language model's config; plain causal LMs return themselves.
+    getter = getattr(config, "get_text_config", None)
+    return getter(decoder=True) if getter is not None else config
+
+
+def _eos_set(config: PretrainedConfig) -> frozenset[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What decides whether a KV cache can be read by another model: per-layer shape and vocabulary."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eos: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> KVShape:
+        c = _text_config(config)
+        heads = c.num_attention_heads
+        # Llama-style configs store head_dim explicitly (a width-pruned decoder keeps it while its
+        # hidden size shrinks); older configs derive it from hidden_size.
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        return cls(c.num_hidden_layers, kv_heads, head_dim, c.vocab_size, _eos_set(c))
+
+    @property
+    def kv_width(self) -> int:
+        """Channels per layer for K (and for V): n_kv_heads * head_dim."""
+        return self.kv_heads * self.head_dim
+
+
+def _tokenizer_mismatches(full: KVShape, dec: KVShape) -> list[str]:
+    out = []
+    if full.vocab != dec.vocab:
+        out.append(f"vocabulary size (full {full.vocab}, decoder {dec.vocab})")
+    if full.eos and dec.eos and full.eos != dec.eos:
+        out.append(f"tokenizer (eos_token_id: full {sorted(full.eos)}, decoder {sorted(dec.eos)})")
+    return out
+
+
+def _shape_mismatches(full: KVShape, dec: KVShape) -> list[str]:
+    out = []
+    if full.layers != dec.layers:
+        out.append(f"layer count (full {full.layers}, decoder {dec.layers})")
+    if full.kv_heads != dec.kv_heads:
+        out.append(f"KV heads (full {full.kv_heads}, decoder {dec.kv_heads})")
+    if full.head_dim != dec.head_dim:
+        out.append(f"head_dim (full {full.head_dim}, decoder {dec.head_dim})")
+    return out
+
+
+def suggest_strategy(full_config: PretrainedConfig, decoder_config: PretrainedConfig) -> str | None:
+    """The simplest strategy that can pair these two models, or None when they cannot be paired."""
+    full, dec = KVShape.of(full_config), KVShape.of(decoder_config)
+    if _tokenizer_mismatches(full, dec):
+        return None
+    shape = _shape_mismatches(full, dec)
+    if not shape:
+        return "shared_kv"
+    if len(shape) == 1 and full.layers > dec.layers:
+        return "layer_subset"
+    return "kv_projection"
+
+
+def _unpairable(full: KVShape, dec: KVShape) -> None:
+    bad = _tokenizer_mismatches(full, dec)
+    if bad:
+        raise ValueError(
+            f"the models differ in {'; '.join(bad)}: they cannot be paired under any strategy. OverFill needs one "
+            "tokenizer, since the first new token comes from the full model's logits and the rest from the decoder's."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache helpers (DynamicCache's public surface, stable across transformers 5.x)
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one layer, each [batch, kv_heads, seq, head_dim] (keys are stored after RoPE)."""
+    entry = cache.layers[layer]
+    return entry.keys, entry.values
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairing strategies
+# --------------------------------------------------------------------------------------------------
+
+STRATEGIES: dict[str, type[PairingStrategy]] = {}
+
+
+def register_strategy(cls: type[PairingStrategy]) -> type[PairingStrategy]:
+    """Class decorator: make a strategy available by its ``name``."""
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+class PairingStrategy(nn.Module):
+    """How the decoder reads the full model's KV cache.
+
+    Subclasses validate the pair in ``__init__`` (raising ``ValueError`` that names the mismatch),
+    build the cache the decoder reads after the full model's prefill (:meth:`decoder_cache`), and
+    append full-model KV for positions ``start:`` to a decoder cache (:meth:`append_from_full`, used
+    by prefill refresh). Any trainable parameters are ``nn.Parameter`` s of the strategy module.
+    """
+
+    name: ClassVar[str]
+    #: True when the decoder reads (and writes) the full model's cache object itself.
+    shares_cache: ClassVar[bool] = False
+
+    def __init__(self, full_config: PretrainedConfig, decoder_config: PretrainedConfig):
+        super().__init__()
+        self.full_shape = KVShape.of(full_config)
+        self.decoder_shape = KVShape.of(decoder_config)
+        self.decoder_config = decoder_config
+        _unpairable(self.full_shape, self.decoder_shape)
+
+    def decoder_cache(self, full_cache: DynamicCache) -> DynamicCache:
+        """The cache the decoder continues from, given the full model's prefilled cache."""
+        cache = DynamicCache(config=self.decoder_config)
+        self.append_from_full(cache, full_cache, 0)
+        return cache
+
+    def append_from_full(self, decoder_cache: DynamicCache, full_cache: DynamicCache, start: int) -> None:
+        """Append the full model's KV for positions ``start:`` to every decoder layer."""
+        for j in range(self.decoder_shape.layers):
+            k, v = self.map_layer(j, full_cache, start)
+            decoder_cache.update(k, v, j)
+
+    def map_layer(self, j: int, full_cache: DynamicCache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def strategy_args(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments (stored in ``overfill_config.json``)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, args={self.strategy_args()}"
+
+
+@register_strategy
+class SharedKV(PairingStrategy):
+    """Same layers and KV shapes: the decoder reads the full model's cache as-is (the paper's setting)."""
+
+    name = "shared_kv"
+    shares_cache = True
+
+    def __init__(self, full_config: PretrainedConfig, decoder_config: PretrainedConfig):
+        super().__init__(full_config, decoder_config)
+        bad = _shape_mismatches(self.full_shape, self.decoder_shape)
+        if bad:
+            fit = suggest_strategy(full_config, decoder_config)
+            how = {
+                "layer_subset": "strategy='layer_subset' with the full-model indices of the decoder's layers",
+                "kv_projection": "strategy='kv_projection' (a learned per-layer map from full KV to decoder KV)",
+            }[fit]
+            raise ValueError(
+                f"shared_kv needs the decoder's KV cache to have the full model's shape, but they differ in "
+                f"{'; '.join(bad)}. Use {how}."
+            )
+
+    def decoder_cache(self, full_cache: DynamicCache) -> DynamicCache:
+        return full_cache
+
+    def append_from_full(self, decoder_cache: DynamicCache, full_cache: DynamicCache, start: int) -> None:
+        # One cache object serves both models: the full model's forward already wrote it.
+        if decoder_cache is not full_cache:
+            raise RuntimeError("shared_kv expects the decoder to read the full model's cache object itself")
+
+
+@register_strategy
+class LayerSubset(PairingStrategy):
+    """The decoder keeps a subset of the full model's layers and reads those layers' KV."""
+
+    name = "layer_subset"
+
+    def __init__(self, full_config: PretrainedConfig, decoder_config: PretrainedConfig, layers: Sequence[int]):
+        super().__init__(full_config, decoder_config)
+        full, dec = self.full_shape, self.decoder_shape
+        self.layers = [int(i) for i in layers]
+        problems = [p for p in _shape_mismatches(full, dec) if not p.startswith("layer count")]
+        if problems:
+            raise ValueError(
+                f"layer_subset needs equal KV heads and head_dim, but the models differ in {'; '.join(problems)}. "
+                "Use strategy='kv_projection'."
+            )
+        if len(self.layers) != dec.layers:
+            raise ValueError(f"layer_subset got {len(self.layers)} layer indices {self.layers} for a {dec.layers}-layer decoder")
+        if len(set(self.layers)) != len(self.layers) or not all(0 <= i < full.layers for i in self.layers):
+            raise ValueError(f"layer_subset indices {self.layers} must be distinct and in [0, {full.layers})")
+
+    def map_layer(self, j: int, full_cache: DynamicCache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = layer_kv(full_cache, self.layers[j])
+        return k[:, :, start:], v[:, :, start:]
+
+    def strategy_args(self) -> dict[str, Any]:
+        return {"layers": list(self.layers)}
+
+
+def default_layer_map(full_layers: int, decoder_layers: int) -> list[int]:
+    """Decoder layer j reads full layer round(j * (L_full - 1) / (L_dec - 1)): first to first, last to last."""
+    if decoder_layers == 1:
+        return [full_layers - 1]
+    return [round(j * (full_layers - 1) / (decoder_layers - 1)) for j in range(decoder_layers)]
+
+
+@register_strategy
+class KVProjection(PairingStrategy):
+    """A learned linear map per decoder layer from full-model K (and V) to the decoder's KV shape.
+
+    K and V of full layer ``layer_map[j]`` ([batch, kv_heads_f, seq, head_dim_f]) are flattened per
+    position to kv_heads_f*head_dim_f channels, mapped by ``k_proj[j]`` / ``v_proj[j]`` (no bias) to
+    kv_heads_d*head_dim_d channels and reshaped. Weights start at the identity (``eye_``; for
+    rectangular shapes the leading channels are copied), so an identical-shape pair starts exact.
+
+    RoPE: Hugging Face caches hold keys *after* the rotary embedding, and this projects those
+    post-RoPE keys directly. That is exact for maps commuting with the rotation (identity, mixing
+    whole heads of equal head_dim and RoPE base); a general map mixes rotated channels, leaving a
+    position-dependent error that training must absorb. Un-rotating with the full model's RoPE and
+    re-rotating with the decoder's would remove it, at the cost of model-specific RoPE code.
+    """
+
+    name = "kv_projection"
+
+    def __init__(
+        self,
+        full_config: PretrainedConfig,
+        decoder_config: PretrainedConfig,
+        layer_map: Sequence[int] | None = None,
+    ):
+        super().__init__(full_config, decoder_config)
+        full, dec = self.full_shape, self.decoder_shape
+        self.layer_map = [int(i) for i in (layer_map if layer_map is not None else default_layer_map(full.layers, dec.layers))]
+        if len(self.layer_map) != dec.layers or not all(0 <= i < full.layers for i in self.layer_map):
+            raise ValueError(
+                f"kv_projection layer_map {self.layer_map} needs one full-model layer index in [0, {full.layers}) "
+                f"per decoder layer ({dec.layers})"
+            )
+        self.k_proj = nn.ModuleList(nn.Linear(full.kv_width, dec.kv_width, bias=False) for _ in range(dec.layers))
+        self.v_proj = nn.ModuleList(nn.Linear(full.kv_width, dec.kv_width, bias=False) for _ in range(dec.layers))
+        with torch.no_grad():
+            for lin in [*self.k_proj, *self.v_proj]:
+                nn.init.eye_(lin.weight)
+
+    def _project(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        b, _, t, _ = x.shape
+        flat = x.transpose(1, 2).reshape(b, t, -1).to(lin.weight.dtype)
+        out = lin(flat).view(b, t, self.decoder_shape.kv_heads, self.decoder_shape.head_dim)
+        return out.transpose(1, 2).contiguous()
+
+    def map_layer(self, j: int, full_cache: DynamicCache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = layer_kv(full_cache, self.layer_map[j])
+        return self._project(k[:, :, start:], self.k_proj[j]), self._project(v[:, :, start:], self.v_proj[j])
+
+    def strategy_args(self) -> dict[str, Any]:
+        return {"layer_map": list(self.layer_map)}
+
+
+def build_strategy(
+    name: str, full_config: PretrainedConfig, decoder_config: PretrainedConfig, **args: Any
+) -> PairingStrategy:
+    """Instantiate a registered strategy by name."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown pairing strategy {name!r}; available: {sorted(STRATEGIES)}")
+    return STRATEGIES[name](full_config, decoder_config, **args)
+
+
+def layers_from_record(record: dict | None) -> list[int] | None:
+    """Full-model indices of the decoder's layers from a ``pruning.json`` record, if it pruned depth.
+
+    ``overfill_lib.pruning.prune_depth`` records them as ``kept["layers"]`` (kind "depth"); a flat
+    ``keep_layers`` / ``layers`` list is accepted too. Width records keep every layer: None.
+    """
+    if not record:
+        return None
+    kept = record.get("kept") if isinstance(record.get("kept"), dict) else {}
+    for value in (kept.get("layers"), record.get("keep_layers"), record.get("layers")):
+        if isinstance(value, list) and value and all(isinstance(i, int) for i in value):
+            return [int(i) for i in value]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The pair
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContinuationOutput:
+    """Logits over the continuation: position t predicts continuation token t.
+
+    ``logits[:, 0]`` is the full model's prediction at the last context position (no grad); the rest
+    are the decoder's, computed over ``continuation[:, :-1]`` while attending to the full model's
+    context KV (with grad when enabled).
+    """
+
+    logits: torch.Tensor  # [batch, T, vocab]
+    continuation_mask: torch.Tensor  # [batch, T], 1 on real continuation tokens
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if isinstance(dtype, str) and dtype != "auto":
+        return getattr(torch, dtype)
+    return dtype
+
+
+class OverFillModel(nn.Module):
+    """A frozen full model that prefills and a decoder that generates from its KV cache.
+
+    Args:
+        full: the full causal LM (frozen here: ``requires_grad_(False)`` and always in eval mode).
+        decoder: the causal LM that continues after the first token.
+        strategy: a registered strategy name (``shared_kv``, ``layer_subset``, ``kv_projection``) or a
+            :class:`PairingStrategy` instance; ``strategy_args`` go to its constructor.
+        tokenizer: optional; used for text prompts, chat templates, stop strings, and saved alongside.
+        full_id: how to find the full model again (local path or hub id), stored by ``save_pretrained``;
+            defaults to ``full.config._name_or_path``.
+        pruning_record: the decoder's ``pruning.json`` content, stored with the pair.
+    """
+
+    def __init__(
+        self,
+        full: PreTrainedModel,
+        decoder: PreTrainedModel,
+        strategy: str | PairingStrategy = "shared_kv",
+        *,
+        tokenizer=None,
+        full_id: str | os.PathLike | None = None,
+        pruning_record: dict | None = None,
+        **strategy_args: Any,
+    ):
+        super().__init__()
+        if pruning_record is not None and hasattr(pruning_record, "to_dict"):
+            pruning_record = pruning_record.to_dict()  # a pruning.PruningRecord
+        if isinstance(strategy, str):
+            if strategy == "layer_subset" and "layers" not in strategy_args:
+                layers = layers_from_record(pruning_record)
+                if layers is None:
+                    raise ValueError("layer_subset needs layers=[full-model indices] (or a pruning record that lists them)")
+                strategy_args["layers"] = layers
+            strategy = build_strategy(strategy, full.config, decoder.config, **strategy_args)
+        elif strategy_args:
+            raise TypeError("strategy_args are only accepted with a strategy name")
+        self.full = full
+        self.decoder = decoder
+        self.strategy = strategy
+        self.tokenizer = tokenizer
+        self.full_id = str(full_id) if full_id is not None else (getattr(full.config, "_name_or_path", "") or None)
+        self.pruning_record = pruning_record
+        full.requires_grad_(False)
+        full.eval()
+        # Projection weights live with the decoder (same device and dtype).
+        ref = next(decoder.parameters())
+        self.strategy.to(device=ref.device, dtype=ref.dtype)
+
+    # -- basics -----------------------------------------------------------------------------------
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.full.parameters()).device
+
+    def train(self, mode: bool = True) -> OverFillModel:
+        super().train(mode)
+        self.full.eval()  # the full model is frozen: no dropout, whatever the pair's mode
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Decoder and strategy parameters (the full model is frozen)."""
+        return [p for p in [*self.decoder.parameters(), *self.strategy.parameters()] if p.requires_grad]
+
+    # -- the training / scoring path --------------------------------------------------------------
+
+    def forward_continuation(
+        self,
+        context_ids: torch.Tensor,
+        continuation_ids: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        continuation_mask: torch.Tensor | None = None,
+    ) -> ContinuationOutput:
+        """Logits for every continuation token, computed exactly as generation computes them.
+
+        ``context_ids`` [batch, C] is left-padded (``context_mask`` marks real tokens; every row needs
+        at least one), ``continuation_ids`` [batch, T] right-padded. The full model prefills the
+        context under ``torch.no_grad`` (it is frozen) and gives the logits for continuation token 0;
+        the decoder runs over ``continuation[:, :-1]`` reading that cache (through the strategy, so
+        projection weights get gradients too) and gives the logits for tokens 1..T-1. Used by
+        :meth:`loss` for training and by :meth:`score` for evaluation.
+
+        Hugging Face gradient checkpointing drops ``past_key_values`` in training mode, which would
+        silently cut the decoder off from the prompt, so it is refused here.
+        """
+        # Read the per-layer flag HF sets, rather than a model property renamed across 5.x releases.
+        if self.decoder.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.decoder.modules()):
+            raise ValueError(
+                "the decoder has Hugging Face gradient checkpointing enabled, which drops past_key_values in training "
+                "mode; the decoder would not see the full model's prompt KV. Disable it for OverFill training."
+            )
+        device = self.device
+        context_ids = context_ids.to(device)
+        continuation_ids = continuation_ids.to(device)
+        context_mask = torch.ones_like(context_ids) if context_mask is None else context_mask.to(device)
+        continuation_mask = (
+            torch.ones_like(continuation_ids) if continuation_mask is None else continuation_mask.to(device)
+        )
+        if bool((context_mask.sum(-1) == 0).any()):
+            raise ValueError("every example needs at least one context token (lm-eval uses the eos token for empty contexts)")
+        with torch.no_grad():
+            prefill = generation.full_prefill(self.full, context_ids, context_mask)
+        first = prefill.logits[:, -1:]
+        if continuation_ids.shape[1] < 2:
+            return ContinuationOutput(first, continuation_mask)
+        cache = self.strategy.decoder_cache(prefill.cache)
+        steps = continuation_ids.shape[1] - 1
+        positions = prefill.position_ids[:, -1:] + torch.arange(1, steps + 1, device=device)
+        out = self.decoder(
+            input_ids=continuation_ids[:, :-1],
+            attention_mask=torch.cat([context_mask, continuation_mask[:, :-1]], dim=1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = torch.cat([first.to(out.logits.dtype), out.logits], dim=1)
+        return ContinuationOutput(logits, continuation_mask)
+
+    forward = forward_continuation
+
+    def loss(
+        self,
+        context_ids: torch.Tensor,
+        continuation_ids: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        continuation_mask: torch.Tensor | None = None,
+        include_first_token: bool = False,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the decoder on continuation tokens 1..T-1 (the OverFill objective).
+
+        Token 0 is predicted by the frozen full model, so its loss carries no gradient; set
+        ``include_first_token`` to count it anyway (e.g. to report a comparable validation loss).
+        """
+        out = self.forward_continuation(context_ids, continuation_ids, context_mask, continuation_mask)
+        targets = continuation_ids.to(out.logits.device)
+        mask = out.continuation_mask
+        logits = out.logits
+        if not include_first_token:
+            logits, targets, mask = logits[:, 1:], targets[:, 1:], mask[:, 1:]
+        if mask.sum() == 0:
+            return logits.sum() * 0.0  # keeps the graph for an all-single-token batch
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        mask = mask.reshape(-1).to(ce.dtype)
+        return (ce * mask).sum() / mask.sum()
+
+    @torch.inference_mode()
+    def score(
+        self,
+        contexts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        batch_size: int = 16,
+    ) -> list[tuple[float, bool]]:
+        """lm-eval style ``loglikelihood``: per example (sum of continuation log-probs, is_greedy).
+
+        Batched with padding (contexts left, continuations right). The first continuation token's
+        probability comes from the full model (as in generation), the rest from the decoder.
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        if any(len(c) == 0 for c in continuations):
+            raise ValueError("every continuation needs at least one token")
+        pad = generation.pad_token_for(self.full, self.tokenizer)
+        results: list[tuple[float, bool]] = []
+        for i in range(0, len(contexts), batch_size):
+            ctx, ctx_mask = generation.pad_sequences(contexts[i : i + batch_size], pad, side="left")
+            cont, cont_mask = generation.pad_sequences(continuations[i : i + batch_size], pad, side="right")
+            out = self.forward_continuation(ctx, cont, ctx_mask, cont_mask)
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+            cont = cont.to(logprobs.device)
+            mask = out.continuation_mask.bool()
+            token_lp = logprobs.gather(-1, cont.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+            greedy = (logprobs.argmax(-1) == cont) | ~mask
+            results += [(float(lp), bool(g)) for lp, g in zip(token_lp.sum(-1).tolist(), greedy.all(-1).tolist())]
+        return results
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs) -> generation.OverFillOutput:
+        """Full-model prefill and first token, then decoder steps; see :func:`overfill_lib.generation.generate`."""
+        return generation.generate(self, input_ids, attention_mask, **kwargs)
+
+    def chat(self, conversations: Sequence[Sequence[dict]], **kwargs) -> generation.OverFillOutput:
+        """Generate replies to a batch of conversations (each a list of {'role', 'content'} messages)."""
+        return generation.generate(self, messages=conversations, **kwargs)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the decoder (HF format, safetensors), any projection, the tokenizer and ``overfill_config.json``.
+
+        The directory is replaced atomically. The full model is not copied: it is named by ``full_id``
+        (a local path or hub id, stored as given) and resolved at load time.
+        """
+        if not self.full_id:
+            raise ValueError("the full model has no name or path to store; pass full_id= to OverFillModel")
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            self.decoder.save_pretrained(tmp)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.strategy.state_dict().items()}
+            if state:
+                save_file(state, str(tmp / PROJECTION_NAME), metadata={"format": "pt"})
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if self.pruning_record is not None:
+                write_json(tmp / PRUNING_NAME, self.pruning_record)
+            write_json(
+                tmp / CONFIG_NAME,
+                {
+                    "format": "overfill",
+                    "version": FORMAT_VERSION,
+                    "full_model": self.full_id,
+                    "full_kv_shape": {k: v for k, v in vars(self.strategy.full_shape).items() if k != "eos"},
+                    "strategy": self.strategy.name,
+                    "strategy_args": self.strategy.strategy_args(),
+                    "projection": PROJECTION_NAME if state else None,
+                    "pruning": self.pruning_record,
+                    "saved_with": environment_record(device=str(self.device)),
+                },
+            )
+        log.info("saved OverFill pair (%s, full model %s) to %s", self.strategy.name, self.full_id, directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        full: PreTrainedModel | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> OverFillModel:
+        """Load a pair saved by :meth:`save_pretrained`; the full model is resolved via ``presets.resolve_model``.
+
+        Works offline (``HF_HUB_OFFLINE=1``) when the full model is a local directory or cached.
+        Pass ``full`` to reuse an already loaded full model.
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        from overfill_lib.presets import resolve_model
+
+        directory = Path(directory)
+        cfg = read_json(directory / CONFIG_NAME)
+        if cfg.get("format") != "overfill":
+            raise ValueError(f"{directory / CONFIG_NAME} is not an OverFill config")
+        dtype = _as_dtype(dtype)
+        load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            load_kw["dtype"] = dtype
+        if full is None:
+            full_path = resolve_model(cfg["full_model"], revision=revision)
+            full = AutoModelForCausalLM.from_pretrained(full_path, **load_kw)
+        decoder = AutoModelForCausalLM.from_pretrained(directory, **load_kw)
+        tokenizer = None
+        if (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        pair = cls(
+            full,
+            decoder,
+            cfg["strategy"],
+            tokenizer=tokenizer,
+            full_id=cfg["full_model"],
+            pruning_record=cfg.get("pruning"),
+            **cfg.get("strategy_args", {}),
+        )
+        if cfg.get("projection"):
+            state = load_file(str(directory / cfg["projection"]))
+            pair.strategy.load_state_dict(state, strict=True)
+        if device is not None:
+            pair.to(device)
+        pair.eval()
+        return pair
+
+    @classmethod
+    def from_models(
+        cls,
+        full_id: str | os.PathLike,
+        decoder_dir: str | os.PathLike,
+        strategy: str | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        trust_remote_code: bool = False,
+        **strategy_args: Any,
+    ) -> OverFillModel:
+        """Pair a full model (local path or hub id) with a decoder directory (e.g. a pruned one).
+
+        Reads the decoder's ``pruning.json`` if present; the strategy defaults to ``layer_subset`` when
+        that record lists kept layers and to ``shared_kv`` otherwise. If both directories carry a
+        tokenizer, their vocabularies must agree.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from overfill_lib.presets import resolve_model
+
+        decoder_dir = Path(decoder_dir)
+        full_path = resolve_model(full_id)
+        record = read_json(decoder_dir / PRUNING_NAME) if (decoder_dir / PRUNING_NAME).is_file() else None
+        if strategy is None:
+            strategy = "layer_subset" if layers_from_record(record) is not None else "shared_kv"
+        load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            load_kw["dtype"] = _as_dtype(dtype)
+        tokenizer = None
+        if (full_path / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(full_path, trust_remote_code=trust_remote_code)
+            if (decoder_dir / "tokenizer_config.json").is_file():
+                other = AutoTokenizer.from_pretrained(decoder_dir, trust_remote_code=trust_remote_code)
+                if other.get_vocab() != tokenizer.get_vocab():
+                    raise ValueError(f"{full_id} and {decoder_dir} use different tokenizers: they cannot be paired")
+        pair = cls(
+            AutoModelForCausalLM.from_pretrained(full_path, **load_kw),
+            AutoModelForCausalLM.from_pretrained(decoder_dir, **load_kw),
+            strategy,
+            tokenizer=tokenizer,
+            full_id=full_id,
+            pruning_record=record,
+            **strategy_args,
+        )
+        if device is not None:
+            pair.to(device)
+        return pair.eval()

@@ -1,0 +1,162 @@
+"""Presets: what a run uses (models, data, sizes), as YAML data with strict validation.
+
+A preset is named (``smoke``, ``tiny``, ``llama-3.2-3b``, ...; the YAML files beside this module)
+or given as a path to a YAML file of the same shape. Notebooks take it as their one papermill
+parameter ``preset``; overrides are nested dicts merged on top.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from overfill_lib.io import PROJECT_ROOT
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SECTIONS = {
+    "name": "preset name",
+    "description": "one line shown in reports",
+    "suite": "synthetic suite config (tasks.SuiteConfig), or null for real-data presets",
+    "suite_dir": "where the suite's JSONL splits live (relative to the project root)",
+    "teacher": "the full model: {id: local dir or hub id, train: teacher recipe (local only), revision}",
+    "smaller": "the 'smaller finetuned' reference: {width_ratio: ...} (trained here) or {id: hub id}",
+    "decoder": "width pruning of the decoder: {hidden, intermediate, heads, round_to, criterion}",
+    "calibration": "importance calibration data: {source, samples, seq_len, batch_size, aggregation}",
+    "training": "decoder training recipe (OverFill objective and baselines)",
+    "evaluation": "evaluation settings (tasks, limits, batch size)",
+    "latency": "latency profiling settings",
+    "runtime": "{dtype, device}",
+    "workdir": "where derived artifacts go (relative to the project root)",
+}
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _deep_merge(base: dict, override: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    raw: dict = field(repr=False)
+
+    def __getitem__(self, section: str):
+        return self.raw.get(section)
+
+    def get(self, section: str, default=None):
+        value = self.raw.get(section)
+        return default if value is None else value
+
+    def path(self, relative: str | os.PathLike) -> Path:
+        """Resolve a preset path against the project root (absolute paths pass through)."""
+        p = Path(relative)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    @property
+    def workdir(self) -> Path:
+        return self.path(self.raw.get("workdir") or f"artifacts/{self.name}")
+
+    @property
+    def suite_dir(self) -> Path | None:
+        return self.path(self.raw["suite_dir"]) if self.raw.get("suite_dir") else None
+
+    @property
+    def is_offline_default(self) -> bool:
+        return self.raw.get("suite") is not None
+
+    def suite_config(self):
+        from overfill_lib.tasks import SuiteConfig
+
+        if self.raw.get("suite") is None:
+            raise ValueError(f"preset {self.name!r} has no synthetic suite; it evaluates real tasks through lm-eval")
+        return SuiteConfig.from_dict(self.raw["suite"])
+
+    def teacher_config(self):
+        from overfill_lib.teacher import TeacherConfig
+
+        train = (self.raw.get("teacher") or {}).get("train")
+        if train is None:
+            raise ValueError(f"preset {self.name!r} uses a pretrained teacher; there is no local recipe to train")
+        return TeacherConfig.from_dict(train)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+
+def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = None) -> Preset:
+    """Load a named preset or a YAML file, apply overrides, and validate the top-level sections."""
+    if isinstance(preset, Preset):
+        raw = preset.to_dict()
+    else:
+        text = str(preset)
+        candidate = Path(text)
+        if text.endswith((".yaml", ".yml")) or candidate.is_file():
+            if not candidate.is_file():
+                raise ValueError(f"preset file {text!r} does not exist")
+            raw = yaml.safe_load(candidate.read_text()) or {}
+            raw.setdefault("name", candidate.stem)
+        elif (PRESET_DIR / f"{text}.yaml").is_file():
+            raw = yaml.safe_load((PRESET_DIR / f"{text}.yaml").read_text())
+        else:
+            raise ValueError(f"unknown preset {text!r}; valid presets: {', '.join(available())} (or a path to a .yaml file)")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        valid = "\n".join(f"  {k}: {v}" for k, v in SECTIONS.items())
+        raise ValueError(f"unknown preset section(s) {unknown}; valid sections:\n{valid}")
+    if not raw.get("teacher") or not raw["teacher"].get("id"):
+        raise ValueError(f"preset {raw.get('name')!r} needs teacher.id (a local directory or a hub model id)")
+    p = Preset(name=str(raw["name"]), raw=raw)
+    if p.raw.get("suite") is not None:
+        p.suite_config()  # validates the suite keys early
+    if (p.raw["teacher"] or {}).get("train") is not None:
+        p.teacher_config()
+    return p
+
+
+def resolve_model(model_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local directory for ``model_id``: the path itself, the project-relative path, or the hub cache.
+
+    Offline (``HF_HUB_OFFLINE=1``) and not cached, this raises at once with how to provide the
+    model locally, rather than waiting on the network.
+    """
+    for candidate in (Path(model_id), PROJECT_ROOT / str(model_id)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    text = str(model_id)
+    if text.startswith((".", "/")) or text.count("/") != 1:
+        raise ValueError(
+            f"model {text!r} is not a local model directory (no config.json) and does not look like a hub id "
+            "('org/name'); train it with notebook 00_teacher or point the preset at an existing directory"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    try:
+        return Path(snapshot_download(text, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    how = (
+        f"download it where the hub is reachable (`hf download {text} --local-dir DIR`), copy DIR here, "
+        f"and set the preset's model id to DIR (e.g. overrides={{'teacher': {{'id': 'DIR'}}}})"
+    )
+    if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        raise RuntimeError(f"model {text!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1): {how}")
+    try:
+        return Path(snapshot_download(text, revision=revision, etag_timeout=10))
+    except Exception as e:  # network down, gated repo, missing repo: one clear message
+        raise RuntimeError(f"could not fetch model {text!r} from the hub ({type(e).__name__}: {e}); {how}") from e

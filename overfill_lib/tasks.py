@@ -1,0 +1,238 @@
+"""The synthetic instruction suite: the offline default's training and test data.
+
+Every family is a chat record in the ``messages`` schema (system / user / assistant) that real
+SFT sets use. The system turn names the task, the user turn carries the data, and the answer
+depends on reading the whole prompt, so the prefill matters. Everything is deterministic from a
+seed; difficulty knobs live in the preset.
+
+Families (digits in ``add`` are written least-significant first, operands and answer alike, the
+"reversed digits" format that lets a small model propagate carries left to right):
+
+- ``reverse``: ``kqzpt`` -> ``tpzqk``
+- ``sort``:    ``83160`` -> ``01368``
+- ``lookup``:  ``?m k:17 m:03 x:55`` -> ``03`` (key-value lookup among distractors)
+- ``add``:     ``743+985`` -> ``6390`` (347 + 589 = 936, reversed: 639, with the carry digit)
+- ``count``:   ``b?abcbbdab`` -> ``4``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Sizes and difficulty of the suite. Lengths are inclusive ranges."""
+
+    seed: int = 0
+    families: tuple[str, ...] = ("reverse", "sort", "lookup", "add", "count")
+    n_train: int = 20000
+    n_validation: int = 500
+    n_test: int = 1000
+    reverse_len: tuple[int, int] = (4, 10)
+    sort_len: tuple[int, int] = (4, 10)
+    lookup_pairs: tuple[int, int] = (3, 6)
+    add_digits: tuple[int, int] = (1, 4)
+    count_len: tuple[int, int] = (5, 12)
+
+    def __post_init__(self):
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"unknown task families {unknown}; choose from {sorted(FAMILIES)}")
+        for name in ("n_train", "n_validation", "n_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SuiteConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown suite keys {bad}; valid keys: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _letters(rng: random.Random, n: int, alphabet: str = string.ascii_lowercase) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def _reverse(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
+    s = _letters(rng, rng.randint(*cfg.reverse_len))
+    return s, s[::-1]
+
+
+def _sort(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
+    s = _letters(rng, rng.randint(*cfg.sort_len), string.digits)
+    return s, "".join(sorted(s))
+
+
+def _lookup(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
+    keys = rng.sample(string.ascii_lowercase, rng.randint(*cfg.lookup_pairs))
+    values = [f"{rng.randrange(100):02d}" for _ in keys]
+    query = rng.randrange(len(keys))
+    pairs = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
+    # The query comes first: each pair can then be checked against it as it is read.
+    return f"?{keys[query]} {pairs}", values[query]
+
+
+def _add(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
+    a, b = (rng.randrange(10 ** rng.randint(*cfg.add_digits)) for _ in range(2))
+    return f"{str(a)[::-1]}+{str(b)[::-1]}", str(a + b)[::-1]
+
+
+def _count(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
+    s = _letters(rng, rng.randint(*cfg.count_len), "abcd")
+    target = rng.choice("abcd")
+    return f"{target}?{s}", str(s.count(target))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    instruction: str  # the system turn
+    make: Callable[[random.Random, SuiteConfig], tuple[str, str]]
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("reverse", "reverse", _reverse),
+        Family("sort", "sort", _sort),
+        Family("lookup", "lookup", _lookup),
+        Family("add", "add", _add),
+        Family("count", "count", _count),
+    )
+}
+
+
+def make_record(family: str, rng: random.Random, cfg: SuiteConfig) -> dict:
+    fam = FAMILIES[family]
+    user, answer = fam.make(rng, cfg)
+    return {
+        "family": family,
+        "messages": [
+            {"role": "system", "content": fam.instruction},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+def _prompt_key(record: dict) -> tuple[str, str]:
+    return record["family"], record["messages"][1]["content"]
+
+
+def generate_suite(cfg: SuiteConfig) -> dict[str, list[dict]]:
+    """Build the three splits. Test and validation prompts never appear in train, and each other."""
+    rng = random.Random(cfg.seed)
+    held_out: set[tuple[str, str]] = set()
+    splits: dict[str, list[dict]] = {}
+    # Held-out splits are drawn first; train may repeat itself but never a held-out prompt.
+    for split, n in (("test", cfg.n_test), ("validation", cfg.n_validation), ("train", cfg.n_train)):
+        records: list[dict] = []
+        attempts = 0
+        while len(records) < n:
+            attempts += 1
+            if attempts > 50 * n:
+                raise ValueError(f"cannot draw {n} distinct {split} prompts; widen the difficulty ranges")
+            family = cfg.families[len(records) % len(cfg.families)]
+            record = make_record(family, rng, cfg)
+            key = _prompt_key(record)
+            if key in held_out:
+                continue
+            if split != "train":
+                held_out.add(key)
+            records.append({"id": f"{split}-{len(records)}", **record})
+        splits[split] = records
+    return splits
+
+
+def suite_fingerprint(cfg: SuiteConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_suite(cfg: SuiteConfig, directory: str | Path) -> Path:
+    """Write ``{split}.jsonl`` and ``suite.json`` (the config) atomically; reuse a matching suite."""
+    from overfill_lib.io import atomic_write_text, read_json
+
+    directory = Path(directory)
+    meta_path = directory / "suite.json"
+    fingerprint = suite_fingerprint(cfg)
+    if meta_path.exists() and read_json(meta_path).get("fingerprint") == fingerprint and all(
+        (directory / f"{s}.jsonl").exists() for s in SPLITS
+    ):
+        return directory
+    splits = generate_suite(cfg)
+    for split, records in splits.items():
+        atomic_write_text(directory / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    meta = {"fingerprint": fingerprint, "config": cfg.to_dict(), "sizes": {s: len(r) for s, r in splits.items()}}
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_split(directory: str | Path, split: str) -> list[dict]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    path = Path(directory) / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; create it with overfill_lib.tasks.write_suite")
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def score(records: Iterable[dict], predictions: Iterable[str]) -> dict:
+    """Exact match per family and overall (macro over records)."""
+    per: dict[str, list[bool]] = {}
+    for record, pred in zip(records, predictions, strict=True):
+        per.setdefault(record["family"], []).append(exact_match(pred, record["messages"][-1]["content"]))
+    total = [x for v in per.values() for x in v]
+    if not total:
+        raise ValueError("no records to score")
+    out = {fam: sum(v) / len(v) for fam, v in sorted(per.items())}
+    out["overall"] = sum(total) / len(total)
+    return out
+
+
+
+def first_per_family(records: list[dict], n: int) -> list[dict]:
+    counts: dict[str, int] = {}
+    picked = []
+    for r in records:
+        if counts.get(r["family"], 0) < n:
+            counts[r["family"]] = counts.get(r["family"], 0) + 1
+            picked.append(r)
+    return picked
+
+
+def examples_table(records: list[dict], predictions: list[str] | None = None):
+    """A DataFrame of records: family, system, user, answer (and prediction with its exact match)."""
+    import pandas as pd
+
+    rows = []
+    for i, r in enumerate(records):
+        row = {"family": r["family"], "system": r["messages"][0]["content"], "user": r["messages"][1]["content"],
+               "answer": r["messages"][-1]["content"]}
+        if predictions is not None:
+            row["prediction"] = predictions[i]
+            row["exact"] = exact_match(predictions[i], row["answer"])
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,363 @@
+"""The offline default's tokenizer and full model ("teacher"), built and trained here.
+
+The tokenizer is character level (every printable ASCII character is one token) with a chat
+template; the teacher is a ``LlamaForCausalLM`` (RoPE, RMSNorm, SwiGLU, grouped-query attention),
+the family the paper prunes. Both save and load with the Auto classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from overfill_lib import tasks
+from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHARS = [c for c in string.printable if c not in "\r\x0b\x0c"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer whose end-of-turn token is its eos."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Architecture and training recipe of a locally trained teacher (or its narrower sibling)."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 256
+    steps: int = 3000
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.05
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TeacherConfig:
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown teacher keys {bad}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def narrower(self, width_ratio: float) -> TeacherConfig:
+        """The same recipe at a fraction of the width: the 'smaller finetuned' reference model."""
+        return TeacherConfig(
+            **{
+                **asdict(self),
+                "hidden_size": int(self.hidden_size * width_ratio),
+                "intermediate_size": int(self.intermediate_size * width_ratio),
+            }
+        )
+
+
+def build_model(cfg: TeacherConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
+    )
+    return model
+
+
+def encode_examples(tokenizer, conversations: list[list[dict]]) -> list[dict]:
+    """Prompt = every turn before the final assistant reply; labels only on reply + end-of-turn.
+
+    Rendered through the tokenizer's chat template, then tokenized in one batched call.
+    """
+    prompts = tokenizer.apply_chat_template([c[:-1] for c in conversations], add_generation_prompt=True, tokenize=False)
+    replies = [c[-1]["content"] for c in conversations]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [
+        {"input_ids": p + r + [eos], "labels": [-100] * len(p) + r + [eos]} for p, r in zip(prompt_ids, reply_ids)
+    ]
+
+
+def encode_example(tokenizer, messages: list[dict]) -> dict:
+    return encode_examples(tokenizer, [messages])[0]
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_id)
+        labels = torch.full((len(features), n), -100)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class _TimeLogger(TrainerCallback):
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, records: list[dict], batch_size: int = 128, max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to the records' prompts with the model's own ``generate`` (left padding)."""
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        batch = tokenizer.apply_chat_template(
+            [r["messages"][:-1] for r in chunk],
+            add_generation_prompt=True,
+            padding=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        gen = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
+        out += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def evaluate_exact_match(model, tokenizer, records: list[dict], **kw) -> dict:
+    return tasks.score(records, greedy_answers(model, tokenizer, records, **kw))
+
+
+def length_grouping() -> dict:
+    """TrainingArguments for length-grouped batches (less padding); the name changed in transformers 5."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+    return {"group_by_length": True, "length_column_name": "length"}
+
+
+def train_teacher(
+    cfg: TeacherConfig,
+    suite_dir: str | Path,
+    out_dir: str | Path,
+    work_dir: str | Path | None = None,
+    eval_records: int | None = None,
+) -> dict:
+    """Train a teacher from scratch on the suite's train split; save an HF directory atomically.
+
+    Returns the training record (recipe, wall time, test exact match, environment), also written
+    as ``training_record.json`` inside the checkpoint.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    rows = encode_examples(tokenizer, [r["messages"] for r in tasks.load_split(suite_dir, "train")])
+    for r in rows:
+        r["length"] = len(r["input_ids"])
+    work_dir = Path(work_dir or out_dir.parent / f".{out_dir.name}.work")
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(cfg.warmup_ratio * cfg.steps)),
+        weight_decay=cfg.weight_decay,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        logging_steps=max(1, cfg.steps // 50),
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        **length_grouping(),
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(rows),
+        data_collator=_Collator(tokenizer.pad_token_id),
+        callbacks=[_TimeLogger()],
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    model = trainer.model.cpu().eval()
+    test = tasks.load_split(suite_dir, "test")[:eval_records]
+    metrics = evaluate_exact_match(model, tokenizer, test)
+    record = {
+        "recipe": asdict(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "test_exact_match": metrics,
+        "test_records": len(test),
+        "suite": read_json(Path(suite_dir) / "suite.json"),
+        "log_history": trainer.state.log_history,
+        "environment": environment_record("cpu", cfg.seed),
+    }
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "training_record.json", record)
+    log.info("teacher saved to %s: test exact match %.3f", out_dir, metrics["overall"])
+    return record
+
+
+def load_teacher(path: str | Path, dtype=torch.float32):
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no teacher at {path}; train it with notebook 00_teacher (retrain=True)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from transformers import AutoTokenizer
+
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tuple[Path, dict | None]:
+    """The preset's full model (``which="teacher"``) or its narrower sibling (``which="smaller"``).
+
+    Local presets: write the suite, train the model when its checkpoint is missing or ``retrain``
+    is set, and return the directory with its training record. Hub presets: resolve the hub id
+    to a local directory (clear error offline) and return no record.
+    """
+    from overfill_lib.presets import resolve_model
+
+    spec = preset[which] or {}
+    if not preset.is_offline_default:
+        if "id" not in spec:
+            raise ValueError(f"preset {preset.name!r} names no {which} model id")
+        return resolve_model(spec["id"], revision=spec.get("revision")), None
+    cfg = preset.teacher_config()
+    if which == "smaller":
+        cfg = cfg.narrower(spec.get("width_ratio", 0.5))
+    path = preset.path(spec.get("id") or preset.workdir / which)
+    suite_dir = tasks.write_suite(preset.suite_config(), preset.suite_dir)
+    if retrain or not (path / "config.json").exists():
+        log.info("training the %s (%s) into %s", which, cfg, path)
+        return path, train_teacher(cfg, suite_dir, path)
+    return path, read_json(path / "training_record.json")
+
+
+def describe(model, record: dict | None = None):
+    """One-row DataFrame: architecture, parameter count and (if trained here) the training record."""
+    import pandas as pd
+
+    c = model.config
+    row = {
+        "model": c.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "intermediate": c.intermediate_size,
+        "q heads": c.num_attention_heads,
+        "kv heads": c.num_key_value_heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "vocab": c.vocab_size,
+        "tied embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+    }
+    if record:
+        env = record.get("environment", {})
+        row |= {
+            "train steps": record["recipe"]["steps"],
+            "train minutes": round(record["train_seconds"] / 60, 1),
+            "trained on": f"{env.get('device_name') or env.get('device')} ({env.get('cpu_threads')} threads)",
+            "stored test EM": round(record["test_exact_match"]["overall"], 3),
+        }
+    return pd.DataFrame([row])
+
+
+@torch.no_grad()
+def cache_shapes(model, tokenizer, text: str = "hello"):
+    """Per-layer key/value shapes of the model's cache for one short prompt."""
+    import pandas as pd
+
+    batch = tokenizer(text, return_tensors="pt")
+    cache = model(**batch.to(model.device), use_cache=True).past_key_values
+    rows = []
+    for i, layer in enumerate(cache.layers):
+        rows.append({"layer": i, "keys": tuple(layer.keys.shape), "values": tuple(layer.values.shape)})
+    df = pd.DataFrame(rows)
+    df.attrs["note"] = "shape = (batch, kv heads, tokens, head_dim)"
+    return df

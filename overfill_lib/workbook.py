@@ -1,0 +1,79 @@
+"""What every notebook does first: load the preset, set up plotting and logging, know where outputs go.
+
+One call per notebook keeps the notebooks free of repeated set-up cells::
+
+    wb = workbook.setup(preset, overrides, notebook="01_channel_importance")
+    wb.save_figure(fig, "importance_heatmap")
+    wb.save_results({...})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from overfill_lib.io import PROJECT_ROOT, environment_record, write_json
+from overfill_lib.presets import Preset, load_preset
+
+log = logging.getLogger(__name__)
+
+
+def in_batch() -> bool:
+    """True when a notebook runs under papermill (``make run``/tests) rather than interactively."""
+    return os.environ.get("OVERFILL_BATCH") == "1" or "PAPERMILL_INPUT_PATH" in os.environ
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Workbook:
+    preset: Preset
+    notebook: str
+    figures_dir: Path
+    results_dir: Path
+
+    def save_figure(self, fig, name: str) -> Path:
+        """Write ``<notebook>_<name>.html`` (plotly.js beside it, once per folder, so it works offline)
+        and, where a Chromium is available for kaleido, a PNG."""
+        from overfill_lib.plots import save_figure
+
+        return save_figure(fig, self.figures_dir / f"{self.notebook}_{name}")
+
+    def save_results(self, results: dict, name: str | None = None, seed: int | None = None) -> Path:
+        """Write the notebook's results JSON, with the preset and the environment recorded."""
+        path = self.results_dir / f"{name or self.notebook}.json"
+        record = {
+            "notebook": self.notebook,
+            "preset": self.preset.to_dict(),
+            "environment": environment_record(self.preset.get("runtime", {}).get("device", "cpu"), seed),
+            **results,
+        }
+        write_json(path, record)
+        log.info("results written to %s", path)
+        return path
+
+
+def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: int = 0) -> Workbook:
+    from overfill_lib.plots import configure_plotly
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    p = load_preset(preset, overrides)
+    configure_plotly()
+    seed_everything(seed)
+    sub = p.name
+    wb = Workbook(p, notebook, PROJECT_ROOT / "figures" / sub, PROJECT_ROOT / "results" / sub)
+    wb.figures_dir.mkdir(parents=True, exist_ok=True)
+    wb.results_dir.mkdir(parents=True, exist_ok=True)
+    return wb

@@ -1,0 +1,51 @@
+"""Every notebook of the series runs under papermill with the smoke preset, and is stored without outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from overfill_lib import runner
+
+NOTEBOOKS = runner.notebooks()
+
+
+def test_series_exists_and_is_numbered():
+    names = [p.stem for p in NOTEBOOKS]
+    assert names and names[0].startswith("00_")
+    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(len(names))]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_without_outputs_and_parameterized(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} carries outputs"
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    assert "preset =" in "".join(tagged[0]["source"])
+
+
+@pytest.mark.notebook
+@pytest.mark.xdist_group("notebooks")
+def test_smoke_series_runs_end_to_end(tmp_path):
+    run_dir, outcomes = runner.run_series("smoke", force=True, run_dir=tmp_path / "run")
+    failed = [o for o in outcomes if o.status != "ok"]
+    assert not failed, "\n".join(f"{o.notebook}: {o.error}" for o in failed)
+    index = (run_dir / "index.html").read_text()
+    for nb in NOTEBOOKS:
+        assert (run_dir / f"{nb.stem}.html").exists()
+        assert nb.stem in index
+    html = (run_dir / f"{NOTEBOOKS[0].stem}.html").read_text()
+    assert "plotly" in html.lower()  # figures embedded, viewable offline
+
+
+def test_runner_refuses_unknown_parameters(tmp_path):
+    with pytest.raises(ValueError, match="unknown parameter.*valid parameters"):
+        runner.run_series("smoke", {"presett": "x"}, run_dir=tmp_path)
+
+
+def test_runner_refuses_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        runner.main(["--preset", "nope", "--only", "00"])

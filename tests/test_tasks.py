@@ -1,0 +1,78 @@
+import pytest
+
+from overfill_lib import tasks
+
+CFG = tasks.SuiteConfig(n_train=300, n_validation=50, n_test=60)
+
+
+def test_deterministic_from_seed():
+    assert tasks.generate_suite(CFG) == tasks.generate_suite(CFG)
+    other = tasks.generate_suite(tasks.SuiteConfig(seed=1, n_train=300, n_validation=50, n_test=60))
+    assert other["test"] != tasks.generate_suite(CFG)["test"]
+
+
+def test_held_out_prompts_never_in_train():
+    s = tasks.generate_suite(CFG)
+    key = lambda r: (r["family"], r["messages"][1]["content"])  # noqa: E731
+    held = {key(r) for r in s["test"] + s["validation"]}
+    assert len(held) == len(s["test"]) + len(s["validation"])
+    assert not held & {key(r) for r in s["train"]}
+
+
+@pytest.mark.parametrize("family", sorted(tasks.FAMILIES))
+def test_answers_are_correct(family):
+    s = tasks.generate_suite(tasks.SuiteConfig(families=(family,), n_train=50, n_validation=5, n_test=5))
+    for r in s["train"]:
+        system, user, answer = (m["content"] for m in r["messages"])
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        if family == "reverse":
+            assert answer == user[::-1]
+        elif family == "sort":
+            assert answer == "".join(sorted(user))
+        elif family == "lookup":
+            query, pairs = user[1:].split(" ", 1)
+            assert dict(p.split(":") for p in pairs.split())[query] == answer
+        elif family == "add":
+            a, b = user.split("+")
+            assert int(answer[::-1]) == int(a[::-1]) + int(b[::-1])
+        elif family == "count":
+            target, text = user.split("?")
+            assert int(answer) == text.count(target)
+
+
+def test_write_and_load_roundtrip(tmp_path):
+    d = tasks.write_suite(CFG, tmp_path / "suite")
+    assert {p.name for p in d.iterdir()} == {"train.jsonl", "validation.jsonl", "test.jsonl", "suite.json"}
+    assert tasks.load_split(d, "test") == tasks.generate_suite(CFG)["test"]
+    mtime = (d / "train.jsonl").stat().st_mtime_ns
+    tasks.write_suite(CFG, d)  # same config: reused, not rewritten
+    assert (d / "train.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_scoring_per_family():
+    recs = tasks.generate_suite(CFG)["test"][:10]
+    preds = [r["messages"][-1]["content"] for r in recs]
+    preds[0] = preds[0] + "x"
+    s = tasks.score(recs, preds)
+    assert s["overall"] == pytest.approx(0.9)
+    assert s[recs[0]["family"]] < 1.0
+    assert tasks.exact_match(" 42 ", "42")
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown task families"):
+        tasks.SuiteConfig(families=("nope",))
+    with pytest.raises(ValueError, match="valid keys"):
+        tasks.SuiteConfig.from_dict({"n_trian": 3})
+    with pytest.raises(ValueError, match="unknown split"):
+        tasks.load_split(".", "dev")
+    with pytest.raises(ValueError, match="no records"):
+        tasks.score([], [])
+
+
+def test_committed_tiny_suite_matches_its_config():
+    from overfill_lib.presets import load_preset
+
+    p = load_preset("tiny")
+    meta = __import__("json").loads((p.suite_dir / "suite.json").read_text())
+    assert meta["fingerprint"] == tasks.suite_fingerprint(p.suite_config())

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from overfill_lib import presets, tasks, teacher
+
+MICRO = teacher.TeacherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, steps=6, batch_size=8, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory):
+    return tasks.write_suite(tasks.SuiteConfig(n_train=64, n_validation=8, n_test=10), tmp_path_factory.mktemp("suite"))
+
+
+def test_tokenizer_roundtrip_and_chat_template(tmp_path):
+    tok = teacher.build_tokenizer()
+    text = "k:17 m:03 ?m\n{}"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    msgs = [{"role": "system", "content": "sort"}, {"role": "user", "content": "321"}]
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s><|system|>sort<|end|><|user|>321<|end|><|assistant|>"
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == rendered
+    assert again.eos_token == "<|end|>" and again.padding_side == "left"
+
+
+def test_encode_example_masks_the_prompt():
+    tok = teacher.build_tokenizer()
+    ex = teacher.encode_example(tok, [{"role": "system", "content": "sort"}, {"role": "user", "content": "21"},
+                                      {"role": "assistant", "content": "12"}])
+    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
+    assert tok.decode(answer) == "12<|end|>"
+
+
+def test_training_is_reproducible_and_saves_an_hf_directory(tmp_path, suite_dir):
+    rec_a = teacher.train_teacher(MICRO, suite_dir, tmp_path / "a", eval_records=10)
+    rec_b = teacher.train_teacher(MICRO, suite_dir, tmp_path / "b", eval_records=10)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert rec_a["test_exact_match"] == rec_b["test_exact_match"]
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "training_record.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    record = json.loads((tmp_path / "a" / "training_record.json").read_text())
+    assert record["environment"]["torch"] == torch.__version__
+
+
+def test_narrower_sibling_has_half_the_width():
+    half = MICRO.narrower(0.5)
+    assert (half.hidden_size, half.intermediate_size) == (16, 32)
+    assert half.num_key_value_heads == MICRO.num_key_value_heads
+
+
+def test_committed_teacher_loads_with_auto_classes_and_uses_gqa():
+    p = presets.load_preset("tiny")
+    path = p.path(p["teacher"]["id"])
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "llama"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    shapes = teacher.cache_shapes(model, tok, "abc")
+    head_dim = model.config.head_dim
+    assert all(k == (1, model.config.num_key_value_heads, len(tok("abc")["input_ids"]), head_dim) for k in shapes["keys"])
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 30 * 2**20
+
+
+def test_committed_teacher_reaches_target_on_a_test_sample():
+    p = presets.load_preset("tiny")
+    model, tok = teacher.load_teacher(p.path(p["teacher"]["id"]))
+    test = tasks.load_split(p.suite_dir, "test")[:200]
+    assert teacher.evaluate_exact_match(model, tok, test)["overall"] >= 0.85
