@@ -8,7 +8,7 @@ the family the paper prunes. Both save and load with the Auto classes.
 from __future__ import annotations
 
 import logging
-import math
+import shutil
 import string
 import time
 from dataclasses import asdict, dataclass
@@ -75,10 +75,12 @@ class TeacherConfig:
     max_position_embeddings: int = 256
     steps: int = 3000
     batch_size: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.05
     seed: int = 0
+    eval_every: int = 500  # validation exact match logged every N steps (0: never)
+    eval_records: int = 250
 
     @classmethod
     def from_dict(cls, d: dict) -> TeacherConfig:
@@ -173,13 +175,23 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-class _TimeLogger(TrainerCallback):
-    def __init__(self):
+class _ProgressLogger(TrainerCallback):
+    """Adds wall time to every log entry and, every ``every`` steps, validation exact match per family."""
+
+    def __init__(self, tokenizer, records: list[dict], every: int):
         self.start = time.perf_counter()
+        self.tokenizer, self.records, self.every = tokenizer, records, every
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None:
             logs["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and self.records and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
+            scores = evaluate_exact_match(model, self.tokenizer, self.records)
+            model.train()
+            state.log_history.append({"step": state.global_step, "val_exact_match": scores})
+            log.info("step %d: validation exact match %s", state.global_step, {k: round(v, 2) for k, v in scores.items()})
 
 
 @torch.no_grad()
@@ -205,16 +217,6 @@ def evaluate_exact_match(model, tokenizer, records: list[dict], **kw) -> dict:
     return tasks.score(records, greedy_answers(model, tokenizer, records, **kw))
 
 
-def length_grouping() -> dict:
-    """TrainingArguments for length-grouped batches (less padding); the name changed in transformers 5."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    if "train_sampling_strategy" in names:
-        return {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
-    return {"group_by_length": True, "length_column_name": "length"}
-
-
 def train_teacher(
     cfg: TeacherConfig,
     suite_dir: str | Path,
@@ -231,8 +233,6 @@ def train_teacher(
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
     rows = encode_examples(tokenizer, [r["messages"] for r in tasks.load_split(suite_dir, "train")])
-    for r in rows:
-        r["length"] = len(r["input_ids"])
     work_dir = Path(work_dir or out_dir.parent / f".{out_dir.name}.work")
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -249,7 +249,6 @@ def train_teacher(
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.seed,
-        **length_grouping(),
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
@@ -259,11 +258,12 @@ def train_teacher(
         args=args,
         train_dataset=_ListDataset(rows),
         data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_TimeLogger()],
+        callbacks=[_ProgressLogger(tokenizer, tasks.load_split(suite_dir, "validation")[: cfg.eval_records], cfg.eval_every)],
     )
     t0 = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t0
+    shutil.rmtree(work_dir, ignore_errors=True)  # nothing is checkpointed mid-run (save_strategy="no")
     model = trainer.model.cpu().eval()
     test = tasks.load_split(suite_dir, "test")[:eval_records]
     metrics = evaluate_exact_match(model, tokenizer, test)

@@ -41,3 +41,98 @@ def ask_teacher(model, tokenizer, records: list[dict]):
     display(w.VBox([w.HBox([family, user]), out]))
     if in_batch():
         print(answer())
+
+
+def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: float = 0.5, dtype_bytes=2,
+                   reference: dict | None = None):
+    """Criterion dropdown + ratio slider -> the pruned model's sizes, parameters, decode bytes and ``eval_fn`` metrics.
+
+    The ratio is the fraction removed from hidden channels and MLP neurons (as in pruning.sweep).
+    ``reference``: the unpruned model's metrics, shown beside. Executed in batch, prints the default.
+    """
+    import ipywidgets as w
+
+    from overfill_lib import pruning
+
+    ratios = list(ratios) if ratios is not None else [round(0.05 * i, 2) for i in range(19)]
+    criterion = w.Dropdown(options=list(importances), description="criterion")
+    ratio = w.SelectionSlider(options=ratios, value=min(ratios, key=lambda r: abs(r - default)),
+                              description="removed", continuous_update=False)
+    out = w.Output()
+    full_params = sum(p.numel() for p in model.parameters())
+
+    def describe():
+        row = pruning.sweep(model, {criterion.value: importances[criterion.value]}, [ratio.value], eval_fn,
+                            dtype_bytes=dtype_bytes, progress=False).iloc[0]
+        metrics = "; ".join(
+            f"{k} {row[k]:.4f}" + (f" (unpruned {reference[k]:.4f})" if reference and k in reference else "")
+            for k in row.index if k not in _SWEEP_COLUMNS
+        )
+        return (f"{criterion.value}, {ratio.value:.0%} removed: hidden {row.hidden_size}, intermediate "
+                f"{row.intermediate_size}; {row.parameters:,} parameters ({row.parameters / full_params:.1%} of the "
+                f"full model); one decode step reads {row.decode_bytes / 1e6:.3f} MB of weights "
+                f"({pruning.dtype_size(dtype_bytes):g} B/parameter); {metrics}")
+
+    def refresh(*_):
+        text = describe()  # computed outside the Output context, as in ask_teacher
+        out.clear_output()
+        with out:
+            print(text)
+        return text
+
+    criterion.observe(refresh, names="value")
+    ratio.observe(refresh, names="value")
+    text = refresh()
+    display(w.VBox([w.HBox([criterion, ratio]), out]))
+    if in_batch():
+        print(text)
+
+
+_SWEEP_COLUMNS = {"criterion", "ratio", "heads", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "parameters", "decode_bytes"}
+
+
+def compare_answers(models: dict, tokenizer, records: list[dict], max_new_tokens: int = 16):
+    """Family dropdown + editable input -> every model's greedy answer to the same prompt, side by side, with its
+    wall time (OverFill pairs also split it into full-model prefill and decoder steps). Executed in batch,
+    the table for the default input is printed as well."""
+    import ipywidgets as w
+    import pandas as pd
+
+    from overfill_lib import tasks, training
+
+    by_family = {f: next(r for r in records if r["family"] == f) for f in dict.fromkeys(r["family"] for r in records)}
+    family = w.Dropdown(options=list(by_family), description="family")
+    user = w.Text(value=by_family[family.value]["messages"][1]["content"], description="input")
+    out = w.Output()
+
+    def table():
+        record = by_family[family.value]
+        messages = [record["messages"][0], {"role": "user", "content": user.value}]
+        reference = record["messages"][-1]["content"] if user.value == record["messages"][1]["content"] else None
+        rows = []
+        for name, model in models.items():
+            row = training.answer_with_latency(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+            rows.append({"model": name, **row, "exact": None if reference is None else tasks.exact_match(row["answer"], reference)})
+        df = pd.DataFrame(rows).set_index("model")
+        df.attrs["reference"] = reference
+        return df
+
+    def refresh(*_):
+        df = table()  # computed outside the Output context: generation logs must not land there
+        out.clear_output()
+        with out:
+            print(f"reference: {df.attrs['reference'] if df.attrs['reference'] is not None else '(edited input)'}")
+            display(df)
+        return df
+
+    def on_family(change):
+        user.value = by_family[change["new"]]["messages"][1]["content"]
+
+    family.observe(on_family, names="value")
+    user.observe(refresh, names="value")
+    df = refresh()
+    display(w.VBox([w.HBox([family, user]), out]))
+    if in_batch():
+        print(f"reference: {df.attrs['reference']}")
+        display(df)

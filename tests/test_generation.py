@@ -116,7 +116,21 @@ def _shared_tiny_case(arch: str):
     return build
 
 
+def _tiny_teacher_case():
+    """The project's committed, trained teacher on suite prompts of different lengths."""
+    from overfill_lib import presets, tasks, teacher
+
+    preset = presets.load_preset("tiny")
+    full, tok = teacher.load_teacher(preset.path(preset["teacher"]["id"]))
+    records = tasks.first_per_family(tasks.load_split(preset.suite_dir, "test"), 1)
+    enc = encode_chat(tok, [r["messages"][:-1] for r in records])
+    prompts = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    assert len({len(p) for p in prompts}) > 1  # padding is exercised
+    return Case(full, tok, prompts)
+
+
 CASES = {
+    "tiny_teacher": _tiny_teacher_case,
     "llama": _llama_case,
     "qwen2": _qwen2_case,
     "char_llama": _char_llama_case,

@@ -1,0 +1,52 @@
+"""``python -m overfill_lib.evaluate``: lm-eval's own command line, with the ``overfill`` model registered.
+
+Every lm-eval option works as documented (``run`` / ``ls`` / ``validate`` subcommands, or the legacy
+form without one). Two additions: the ``overfill`` model (``overfill_lib.evaluation.OverFillLM``), and
+this project's task directory (``overfill_lib/lm_tasks``: ``overfill_suite`` and its family tasks) on
+the include path when the command line names none (lm-eval takes a single ``--include_path``; pass
+ours yourself, or put your tasks beside it, when you need both).
+
+    python -m overfill_lib.evaluate --model overfill \\
+        --model_args full=meta-llama/Llama-3.2-3B-Instruct,decoder=DECODER_DIR,dtype=bfloat16 \\
+        --tasks gsm8k_cot_llama --apply_chat_template --fewshot_as_multiturn \\
+        --batch_size 16 --device cuda --output_path results/lm_eval
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+_TASK_COMMANDS = ("run", "ls", "validate")
+
+
+def with_our_tasks(args: Sequence[str]) -> list[str]:
+    """The command line with ``--include_path <our lm_tasks>`` added where lm-eval reads tasks and none is given."""
+    from overfill_lib.evaluation import LM_TASKS_DIR
+
+    args = list(args)
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in args) or any(a in ("-h", "--help") for a in args):
+        return args
+    command = args[0] if args else None
+    # lm-eval inserts `run` itself when no subcommand is given and there are arguments.
+    if command in _TASK_COMMANDS or (command is not None and command.startswith("-")):
+        return [*args, "--include_path", str(LM_TASKS_DIR)]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import overfill_lib.evaluation  # noqa: F401  (registers the `overfill` model with lm-eval)
+    from lm_eval.__main__ import cli_evaluate
+
+    args = with_our_tasks(sys.argv[1:] if argv is None else argv)
+    # lm-eval's parser reads sys.argv itself.
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "overfill_lib.evaluate", *args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    main()
