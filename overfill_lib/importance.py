@@ -36,6 +36,11 @@ and the score aggregates ``m_s`` over the N calibration samples (``aggregation``
 
 Padded positions (attention_mask == 0) never enter a statistic; samples are independent of how
 they were batched or padded.
+
+From a preset: ``calibration_samples`` turns the preset's ``calibration`` section into token-id
+lists (the suite's train conversations, or wikitext read from local files only), and
+``preset_importance`` computes every criterion once per set of weights, saving the scores under
+the preset's work directory and reusing them on the next run. ``rank_agreement`` compares criteria.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ AGGREGATIONS = ("l2", "mean", "l1")
 SEQ_AGGREGATIONS = ("mean", "l2")
 TENSORS_FILE = "importance.safetensors"
 METADATA_FILE = "importance.json"
-_SCORE_NAMES = ("hidden", "intermediate", "heads", "layers", "layers_skip_loss")
+_SCORE_NAMES = ("hidden", "intermediate", "heads", "layers", "layers_skip_loss", "hidden_per_layer")
 
 
 @dataclass
@@ -87,6 +92,10 @@ class Importance:
     seed: int | None = None
     layers_skip_loss: torch.Tensor | None = None  # [num_layers] loss increase when skipped
     extra: dict = field(default_factory=dict)
+    # [num_layers, hidden_size]: each layer's share of ``hidden`` (for per-layer plots; pruning uses ``hidden``).
+    # activation: the two norms' statistics of that layer, so hidden == hidden_per_layer.sum(0);
+    # magnitude: the norm over that layer's matrices only (embeddings / lm_head belong to no layer).
+    hidden_per_layer: torch.Tensor | None = None
 
     def metadata(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -447,7 +456,8 @@ def activation_importance(
     if num_samples == 0:
         raise ValueError("calibration data held no unpadded tokens: every attention_mask was 0.")
 
-    hidden = sum(s.result(aggregation) for pair in recorder.hidden for s in pair)
+    hidden_per_layer = torch.stack([sum(s.result(aggregation) for s in pair) for pair in recorder.hidden])
+    hidden = hidden_per_layer.sum(0)
     skip = None
     if layer_skip_loss:
         denom = max(loss_tokens, 1)
@@ -460,6 +470,7 @@ def activation_importance(
         heads=torch.stack([s.result(aggregation) for s in recorder.heads]).float().cpu(),
         layers=torch.cat([s.result(aggregation) for s in recorder.layers]).float().cpu(),
         layers_skip_loss=skip,
+        hidden_per_layer=hidden_per_layer.float().cpu(),
         criterion="activation",
         model_type=model.config.model_type,
         source_model=_source_name(model),
@@ -482,6 +493,7 @@ def magnitude_importance(model: nn.Module) -> Importance:
     config = model.config
     n_layers, head_dim = config.num_hidden_layers, arch.head_dim_of(config)
     hidden = torch.zeros(config.hidden_size, dtype=torch.float64)
+    hidden_per_layer = torch.zeros(n_layers, config.hidden_size, dtype=torch.float64)
     inter = torch.zeros(n_layers, config.intermediate_size, dtype=torch.float64)
     heads = torch.zeros(n_layers, config.num_attention_heads, dtype=torch.float64)
     layers = torch.zeros(n_layers, dtype=torch.float64)
@@ -497,13 +509,16 @@ def magnitude_importance(model: nn.Module) -> Importance:
             per_index = sq.sum(1 - dim)  # sum over the other axis
             if role == arch.HIDDEN:
                 hidden += per_index
+                if layer is not None:
+                    hidden_per_layer[layer] += per_index
             elif role == arch.INTERMEDIATE:
                 inter[layer] += per_index
             elif role == arch.Q_HEADS:
                 heads[layer] += per_index.view(-1, head_dim).sum(1)
     return Importance(
         hidden=hidden.sqrt().float(), intermediate=inter.sqrt().float(), heads=heads.sqrt().float(),
-        layers=layers.sqrt().float(), criterion="magnitude", model_type=config.model_type,
+        layers=layers.sqrt().float(), hidden_per_layer=hidden_per_layer.sqrt().float(),
+        criterion="magnitude", model_type=config.model_type,
         source_model=_source_name(model),
     )
 
@@ -555,3 +570,228 @@ def _check_choice(what: str, value, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration data named by a preset, and importance computed once per model and reused
+
+CALIBRATION_KEYS = ("source", "samples", "seq_len", "batch_size", "aggregation", "seq_aggregation", "path", "subset")
+WIKITEXT_REPO = "Salesforce/wikitext"  # the hub dataset whose parquet files the authors' wikitext loader reads
+WIKITEXT_SUBSET = "wikitext-2-raw-v1"
+
+
+def calibration_samples(calibration: Mapping, tokenizer, *, suite_dir: str | Path | None = None) -> tuple[list, str]:
+    """Token-id lists for a preset's ``calibration`` section, and a one-line description of them.
+
+    ``source: suite``: the first ``samples`` records of the suite's train split (families alternate,
+    so every family is represented), each rendered whole (system, user and reply turns) through the
+    tokenizer's chat template; cut to ``seq_len`` tokens when given.
+
+    ``source: wikitext`` (the authors' choice): ``samples`` consecutive windows of ``seq_len`` tokens
+    (default 512) of wikitext's train split (``subset``, default wikitext-2-raw-v1), read from local
+    files only: the section's ``path`` (a .parquet / .jsonl / .txt file, or a directory of them) or
+    the hub cache. Nothing is downloaded here, so an offline machine fails at once, saying how to
+    provide the files, instead of waiting on the network.
+    """
+    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown calibration key(s) {unknown}; valid keys: {', '.join(CALIBRATION_KEYS)}.")
+    source = calibration.get("source", "suite")
+    samples = calibration.get("samples", 512)
+    seq_len = calibration.get("seq_len")
+    for name, value in (("samples", samples), ("seq_len", seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"calibration {name}={value!r} must be a positive int.")
+    if source == "suite":
+        from overfill_lib import tasks
+
+        if suite_dir is None:
+            raise ValueError("calibration source 'suite' needs suite_dir (the preset's suite_dir); pass suite_dir=...")
+        records = tasks.load_split(suite_dir, "train")[:samples]
+        texts = tokenizer.apply_chat_template([r["messages"] for r in records], tokenize=False)
+        # The template already starts with the bos token; the tokenizer must not add another.
+        ids = [x[:seq_len] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        cut = f", cut to {seq_len} tokens" if seq_len else ""
+        return ids, f"suite train split, first {len(ids)} conversations through the chat template{cut}"
+    if source == "wikitext":
+        subset = calibration.get("subset", WIKITEXT_SUBSET)
+        seq_len = seq_len or 512
+        files = _local_text_files(calibration.get("path"), subset)
+        ids = _token_windows(_iter_texts(files), tokenizer, samples, seq_len)
+        where = calibration.get("path") or f"{WIKITEXT_REPO} (hub cache)"
+        return ids, f"{subset} train, {len(ids)} windows of {seq_len} tokens from {where}"
+    raise ValueError(f"unknown calibration source {source!r}; choose 'suite' (offline presets) or 'wikitext'.")
+
+
+def _local_text_files(path, subset: str) -> list[Path]:
+    """Train-split text files from ``path`` or the hub cache; FileNotFoundError naming the fix if there are none."""
+    how = (
+        f"download the {WIKITEXT_REPO} files where the hub is reachable (`hf download {WIKITEXT_REPO} --repo-type "
+        f"dataset --include '{subset}/*' --local-dir DIR`), copy DIR here and set the preset's calibration.path to "
+        f"DIR/{subset} (or any .parquet/.jsonl/.txt text), e.g. overrides={{'calibration': {{'path': '...'}}}}"
+    )
+    if path is not None:
+        root = Path(path)
+        if not root.is_absolute():
+            from overfill_lib.io import PROJECT_ROOT
+
+            root = root if root.exists() else PROJECT_ROOT / root
+        if not root.exists():
+            raise FileNotFoundError(f"calibration path {str(path)!r} does not exist; {how}")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:  # local_files_only: reads the cache, never the network
+            root = Path(snapshot_download(WIKITEXT_REPO, repo_type="dataset", allow_patterns=[f"{subset}/*"],
+                                          local_files_only=True)) / subset
+        except Exception as e:
+            raise FileNotFoundError(f"{WIKITEXT_REPO} ({subset}) is not in the local hub cache "
+                                    f"({type(e).__name__}); {how}") from e
+    suffixes = (".parquet", ".jsonl", ".txt")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in suffixes)
+    train = [p for p in files if "train" in p.name]
+    files = train or files
+    if not files:
+        raise FileNotFoundError(f"no .parquet/.jsonl/.txt text under {root}; {how}")
+    return files
+
+
+def _iter_texts(files: list[Path]) -> Iterator[str]:
+    import json
+
+    for path in files:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            yield from pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        elif path.suffix == ".jsonl":
+            with path.open() as f:
+                yield from (json.loads(line)["text"] for line in f if line.strip())
+        else:
+            with path.open() as f:
+                yield from f
+
+
+def _token_windows(texts: Iterable[str], tokenizer, samples: int, seq_len: int) -> list[list[int]]:
+    """Consecutive ``seq_len``-token windows of the concatenated texts (empty lines skipped), ``samples`` of them."""
+    need, stream, chunk = samples * seq_len, [], []
+    for text in texts:
+        if text and text.strip():
+            chunk.append(text)
+        if len(chunk) == 1000:  # tokenize in batches; stop as soon as there are enough tokens
+            stream += itertools.chain.from_iterable(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+            chunk = []
+            if len(stream) >= need:
+                break
+    if chunk and len(stream) < need:
+        stream += itertools.chain.from_iterable(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    windows = [stream[i : i + seq_len] for i in range(0, min(len(stream), need) - seq_len + 1, seq_len)]
+    if not windows:
+        raise ValueError(f"the calibration text holds fewer than seq_len={seq_len} tokens.")
+    if len(windows) < samples:
+        log.warning("calibration text gave %d windows of %d tokens, fewer than the %d asked for", len(windows),
+                    seq_len, samples)
+    return windows
+
+
+def weights_fingerprint(model: nn.Module, entries: int = 65536) -> str:
+    """A cheap digest of a model's weights: every parameter's name, shape and the sum of up to ``entries``
+    evenly spaced values (a strided view, so no copy of a large matrix). Changes when the model is retrained."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // entries)]
+            h.update(f"{name}{tuple(param.shape)}{sample.double().sum().item():.8e}".encode())
+    return h.hexdigest()[:16]
+
+
+def preset_importance(
+    model: nn.Module,
+    tokenizer,
+    preset,
+    *,
+    criteria: Sequence[str] = CRITERIA,
+    directory: str | Path | None = None,
+    layer_skip_loss: bool = True,
+    seed: int = 0,
+    recompute: bool = False,
+    progress: bool = True,
+) -> dict[str, Importance]:
+    """Importance of ``model`` by each criterion, calibrated as the preset's ``calibration`` section says.
+
+    Each criterion's scores are saved under ``directory/<criterion>`` (default
+    ``<preset workdir>/importance``) and loaded instead of recomputed when they were made by the
+    same request (criterion, aggregation, calibration data, seed) on the same weights.
+    """
+    for criterion in criteria:
+        _check_choice("criterion", criterion, CRITERIA)
+    calibration = dict(preset.get("calibration", {}))
+    aggregation = calibration.get("aggregation", "l2")
+    seq_aggregation = calibration.get("seq_aggregation", "mean")
+    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    _check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
+    directory = Path(directory) if directory is not None else preset.workdir / "importance"
+    fingerprint = weights_fingerprint(model)
+    data = None
+    out = {}
+    for criterion in criteria:
+        request = {"criterion": criterion, "weights": fingerprint}
+        if criterion == "activation":
+            request |= {"calibration": {k: calibration.get(k) for k in CALIBRATION_KEYS},
+                        "aggregation": aggregation, "seq_aggregation": seq_aggregation,
+                        "layer_skip_loss": layer_skip_loss}
+        elif criterion == "random":
+            request["seed"] = seed
+        path = directory / criterion
+        if not recompute and (path / METADATA_FILE).exists():
+            cached = Importance.load(path)
+            if cached.extra.get("request") == request:
+                log.info("reusing %s importance from %s", criterion, path)
+                out[criterion] = cached
+                continue
+        if criterion == "activation" and data is None:
+            data = calibration_samples(calibration, tokenizer, suite_dir=preset.suite_dir)
+        imp = compute_importance(
+            model, data[0] if data else None, criterion=criterion, aggregation=aggregation,
+            seq_aggregation=seq_aggregation, batch_size=calibration.get("batch_size", 8),
+            pad_token_id=tokenizer.pad_token_id, seed=seed, layer_skip_loss=layer_skip_loss,
+            description=data[1] if data else None, progress=progress,
+        )
+        imp.extra["request"] = request
+        imp.save(path)
+        out[criterion] = imp
+    return out
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dim (ties broken by position; scores here are continuous, so ties are rare)."""
+    return torch.argsort(torch.argsort(x.double(), dim=-1, stable=True), dim=-1, stable=True).double()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last dim (one value per row of a 2-D input)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.square().sum(-1) * rb.square().sum(-1)).sqrt().clamp(min=1e-30)
+
+
+def rank_agreement(importances: Mapping[str, Importance]):
+    """DataFrame: Spearman correlation between every two criteria's rankings, per pruned dimension.
+
+    Hidden channels are ranked once for the model; MLP neurons and heads are ranked within each
+    layer (as pruning chooses them), so their value is the mean over layers.
+    """
+    import pandas as pd
+
+    rows = []
+    for (name_a, a), (name_b, b) in itertools.combinations(importances.items(), 2):
+        rows.append({
+            "criteria": f"{name_a} vs {name_b}",
+            "hidden": float(spearman(a.hidden, b.hidden)),
+            "intermediate (mean over layers)": float(spearman(a.intermediate, b.intermediate).mean()),
+            "heads (mean over layers)": float(spearman(a.heads, b.heads).mean()),
+        })
+    return pd.DataFrame(rows).set_index("criteria")

@@ -77,6 +77,16 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_record(device: str | None = None, seed: int | None = None) -> dict:
     """Versions, device and seed, stored beside every result so it can be reproduced."""
     import torch
@@ -85,7 +95,7 @@ def environment_record(device: str | None = None, seed: int | None = None) -> di
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = str(device)
-    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") and torch.cuda.is_available() else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") and torch.cuda.is_available() else _cpu_name()
     return {
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": dev,

@@ -83,3 +83,289 @@ def loss_curves(histories: dict[str, list[dict]], title: str, key: str = "loss")
         fig.add_scatter(name=name, x=[p[0] for p in points], y=[p[1] for p in points], mode="lines")
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=key)
     return fig
+
+
+def _log_relative(scores):
+    """log10(score / the row's median): how far each unit stands above or below a typical one of its layer."""
+    import torch
+
+    scores = scores.double().clamp(min=1e-30)
+    return (scores / scores.median(dim=-1, keepdim=True).values).log10().numpy()
+
+
+def importance_heatmaps(importance, title: str):
+    """Per-layer heatmaps of hidden channels, MLP neurons and query heads (colour: log10 of score / layer median)."""
+    from plotly.subplots import make_subplots
+
+    panels = [("hidden channels", importance.hidden_per_layer), ("MLP neurons", importance.intermediate),
+              ("query heads", importance.heads)]
+    panels = [(name, s) for name, s in panels if s is not None]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[n for n, _ in panels], horizontal_spacing=0.06,
+                        column_widths=[max(s.shape[1], 40) ** 0.5 for _, s in panels])
+    for col, (name, scores) in enumerate(panels, start=1):
+        fig.add_heatmap(z=_log_relative(scores), coloraxis="coloraxis", name=name, row=1, col=col,
+                        hovertemplate="layer %{y}, unit %{x}: log10(score/median) %{z:.2f}<extra>" + name + "</extra>")
+        fig.update_xaxes(title_text="unit index", row=1, col=col)
+    fig.update_yaxes(title_text="layer", autorange="reversed")
+    fig.update_layout(title=title, coloraxis={"colorscale": "RdBu_r", "cmid": 0,
+                                              "colorbar": {"title": "log10(score /<br>layer median)"}})
+    return fig
+
+
+def importance_distributions(importances: dict, title: str):
+    """Box plots per criterion of log10(score / layer median) for hidden channels, MLP neurons and query heads."""
+    from plotly.subplots import make_subplots
+
+    dims = [("hidden channels", "hidden"), ("MLP neurons", "intermediate"), ("query heads", "heads")]
+    fig = make_subplots(rows=1, cols=len(dims), subplot_titles=[d for d, _ in dims])
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    for i, (criterion, imp) in enumerate(importances.items()):
+        for col, (_, attr) in enumerate(dims, start=1):
+            values = _log_relative(getattr(imp, attr)).ravel()
+            fig.add_box(y=values, name=criterion, legendgroup=criterion, showlegend=col == 1, boxpoints=False,
+                        marker_color=colors[i % len(colors)], row=1, col=col)
+    fig.update_yaxes(title_text="log10(score / layer median)", row=1, col=1)
+    fig.update_layout(title=title)
+    return fig
+
+
+def layer_scores(importance, title: str):
+    """Bars per layer: Block Influence (1 - cos(in, out)) and, when measured, the loss increase when skipped."""
+    from plotly.subplots import make_subplots
+
+    panels = [("block influence: 1 - cos(input, output)", importance.layers)]
+    if importance.layers_skip_loss is not None:
+        panels.append(("loss increase when the layer is skipped (nats/token)", importance.layers_skip_loss))
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[n for n, _ in panels])
+    for col, (name, scores) in enumerate(panels, start=1):
+        fig.add_bar(x=list(range(len(scores))), y=scores.tolist(), name=name, showlegend=False, row=1, col=col)
+        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=col)
+    fig.update_layout(title=title)
+    return fig
+
+
+def metrics_vs_ratio(table, metrics: list[str], title: str, reference: dict | None = None,
+                     x: str = "ratio", color: str = "criterion"):
+    """One panel per metric: a line per ``color`` value over ``x``; ``reference`` values drawn as dashed lines."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    for i, (name, group) in enumerate(table.groupby(color, sort=False)):
+        group = group.sort_values(x)
+        for col, metric in enumerate(metrics, start=1):
+            fig.add_scatter(x=group[x], y=group[metric], name=str(name), legendgroup=str(name), showlegend=col == 1,
+                            mode="lines+markers", line_color=colors[i % len(colors)], row=1, col=col)
+    for col, metric in enumerate(metrics, start=1):
+        if reference and metric in reference:
+            fig.add_hline(y=reference[metric], line_dash="dash", line_color="gray", row=1, col=col,
+                          annotation_text="unpruned", annotation_position="top left")
+        fig.update_xaxes(title_text=x, row=1, col=col)
+    fig.update_layout(title=title)
+    return fig
+
+
+def bar_eval_results(table, title: str, metric: str | None = None, filter: str | None = None):
+    """Grouped bars from ``evaluation.results_table``: one group per task (and filter), one bar per run,
+    with lm-eval's standard errors as error bars."""
+    import plotly.graph_objects as go
+
+    if metric is not None:
+        table = table[table["metric"] == metric]
+    if filter is not None:
+        table = table[table["filter"] == filter]
+    several_filters = table["filter"].nunique() > 1
+    fig = go.Figure()
+    for run, rows in table.groupby("run", sort=False):
+        x = [f"{t} ({f})" if several_filters else t for t, f in zip(rows["task"], rows["filter"])]
+        fig.add_bar(
+            name=str(run),
+            x=x,
+            y=rows["value"],
+            error_y={"type": "data", "array": rows["stderr"].fillna(0).tolist()},
+            text=[f"{v:.2f}" for v in rows["value"]],
+        )
+    metrics = sorted(table["metric"].unique())
+    fig.update_layout(barmode="group", title=title, yaxis_title=", ".join(metrics) or "value")
+    return fig
+
+
+# -- latency (notebook 03) -------------------------------------------------------------------------
+
+_LATENCY_DASH = ["solid", "dash", "dot", "dashdot"]
+
+
+def _ok_fast(results: dict, sweep: str) -> list[dict]:
+    return [r for r in results["records"] if r.get("status") == "ok" and sweep in r.get("sweeps", [])]
+
+
+def _ms(stat: dict | None) -> tuple[float | None, float | None, float | None]:
+    if not stat or stat.get("median") is None:
+        return None, None, None
+    med = 1000 * stat["median"]
+    lo = None if stat.get("p10") is None else med - 1000 * stat["p10"]
+    hi = None if stat.get("p90") is None else 1000 * stat["p90"] - med
+    return med, lo, hi
+
+
+def _latency_lines(fig, results: dict, sweep: str, x: str, stat: str, methods=None, row=None, col=None) -> None:
+    """One line per (pair, method, path) over ``x``, medians with p10-p90 error bars."""
+    pairs = list(results.get("pairs", {}))
+    groups: dict[tuple, list[dict]] = {}
+    for r in _ok_fast(results, sweep):
+        if methods is None or r["method"] in methods:
+            groups.setdefault((r["pair"], r["method"], r["path"]), []).append(r)
+    for (pair, method, path), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: r[x])
+        vals = [_ms(r.get(stat)) for r in rows]
+        kw = {"row": row, "col": col} if row is not None else {}
+        fig.add_scatter(
+            x=[r[x] for r in rows], y=[v[0] for v in vals], mode="lines+markers",
+            name=f"{pair} · {method} ({path})", legendgroup=f"{pair}-{method}",
+            line={"dash": _LATENCY_DASH[pairs.index(pair) % len(_LATENCY_DASH)] if pair in pairs else "solid"},
+            error_y={"type": "data", "symmetric": False, "array": [v[2] for v in vals], "arrayminus": [v[1] for v in vals]},
+            **kw,
+        )
+
+
+def latency_figures(results: dict) -> dict:
+    """The latency figures of a :func:`overfill_lib.latency.run_suite` results dict (a CPU run or a committed GPU JSON).
+
+    Keys: ``latency_vs_output_length``, ``ttft_vs_prompt_length``, ``measured_vs_roofline``,
+    ``throughput_vs_batch``, ``overfill_vs_speculative``. Legends name each line's ``path``.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    env = results.get("environment", {})
+    where = f"{env.get('device_name') or env.get('device')} · {results.get('label', '')}"
+    figs = {}
+
+    fig = go.Figure()
+    _latency_lines(fig, results, "output", "new_tokens", "e2e_s")
+    fig.update_layout(title=f"End-to-end latency vs output length (batch 1)<br><sup>{where}</sup>",
+                      xaxis_title="new tokens", yaxis_title="end-to-end ms (median, p10-p90)", xaxis_type="log",
+                      yaxis_type="log")
+    figs["latency_vs_output_length"] = fig
+
+    fig = go.Figure()
+    _latency_lines(fig, results, "prompt", "prompt", "ttft_s", methods=("full", "decoder", "overfill"))
+    fig.update_layout(title=f"Time to first token vs prompt length (batch 1)<br><sup>{where}</sup>",
+                      xaxis_title="prompt tokens", yaxis_title="TTFT ms (median, p10-p90)", xaxis_type="log",
+                      yaxis_type="log")
+    figs["ttft_vs_prompt_length"] = fig
+
+    fig = go.Figure()
+    for pair, info in results.get("pairs", {}).items():
+        for role, rows in info.get("roofline", {}).items():
+            rows = sorted((r for r in rows if r["batch"] == 1), key=lambda r: r["context"])
+            fig.add_scatter(x=[r["context"] for r in rows], y=[1000 * r["seconds_per_step"] for r in rows],
+                            mode="lines", line={"dash": "dot"}, name=f"{pair} · {role} roofline (bytes / copy bandwidth)")
+        measured = [r for r in results["records"] if r.get("pair") == pair and r.get("status") == "ok"
+                    and r.get("batch") == 1 and r.get("per_token_s") and r.get("path", "").startswith("fast")
+                    and r["method"] in ("full", "decoder", "overfill") and ("prompt" in r["sweeps"] or "output" in r["sweeps"])]
+        for method in ("full", "decoder", "overfill"):
+            rows = sorted((r for r in measured if r["method"] == method), key=lambda r: r["max_cache_len"])
+            if rows:
+                fig.add_scatter(x=[r["max_cache_len"] for r in rows], y=[1000 * r["per_token_s"]["median"] for r in rows],
+                                mode="markers", name=f"{pair} · {method} measured ({rows[0]['path']})")
+    fig.update_layout(title=f"Per-token time vs context: measured and the bandwidth bound (batch 1)<br><sup>{where}</sup>",
+                      xaxis_title="context (static cache positions)", yaxis_title="ms per token", xaxis_type="log",
+                      yaxis_type="log")
+    figs["measured_vs_roofline"] = fig
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s", "memory (GB)"))
+    groups: dict[tuple, list[dict]] = {}
+    for r in _ok_fast(results, "batch"):
+        groups.setdefault((r["pair"], r["method"], r["path"]), []).append(r)
+    for (pair, method, path), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: r["batch"])
+        name = f"{pair} · {method} ({path})"
+        fig.add_scatter(x=[r["batch"] for r in rows], y=[r.get("decode_tokens_per_s") for r in rows], mode="lines+markers",
+                        name=name, legendgroup=name, row=1, col=1)
+        memory = [(r.get("peak_memory_bytes") or r.get("memory_estimate_bytes") or 0) / 1e9 for r in rows]
+        fig.add_scatter(x=[r["batch"] for r in rows], y=memory, mode="lines+markers",
+                        name=name, legendgroup=name, showlegend=False, row=1, col=2)
+    settings = results.get("settings", {})
+    context = settings.get("base_prompt", 0) + settings.get("base_new_tokens", 0)
+    for pair, info in results.get("pairs", {}).items():
+        for role, rows in info.get("roofline", {}).items():
+            near = {}
+            for r in rows:  # the roofline context closest to the measured cache length, per batch
+                if r["batch"] not in near or abs(r["context"] - context) < abs(near[r["batch"]]["context"] - context):
+                    near[r["batch"]] = r
+            pts = sorted(near.values(), key=lambda r: r["batch"])
+            fig.add_scatter(x=[r["batch"] for r in pts], y=[r["tokens_per_s"] for r in pts], mode="lines",
+                            line={"dash": "dot"}, name=f"{pair} · {role} roofline", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="batch size")
+    fig.update_yaxes(type="log", row=1, col=1)
+    mem_note = "peak allocated" if any(r.get("peak_memory_bytes") for r in results["records"]) else "estimate: weights + static caches"
+    fig.update_layout(title=f"Throughput and memory vs batch size ({mem_note})<br><sup>{where}</sup>")
+    figs["throughput_vs_batch"] = fig
+
+    fig = go.Figure()
+    base = {"batch": 1, "prompt": settings.get("base_prompt"), "new_tokens": settings.get("base_new_tokens")}
+    for pair, info in results.get("pairs", {}).items():
+        rows = [r for r in results.get("speculative_model", []) if r["pair"] == pair
+                and all(r.get(k) == v for k, v in base.items())]
+        best: dict[float, dict] = {}
+        for r in rows:
+            if r["alpha"] not in best or r["per_token_s"] < best[r["alpha"]]["per_token_s"]:
+                best[r["alpha"]] = r
+        pts = sorted(best.values(), key=lambda r: r["alpha"])
+        if pts:
+            fig.add_scatter(x=[r["alpha"] for r in pts], y=[1000 * r["per_token_s"] for r in pts], mode="lines+markers",
+                            text=[f"gamma={r['gamma']}" for r in pts],
+                            name=f"{pair} · speculative, best gamma (modelled from {pts[0]['source_path']} costs)")
+        for method in ("overfill", "full", "decoder"):
+            r = next((r for r in results["records"] if r.get("pair") == pair and r.get("method") == method
+                      and r.get("status") == "ok" and r.get("path", "").startswith("fast")
+                      and all(r.get(k) == v for k, v in base.items())), None)
+            if r and r.get("per_token_s"):
+                fig.add_scatter(x=[0, 1], y=[1000 * r["per_token_s"]["median"]] * 2, mode="lines",
+                                line={"dash": "dash" if method != "overfill" else "solid"},
+                                name=f"{pair} · {method} measured ({r['path']})")
+        spec = next((r for r in results["records"] if r.get("pair") == pair and r.get("method") == "speculative"
+                     and r.get("status") == "ok" and r.get("path", "").startswith("fast")
+                     and all(r.get(k) == v for k, v in base.items())), None)
+        if spec and spec.get("per_token_s") and spec.get("acceptance"):
+            fig.add_scatter(x=[spec["acceptance"]["median"]], y=[1000 * spec["per_token_s"]["median"]], mode="markers",
+                            marker={"size": 12, "symbol": "star"},
+                            name=f"{pair} · speculative measured, gamma={spec.get('draft_tokens')} ({spec['path']})")
+        alpha = (info.get("acceptance") or {}).get("alpha")
+        if alpha is not None:
+            fig.add_vline(x=alpha, line_dash="dot", annotation_text=f"{pair}: measured alpha {alpha:.2f}")
+    fig.update_layout(title=f"OverFill vs speculative decoding, per output token (batch 1)<br><sup>{where}</sup>",
+                      xaxis_title="per-token acceptance rate alpha", yaxis_title="ms per output token", xaxis_range=[0, 1])
+    figs["overfill_vs_speculative"] = fig
+    return figs
+
+
+# -- decoder training (notebook 02) ----------------------------------------------------------------
+
+
+def bar_by_family_spread(mean: dict[str, dict[str, float]], spread: dict[str, dict[str, float]], title: str,
+                         yaxis: str = "exact match", note: str = "error bars: std over seeds"):
+    """Grouped bars per task family (plus overall), one bar per model: the mean, with ``spread`` as error bars."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, per_family in mean.items():
+        keys = list(per_family)
+        fig.add_bar(name=name, x=keys, y=[per_family[k] for k in keys], text=[f"{per_family[k]:.2f}" for k in keys],
+                    error_y={"type": "data", "array": [spread.get(name, {}).get(k, 0.0) for k in keys]})
+    fig.update_layout(barmode="group", title=f"{title}<br><sup>{note}</sup>", yaxis_title=yaxis, yaxis_range=[0, 1.1])
+    return fig
+
+
+def exact_match_during_training(history: list[dict], title: str):
+    """Validation exact match per family against step, from ``val_exact_match`` entries of a log history."""
+    import plotly.graph_objects as go
+
+    points = [h for h in history if "val_exact_match" in h]
+    fig = go.Figure()
+    for family in points[0]["val_exact_match"] if points else []:
+        fig.add_scatter(name=family, x=[p["step"] for p in points], y=[p["val_exact_match"][family] for p in points],
+                        mode="lines+markers", line={"width": 3 if family == "overall" else 1.5})
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="validation exact match", yaxis_range=[0, 1.05])
+    return fig

@@ -14,10 +14,15 @@ hidden size of a pruned Llama is rounded to a multiple of lcm(round_to, kept que
 
 Kept indices are sorted ascending, so channel order is preserved and keeping everything
 reproduces the model exactly. Everything is saved as safetensors + JSON (never pickle).
+
+Before any training: ``decode_bytes`` / ``size_report`` give what a pruned config costs per decode
+step (meta device, no weights), ``reply_loss`` scores a model on chat records, ``sweep`` prunes by
+several criteria at several ratios and evaluates each, ``layer_ablation`` drops one layer at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -447,3 +452,194 @@ def save_pruned(model: nn.Module, record: PruningRecord, directory: str | Path, 
         record.save(tmp / RECORD_FILE)
     log.info("saved pruned model to %s", directory)
     return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# What a pruned decoder costs per decode step, and how good it is before any training
+
+
+def dtype_size(dtype) -> float:
+    """Bytes per parameter for a number, a torch dtype or its name ("bfloat16", "float32", ...)."""
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; give a torch dtype name such as 'bfloat16' or 'float32'.")
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    if isinstance(dtype, bool) or not isinstance(dtype, numbers.Real) or dtype <= 0:
+        raise ValueError(f"dtype_bytes={dtype!r} must be a positive number of bytes or a torch dtype.")
+    return dtype
+
+
+def decode_bytes(config, dtype_bytes=2, num_parameters: int | None = None) -> int:
+    """Bytes of weights one decode step reads (batch 1): the model's parameters, each once, at ``dtype_bytes``.
+
+    Definition: ``count_parameters(config) * dtype_bytes``, except that an UNTIED input embedding
+    table is left out, because a step looks up one row of it per sequence rather than reading it.
+    A tied table is counted (once): the lm_head reads all of it every step. The KV cache is left
+    out too: its reads grow with the context and are the same for the full model and for an
+    OverFill decoder, which shares the full model's cache shape. ``num_parameters``: the count when
+    already known (saves building the model on the meta device again).
+    """
+    params = count_parameters(config) if num_parameters is None else int(num_parameters)
+    if not getattr(config, "tie_word_embeddings", False):
+        params -= config.vocab_size * config.hidden_size
+    return int(round(params * dtype_size(dtype_bytes)))
+
+
+PUBLISHED_SHAPES = {
+    # Published config.json shapes of the paper's full models (OVERFILL.md); only sizes matter here.
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def published_config(name: str):
+    """A LlamaConfig with the published shape of one of the paper's full models (no download, no weights)."""
+    from transformers import LlamaConfig
+
+    if name not in PUBLISHED_SHAPES:
+        raise ValueError(f"no published shape for {name!r}; choose one of {', '.join(PUBLISHED_SHAPES)}.")
+    return LlamaConfig(**PUBLISHED_SHAPES[name])
+
+
+def size_report(config, hidden=None, intermediate=None, heads=None, round_to: int = 1, dtype_bytes=2) -> dict:
+    """Sizes, parameter counts and decode bytes of ``config`` and of its width-pruned config (meta device)."""
+    sizes = target_sizes(config, hidden=hidden, intermediate=intermediate, heads=heads, round_to=round_to)
+    new = _config_for_sizes(config, sizes)
+    out = {"request": {"hidden": hidden, "intermediate": intermediate, "heads": heads, "round_to": round_to},
+           "dtype_bytes": dtype_size(dtype_bytes), "notes": sizes["notes"]}
+    for key, cfg in (("original", config), ("pruned", new)):
+        n = count_parameters(cfg)
+        out[key] = _sizes(cfg, n) | {"decode_bytes": decode_bytes(cfg, dtype_bytes, num_parameters=n)}
+    out["parameter_fraction"] = out["pruned"]["num_parameters"] / out["original"]["num_parameters"]
+    return out
+
+
+@torch.no_grad()
+def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> float:
+    """Mean cross-entropy per reply token (reply + end-of-turn) of chat ``records``, prompt tokens excluded.
+
+    ``records`` are suite records (with ``messages``) or message lists. Examples are encoded as in
+    training (teacher.encode_examples), sorted by length to limit padding, right-padded, and each
+    batch's mean (the model's own ``labels`` loss) is weighted by its number of reply tokens, so the
+    result is the mean over all reply tokens whatever the batching.
+    """
+    from overfill_lib.teacher import encode_examples
+
+    conversations = [r["messages"] if isinstance(r, dict) else r for r in records]
+    if not conversations:
+        raise ValueError("reply_loss needs at least one record; got none.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = sorted(encode_examples(tokenizer, conversations), key=lambda r: len(r["input_ids"]))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            width = max(len(r["input_ids"]) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, r in enumerate(chunk):
+                n = len(r["input_ids"])
+                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            tokens = int((labels[:, 1:] != -100).sum())  # the loss shifts labels by one
+            if tokens == 0:
+                continue
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+            total += float(out.loss) * tokens
+            count += tokens
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the records hold no reply tokens to score.")
+    return total / count
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """Hold back a logger's INFO lines for the duration of the block (warnings still show)."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def sweep(
+    model: nn.Module,
+    importances: dict[str, Importance],
+    ratios,
+    eval_fn,
+    *,
+    heads=None,
+    round_to: int = 1,
+    dtype_bytes=2,
+    progress: bool = True,
+):
+    """Prune ``model`` by every criterion at every ratio and evaluate each pruned model (no training).
+
+    A ratio is the fraction removed from BOTH hidden channels and MLP neurons (``heads`` as in
+    prune_width, the same for every row). ``eval_fn(pruned_model) -> {metric: number}``. Returns a
+    DataFrame with one row per (criterion, ratio): the kept sizes, parameter count, decode bytes
+    (``decode_bytes``) and the metrics. Ratio 0 keeps every unit, so it reproduces the unpruned model.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if not importances or not all(isinstance(v, Importance) for v in importances.values()):
+        raise ValueError("importances must map a name to an Importance, e.g. {'activation': compute_importance(...)}.")
+    ratios = list(ratios)
+    if not ratios or any(isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 <= r < 1 for r in ratios):
+        raise ValueError(f"ratios={ratios!r} must be fractions removed in [0, 1), e.g. [0.1, 0.25, 0.5].")
+    rows = []
+    jobs = [(name, float(r)) for name in importances for r in ratios]
+    for name, ratio in tqdm(jobs, desc="pruning sweep", unit="model", disable=not progress):
+        with _quiet(log):  # one log line per pruned model would bury the notebook; the table holds the sizes
+            pruned, record = prune_width(model, importances[name], hidden=ratio, intermediate=ratio, heads=heads,
+                                         round_to=round_to)
+        metrics = eval_fn(pruned)
+        if not isinstance(metrics, dict) or not all(isinstance(v, numbers.Real) for v in metrics.values()):
+            raise ValueError(f"eval_fn must return a dict of numbers (e.g. {{'loss': 1.2}}), got {metrics!r}.")
+        new = record.new
+        rows.append({
+            "criterion": name, "ratio": ratio, "heads": heads, "hidden_size": new["hidden_size"],
+            "intermediate_size": new["intermediate_size"], "num_attention_heads": new["num_attention_heads"],
+            "parameters": new["num_parameters"],
+            "decode_bytes": decode_bytes(pruned.config, dtype_bytes, num_parameters=new["num_parameters"]),
+            **metrics,
+        })
+        del pruned
+    return pd.DataFrame(rows)
+
+
+def layer_ablation(model: nn.Module, eval_fn, progress: bool = True):
+    """Drop each decoder layer in turn (prune_depth) and evaluate: one row per dropped layer.
+
+    ``eval_fn(model) -> {metric: number}`` as in ``sweep``; measured on the caller's data, so it
+    can be the task's own metric (e.g. the reply loss) rather than the calibration loss.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    n = model.config.num_hidden_layers
+    if n < 2:
+        raise ValueError("layer_ablation needs a model with at least 2 layers (dropping the only layer leaves none).")
+    rows = []
+    for layer in tqdm(range(n), desc="layer ablation", unit="layer", disable=not progress):
+        with _quiet(log):
+            shallower, record = prune_depth(model, [i for i in range(n) if i != layer])
+        metrics = eval_fn(shallower)
+        if not isinstance(metrics, dict) or not all(isinstance(v, numbers.Real) for v in metrics.values()):
+            raise ValueError(f"eval_fn must return a dict of numbers (e.g. {{'loss': 1.2}}), got {metrics!r}.")
+        rows.append({"dropped_layer": layer, "parameters": record.new["num_parameters"], **metrics})
+        del shallower
+    return pd.DataFrame(rows)
