@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -125,8 +126,12 @@ def run_series(
     selected = notebooks(only, notebook_dir)
     for nb in selected:
         check_parameters(nb, parameters)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(run_dir or RUNS_DIR / f"{Path(str(preset)).stem}-{stamp}")
+    if run_dir is None:  # a fresh folder per run, even for two runs started in the same second
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        RUNS_DIR.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{Path(str(preset)).stem}-{stamp}-", dir=RUNS_DIR))
+        os.chmod(run_dir, 0o755)
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = RUNS_DIR / f".state-{Path(str(preset)).stem}.json"
     state = read_json(state_path) if state_path.exists() else {}

@@ -1,0 +1,518 @@
+"""The fast decode path: one static KV cache, a compiled decode step, no host round trip per token.
+
+The plain loop (:mod:`overfill_lib.generation`) grows a ``DynamicCache`` and the attention mask by
+one column per token and runs every forward eagerly. At batch 1 on a GPU that loop is bound by
+kernel launches and Python, not by memory bandwidth, so it cannot show what OverFill's smaller
+decoder buys. This module removes that overhead the way gpt-fast and HF's compiled ``generate`` do:
+
+1. **One static cache.** A ``transformers.StaticCache`` is allocated once for prompt + new tokens
+   (reused across calls of the same shape, so CUDA graphs keep their static addresses). Under the
+   ``shared_kv`` strategy the full model's prefill fills it and the decoder then reads and extends
+   that same object: no copy, since both models' caches have one shape (same layers, KV heads,
+   head_dim).
+2. **A compiled decode step.** The per-token forward (``[batch, 1]`` ids, positions, a fixed-width
+   attention mask, the cache) has static shapes, so ``torch.compile`` can capture it whole; on CUDA
+   ``mode="reduce-overhead"`` replays it as a CUDA graph. The prefill stays eager (its shape
+   changes with every prompt and it is compute-bound anyway).
+3. **No per-token sync.** Tokens stay on the device; eos is checked every ``sync_every`` steps and
+   the output is trimmed afterwards exactly as the plain loop would have stopped.
+
+Methods, all greedy (the plain loop's greedy tokens are reproduced exactly; sampling is left to
+:func:`overfill_lib.generation.generate`):
+
+- ``overfill``: full-model prefill and first token, pruned decoder for the rest (shared cache);
+- ``full`` / ``decoder``: either model alone, the baselines OverFill is compared with;
+- ``speculative``: the decoder drafts ``num_draft_tokens`` tokens with its own cache, the full model
+  verifies them in one forward; accepted tokens are kept and both caches are rolled back to the
+  accepted length. Greedy speculative decoding returns the full model's own greedy tokens.
+
+Every output says which path made it (``fast-static-compiled`` or ``fast-static-eager``) so a
+timing never silently compares a fast path with a slow one.
+
+    gen = FastGenerator.from_pair(pair)          # compile="auto": compiled on CUDA, eager on CPU
+    out = gen.generate(input_ids, attention_mask, method="overfill", max_new_tokens=256)
+    out.new_tokens, out.timings.per_token_s, out.path
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StaticCache
+
+log = logging.getLogger(__name__)
+
+METHODS = ("overfill", "full", "decoder", "speculative")
+PATH_COMPILED = "fast-static-compiled"
+PATH_EAGER = "fast-static-eager"
+# Enough dynamo cache entries for one decode-step graph per (model, batch, cache length, query
+# length) of a latency sweep; dynamo's default (8) would silently fall back to eager mid-sweep.
+RECOMPILE_LIMIT = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastTimings:
+    """Seconds per stage (CUDA events on GPU, perf_counter on CPU) and what was computed."""
+
+    ttft_s: float = 0.0  # prefill + first token (speculative: the full model's prefill)
+    decode_s: float = 0.0  # everything after the first token (speculative: draft prefill included)
+    batch_size: int = 0
+    prompt_length: int = 0  # padded prompt width
+    max_cache_len: int = 0  # static cache positions allocated (what every decode step's attention reads)
+    steps: int = 0  # generated positions per row (new_tokens.shape[1])
+    forwards: int = 0  # model forwards after the prefill(s)
+    rounds: int = 0  # speculative: draft/verify rounds
+    proposed: int = 0  # speculative: draft tokens proposed
+    accepted: int = 0  # speculative: draft tokens accepted (per round the minimum over the batch rows)
+
+    @property
+    def total_s(self) -> float:
+        return self.ttft_s + self.decode_s
+
+    @property
+    def per_token_s(self) -> float:
+        """Seconds per output position after the first (each yields one token per row)."""
+        return self.decode_s / (self.steps - 1) if self.steps > 1 else 0.0
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_s": self.total_s, "per_token_s": self.per_token_s, "acceptance": self.acceptance}
+
+
+@dataclass
+class FastOutput:
+    """Like :class:`overfill_lib.generation.OverFillOutput`: ids (prompt + new), the new part, why each row ended."""
+
+    sequences: torch.Tensor  # [batch, prompt_length + steps]
+    new_tokens: torch.Tensor  # [batch, steps], pad after a row's eos
+    finish_reasons: list[str]  # "eos" or "length" per row
+    method: str
+    path: str
+    timings: FastTimings = field(default_factory=FastTimings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces: positions, caches, the step
+# --------------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch as HF generate builds them (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def set_cache_length(cache: StaticCache, length: int | torch.Tensor) -> None:
+    """Roll every layer of a static cache back (or forward) to ``length`` filled positions, in place.
+
+    A static layer counts its filled positions in a tensor (``cumulative_length``, a static address
+    under CUDA graphs); the next update writes from there. Entries past it are stale but harmless:
+    the causal mask hides positions after the query, and later updates overwrite them.
+    """
+    for layer in cache.layers:
+        counter = getattr(layer, "cumulative_length", None)
+        if not torch.is_tensor(counter):
+            raise TypeError(
+                f"{type(layer).__name__} keeps no tensor length counter; speculative rollback needs "
+                "transformers' StaticLayer (transformers >= 5.17)"
+            )
+        counter.fill_(length)
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    """``"default"``: the model's generation config, then its config (as the plain loop resolves it)."""
+    if isinstance(eos_token_id, str):
+        if eos_token_id != "default":
+            raise ValueError(f"eos_token_id={eos_token_id!r}: pass an id, a list of ids, None/[] (never stop) or 'default'")
+        gc = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+        eos_token_id = gc.eos_token_id if gc.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def _pad_id(model, eos: list[int], pad_token_id) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    for source in (getattr(model, "generation_config", None), model.config):
+        pad = getattr(source, "pad_token_id", None) if source is not None else None
+        if pad is not None:
+            return int(pad)
+    return eos[0] if eos else 0
+
+
+def _greedy_forward(model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+    """One forward over ``input_ids`` [batch, q] on a static cache; greedy ids for each of the q positions."""
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits.argmax(-1)
+
+
+def _standard_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with default contiguous strides (size-1 dimensions included).
+
+    Dynamo guards on every stride, even of size-1 dimensions, so an input sliced from a wider tensor
+    (a ``[batch, 1]`` column of ``[batch, n]``) would compile a new graph for every ``n``.
+    """
+    expected, acc = [], 1
+    for size in reversed(t.shape):
+        expected.append(acc)
+        acc *= max(size, 1)
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < RECOMPILE_LIMIT:
+        log.info("raising torch._dynamo.config.%s to %d (one graph per sweep shape)", name, RECOMPILE_LIMIT)
+        setattr(config, name, RECOMPILE_LIMIT)
+
+
+class StepFn:
+    """Greedy forward of ``q`` new tokens against a static cache, compiled or eager.
+
+    ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` of the forward, one graph per
+    (model, batch, cache length, q); ``mode`` defaults to ``"reduce-overhead"`` (CUDA graphs) on
+    CUDA and inductor's default on CPU. ``fallback``: if compiling fails, log it and run eagerly
+    (``compiled`` turns False so the path label stays true); otherwise the error is raised.
+    """
+
+    def __init__(self, compile: bool, device: torch.device, mode: str | None = None, fallback: bool = False):
+        self.device = torch.device(device)
+        self.compiled = bool(compile)
+        self.fallback = fallback
+        self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
+        self._fn = _greedy_forward
+        self._compiled_once = False
+        if self.compiled:
+            _raise_recompile_limit()
+            self._fn = torch.compile(_greedy_forward, mode=self.mode, fullgraph=True, dynamic=False)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.compiled and self.device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
+
+    def __call__(self, model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+        if not self.compiled:
+            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache)
+        if self.uses_cuda_graphs:
+            # Tells CUDA graph trees that the previous replay's outputs are consumed (we clone them).
+            torch.compiler.cudagraph_mark_step_begin()
+        input_ids, position_ids, attention_mask = map(_standard_layout, (input_ids, position_ids, attention_mask))
+        try:
+            out = self._fn(model, input_ids, position_ids, attention_mask, cache).clone()
+        except Exception as e:
+            # Only a failure to compile at all falls back; out-of-memory and later errors are real.
+            if not self.fallback or self._compiled_once or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            log.warning("torch.compile of the decode step failed (%s: %s); running eagerly", type(e).__name__, e)
+            self.compiled = False
+            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache)
+        self._compiled_once = True
+        return out
+
+
+class _Clock:
+    """Stage marks without host syncs: CUDA events on GPU (read once at the end), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds from the first mark to each later one."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [self.marks[0].elapsed_time(m) / 1000.0 for m in self.marks[1:]]
+        return [m - self.marks[0] for m in self.marks[1:]]
+
+
+def _keep_last_kw(model) -> dict[str, int]:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    """Eager prefill into the static cache; the greedy first token [batch]."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **_keep_last_kw(model),
+    )
+    return out.logits[:, -1].argmax(-1)
+
+
+def _finish(new: torch.Tensor, eos: list[int], pad: int) -> tuple[torch.Tensor, list[str]]:
+    """Pad each row after its first eos and stop where the last row ended, as the plain loop does."""
+    if not eos or new.shape[1] == 0:
+        return new, ["length"] * new.shape[0]
+    is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
+    seen = is_eos.long().cumsum(1)
+    after = (seen - is_eos.long()) > 0  # strictly after the first eos
+    new = new.masked_fill(after, pad)
+    ended = seen[:, -1] > 0
+    reasons = ["eos" if e else "length" for e in ended.tolist()]
+    if bool(ended.all()):
+        first = is_eos.long().argmax(1)  # index of the first eos per row
+        new = new[:, : int(first.max()) + 1]
+    return new, reasons
+
+
+def _all_ended(tokens: list[torch.Tensor], eos_t: torch.Tensor) -> bool:
+    return bool(torch.isin(torch.stack(tokens, 1), eos_t).any(1).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------------------
+
+
+class FastGenerator:
+    """Static-cache greedy generation for OverFill and its baselines, compiled where it pays.
+
+    Args:
+        full: the full model (prefill for ``overfill``; alone for ``full``; target for ``speculative``).
+        decoder: the pruned decoder (decode for ``overfill``; alone for ``decoder``; draft for ``speculative``).
+        compile: ``True``, ``False`` or ``"auto"`` (compiled on CUDA, eager on CPU; on CUDA a compile
+            failure falls back to eager with a warning and the ``path`` label says so).
+        mode: ``torch.compile`` mode (default ``"reduce-overhead"`` on CUDA, inductor's default on CPU).
+        sync_every: decode steps between eos checks (each check is one host sync).
+    """
+
+    def __init__(self, full=None, decoder=None, *, compile: bool | str = "auto", mode: str | None = None, sync_every: int = 16):
+        if full is None and decoder is None:
+            raise ValueError("FastGenerator needs a full model, a decoder, or both")
+        models = [m for m in (full, decoder) if m is not None]
+        devices = {next(m.parameters()).device for m in models}
+        dtypes = {next(m.parameters()).dtype for m in models}
+        if len(devices) > 1 or len(dtypes) > 1:
+            raise ValueError(
+                f"the full model and the decoder must share one device and dtype (got {sorted(map(str, devices))}, "
+                f"{sorted(map(str, dtypes))}): their KV cache is one tensor. Move both with .to(device, dtype)."
+            )
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile={compile!r}: use True, False or 'auto'")
+        if sync_every < 1:
+            raise ValueError(f"sync_every={sync_every} must be >= 1")
+        self.full, self.decoder = full, decoder
+        self.device = devices.pop()
+        self.dtype = dtypes.pop()
+        if full is not None and decoder is not None:
+            _check_shared_shape(full.config, decoder.config)
+        auto = compile == "auto"
+        self.step = StepFn(self.device.type == "cuda" if auto else compile, self.device, mode, fallback=auto)
+        self.sync_every = sync_every
+        self._caches: dict[tuple, StaticCache] = {}
+        for m in models:
+            m.eval()
+
+    @classmethod
+    def from_pair(cls, pair, **kwargs) -> FastGenerator:
+        """From an :class:`overfill_lib.pair.OverFillModel`; the fast path needs its ``shared_kv`` strategy."""
+        if pair.strategy.name != "shared_kv":
+            raise ValueError(
+                f"the fast path shares one static cache between the models, which needs strategy 'shared_kv' "
+                f"(this pair uses {pair.strategy.name!r}); generate with pair.generate(...) instead"
+            )
+        return cls(pair.full, pair.decoder, **kwargs)
+
+    @property
+    def path(self) -> str:
+        return PATH_COMPILED if self.step.compiled else PATH_EAGER
+
+    def clear_caches(self) -> None:
+        """Free the pooled static caches (a new shape allocates a new one)."""
+        self._caches.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def cache(self, slot: str, model, batch: int, length: int) -> StaticCache:
+        """A zeroed static cache of ``length`` positions, reused across calls with the same shape.
+
+        Reuse matters under CUDA graphs: a recorded graph reads the cache at fixed addresses, and a new
+        allocation would force a re-record. ``slot`` separates caches used at the same time
+        (the speculative target's and draft's).
+        """
+        c = model.config
+        key = (slot, batch, length, c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None))
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = StaticCache(config=c, max_cache_len=length)
+            self._caches[key] = cache
+        else:
+            cache.reset()
+        return cache
+
+    def _model(self, role: str):
+        model = self.full if role == "full" else self.decoder
+        if model is None:
+            raise ValueError(f"this method needs the {role} model; build FastGenerator(full=..., decoder=...)")
+        return model
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        method: str = "overfill",
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None | str = "default",
+        pad_token_id: int | None = None,
+        num_draft_tokens: int = 4,
+    ) -> FastOutput:
+        """Greedy generation by ``method`` (``overfill``, ``full``, ``decoder``, ``speculative``).
+
+        ``input_ids`` [batch, prompt] left-padded, with ``attention_mask`` (default all ones).
+        ``eos_token_id``: ``"default"`` (the first model's generation config), ids, or ``None`` /
+        ``[]`` to always produce ``max_new_tokens`` (benchmarks).
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        if bool((attention_mask.sum(-1) == 0).any()):
+            raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+        first = self._model("decoder" if method == "decoder" else "full")
+        eos = _eos_ids(first, eos_token_id)
+        pad = _pad_id(first, eos, pad_token_id)
+        if method == "speculative":
+            if num_draft_tokens < 1:
+                raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 1")
+            new, timings = self._speculative(input_ids, attention_mask, max_new_tokens, eos, num_draft_tokens)
+        else:
+            prefill_model = first
+            step_model = self._model("full" if method == "full" else "decoder")
+            new, timings = self._two_stage(prefill_model, step_model, input_ids, attention_mask, max_new_tokens, eos)
+        new, reasons = _finish(new, eos, pad)
+        timings.steps = new.shape[1]
+        return FastOutput(torch.cat([input_ids, new], 1), new, reasons, method, self.path, timings)
+
+    # -- one model prefills, one (maybe the same) decodes ------------------------------------------
+
+    def _two_stage(self, prefill_model, step_model, input_ids, attention_mask, limit: int, eos: list[int]):
+        batch, prompt = input_ids.shape
+        length = prompt + limit
+        cache = self.cache("main", prefill_model, batch, length)
+        # Fixed-width mask: the prompt's padding, then ones; the causal mask hides unwritten positions.
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, limit)], 1)
+        positions = positions_from_mask(attention_mask)
+        last = positions[:, -1].contiguous()
+        later = [(last + i)[:, None] for i in range(1, limit)]  # each step's positions, [batch, 1]
+        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long) if eos else None
+        clock = _Clock(self.device)
+        clock.mark()
+        tokens = [_prefill(prefill_model, input_ids, attention_mask, positions, cache)]
+        clock.mark()
+        for i in range(limit - 1):
+            if eos_t is not None and i % self.sync_every == 0 and _all_ended(tokens, eos_t):
+                break
+            tokens.append(self.step(step_model, tokens[-1][:, None], later[i], mask, cache)[:, 0])
+        clock.mark()
+        ttft, total = clock.seconds()
+        timings = FastTimings(ttft_s=ttft, decode_s=total - ttft, batch_size=batch, prompt_length=prompt,
+                              max_cache_len=length, forwards=len(tokens) - 1)
+        return torch.stack(tokens, 1), timings
+
+    # -- speculative decoding on the same static caches ---------------------------------------------
+
+    def _speculative(self, input_ids, attention_mask, limit: int, eos: list[int], gamma: int):
+        """Greedy draft-then-verify (Leviathan et al. 2023; Chen et al. 2023), batched.
+
+        Per round: the draft extends the last token by ``gamma`` greedy tokens on its own cache; the
+        full model runs [last, drafts] in one forward and its greedy tokens g_0..g_gamma are the
+        truth. ``n`` = the longest prefix where drafts equal g, taken as the minimum over rows so the
+        batch stays aligned (still exact: rows never emit anything but the full model's tokens).
+        The round yields g_0..g_n; both caches are rolled back to hold last, d_1..d_n.
+        """
+        full, draft = self._model("full"), self._model("decoder")
+        batch, prompt = input_ids.shape
+        length = prompt + limit + gamma + 1  # the last round may verify past the limit
+        target_cache = self.cache("target", full, batch, length)
+        draft_cache = self.cache("draft", draft, batch, length)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - prompt)], 1)
+        positions = positions_from_mask(attention_mask)
+        offsets = torch.arange(gamma + 1, device=self.device)
+        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long) if eos else None
+        timings = FastTimings(batch_size=batch, prompt_length=prompt, max_cache_len=length)
+        clock = _Clock(self.device)
+        clock.mark()
+        tokens = [_prefill(full, input_ids, attention_mask, positions, target_cache)]
+        clock.mark()
+        _prefill(draft, input_ids, attention_mask, positions, draft_cache)
+        filled = prompt  # positions written in both caches
+        last = positions[:, -1].contiguous()[:, None] + 1  # position of tokens[-1], not yet in either cache
+        while len(tokens) < limit and not (eos_t is not None and _all_ended(tokens, eos_t)):
+            x, drafts = tokens[-1], []
+            for j in range(gamma):
+                x = self.step(draft, x[:, None], last + j, mask, draft_cache)[:, 0]
+                drafts.append(x)
+            d = torch.stack(drafts, 1)
+            g = self.step(full, torch.cat([tokens[-1][:, None], d], 1), last + offsets, mask, target_cache)
+            n = int((d == g[:, :gamma]).long().cumprod(1).sum(1).min())  # the round's one host sync
+            if n == gamma:  # the draft has not seen its own last token yet
+                self.step(draft, drafts[-1][:, None], last + gamma, mask, draft_cache)
+                timings.forwards += 1
+            filled += n + 1
+            set_cache_length(target_cache, filled)
+            set_cache_length(draft_cache, filled)
+            tokens.extend(g[:, : n + 1].unbind(1))
+            last = last + n + 1
+            timings.forwards += gamma + 1
+            timings.rounds += 1
+            timings.proposed += gamma
+            timings.accepted += n
+        clock.mark()
+        ttft, total = clock.seconds()
+        timings.ttft_s, timings.decode_s = ttft, total - ttft
+        return torch.stack(tokens[:limit], 1), timings
+
+
+def _check_shared_shape(full_config, decoder_config) -> None:
+    def shape(c):
+        c = c.get_text_config(decoder=True) if hasattr(c, "get_text_config") else c
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers, c.num_key_value_heads or c.num_attention_heads, head_dim, c.vocab_size
+
+    f, d = shape(full_config), shape(decoder_config)
+    if f != d:
+        names = ("layers", "KV heads", "head_dim", "vocabulary")
+        diff = "; ".join(f"{n} (full {a}, decoder {b})" for n, a, b in zip(names, f, d) if a != b)
+        raise ValueError(
+            f"the fast path needs the decoder's KV cache to have the full model's shape, but they differ in {diff}. "
+            "Pair them with a projection strategy and use pair.generate(...) instead."
+        )

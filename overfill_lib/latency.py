@@ -1,0 +1,1095 @@
+"""Latency profiling for OverFill: timings, sweeps, achieved bandwidth, roofline, speculative decoding.
+
+Decode is memory-bound: each step reads every weight once plus the KV cache, so a step can be no
+faster than ``bytes / memory bandwidth``. OverFill's claim is about that stage: a decoder pruned in
+width reads fewer weight bytes per token, while the KV cache (full-model shape) stays as large.
+This module measures what a decode path achieves against that bound, on the same device, in the
+same run:
+
+- **timings**: time to first token (prefill + first token), time per output token, end-to-end
+  latency, tokens/s, peak memory (CUDA); CUDA events with warm-up and repeats on GPU,
+  ``perf_counter`` on CPU; medians with p10/p90;
+- **bandwidth**: bytes one decode step reads (weights + KV cache, counted from the config) over
+  the step time, as a fraction of the device's copy bandwidth measured here (a large tensor clone,
+  bytes read + written over time);
+- **sweeps** over output length, prompt length and batch size for ``full``, ``decoder``, ``overfill``
+  and ``speculative`` (see :mod:`overfill_lib.fast_decode`), plus the eager paths they replace;
+  an out-of-memory point is recorded as ``status: "oom"`` and the sweep goes on;
+- **speculative decoding**: its acceptance rate measured on trained models (teacher forcing), and,
+  for random-weight real-size models, its latency modelled over a range of acceptance rates from
+  measured per-forward costs;
+- **roofline**: the analytic per-token lower bound beside the measurements, and the context at
+  which the KV cache (which OverFill does not shrink) outweighs the decoder's weights.
+
+Every record carries a ``path`` (``fast-static-compiled``, ``fast-static-eager``,
+``hf-generate-eager``, ``pair-generate-eager``, ``hf-assisted``, ``modelled``) so a fast path is never
+compared with a slow one unknowingly. Results are one JSON document (device, dtype, versions,
+commit via :func:`overfill_lib.io.environment_record`), written atomically, and rewritten after
+every measured point so an interrupted sweep keeps what it measured.
+
+Only torch and transformers are needed (no plotting or dataframe imports here), so the GPU run is::
+
+    python -m overfill_lib.latency --suite real --device cuda --out results/gpu/h100.json
+    python -m overfill_lib.latency --suite real --device cuda --quick --out results/gpu/h100-quick.json
+
+``--suite real`` builds Llama-3.2-3B with its 45%-pruned decoder and Llama-3.1-8B with its
+hidden-2432 / intermediate-7680 decoder from configs, with random bf16 weights directly on the GPU
+(latency does not depend on weight values), compiles the decode steps (CUDA graphs) and runs the
+sweeps (about 30-45 minutes on an H100, mostly compilation; ``--quick`` about 10). ``--suite tiny``
+times two local Hugging Face directories (``--full``, ``--decoder``) on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from overfill_lib import fast_decode
+from overfill_lib.io import environment_record, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "overfill-latency"
+FORMAT_VERSION = 1
+METHODS = fast_decode.METHODS
+PATH_HF = "hf-generate-eager"
+PATH_PAIR = "pair-generate-eager"
+PATH_ASSISTED = "hf-assisted"
+PATH_MODELLED = "modelled"
+
+# Targets of the issue (H100, real sizes): reported as reached or not, never asserted.
+TARGETS = {
+    "decode_bandwidth_fraction": (">=", 0.80),
+    "overfill_over_decoder_e2e": ("<=", 1.10),
+    "full_over_overfill_per_token": (">=", 2.3),
+    "eager_over_fast_per_token": (">=", 10.0),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencySettings:
+    """What a profiling run sweeps; a preset's ``latency:`` section gives any of these keys.
+
+    The three sweeps share one base point (``base_prompt``, ``base_new_tokens``, batch 1): the
+    output-length sweep varies new tokens, the prompt-length sweep the prompt, the batch sweep the
+    batch. With equal base prompt and new-token counts many points share a cache length, so
+    compiled graphs are reused across sweeps.
+    """
+
+    output_lengths: list[int] = field(default_factory=lambda: [32, 128, 512, 2048])
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    base_prompt: int = 128
+    base_new_tokens: int = 128
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    warmup: int = 2
+    repeats: int = 5
+    draft_tokens: int = 4  # speculative draft length (gamma) of measured runs and sweep-wide modelling
+    draft_token_grid: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])  # gammas modelled at the base point
+    acceptance_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    eager_baselines: bool = True  # time the eager paths at the base point (fast vs slow)
+    eager_new_tokens: int | None = None  # new tokens of the eager runs (default base_new_tokens)
+    measured_speculative: bool = True  # run the speculative loop (meaningful only with trained weights)
+    copy_bytes: int | None = None  # copy-benchmark tensor size (default 1 GiB on GPU, 256 MiB on CPU)
+    roofline_contexts: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192, 32768, 131072])
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict | None, base: LatencySettings | None = None) -> LatencySettings:
+        """Settings from a mapping (a preset's ``latency:`` section) on top of ``base``; unknown keys are refused."""
+        data = dict(data or {})
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown latency setting(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+        merged = {**asdict(base or cls()), **data}
+        settings = cls(**merged)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("output_lengths", "prompt_lengths", "batch_sizes", "draft_token_grid"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+                raise ValueError(f"latency setting {name}={values!r} must be a non-empty list of positive ints")
+        for name in ("base_prompt", "base_new_tokens", "repeats", "draft_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"latency setting {name}={value!r} must be a positive int")
+        if self.warmup < 0:
+            raise ValueError(f"latency setting warmup={self.warmup} must be >= 0")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown latency method(s) {bad}; choose from {', '.join(METHODS)}")
+        if any(not 0.0 <= a <= 1.0 for a in self.acceptance_grid):
+            raise ValueError(f"acceptance_grid {self.acceptance_grid} must hold rates in [0, 1]")
+
+    def points(self) -> list[dict]:
+        """The distinct (batch, prompt, new_tokens) points of the three sweeps, each with the sweeps it belongs to."""
+        out: dict[tuple[int, int, int], list[str]] = {}
+        for n in self.output_lengths:
+            out.setdefault((1, self.base_prompt, n), []).append("output")
+        for p in self.prompt_lengths:
+            out.setdefault((1, p, self.base_new_tokens), []).append("prompt")
+        for b in self.batch_sizes:
+            out.setdefault((b, self.base_prompt, self.base_new_tokens), []).append("batch")
+        base = (1, self.base_prompt, self.base_new_tokens)
+        out.setdefault(base, []).append("base")
+        return [{"batch": b, "prompt": p, "new_tokens": n, "sweeps": s} for (b, p, n), s in out.items()]
+
+
+# Sweeps for real-size models on a GPU (the issue's ranges) and a quick variant of them.
+REAL_SETTINGS = LatencySettings()
+QUICK_SETTINGS = LatencySettings(
+    output_lengths=[32, 256], prompt_lengths=[128, 2048], batch_sizes=[1, 16], base_prompt=128,
+    base_new_tokens=256, repeats=3, draft_token_grid=[2, 4], eager_new_tokens=32,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and timing
+# --------------------------------------------------------------------------------------------------
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of an already sorted sequence."""
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def summarize(samples: Iterable[float]) -> dict[str, float | int]:
+    """Median with the 10th and 90th percentiles (the spread reported with every timing)."""
+    values = sorted(float(s) for s in samples)
+    if not values:
+        raise ValueError("summarize needs at least one sample")
+    return {"median": _quantile(values, 0.5), "p10": _quantile(values, 0.1), "p90": _quantile(values, 0.9), "n": len(values)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_repeated(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, inner: int = 1,
+                  before: Callable[[], Any] | None = None) -> list[float]:
+    """Seconds per call of ``fn`` (``inner`` calls per sample), after ``warmup`` untimed calls.
+
+    CUDA events around each sample on GPU (no host sync inside a sample), ``perf_counter`` on CPU.
+    ``before`` runs ahead of every call and sample, outside the timed region (e.g. a cache rollback).
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        if before is not None:
+            before()
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+            synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1000.0 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) / inner)
+    return samples
+
+
+def default_copy_bytes(device: torch.device) -> int:
+    return (1 << 30) if torch.device(device).type == "cuda" else (256 << 20)
+
+
+@torch.inference_mode()
+def copy_bandwidth(device: str | torch.device, nbytes: int | None = None, *, warmup: int = 3, repeats: int = 10) -> dict:
+    """The device's measured copy bandwidth: a large tensor clone moves 2 x its bytes (read + write).
+
+    This is the practical ceiling a decode step is compared with (an H100's is below its spec sheet).
+    """
+    device = torch.device(device)
+    nbytes = int(nbytes or default_copy_bytes(device))
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = time_repeated(lambda: dst.copy_(src), device, warmup=warmup, repeats=repeats)
+    del src, dst
+    stats = summarize(seconds)
+    moved = 2 * nbytes
+    return {
+        "bytes": nbytes,
+        "bytes_moved": moved,
+        "seconds": stats,
+        "bytes_per_s": moved / stats["median"],
+        "bytes_per_s_p10": moved / stats["p90"],
+        "bytes_per_s_p90": moved / stats["p10"],
+        "method": "tensor copy_ (read + write)",
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes: parameters, KV cache, one decode step, roofline
+# --------------------------------------------------------------------------------------------------
+
+
+def _text(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def head_dim(config) -> int:
+    c = _text(config)
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def dtype_bytes(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parameter_breakdown(config) -> dict[str, int]:
+    """Parameter counts by part, from the config alone (no model is built).
+
+    Written out per family (Llama, Mistral, Qwen2, Qwen3: which projections carry biases, Qwen3's
+    per-head q/k norms) so it is an independent check on a meta-device count. A tied LM head is
+    counted once, with the embedding.
+    """
+    c = _text(config)
+    family = c.model_type
+    if family not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ValueError(f"byte counts are written for llama, mistral, qwen2 and qwen3 configs, not {family!r}")
+    h, i, v, d = c.hidden_size, c.intermediate_size, c.vocab_size, head_dim(c)
+    q, kv = c.num_attention_heads * d, (c.num_key_value_heads or c.num_attention_heads) * d
+    attention_bias = bool(getattr(c, "attention_bias", False))
+    qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias}[family]
+    o_bias = {"llama": attention_bias, "mistral": False, "qwen2": False, "qwen3": attention_bias}[family]
+    mlp_bias = bool(getattr(c, "mlp_bias", False)) if family == "llama" else False
+    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if qkv_bias else 0) + (h if o_bias else 0)
+    attention += 2 * d if family == "qwen3" else 0  # q_norm, k_norm
+    mlp = 3 * h * i + (2 * i + h if mlp_bias else 0)
+    norms = 2 * h
+    layers = c.num_hidden_layers
+    tied = bool(getattr(c, "tie_word_embeddings", False))
+    parts = {
+        "embedding": v * h,
+        "attention": layers * attention,
+        "mlp": layers * mlp,
+        "norms": layers * norms + h,
+        "lm_head": 0 if tied else v * h,
+    }
+    parts["total"] = sum(parts.values())
+    parts["tied_embeddings"] = int(tied)
+    return parts
+
+
+def weight_bytes_per_step(config, bytes_per_value: int) -> int:
+    """Weight bytes one decode step reads: every parameter once, except an untied input embedding.
+
+    The input embedding is a gather of ``batch`` rows, not a read of the table; a tied table is read
+    whole by the LM head, so then it counts.
+    """
+    parts = parameter_breakdown(config)
+    unread = 0 if parts["tied_embeddings"] else parts["embedding"]
+    return (parts["total"] - unread) * bytes_per_value
+
+
+def kv_bytes_per_token(config, bytes_per_value: int) -> int:
+    """K and V of one position over all layers: 2 x layers x kv_heads x head_dim x bytes."""
+    c = _text(config)
+    return 2 * c.num_hidden_layers * (c.num_key_value_heads or c.num_attention_heads) * head_dim(c) * bytes_per_value
+
+
+def decode_step_bytes(config, bytes_per_value: int, *, batch: int, kv_positions: int, kv_config=None) -> dict[str, int]:
+    """Bytes moved by one decode step: weights once, KV read for ``kv_positions`` per row, one new KV written.
+
+    ``kv_config``: the config whose cache is read (OverFill's decoder reads the full model's, which
+    has the same per-token size under shared_kv). With a static cache ``kv_positions`` is the
+    allocated length: the attention kernel reads the whole buffer under its mask.
+    """
+    per_token = kv_bytes_per_token(kv_config or config, bytes_per_value)
+    weights = weight_bytes_per_step(config, bytes_per_value)
+    kv_read = batch * kv_positions * per_token
+    kv_write = batch * per_token
+    return {"weights": weights, "kv_read": kv_read, "kv_write": kv_write, "total": weights + kv_read + kv_write}
+
+
+def roofline(config, bytes_per_value: int, bandwidth: float, *, contexts: Sequence[int], batches: Sequence[int], kv_config=None) -> list[dict]:
+    """Per-step lower bound ``bytes / bandwidth`` over context lengths and batch sizes.
+
+    ``kv_fraction`` shows where the KV cache starts to dominate a step; ``tokens_per_s`` is the
+    throughput bound at that batch.
+    """
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            b = decode_step_bytes(config, bytes_per_value, batch=batch, kv_positions=context, kv_config=kv_config)
+            seconds = b["total"] / bandwidth
+            rows.append({
+                "batch": batch, "context": context, "bytes": b["total"], "weights_bytes": b["weights"],
+                "kv_bytes": b["kv_read"] + b["kv_write"], "kv_fraction": (b["kv_read"] + b["kv_write"]) / b["total"],
+                "seconds_per_step": seconds, "tokens_per_s": batch / seconds,
+            })
+    return rows
+
+
+def kv_crossover_context(config, bytes_per_value: int, batch: int = 1, kv_config=None) -> float:
+    """Context length (per row) at which reading the KV cache costs as much as reading the weights."""
+    return weight_bytes_per_step(config, bytes_per_value) / (batch * kv_bytes_per_token(kv_config or config, bytes_per_value))
+
+
+def model_summary(config, bytes_per_value: int) -> dict:
+    c = _text(config)
+    parts = parameter_breakdown(c)
+    return {
+        "model_type": c.model_type, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+        "intermediate": c.intermediate_size, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+        "head_dim": head_dim(c), "vocab": c.vocab_size, "parameters": parts["total"], "parameter_breakdown": parts,
+        "weight_bytes_per_step": weight_bytes_per_step(c, bytes_per_value),
+        "kv_bytes_per_token": kv_bytes_per_token(c, bytes_per_value),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Real-size architectures with random weights
+# --------------------------------------------------------------------------------------------------
+
+
+def llama_3_2_3b_config() -> LlamaConfig:
+    """Llama-3.2-3B's shape (28 layers, hidden 3072, 24/8 heads, head_dim 128, tied embeddings).
+
+    RoPE frequency scaling ("llama3") is left out: it changes position encodings, not cost.
+    """
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+    )
+
+
+def llama_3_1_8b_config() -> LlamaConfig:
+    """Llama-3.1-8B's shape (32 layers, hidden 4096, intermediate 14336, 32/8 heads, untied embeddings)."""
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+    )
+
+
+def real_size_pairs() -> dict[str, tuple[Any, Any]]:
+    """(full config, decoder config) of the paper's two Llama pairings.
+
+    3B -> "1B": hidden and intermediate pruned 45%, rounded to multiples of 8 (the llama-3.2-3b preset).
+    8B -> "3B": hidden 2432, intermediate 7680 (the rebuttal's sizes; the llama-3.1-8b preset).
+    """
+    from overfill_lib.pruning import pruned_config
+
+    c3, c8 = llama_3_2_3b_config(), llama_3_1_8b_config()
+    return {
+        "llama-3.2-3b": (c3, pruned_config(c3, hidden=0.45, intermediate=0.45, round_to=8)),
+        "llama-3.1-8b": (c8, pruned_config(c8, hidden=2432, intermediate=7680)),
+    }
+
+
+def build_random_model(config, device: str | torch.device, dtype: torch.dtype):
+    """A causal LM from ``config`` with random weights, allocated directly on ``device`` in ``dtype``."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+PromptFn = Callable[[int, int], torch.Tensor]
+
+
+def random_prompts(vocab_size: int, seed: int = 0, low: int = 0) -> PromptFn:
+    """Prompt ids [batch, length] drawn uniformly (content does not change a random model's cost)."""
+
+    def make(batch: int, length: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed + 7919 * batch + length)
+        return torch.randint(low, vocab_size, (batch, length), generator=g)
+
+    return make
+
+
+def tiled_prompts(prompts: Sequence[Sequence[int]]) -> PromptFn:
+    """Prompt ids [batch, length] made of whole real prompts laid end to end, cut on the left.
+
+    Each row ends exactly at the end of one real prompt (its generation header), so a trained
+    model continues with a real answer whatever the length; rows start at different prompts.
+    """
+    prompts = [list(p) for p in prompts if len(p)]
+    if not prompts:
+        raise ValueError("tiled_prompts needs at least one non-empty prompt")
+
+    def make(batch: int, length: int) -> torch.Tensor:
+        rows = []
+        for r in range(batch):
+            ids: list[int] = []
+            k = r
+            while len(ids) < length:
+                ids = list(prompts[k % len(prompts)]) + ids
+                k += batch
+            rows.append(ids[-length:])
+        return torch.tensor(rows, dtype=torch.long)
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring one configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, getattr(torch, "OutOfMemoryError", ())) or isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def _oom_guard(record: dict, device: torch.device, cleanup: Callable[[], None] | None = None):
+    """Record an out-of-memory point as such (``status: "oom"``) instead of ending the sweep."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        record.update(status="oom", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        log.warning("out of memory at %s", {k: record.get(k) for k in ("pair", "method", "batch", "prompt", "new_tokens")})
+        if cleanup is not None:
+            cleanup()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _bandwidth_fields(step_bytes: dict | None, per_token_s: float, copy_bw: dict | None) -> dict:
+    if step_bytes is None or per_token_s <= 0:
+        return {"bytes_per_step": step_bytes, "achieved_bytes_per_s": None, "bandwidth_fraction": None}
+    achieved = step_bytes["total"] / per_token_s
+    fraction = achieved / copy_bw["bytes_per_s"] if copy_bw else None
+    return {"bytes_per_step": step_bytes, "achieved_bytes_per_s": achieved, "bandwidth_fraction": fraction}
+
+
+def memory_estimate(method: str, full_config, decoder_config, bytes_per_value: int, batch: int, cache_len: int) -> int:
+    """Bytes a method keeps resident: its models' weights and its static caches (activations left out).
+
+    OverFill and speculative decoding hold both models; speculative decoding also holds two caches.
+    """
+    resident = {"full": [full_config], "decoder": [decoder_config]}.get(method, [full_config, decoder_config])
+    weights = sum(parameter_breakdown(c)["total"] for c in resident) * bytes_per_value
+    caches = 2 if method == "speculative" else 1
+    return weights + caches * batch * cache_len * kv_bytes_per_token(full_config, bytes_per_value)
+
+
+def _step_bytes(method: str, full_config, decoder_config, nbytes: int, batch: int, cache_len: int) -> dict | None:
+    """Bytes per decode step of a method (speculative steps differ per round: left out)."""
+    if method == "speculative":
+        return None
+    config = full_config if method == "full" else decoder_config
+    return decode_step_bytes(config, nbytes, batch=batch, kv_positions=cache_len, kv_config=full_config)
+
+
+def measure_fast(
+    gen: fast_decode.FastGenerator,
+    method: str,
+    *,
+    batch: int,
+    prompt: int,
+    new_tokens: int,
+    prompt_fn: PromptFn,
+    warmup: int,
+    repeats: int,
+    draft_tokens: int = 4,
+    copy_bw: dict | None = None,
+) -> dict:
+    """Time ``gen.generate(method)`` at one point: TTFT, per-token, end-to-end, tokens/s, memory, bandwidth.
+
+    eos is disabled so every run produces exactly ``new_tokens`` tokens.
+    """
+    ids = prompt_fn(batch, prompt).to(gen.device)
+    kw = dict(method=method, max_new_tokens=new_tokens, eos_token_id=[], num_draft_tokens=draft_tokens)
+    for _ in range(warmup):
+        gen.generate(ids, **kw)
+    _reset_peak(gen.device)
+    runs = [gen.generate(ids, **kw) for _ in range(repeats)]
+    t = [r.timings for r in runs]
+    ttft = summarize(x.ttft_s for x in t)
+    per_token = summarize(x.per_token_s for x in t) if new_tokens > 1 else None
+    e2e = summarize(x.total_s for x in t)
+    nbytes = dtype_bytes(gen.dtype)
+    full_cfg = gen.full.config if gen.full is not None else gen.decoder.config
+    dec_cfg = gen.decoder.config if gen.decoder is not None else full_cfg
+    record = {
+        "method": method, "path": runs[0].path, "status": "ok", "batch": batch, "prompt": prompt,
+        "new_tokens": new_tokens, "max_cache_len": t[0].max_cache_len,
+        "ttft_s": ttft, "per_token_s": per_token, "e2e_s": e2e,
+        "tokens_per_s": batch * new_tokens / e2e["median"],
+        "decode_tokens_per_s": batch / per_token["median"] if per_token else None,
+        "peak_memory_bytes": _peak(gen.device),
+    }
+    record |= _bandwidth_fields(
+        _step_bytes(method, full_cfg, dec_cfg, nbytes, batch, t[0].max_cache_len),
+        per_token["median"] if per_token else 0.0, copy_bw,
+    )
+    record["memory_estimate_bytes"] = memory_estimate(method, full_cfg, dec_cfg, nbytes, batch, t[0].max_cache_len)
+    if method == "speculative":
+        record |= {"draft_tokens": draft_tokens, "acceptance": summarize(x.acceptance or 0.0 for x in t),
+                   "rounds": t[0].rounds}
+    return record
+
+
+@torch.inference_mode()
+def measure_forward(
+    gen: fast_decode.FastGenerator,
+    role: str,
+    *,
+    batch: int,
+    context: int,
+    queries: int,
+    cache_len: int,
+    prompt_fn: PromptFn,
+    warmup: int,
+    repeats: int,
+) -> dict:
+    """Seconds per forward of ``queries`` new tokens on a static cache (a draft step or a verify step).
+
+    The cache holds ``context`` prompt positions; each sample runs ``k`` forwards back to back
+    (the context grows by ``queries`` each, staying within ``cache_len``) and is rolled back to
+    ``context`` before the next sample, outside the timed region. The step function is the one
+    generation uses (same compiled graphs, same path label).
+    """
+    model = gen.full if role == "full" else gen.decoder
+    k = max(1, min(8, (cache_len - context) // queries))
+    if context + k * queries > cache_len:
+        raise ValueError(f"cache_len {cache_len} cannot hold context {context} + {queries} new tokens")
+    # The generation runs' own cache object at this shape: under CUDA graphs a different buffer
+    # would force graphs to be re-recorded for new static addresses.
+    cache = gen.cache("main", model, batch, cache_len)
+    ids = prompt_fn(batch, context).to(gen.device)
+    mask = torch.ones(batch, cache_len, dtype=torch.long, device=gen.device)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=mask[:, :context])
+    new = prompt_fn(batch, queries).to(gen.device)
+    positions = [(context + j * queries + torch.arange(queries, device=gen.device)).repeat(batch, 1) for j in range(k)]
+
+    def run():
+        for pos in positions:
+            gen.step(model, new, pos, mask, cache)
+
+    seconds = time_repeated(run, gen.device, warmup=warmup, repeats=repeats,
+                            before=lambda: fast_decode.set_cache_length(cache, context))
+    return {"role": role, "batch": batch, "context": context, "queries": queries, "cache_len": cache_len,
+            "path": gen.path, "seconds": summarize(s / k for s in seconds), "forwards_per_sample": k}
+
+
+@torch.inference_mode()
+def measure_hf_generate(model, *, batch: int, prompt: int, new_tokens: int, prompt_fn: PromptFn, warmup: int,
+                        repeats: int, assistant=None) -> dict:
+    """Hugging Face ``generate`` (eager, dynamic cache), greedy; ``assistant``: assisted generation.
+
+    TTFT is the time of a 1-token call; per-token = (e2e(N) - e2e(1)) / (N - 1) on medians.
+    ``min_new_tokens`` holds eos off so each call makes exactly N tokens.
+    """
+    device = next(model.parameters()).device
+    ids = prompt_fn(batch, prompt).to(device)
+    mask = torch.ones_like(ids)
+    extra = {"assistant_model": assistant} if assistant is not None else {}
+
+    def call(n: int):
+        return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      **extra)
+
+    first = summarize(time_repeated(call(1), device, warmup=warmup, repeats=repeats))
+    e2e = summarize(time_repeated(call(new_tokens), device, warmup=min(warmup, 1), repeats=repeats))
+    per_token = (e2e["median"] - first["median"]) / (new_tokens - 1) if new_tokens > 1 else None
+    return {
+        "method": "speculative" if assistant is not None else None, "path": PATH_ASSISTED if assistant is not None else PATH_HF,
+        "status": "ok", "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "ttft_s": first,
+        "per_token_s": {"median": per_token, "p10": None, "p90": None, "n": repeats} if per_token is not None else None,
+        "e2e_s": e2e, "tokens_per_s": batch * new_tokens / e2e["median"], "peak_memory_bytes": None,
+        "per_token_note": "(median e2e(N) - median e2e(1)) / (N - 1)",
+    }
+
+
+def measure_pair_generate(full, decoder, *, batch: int, prompt: int, new_tokens: int, prompt_fn: PromptFn,
+                          warmup: int, repeats: int) -> dict:
+    """OverFill's plain loop (:func:`overfill_lib.generation.generate`: eager, dynamic cache), greedy."""
+    from overfill_lib.pair import OverFillModel
+
+    pair = OverFillModel(full, decoder, "shared_kv")
+    device = next(full.parameters()).device
+    ids = prompt_fn(batch, prompt).to(device)
+
+    def run():
+        return pair.generate(ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False)
+
+    for _ in range(warmup):
+        run()
+    t = [run().timings for _ in range(repeats)]
+    ttft = summarize(x.prefill_s for x in t)
+    per_token = summarize(x.per_token_decode_s for x in t) if new_tokens > 1 else None
+    e2e = summarize(x.total_s for x in t)
+    return {
+        "method": "overfill", "path": PATH_PAIR, "status": "ok", "batch": batch, "prompt": prompt,
+        "new_tokens": new_tokens, "ttft_s": ttft, "per_token_s": per_token, "e2e_s": e2e,
+        "tokens_per_s": batch * new_tokens / e2e["median"], "peak_memory_bytes": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Speculative decoding: acceptance and a cost model
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def acceptance_rate(target, draft, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    max_new_tokens: int = 32, eos_token_id="default") -> dict:
+    """Per-token acceptance of greedy speculative decoding, by teacher forcing.
+
+    The target generates greedily (fast path); both models then read prompt + generated tokens in
+    one forward each, and at every generated position we check whether the draft's greedy choice
+    equals the target's token. Under greedy verification that match is exactly "the draft token is
+    accepted", so the mean is the per-token acceptance rate alpha of the standard analysis.
+    ``target_agreement`` (the target's teacher-forced argmax vs its own generated tokens) checks
+    that the two computations agree numerically.
+    """
+    device = next(target.parameters()).device
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    out = fast_decode.FastGenerator(full=target, compile=False).generate(
+        input_ids, attention_mask, method="full", max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+    new = out.new_tokens
+    prompt = input_ids.shape[1]
+    eos = fast_decode._eos_ids(target, eos_token_id)
+    # Real generated positions: up to and including each row's eos.
+    if eos:
+        is_eos = torch.isin(new, torch.tensor(eos, device=device))
+        real = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    else:
+        real = torch.ones_like(new, dtype=torch.bool)
+    seq = out.sequences
+    mask = torch.cat([attention_mask, real.long()], 1)
+    pos = fast_decode.positions_from_mask(mask)
+    predictions = {}
+    for name, model in (("target", target), ("draft", draft)):
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits
+        predictions[name] = logits[:, prompt - 1 : -1].argmax(-1)  # predicts new[:, t] for every t
+    hits = (predictions["draft"] == new) & real
+    agree = (predictions["target"] == new) & real
+    n = int(real.sum())
+    return {"alpha": float(hits.sum()) / n, "positions": n, "target_agreement": float(agree.sum()) / n,
+            "prompts": int(new.shape[0]), "max_new_tokens": max_new_tokens}
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """Expected tokens one draft/verify round yields: (1 - alpha^(gamma+1)) / (1 - alpha).
+
+    Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative Decoding"
+    (ICML 2023), Eq. (1), with per-token acceptance rate alpha treated as i.i.d.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"acceptance rate {alpha} must be in [0, 1]")
+    if alpha == 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def speculative_per_token_s(alpha: float, gamma: int, draft_step_s: float, verify_s: float) -> float:
+    """Expected seconds per output token: round cost / expected tokens per round.
+
+    A round costs gamma draft steps and one verify forward of gamma + 1 tokens (Leviathan et al.
+    2023, Sec. 3.4), plus, when all gamma drafts are accepted (probability alpha^gamma), one more
+    draft step so the draft's cache holds its last token (as :mod:`overfill_lib.fast_decode` does).
+    """
+    cost = gamma * draft_step_s + verify_s + alpha**gamma * draft_step_s
+    return cost / expected_tokens_per_round(alpha, gamma)
+
+
+def model_speculative(costs: dict[int, tuple[float, float]], alphas: Sequence[float]) -> list[dict]:
+    """Modelled per-token seconds for each acceptance rate and gamma, from ``{gamma: (draft_step_s, verify_s)}``."""
+    rows = []
+    for alpha in alphas:
+        for gamma, (draft_s, verify_s) in sorted(costs.items()):
+            rows.append({"alpha": alpha, "gamma": gamma, "draft_step_s": draft_s, "verify_s": verify_s,
+                         "expected_tokens_per_round": expected_tokens_per_round(alpha, gamma),
+                         "per_token_s": speculative_per_token_s(alpha, gamma, draft_s, verify_s), "path": PATH_MODELLED})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# A suite: every sweep for one or more (full, decoder) pairs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairSpec:
+    """A (full, decoder) pair to profile: ``load()`` returns the two models, on the device, in the dtype."""
+
+    name: str
+    load: Callable[[], tuple[Any, Any]]
+    prompt_fn: PromptFn | None = None  # default: random ids over the vocabulary
+    alpha: dict | None = None  # measured acceptance (see acceptance_rate), if any
+    weights: str = "random"  # "random" or "trained": whether measured speculative runs mean anything
+
+
+def _save(results: dict, out: Path | None) -> None:
+    if out is not None:
+        write_json(out, results)
+
+
+def run_suite(
+    pairs: Sequence[PairSpec],
+    settings: LatencySettings,
+    *,
+    device: str | torch.device,
+    compile: bool | str = "auto",
+    label: str = "",
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Profile every pair over the settings' sweeps; returns (and keeps writing to ``out``) the results."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    out = Path(out) if out is not None else None
+    copy_bw = copy_bandwidth(device, settings.copy_bytes)
+    log.info("copy bandwidth on %s: %.1f GB/s", device, copy_bw["bytes_per_s"] / 1e9)
+    results = {
+        "format": FORMAT, "version": FORMAT_VERSION, "label": label,
+        "environment": environment_record(str(device), settings.seed),
+        "settings": asdict(settings), "copy_bandwidth": copy_bw, "targets": TARGETS,
+        "pairs": {}, "records": [], "forward_costs": [], "speculative_model": [],
+    }
+    _save(results, out)
+    for spec in pairs:
+        full, decoder = spec.load()
+        for model in (full, decoder):
+            # Inference only; and the eager pair path freezes the full model, which would otherwise
+            # change a compiled graph's guards (requires_grad) half-way through.
+            model.requires_grad_(False)
+        dtype = next(full.parameters()).dtype
+        nbytes = dtype_bytes(dtype)
+        prompt_fn = spec.prompt_fn or random_prompts(full.config.vocab_size, settings.seed)
+        gen = fast_decode.FastGenerator(full, decoder, compile=compile)
+        info = {
+            "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
+            "full": model_summary(full.config, nbytes), "decoder": model_summary(decoder.config, nbytes),
+            "acceptance": spec.alpha,
+            "kv_crossover_context": {str(b): kv_crossover_context(decoder.config, nbytes, b, full.config)
+                                     for b in settings.batch_sizes},
+        }
+        info["roofline"] = {
+            role: roofline(cfg, nbytes, copy_bw["bytes_per_s"], contexts=settings.roofline_contexts,
+                           batches=settings.batch_sizes, kv_config=full.config)
+            for role, cfg in (("full", full.config), ("decoder", decoder.config))
+        }
+        results["pairs"][spec.name] = info
+        methods = [m for m in settings.methods if m != "speculative" or spec.weights == "trained" and settings.measured_speculative]
+        points = settings.points()
+        bar = tqdm(total=len(points) * (len(methods) + 1), desc=f"latency {spec.name}", disable=not progress)
+        for point in points:
+            b, p, n = point["batch"], point["prompt"], point["new_tokens"]
+            for method in methods:
+                record = {"pair": spec.name, "sweeps": point["sweeps"], "method": method, "path": gen.path,
+                          "batch": b, "prompt": p, "new_tokens": n}
+                with _oom_guard(record, device, gen.clear_caches):
+                    record |= measure_fast(gen, method, batch=b, prompt=p, new_tokens=n, prompt_fn=prompt_fn,
+                                           warmup=settings.warmup, repeats=settings.repeats,
+                                           draft_tokens=settings.draft_tokens, copy_bw=copy_bw)
+                results["records"].append(record)
+                _save(results, out)
+                bar.update()
+            # Per-forward costs of a draft step and a verify step at this point, for the speculative model.
+            gammas = settings.draft_token_grid if "base" in point["sweeps"] else [settings.draft_tokens]
+            _forward_costs(results, spec.name, gen, point, gammas, prompt_fn, settings, device)
+            _save(results, out)
+            bar.update()
+        bar.close()
+        if settings.eager_baselines:
+            _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, device)
+            _save(results, out)
+        alphas = list(settings.acceptance_grid)
+        if spec.alpha:
+            alphas = sorted(set(alphas) | {round(spec.alpha["alpha"], 4)})
+        for cost in _cost_pairs(results, spec.name):
+            for row in model_speculative({cost["gamma"]: (cost["draft_s"], cost["verify_s"])}, alphas):
+                results["speculative_model"].append({"pair": spec.name, **cost["point"], "source_path": cost["path"], **row})
+        results["pairs"][spec.name]["benchmarks"] = benchmarks(results, spec.name)
+        _save(results, out)
+        compiled = gen.step.compiled
+        gen.clear_caches()
+        del gen, full, decoder
+        if compiled:
+            torch.compiler.reset()  # drop this pair's graphs (and CUDA-graph memory) before the next pair
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _forward_costs(results, name, gen, point, gammas, prompt_fn, settings, device) -> None:
+    b, p, n = point["batch"], point["prompt"], point["new_tokens"]
+    # The cache length of the two-stage runs at this point, so compiled graphs are shared with them.
+    cache_len = p + n
+    for role, queries in [("decoder", 1)] + [("full", g + 1) for g in gammas]:
+        if queries > n:
+            continue
+        row = {"pair": name, "sweeps": point["sweeps"], "batch": b, "prompt": p, "new_tokens": n, "role": role,
+               "queries": queries, "status": "ok", "path": gen.path}
+        with _oom_guard(row, device, gen.clear_caches):
+            row |= measure_forward(gen, role, batch=b, context=p, queries=queries, cache_len=cache_len,
+                                   prompt_fn=prompt_fn, warmup=settings.warmup, repeats=settings.repeats)
+        results["forward_costs"].append(row)
+
+
+def _cost_pairs(results: dict, name: str) -> list[dict]:
+    """(draft step, verify) cost pairs per point and gamma, from the measured forward costs."""
+    rows = [r for r in results["forward_costs"] if r["pair"] == name and r["status"] == "ok"]
+    out = []
+    for draft in (r for r in rows if r["role"] == "decoder"):
+        key = (draft["batch"], draft["prompt"], draft["new_tokens"])
+        for verify in (r for r in rows if r["role"] == "full" and (r["batch"], r["prompt"], r["new_tokens"]) == key):
+            out.append({
+                "point": {"batch": key[0], "prompt": key[1], "new_tokens": key[2], "sweeps": draft["sweeps"]},
+                "gamma": verify["queries"] - 1, "draft_s": draft["seconds"]["median"],
+                "verify_s": verify["seconds"]["median"], "path": draft["path"],
+            })
+    return out
+
+
+def _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, device) -> None:
+    """The eager paths the fast path replaces, at the base point (batch 1)."""
+    p = settings.base_prompt
+    n = settings.eager_new_tokens or settings.base_new_tokens
+    common = dict(batch=1, prompt=p, new_tokens=n, prompt_fn=prompt_fn, warmup=1, repeats=max(1, min(settings.repeats, 3)))
+    jobs = [
+        ("full", lambda: measure_hf_generate(full, **common)),
+        ("decoder", lambda: measure_hf_generate(decoder, **common)),
+        ("overfill", lambda: measure_pair_generate(full, decoder, **common)),
+    ]
+    if spec.weights == "trained":  # assisted generation with a random draft accepts nothing: not worth timing
+        jobs.append(("speculative", lambda: measure_hf_generate(full, assistant=decoder, **common)))
+    for method, job in jobs:
+        record = {"pair": spec.name, "sweeps": ["eager"], "method": method, "batch": 1, "prompt": p, "new_tokens": n}
+        with _oom_guard(record, device):
+            record |= job()
+            record["method"] = method
+        results["records"].append(record)
+    # The fast path at the same point, if the sweeps did not already time it.
+    have = {(r["method"], r["batch"], r["prompt"], r["new_tokens"]) for r in results["records"]
+            if r["pair"] == spec.name and r.get("path", "").startswith("fast")}
+    for method in ("full", "decoder", "overfill"):
+        if (method, 1, p, n) not in have:
+            record = {"pair": spec.name, "sweeps": ["eager"], "method": method, "path": gen.path, "batch": 1,
+                      "prompt": p, "new_tokens": n}
+            with _oom_guard(record, device, gen.clear_caches):
+                record |= measure_fast(gen, method, batch=1, prompt=p, new_tokens=n, prompt_fn=prompt_fn,
+                                       warmup=settings.warmup, repeats=settings.repeats,
+                                       copy_bw=results["copy_bandwidth"])
+            results["records"].append(record)
+
+
+def _find(records, name, method, *, fast: bool = True, **point) -> dict | None:
+    for r in records:
+        if r.get("pair") != name or r.get("method") != method or r.get("status") != "ok":
+            continue
+        if fast != r.get("path", "").startswith("fast"):
+            continue
+        if all(r.get(k) == v for k, v in point.items()):
+            return r
+    return None
+
+
+def _target(name: str, value: float | None) -> dict:
+    op, goal = TARGETS[name]
+    met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+    return {"value": value, "target": f"{op} {goal}", "met": met}
+
+
+def benchmarks(results: dict, name: str) -> dict:
+    """The issue's four targets, as reached by this run (values from the records; ``None`` when not measured)."""
+    s = results["settings"]
+    records = results["records"]
+    base = dict(batch=1, prompt=s["base_prompt"], new_tokens=s["base_new_tokens"])
+    out = {}
+    r = _find(records, name, "overfill", **base)
+    out["decode_bandwidth_fraction"] = _target("decode_bandwidth_fraction", r and r.get("bandwidth_fraction"))
+    ratios = []
+    for o in (x for x in records if x.get("pair") == name and x.get("method") == "overfill" and x.get("status") == "ok"
+              and x.get("path", "").startswith("fast") and x["batch"] == 1 and x["new_tokens"] >= 256):
+        d = _find(records, name, "decoder", batch=1, prompt=o["prompt"], new_tokens=o["new_tokens"])
+        if d:
+            ratios.append(o["e2e_s"]["median"] / d["e2e_s"]["median"])
+    out["overfill_over_decoder_e2e"] = _target("overfill_over_decoder_e2e", max(ratios) if ratios else None)
+    f = _find(records, name, "full", **base)
+    out["full_over_overfill_per_token"] = _target(
+        "full_over_overfill_per_token",
+        f["per_token_s"]["median"] / r["per_token_s"]["median"] if (f and r and r.get("per_token_s")) else None)
+    n = s.get("eager_new_tokens") or s["base_new_tokens"]
+    eager = _find(records, name, "overfill", fast=False, batch=1, prompt=s["base_prompt"], new_tokens=n)
+    fast = _find(records, name, "overfill", batch=1, prompt=s["base_prompt"], new_tokens=n)
+    value = None
+    if eager and fast and eager.get("per_token_s") and fast.get("per_token_s"):
+        value = eager["per_token_s"]["median"] / fast["per_token_s"]["median"]
+    out["eager_over_fast_per_token"] = _target("eager_over_fast_per_token", value)
+    out["eager_over_fast_per_token"]["paths"] = [eager and eager["path"], fast and fast["path"]]
+    return out
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One flat row per measured record (milliseconds, tokens/s, bandwidth fraction), for a table."""
+    rows = []
+    for r in results["records"]:
+        def ms(key):
+            v = r.get(key)
+            return None if not v or v.get("median") is None else round(1000 * v["median"], 3)
+
+        rows.append({
+            "pair": r.get("pair"), "method": r.get("method"), "path": r.get("path"), "status": r.get("status"),
+            "batch": r.get("batch"), "prompt": r.get("prompt"), "new_tokens": r.get("new_tokens"),
+            "ttft_ms": ms("ttft_s"), "per_token_ms": ms("per_token_s"), "e2e_ms": ms("e2e_s"),
+            "tokens_per_s": r.get("tokens_per_s") and round(r["tokens_per_s"], 1),
+            "bandwidth_fraction": r.get("bandwidth_fraction") and round(r["bandwidth_fraction"], 3),
+            "sweeps": ",".join(r.get("sweeps", [])),
+        })
+    return rows
+
+
+def load_results(path: str | Path) -> dict:
+    """A results JSON written by :func:`run_suite`; ValueError if it is not one."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an OverFill latency results file (format {FORMAT!r})")
+    if data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has latency results version {data.get('version')}, this code reads {FORMAT_VERSION}")
+    return data
+
+
+def find_results(directory: str | Path) -> list[Path]:
+    """Committed results JSONs (e.g. ``results/gpu/*.json``) that :func:`load_results` can read."""
+    found = []
+    for p in sorted(Path(directory).glob("*.json")):
+        try:
+            load_results(p)
+        except (ValueError, OSError) as e:
+            log.info("skipping %s: %s", p, e)
+            continue
+        found.append(p)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def real_pair_specs(names: Sequence[str] | None, device: str | torch.device, dtype: torch.dtype) -> list[PairSpec]:
+    configs = real_size_pairs()
+    names = list(names or configs)
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise ValueError(f"unknown real-size pair(s) {unknown}; choose from {', '.join(configs)}")
+    specs = []
+    for name in names:
+        full_cfg, dec_cfg = configs[name]
+        specs.append(PairSpec(
+            name, lambda f=full_cfg, d=dec_cfg: (build_random_model(f, device, dtype), build_random_model(d, device, dtype))))
+    return specs
+
+
+def _load_dir(path: str | Path, device, dtype):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    return model.to(device).eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m overfill_lib.latency",
+        description="Profile OverFill decoding (fast static-cache path and eager baselines) and write a results JSON.",
+    )
+    parser.add_argument("--suite", choices=("real", "tiny"), default="real",
+                        help="real: Llama-3.2-3B and Llama-3.1-8B pairs, random weights; tiny: --full/--decoder dirs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--out", required=True, help="results JSON (rewritten after every point)")
+    parser.add_argument("--pairs", nargs="*", default=None, help="real suite: which pairs (default all)")
+    parser.add_argument("--full", help="tiny suite: full-model directory")
+    parser.add_argument("--decoder", help="tiny suite: decoder directory")
+    parser.add_argument("--trained", action="store_true", help="tiny suite: weights are trained (time speculative runs)")
+    parser.add_argument("--quick", action="store_true", help="a few points per sweep (minutes, not an hour)")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto")
+    parser.add_argument("--settings", default=None, help="JSON/YAML mapping of LatencySettings keys to override")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU timing (default: torch's)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = QUICK_SETTINGS if args.quick else REAL_SETTINGS
+    if args.settings:
+        import yaml
+
+        settings = LatencySettings.from_dict(yaml.safe_load(Path(args.settings).read_text()), settings)
+    compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    if args.suite == "real":
+        if device.type != "cuda":
+            parser.error("--suite real builds 3B and 8B models: it needs --device cuda (tens of GB on a CPU)")
+        specs = real_pair_specs(args.pairs, device, dtype)
+        label = f"real-size architectures, random {str(dtype).removeprefix('torch.')} weights"
+    else:
+        if not (args.full and args.decoder):
+            parser.error("--suite tiny needs --full DIR and --decoder DIR")
+        specs = [PairSpec("tiny", lambda: (_load_dir(args.full, device, dtype), _load_dir(args.decoder, device, dtype)),
+                          weights="trained" if args.trained else "random")]
+        label = "local models"
+    results = run_suite(specs, settings, device=device, compile=compile, label=label, out=args.out)
+    for name, info in results["pairs"].items():
+        for key, b in info["benchmarks"].items():
+            log.info("%s %s: %s (target %s, met=%s)", name, key, b["value"], b["target"], b["met"])
+    log.info("results written to %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The latency profiler: byte counts against independent parameter counts, the speculative model,
+statistics, a small end-to-end sweep on CPU, and rendering a results JSON (as a committed GPU one would be)."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from overfill_lib import latency, plots
+from overfill_lib.io import PROJECT_ROOT
+from overfill_lib.pruning import count_parameters
+from tests.tiny_models import VARIANTS, tiny_config, tiny_model, variant_id
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
+    # OpenMP threads make each op wait for a descheduled peer (measured: 0.7 ms vs 55 ms per step).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def meta_numel(config, skip=()) -> int:
+    """Parameters of a model built on the meta device, optionally leaving some names out (tied ones once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for n, p in model.named_parameters() if n not in skip)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-3b", "llama-3.1-8b"])
+def test_real_size_byte_counts_match_meta_parameter_counts(name):
+    full, decoder = latency.real_size_pairs()[name]
+    for config in (full, decoder):
+        parts = latency.parameter_breakdown(config)
+        assert parts["total"] == count_parameters(config)
+        # Bytes a decode step reads: every parameter once, an untied input table excepted (a row gather).
+        untied = not config.tie_word_embeddings
+        read = meta_numel(config, skip={"model.embed_tokens.weight"} if untied else ())
+        assert latency.weight_bytes_per_step(config, 2) == 2 * read
+    # The decoder keeps the KV shape, so one cache serves both models.
+    assert latency.kv_bytes_per_token(full, 2) == latency.kv_bytes_per_token(decoder, 2)
+    assert decoder.num_hidden_layers == full.num_hidden_layers and decoder.head_dim == full.head_dim
+
+
+def test_real_size_shapes_are_the_papers():
+    pairs = latency.real_size_pairs()
+    f3, d3 = pairs["llama-3.2-3b"]
+    f8, d8 = pairs["llama-3.1-8b"]
+    assert 3.1e9 < count_parameters(f3) < 3.3e9 and 1.1e9 < count_parameters(d3) < 1.35e9  # "3B -> 1B"
+    assert 7.9e9 < count_parameters(f8) < 8.1e9 and 3.1e9 < count_parameters(d8) < 3.3e9  # "8B -> 3B" (3.2B)
+    assert (d8.hidden_size, d8.intermediate_size) == (2432, 7680)
+    # 45% removed, rounded to a multiple of lcm(round_to=8, 24 heads) = 24 (LlamaConfig needs hidden % heads == 0).
+    assert d3.hidden_size % 24 == 0 and abs(d3.hidden_size - 0.55 * 3072) <= 12
+    assert latency.kv_bytes_per_token(f3, 2) == 2 * 28 * 8 * 128 * 2  # ~115 KB per token of context
+
+
+@pytest.mark.parametrize("arch,tied", VARIANTS, ids=variant_id)
+def test_breakdown_matches_meta_count_for_every_family(arch, tied):
+    config = tiny_config(arch, tied=tied)
+    assert latency.parameter_breakdown(config)["total"] == meta_numel(config)
+
+
+def test_decode_step_bytes_and_roofline():
+    full, decoder = latency.real_size_pairs()["llama-3.2-3b"]
+    one = latency.decode_step_bytes(decoder, 2, batch=1, kv_positions=1000, kv_config=full)
+    two = latency.decode_step_bytes(decoder, 2, batch=2, kv_positions=1000, kv_config=full)
+    assert one["weights"] == two["weights"] and two["kv_read"] == 2 * one["kv_read"]
+    rows = latency.roofline(decoder, 2, 3.0e12, contexts=[128, 131072], batches=[1], kv_config=full)
+    assert rows[0]["kv_fraction"] < 0.05 < 0.5 < rows[1]["kv_fraction"]  # the KV cache dominates at long context
+    crossover = latency.kv_crossover_context(decoder, 2, 1, full)
+    at = latency.decode_step_bytes(decoder, 2, batch=1, kv_positions=round(crossover), kv_config=full)
+    assert at["kv_read"] == pytest.approx(at["weights"], rel=1e-3)
+
+
+def test_expected_tokens_formula_against_simulation():
+    assert latency.expected_tokens_per_round(0.0, 4) == 1.0
+    assert latency.expected_tokens_per_round(1.0, 4) == 5.0
+    rng = random.Random(0)
+    for alpha, gamma in [(0.6, 3), (0.85, 5)]:
+        total = 0
+        for _ in range(20000):
+            accepted = 0
+            while accepted < gamma and rng.random() < alpha:
+                accepted += 1
+            total += accepted + 1  # accepted drafts + the verifier's token
+        assert total / 20000 == pytest.approx(latency.expected_tokens_per_round(alpha, gamma), rel=0.02)
+    # Perfect acceptance with free drafts: one verify per gamma + 1 tokens.
+    assert latency.speculative_per_token_s(1.0, 3, 0.0, 4.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="acceptance rate"):
+        latency.expected_tokens_per_round(1.5, 2)
+
+
+def test_summarize_matches_torch_quantiles():
+    values = [random.Random(1).random() for _ in range(7)]
+    s = latency.summarize(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    for key, q in (("median", 0.5), ("p10", 0.1), ("p90", 0.9)):
+        assert s[key] == pytest.approx(float(torch.quantile(t, q)))
+    with pytest.raises(ValueError):
+        latency.summarize([])
+
+
+def test_settings_validate_and_merge_points():
+    with pytest.raises(ValueError, match="unknown latency setting.*valid keys"):
+        latency.LatencySettings.from_dict({"output_length": [8]})
+    with pytest.raises(ValueError, match="positive ints"):
+        latency.LatencySettings.from_dict({"batch_sizes": [0]})
+    s = latency.LatencySettings.from_dict({"output_lengths": [8, 16], "prompt_lengths": [4, 8], "batch_sizes": [1, 2],
+                                           "base_prompt": 8, "base_new_tokens": 16})
+    points = {(p["batch"], p["prompt"], p["new_tokens"]): p["sweeps"] for p in s.points()}
+    assert points[(1, 8, 16)] == ["output", "prompt", "batch", "base"]  # the shared base point is timed once
+    assert len(points) == 4
+
+
+def test_copy_bandwidth_on_cpu():
+    bw = latency.copy_bandwidth("cpu", 4 << 20, warmup=1, repeats=3)
+    assert bw["bytes_moved"] == 2 * (4 << 20) and bw["bytes_per_s"] > 0
+
+
+def test_acceptance_rate_by_teacher_forcing():
+    target = tiny_model("llama", seed=0)
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(0))
+    same = latency.acceptance_rate(target, target, ids, max_new_tokens=8)
+    assert same["alpha"] == 1.0 and same["target_agreement"] == 1.0 and same["positions"] > 0
+    other = latency.acceptance_rate(target, tiny_model("llama", seed=5), ids, max_new_tokens=8)
+    assert other["alpha"] < 1.0 and other["target_agreement"] == 1.0
+
+
+SMALL = dict(output_lengths=[4, 8], prompt_lengths=[6, 12], batch_sizes=[1, 3], base_prompt=6, base_new_tokens=8,
+             warmup=1, repeats=2, draft_token_grid=[1, 2], draft_tokens=2, eager_new_tokens=4,
+             acceptance_grid=[0.5, 0.9], roofline_contexts=[16, 64])
+
+
+@pytest.fixture(scope="module")
+def suite_results(tmp_path_factory):
+    """A small CPU run on tiny random models: the fixture stands in for a committed GPU JSON."""
+    out = tmp_path_factory.mktemp("latency") / "synthetic-gpu.json"
+    full = tiny_model("llama", seed=0)
+    decoder = tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40)
+    spec = latency.PairSpec("tiny-test", lambda: (full, decoder), weights="trained",
+                            alpha={"alpha": 0.7, "positions": 10})
+    settings = latency.LatencySettings.from_dict(SMALL)
+    results = latency.run_suite([spec], settings, device="cpu", label="test fixture", out=out, progress=False)
+    return out, results
+
+
+def test_suite_records_every_point_with_its_path(suite_results):
+    out, results = suite_results
+    loaded = latency.load_results(out)
+    assert loaded["records"] == json.loads(json.dumps(results["records"]))  # written atomically, complete
+    env = loaded["environment"]
+    assert env["torch"] == torch.__version__ and "transformers" in env and env["device"] == "cpu"
+    fast = [r for r in loaded["records"] if r["path"] == "fast-static-eager"]
+    assert {r["method"] for r in fast} == {"full", "decoder", "overfill", "speculative"}
+    assert all(r["status"] == "ok" and r["path"] for r in loaded["records"])
+    assert {r["path"] for r in loaded["records"]} >= {"fast-static-eager", "hf-generate-eager", "pair-generate-eager",
+                                                     "hf-assisted"}
+    for r in fast:
+        assert r["ttft_s"]["p10"] <= r["ttft_s"]["median"] <= r["ttft_s"]["p90"]
+        if r["method"] != "speculative":
+            step = r["bytes_per_step"]
+            assert step["total"] == step["weights"] + step["kv_read"] + step["kv_write"]
+            assert r["bandwidth_fraction"] == pytest.approx(
+                step["total"] / r["per_token_s"]["median"] / loaded["copy_bandwidth"]["bytes_per_s"])
+    # The speculative model is built from measured draft/verify costs, at every modelled acceptance rate.
+    rows = loaded["speculative_model"]
+    assert rows and {r["alpha"] for r in rows} == {0.5, 0.7, 0.9} and all(r["path"] == "modelled" for r in rows)
+    assert set(loaded["pairs"]["tiny-test"]["benchmarks"]) == set(latency.TARGETS)
+
+
+def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    real = latency.measure_fast
+
+    def flaky(gen, method, **kw):
+        if kw["batch"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(gen, method, **kw)
+
+    monkeypatch.setattr(latency, "measure_fast", flaky)
+    full, decoder = tiny_model("llama", seed=0), tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40)
+    settings = latency.LatencySettings.from_dict({**SMALL, "methods": ["overfill"], "eager_baselines": False,
+                                                  "output_lengths": [8], "prompt_lengths": [6]})
+    res = latency.run_suite([latency.PairSpec("p", lambda: (full, decoder))], settings, device="cpu", progress=False)
+    status = {r["batch"]: r["status"] for r in res["records"]}
+    assert status == {1: "ok", 3: "oom"}
+    assert "out of memory" in next(r for r in res["records"] if r["batch"] == 3)["error"]
+
+
+def test_gpu_results_render(suite_results, tmp_path):
+    out, _ = suite_results
+    # A committed GPU file would sit in results/gpu/; a copy in a tmp dir stands in for it.
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    data = json.loads(out.read_text())
+    data["environment"] |= {"device": "cuda", "device_name": "synthetic fixture"}
+    (gpu_dir / "fixture.json").write_text(json.dumps(data))
+    (gpu_dir / "notes.json").write_text("{}")  # not a results file: skipped
+    found = latency.find_results(gpu_dir)
+    assert [p.name for p in found] == ["fixture.json"]
+    figs = plots.latency_figures(latency.load_results(found[0]))
+    assert set(figs) == {"latency_vs_output_length", "ttft_vs_prompt_length", "measured_vs_roofline",
+                         "throughput_vs_batch", "overfill_vs_speculative"}
+    for name, fig in figs.items():
+        assert fig.data, f"{name} has no traces"
+        assert any(len(t.x or ()) for t in fig.data), f"{name} has no points"
+    assert "synthetic fixture" in figs["latency_vs_output_length"].layout.title.text
+    with pytest.raises(ValueError, match="not an OverFill latency results file"):
+        latency.load_results(gpu_dir / "notes.json")
+
+
+def test_module_runs_with_only_torch_and_transformers():
+    # Plotting, dataframes and lm-eval must not be needed by `python -m overfill_lib.latency`.
+    code = (
+        "import sys\n"
+        "for m in ('plotly', 'pandas', 'lm_eval', 'ipywidgets', 'papermill'): sys.modules[m] = None\n"
+        "import runpy; sys.argv = ['latency', '--help']\n"
+        "runpy.run_module('overfill_lib.latency', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--suite" in proc.stdout and "--device" in proc.stdout
