@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PRESET ?= tiny
 JOBS   ?= 2
+# Idle OpenMP threads yield the core instead of spinning: small models on a shared 2-core box ran many times slower otherwise.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test lab setup clean-runs
 

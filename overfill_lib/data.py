@@ -1,0 +1,336 @@
+"""Chat datasets for decoder training: schemas, the prompt/response split, length limits, collation.
+
+A training example is one conversation cut before its **final assistant reply**:
+
+- prompt   = every turn before that reply, rendered with the tokenizer's chat template and the
+             generation prompt (what the full model prefills at inference time);
+- response = the reply followed by the end-of-turn token (the tokenizer's eos), the tokens the
+             decoder (or a baseline) is trained to produce.
+
+Turns after the final assistant reply (e.g. a trailing user turn) are dropped. Sources:
+
+- ``"suite"``: the preset's synthetic suite (``overfill_lib.tasks``, the ``messages`` schema);
+- a local ``.jsonl`` / ``.json`` file, a directory holding ``{split}.jsonl`` (like the suite's) or a
+  dataset saved with ``Dataset.save_to_disk``;
+- a hub dataset name (``teknium/OpenHermes-2.5``, ``BAAI/Infinity-Instruct``), loaded with
+  ``datasets.load_dataset``; offline and not cached, this fails at once with how to provide it.
+
+Two record schemas are read: ``messages`` (``[{"role", "content"}]``, the usual SFT schema) and
+``conversations`` (``[{"from", "value"}]``, OpenHermes-2.5 and Infinity-Instruct), whose speakers are
+mapped ``human``/``user`` -> user, ``gpt``/``assistant`` -> assistant, ``system`` -> system.
+
+Examples longer than ``max_length`` tokens are dropped, not truncated: a cut reply would teach the
+model to stop mid-answer and a cut prompt would hide what the answer depends on. Every drop is
+counted (``DataStats``) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SCHEMAS = ("messages", "conversations")
+# Speaker names of the ``conversations`` schema (ShareGPT style) -> chat-template roles.
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+LAYOUTS = ("pair", "causal")
+
+
+# --------------------------------------------------------------------------------------------------
+# One conversation
+# --------------------------------------------------------------------------------------------------
+
+
+class InvalidConversation(ValueError):
+    """A record that cannot become a (prompt, response) example; ``reason`` is a short key for counting."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def to_messages(record: dict) -> list[dict]:
+    """The record's turns as ``[{"role", "content"}]``, from either schema."""
+    if "messages" in record and record["messages"] is not None:
+        turns = record["messages"]
+        return [{"role": str(t["role"]), "content": str(t.get("content") or "")} for t in turns]
+    if "conversations" in record and record["conversations"] is not None:
+        out = []
+        for t in record["conversations"]:
+            speaker = str(t.get("from", "")).lower()
+            if speaker not in ROLE_MAP:
+                raise InvalidConversation(
+                    "unknown_role",
+                    f"unknown speaker {t.get('from')!r} in a 'conversations' record; known speakers: {sorted(ROLE_MAP)}",
+                )
+            out.append({"role": ROLE_MAP[speaker], "content": str(t.get("value") or "")})
+        return out
+    raise ValueError(f"record has neither of the chat schemas {SCHEMAS}; its keys: {sorted(record)}")
+
+
+def split_final_reply(messages: Sequence[dict]) -> list[dict]:
+    """The conversation up to and including its final assistant turn (later turns dropped).
+
+    Raises ``InvalidConversation`` when there is no assistant turn, or the final one is empty.
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        roles = [m["role"] for m in messages]
+        raise InvalidConversation(
+            "no_assistant_turn",
+            f"conversation has no assistant turn (roles: {roles}); training needs a final assistant reply to learn",
+        )
+    if not messages[last]["content"]:
+        raise InvalidConversation("empty_response", "the final assistant reply is empty")
+    return list(messages[: last + 1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("HF_DATASETS_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or flag.lower() in {"1", "true", "yes", "on"}
+
+
+def load_conversations(
+    source: str | os.PathLike,
+    split: str = "train",
+    *,
+    config: str | None = None,
+    suite_dir: str | os.PathLike | None = None,
+):
+    """A ``datasets.Dataset`` of chat records from ``source`` (see the module docstring)."""
+    import datasets
+
+    text = str(source)
+    if text == "suite":
+        if suite_dir is None:
+            raise ValueError("data source 'suite' needs the preset's suite_dir (this preset has no synthetic suite)")
+        from overfill_lib import tasks
+
+        return datasets.Dataset.from_list(tasks.load_split(suite_dir, split))
+    path = Path(text)
+    if path.is_dir():
+        if (path / f"{split}.jsonl").is_file():
+            return datasets.load_dataset("json", data_files=str(path / f"{split}.jsonl"), split="train")
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        raise ValueError(f"{path} is a directory without {split}.jsonl or a saved dataset (Dataset.save_to_disk)")
+    if path.suffix in {".jsonl", ".json"}:
+        if not path.is_file():
+            raise ValueError(f"data file {path} does not exist")
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    if text.startswith((".", "/")) or text.count("/") != 1:
+        raise ValueError(
+            f"data source {text!r} is not 'suite', an existing .jsonl/.json file or directory, nor a hub dataset name "
+            "('org/name')"
+        )
+    how = (
+        f"load it where the hub is reachable (datasets.load_dataset({text!r}{', ' + repr(config) if config else ''}, "
+        f"split={split!r})), save it with .to_json('conversations.jsonl') or .save_to_disk(DIR), copy it here and "
+        "pass that path as the data source"
+    )
+    try:
+        return datasets.load_dataset(text, config, split=split)
+    except Exception as e:  # offline, missing, gated: one message with the way out
+        if _offline():
+            raise ValueError(f"dataset {text!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1): {how}") from e
+        raise ValueError(f"could not load dataset {text!r} ({type(e).__name__}: {e}); {how}") from e
+
+
+def detect_schema(dataset) -> str:
+    cols = set(dataset.column_names)
+    for schema in SCHEMAS:
+        if schema in cols:
+            return schema
+    raise ValueError(f"no chat column in the dataset: expected one of {SCHEMAS}, found columns {sorted(cols)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization with counted drops
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataStats:
+    """What became of the source records: kept, and dropped by reason."""
+
+    source: str
+    records: int
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    max_length: int | None = None
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v) or "none"
+        return (f"{self.source}: kept {self.kept} of {self.records} conversations (dropped: {drops}); "
+                f"{self.prompt_tokens} prompt + {self.response_tokens} response tokens")
+
+
+def _encode_batch(batch: dict, tokenizer, schema: str) -> dict:
+    from overfill_lib.teacher import encode_examples
+
+    n = len(batch[schema])
+    convs: list[list[dict] | None] = []
+    reasons = []
+    for i in range(n):
+        try:
+            convs.append(split_final_reply(to_messages({schema: batch[schema][i]})))
+            reasons.append("")
+        except InvalidConversation as e:
+            convs.append(None)
+            reasons.append(e.reason)
+    valid = [c for c in convs if c is not None]
+    encoded = iter(encode_examples(tokenizer, valid) if valid else [])
+    prompt_ids, response_ids = [], []
+    for c in convs:
+        if c is None:
+            prompt_ids.append([])
+            response_ids.append([])
+            continue
+        ex = next(encoded)
+        n_prompt = sum(1 for label in ex["labels"] if label == -100)
+        prompt_ids.append(ex["input_ids"][:n_prompt])
+        response_ids.append(ex["input_ids"][n_prompt:])
+    return {
+        "prompt_ids": prompt_ids,
+        "response_ids": response_ids,
+        "length": [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)],
+        "invalid": reasons,
+    }
+
+
+def prepare_chat_data(
+    source: str | os.PathLike,
+    tokenizer,
+    *,
+    split: str = "train",
+    config: str | None = None,
+    suite_dir: str | os.PathLike | None = None,
+    max_length: int | None = None,
+    limit: int | None = None,
+    where: dict[str, Any] | None = None,
+    skip_invalid: bool = False,
+    num_proc: int | None = None,
+):
+    """Tokenize a chat source into ``prompt_ids`` / ``response_ids`` / ``length`` rows.
+
+    ``where`` keeps records whose columns equal the given values (e.g. ``{"langdetect": "en"}`` for
+    Infinity-Instruct's English part); ``limit`` keeps the first N records before anything else.
+    A conversation with no assistant turn (or an empty final reply, or an unknown speaker) is an
+    error unless ``skip_invalid``, in which case it is dropped and counted. Returns the dataset and
+    its ``DataStats``; an empty result is an error naming what removed the records.
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template; pass a chat model's tokenizer (or set tokenizer.chat_template)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token to end the response with (the end-of-turn token)")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length={max_length} is too small: a prompt and a response need at least 2 tokens")
+    dataset = load_conversations(source, split, config=config, suite_dir=suite_dir)
+    if limit is not None:
+        dataset = dataset.select(range(min(int(limit), len(dataset))))
+    records = len(dataset)
+    dropped: Counter = Counter()
+    if where:
+        missing = sorted(set(where) - set(dataset.column_names))
+        if missing:
+            raise ValueError(f"'where' names columns {missing} the dataset lacks; its columns: {dataset.column_names}")
+        before = len(dataset)
+        dataset = dataset.filter(lambda row: all(row[k] == v for k, v in where.items()), num_proc=num_proc)
+        dropped["filtered_by_where"] = before - len(dataset)
+    schema = detect_schema(dataset)
+    dataset = dataset.map(
+        _encode_batch,
+        fn_kwargs={"tokenizer": tokenizer, "schema": schema},
+        batched=True,
+        batch_size=1000,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc="tokenizing conversations",
+    )
+    invalid = Counter(r for r in dataset["invalid"] if r)
+    if invalid and not skip_invalid:
+        first = next(i for i, r in enumerate(dataset["invalid"]) if r)
+        raise ValueError(
+            f"{sum(invalid.values())} conversation(s) of {source!r} cannot be used ({dict(invalid)}; first at index "
+            f"{first}): each needs a final, non-empty assistant reply. Fix the data or pass skip_invalid=True "
+            "(training.skip_invalid) to drop and count them."
+        )
+    dropped.update(invalid)
+    if invalid:
+        dataset = dataset.filter(lambda row: not row["invalid"], num_proc=num_proc)
+    if max_length is not None:
+        before = len(dataset)
+        dataset = dataset.filter(lambda row: row["length"] <= max_length, num_proc=num_proc)
+        dropped["too_long"] = before - len(dataset)
+    dataset = dataset.remove_columns("invalid")
+    stats = DataStats(
+        source=str(source), records=records, kept=len(dataset), dropped=dict(dropped), max_length=max_length,
+        prompt_tokens=sum(len(p) for p in dataset["prompt_ids"]) if len(dataset) else 0,
+        response_tokens=sum(len(r) for r in dataset["response_ids"]) if len(dataset) else 0,
+    )
+    if not len(dataset):
+        raise ValueError(
+            f"no training examples left from {source!r} ({records} records; dropped {dict(dropped)}): "
+            "raise training.max_length, loosen 'where', or check the data's schema"
+        )
+    log.info("%s", stats.summary())
+    return dataset, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Collation
+# --------------------------------------------------------------------------------------------------
+
+
+class ChatCollator:
+    """Batches of tokenized examples for one of two layouts.
+
+    ``pair`` (OverFill): ``context_ids``/``context_mask`` left-padded (the prompt, prefilled by the full
+    model, positions from the mask as in generation) and ``continuation_ids``/``continuation_mask``
+    right-padded (the response), the inputs of ``OverFillModel.forward_continuation``.
+
+    ``causal`` (baselines): ``input_ids`` = prompt + response right-padded, ``attention_mask``, and
+    ``labels`` = the response tokens (-100 on the prompt and padding), so the shifted causal-LM loss
+    covers exactly the response tokens, the same tokens the pair layout scores.
+    """
+
+    def __init__(self, pad_token_id: int, layout: str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown collation layout {layout!r}; choose from {LAYOUTS}")
+        self.pad_token_id = int(pad_token_id)
+        self.layout = layout
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        from overfill_lib.generation import pad_sequences
+
+        prompts = [list(f["prompt_ids"]) for f in features]
+        responses = [list(f["response_ids"]) for f in features]
+        if self.layout == "pair":
+            ctx, ctx_mask = pad_sequences(prompts, self.pad_token_id, side="left")
+            cont, cont_mask = pad_sequences(responses, self.pad_token_id, side="right")
+            return {"context_ids": ctx, "context_mask": ctx_mask, "continuation_ids": cont, "continuation_mask": cont_mask}
+        ids, mask = pad_sequences([p + r for p, r in zip(prompts, responses)], self.pad_token_id, side="right")
+        labels = torch.full_like(ids, -100)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            labels[i, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

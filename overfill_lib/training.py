@@ -1,0 +1,841 @@
+"""Decoder training: the OverFill objective, its baselines, and one Trainer-based engine for all of them.
+
+**The OverFill objective.** The full model, frozen (no gradients, eval mode), prefills the prompt;
+the decoder is trained with cross-entropy on the response, attending to the full model's prompt KV
+and to its own KV for the response tokens. That is the inference-time computation, so the loss is
+taken from the pair's own scoring path (``OverFillModel.loss`` -> ``forward_continuation``), not
+from a second implementation. The first response token is predicted by the full model; its loss is
+constant for the decoder (no gradient) but is counted by default (``include_first_token``) so that
+OverFill and the baselines report a loss over the same tokens and their curves can be compared.
+
+**Baselines**, trained on identical data, steps and schedule (the registry ``OBJECTIVES``):
+
+- ``pruned``:  the same pruned decoder, alone, on prompt + response (loss on the response);
+- ``scratch``: the decoder's architecture from random initialization (the reviewers' clean baseline);
+- ``full``:    the full model fine-tuned (an upper reference);
+- ``smaller``: a separately trained smaller model (the preset's ``smaller`` model, or
+  ``training.smaller_id``), fine-tuned: the paper's "Finetuned" baseline.
+
+**Engine.** ``OverFillTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` calls the pair
+for OverFill and the model's own causal-LM loss for the baselines, so one code path runs on a CPU,
+one GPU or several under ``accelerate launch`` (DDP, DeepSpeed ZeRO-3 or FSDP: configs in
+``overfill_lib/configs/``). The model handed to the Trainer is the *trained* model only (the
+decoder for OverFill): the frozen full model is never wrapped, sharded, saved in checkpoints or
+seen by the optimizer. It is loaded (dense, replicated on every device, in the runtime dtype) before
+the ``TrainingArguments`` exist, because once they do, ``from_pretrained`` under ZeRO-3 partitions
+every model it loads; its forward runs under ``no_grad`` inside the pair. During a step the pair
+reads the *wrapped* decoder (DDP / DeepSpeed engine / FSDP module), so gradients are synchronised.
+
+Checkpoints are the Trainer's (weights as safetensors; optimizer, scheduler and RNG state in the
+Trainer's own torch files, which ``resume_from_checkpoint`` needs) under
+``<workdir>/training/<objective>-seed<k>-<hash>/checkpoints``; a rerun resumes from the latest.
+Logs (loss, learning rate, tokens/s) go to ``log.json`` and ``log.csv`` beside them at every
+logging step, and the finished run writes ``model/`` and ``record.json``.
+
+    python -m overfill_lib.training --preset smoke --objective overfill
+    accelerate launch --config_file overfill_lib/configs/deepspeed_zero3.yaml \\
+        -m overfill_lib.training --preset llama-3.2-3b --objective overfill pruned
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from overfill_lib import data as chat_data
+from overfill_lib.io import atomic_directory, atomic_write_text, environment_record, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry of objectives
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is trained (``trains``) and how its batches look (``layout``: ``pair`` or ``causal``)."""
+
+    name: str
+    trains: str  # "decoder" (the pruned decoder), "scratch" (its architecture, random init), "full", "smaller"
+    layout: str
+    description: str
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(objective: Objective) -> Objective:
+    if objective.layout not in chat_data.LAYOUTS:
+        raise ValueError(f"objective layout must be one of {chat_data.LAYOUTS}, got {objective.layout!r}")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+for _o in (
+    Objective("overfill", "decoder", "pair", "pruned decoder reading the frozen full model's prompt KV (the method)"),
+    Objective("pruned", "decoder", "causal", "the same pruned decoder trained alone on prompt + response"),
+    Objective("scratch", "scratch", "causal", "the decoder's architecture trained from random initialization"),
+    Objective("full", "full", "causal", "the full model fine-tuned (upper reference)"),
+    Objective("smaller", "smaller", "causal", "a separately trained smaller model, fine-tuned"),
+):
+    register_objective(_o)
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        valid = ", ".join(f"{k} ({v.description})" for k, v in OBJECTIVES.items())
+        raise ValueError(f"unknown objective or baseline {name!r}; valid names: {valid}")
+    return OBJECTIVES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe (a preset's ``training`` section)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One recipe for every objective. ``steps`` (optimizer steps) wins over ``epochs`` when set."""
+
+    objectives: tuple[str, ...] = ("overfill", "pruned", "scratch", "full", "smaller")
+    seeds: tuple[int, ...] = (0,)
+    # data
+    data: str = "suite"  # "suite", a .jsonl/.json path or directory, or a hub dataset name
+    data_config: str | None = None
+    data_split: str = "train"
+    data_where: dict | None = None  # column == value filters, e.g. {langdetect: en}
+    data_limit: int | None = None
+    skip_invalid: bool = False
+    max_length: int = 2048
+    num_proc: int | None = None
+    # schedule
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    group_by_length: bool = False
+    gradient_checkpointing: bool = False  # baselines only: HF checkpointing drops the pair's prompt KV
+    # logging and checkpoints
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    # the OverFill objective
+    strategy: str = "shared_kv"
+    include_first_token: bool = True
+    # the "smaller" baseline: a model id or directory (default: the preset's smaller model)
+    smaller_id: str | None = None
+
+    def __post_init__(self):
+        for name in self.objectives:
+            get_objective(name)
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"training.steps must be >= 1 (or null to train for training.epochs), got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("training.batch_size and training.grad_accum must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.seeds:
+            raise ValueError("training.seeds needs at least one seed")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainingConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown training keys {bad}; valid keys: {sorted(known)}")
+        for key in ("objectives", "seeds"):
+            if key in d:
+                d[key] = tuple([d[key]] if isinstance(d[key], (str, int)) else d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, preset) -> TrainingConfig:
+        return cls.from_dict(preset.get("training", {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: the full model, the pruned decoder, the smaller model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sources:
+    """Model directories a run reads; ``fingerprint`` changes whenever any of them changes."""
+
+    full_dir: Path
+    decoder_dir: Path
+    smaller_dir: Path | None = None
+    full_id: str | None = None  # how the pair names the full model when saved (default: full_dir)
+
+    @property
+    def fingerprint(self) -> str:
+        parts = [_dir_signature(p) for p in (self.full_dir, self.decoder_dir, self.smaller_dir)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _dir_signature(path: Path | None) -> list | None:
+    """Names, sizes and modification times of a model directory's files (cheap, even for large weights)."""
+    if path is None:
+        return None
+    path = Path(path)
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+
+
+def _runtime(preset) -> dict:
+    rt = preset.get("runtime", {}) if preset is not None else {}
+    return {"device": rt.get("device", "cpu"), "dtype": rt.get("dtype", "float32")}
+
+
+def prune_decoder(
+    full_dir: str | Path,
+    out_dir: str | Path,
+    decoder: dict,
+    *,
+    preset=None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Path:
+    """Width-prune the model in ``full_dir`` per a ``decoder`` section into ``out_dir`` (HF directory +
+    ``pruning.json``, written atomically).
+
+    Importance comes from ``importance.preset_importance`` (the preset's calibration section, scores
+    cached under its workdir and shared with notebook 01); without a preset only the data-free
+    criteria (magnitude, random) are possible.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from overfill_lib import importance, pruning
+
+    model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(full_dir)
+    criterion = decoder.get("criterion", "activation")
+    if preset is not None:
+        scores = importance.preset_importance(model, tokenizer, preset, criteria=[criterion])[criterion]
+    elif criterion == "activation":
+        raise ValueError("activation importance needs calibration data: pass preset= (its calibration section is used)")
+    else:
+        scores = importance.compute_importance(model, criterion=criterion)
+    pruned, record = pruning.prune_width(
+        model, scores, hidden=decoder.get("hidden"), intermediate=decoder.get("intermediate"),
+        heads=decoder.get("heads"), round_to=int(decoder.get("round_to", 1)),
+    )
+    return pruning.save_pruned(pruned.cpu(), record, Path(out_dir), tokenizer=tokenizer)
+
+
+def prepare_decoder(preset, retrain: bool = False) -> Path:
+    """The preset's pruned decoder under ``<workdir>/pruned_decoder``, pruned once and reused.
+
+    Re-pruned when the preset's ``decoder`` or ``calibration`` section or the full model changes.
+    """
+    from overfill_lib import teacher
+
+    full_dir, _ = teacher.ensure_teacher(preset)
+    out = preset.workdir / "pruned_decoder"
+    spec = {"decoder": preset.get("decoder", {}), "calibration": preset.get("calibration", {}),
+            "full": _dir_signature(full_dir)}
+    stamp = out / "prepared.json"
+    if not retrain and stamp.is_file() and read_json(stamp).get("spec") == json.loads(json.dumps(spec)):
+        return out
+    rt = _runtime(preset)
+    log.info("pruning %s into %s (%s)", full_dir, out, preset.get("decoder"))
+    prune_decoder(full_dir, out, spec["decoder"], preset=preset, device=rt["device"], dtype=rt["dtype"])
+    write_json(stamp, {"spec": spec, "full_dir": str(full_dir)})
+    return out
+
+
+def prepare_sources(preset, config: TrainingConfig | None = None, objectives: Sequence[str] | None = None) -> Sources:
+    """Resolve (and, for local presets, build) every model the objectives need."""
+    from overfill_lib import teacher
+    from overfill_lib.presets import resolve_model
+
+    config = config or TrainingConfig.from_preset(preset)
+    objectives = list(objectives or config.objectives)
+    full_dir, _ = teacher.ensure_teacher(preset)
+    decoder_dir = prepare_decoder(preset)
+    smaller_dir = None
+    if any(get_objective(o).trains == "smaller" for o in objectives):
+        if config.smaller_id:
+            smaller_dir = resolve_model(config.smaller_id)
+        else:
+            smaller_dir, _ = teacher.ensure_teacher(preset, which="smaller")
+    return Sources(Path(full_dir), Path(decoder_dir), smaller_dir and Path(smaller_dir), str(preset["teacher"]["id"]))
+
+
+def check_same_tokenizer(reference_dir: Path, other_dir: Path, what: str) -> None:
+    """Refuse a model whose tokenizer differs from the full model's (the data is tokenized once, by the full model)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(other_dir) / "tokenizer_config.json").is_file():
+        return
+    a = AutoTokenizer.from_pretrained(reference_dir)
+    b = AutoTokenizer.from_pretrained(other_dir)
+    if a.get_vocab() != b.get_vocab() or a.eos_token_id != b.eos_token_id:
+        raise ValueError(
+            f"the {what} ({other_dir}) uses a different tokenizer from the full model ({reference_dir}): "
+            f"vocabularies of {len(b)} and {len(a)} tokens, eos {b.eos_token!r} vs {a.eos_token!r}. OverFill needs "
+            "one tokenizer (the full model picks the first token, the decoder the rest) and the baselines are "
+            "trained on the same tokenized data; use a model of the same family"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _decoder_as(pair, module):
+    """Run the pair with ``module`` (the decoder as accelerate wrapped it) in the decoder's place."""
+    original = pair.decoder
+    if module is original:
+        yield pair
+        return
+    pair.decoder = module
+    try:
+        yield pair
+    finally:
+        pair.decoder = original
+
+
+class OverFillTrainer(Trainer):
+    """A Trainer whose loss is the objective's; it also logs tokens/s.
+
+    With ``pair`` set, the loss is ``pair.loss`` (the frozen full model prefills, the decoder scores
+    the response); otherwise the model's own causal-LM loss on the ``labels`` (the response tokens).
+    Both are means over the micro-batch's response tokens; the Trainer divides by the accumulation
+    steps, the same way in every transformers version we support.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, pair=None, include_first_token: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pair = pair
+        self.include_first_token = include_first_token
+        # Our losses are per-micro-batch means: never have num_items_in_batch passed in.
+        self.model_accepts_loss_kwargs = False
+        self._tokens = 0
+        self._response_tokens = 0
+        self._last_log_time: float | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.pair is not None:
+            with _decoder_as(self.pair, model) as pair:
+                loss = pair.loss(
+                    inputs["context_ids"], inputs["continuation_ids"], inputs["context_mask"],
+                    inputs["continuation_mask"], include_first_token=self.include_first_token,
+                )
+            outputs = None
+            tokens = int(inputs["context_mask"].sum() + inputs["continuation_mask"].sum())
+            response = int(inputs["continuation_mask"].sum())
+        else:
+            outputs = model(**inputs)
+            loss = outputs.loss
+            tokens = int(inputs["attention_mask"].sum())
+            response = int((inputs["labels"] != -100).sum())
+        if model.training:
+            self._tokens += tokens
+            self._response_tokens += response
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None, **kwargs) -> None:
+        if "loss" in logs:  # a training log: every process gets here at the same step
+            now = time.time()
+            since = self._last_log_time or start_time or now
+            counts = torch.tensor([self._tokens, self._response_tokens], dtype=torch.long, device=self.args.device)
+            counts = self.accelerator.reduce(counts, reduction="sum")
+            seconds = max(now - since, 1e-9)
+            logs["tokens_per_s"] = round(float(counts[0]) / seconds, 1)
+            logs["response_tokens_per_s"] = round(float(counts[1]) / seconds, 1)
+            if start_time is not None:
+                logs["elapsed_s"] = round(now - start_time, 2)
+            self._tokens = self._response_tokens = 0
+            self._last_log_time = now
+        super().log(logs, start_time, **kwargs)
+
+
+class LogWriter(TrainerCallback):
+    """Writes the log history to ``log.json`` and ``log.csv`` (atomically) at every logging step."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            write_history(self.run_dir, state.log_history)
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    write_json(run_dir / "log.json", history)
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "log.csv", buf.getvalue())
+
+
+def loss_history(history: list[dict]) -> list[dict]:
+    """The training-loss entries of a Trainer log history (the per-step logs, not the final summary)."""
+    return [h for h in history if "loss" in h and "step" in h]
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """A finished (or interrupted) run: where it lives, what it logged, and the trained model in memory."""
+
+    objective: str
+    seed: int
+    run_dir: Path
+    complete: bool
+    steps: int
+    record: dict
+    model: Any = field(default=None, repr=False)  # the trained model, or the OverFillModel for "overfill"
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.record.get("log_history", [])
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def build_dataset(preset, config: TrainingConfig, tokenizer):
+    """The preset's training data, tokenized once for every objective (returns the dataset and its stats)."""
+    return chat_data.prepare_chat_data(
+        config.data, tokenizer, split=config.data_split, config=config.data_config,
+        suite_dir=preset.suite_dir if preset is not None else None, max_length=config.max_length,
+        limit=config.data_limit, where=config.data_where, skip_invalid=config.skip_invalid, num_proc=config.num_proc,
+    )
+
+
+def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: Sources, data_stats: dict) -> str:
+    recipe = {k: v for k, v in config.to_dict().items() if k not in {"objectives", "seeds"}}
+    blob = json.dumps([objective, seed, recipe, sources.fingerprint, data_stats], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _load_full(sources: Sources, dtype: str):
+    """The frozen full model, loaded before any TrainingArguments so ZeRO-3 does not partition it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError(
+            "DeepSpeed ZeRO-3 is already active in this process, so from_pretrained would partition the frozen full "
+            "model; run each training in its own process (python -m overfill_lib.training under accelerate launch)"
+        )
+    return AutoModelForCausalLM.from_pretrained(sources.full_dir, dtype=getattr(torch, dtype)).eval()
+
+
+def _trainable_model(objective: Objective, sources: Sources, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    set_seed(seed)
+    if objective.trains == "decoder":
+        return AutoModelForCausalLM.from_pretrained(sources.decoder_dir, dtype=torch.float32)
+    if objective.trains == "scratch":
+        config = AutoConfig.from_pretrained(sources.decoder_dir)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if objective.trains == "full":
+        return AutoModelForCausalLM.from_pretrained(sources.full_dir, dtype=torch.float32)
+    if objective.trains == "smaller":
+        if sources.smaller_dir is None:
+            raise ValueError("the 'smaller' baseline needs a smaller model: set the preset's smaller.id or training.smaller_id")
+        return AutoModelForCausalLM.from_pretrained(sources.smaller_dir, dtype=torch.float32)
+    raise ValueError(f"objective {objective.name!r} trains unknown model kind {objective.trains!r}")
+
+
+def _length_grouping() -> dict:
+    """TrainingArguments for length-grouped batches (less padding); the option was renamed within transformers 5."""
+    names = {f.name for f in fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+    return {"group_by_length": True, "length_column_name": "length"}
+
+
+def _checkpointing() -> dict:
+    """Activation checkpointing on, under whichever name this transformers version uses (renamed within 5.x)."""
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
+
+
+def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int, runtime: dict, layout: str):
+    on_cpu = _on_cpu(runtime)
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=math.ceil(config.warmup_ratio * steps),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        bf16=runtime["dtype"] == "bfloat16" and not on_cpu,
+        fp16=runtime["dtype"] == "float16" and not on_cpu,
+        use_cpu=on_cpu,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **(_checkpointing() if config.gradient_checkpointing and layout == "causal" else {}),
+        label_names=["labels"] if layout == "causal" else [],
+        disable_tqdm=False,
+        **(_length_grouping() if config.group_by_length else {}),
+    )
+
+
+def _on_cpu(runtime: dict) -> bool:
+    return runtime["device"] == "cpu" or not torch.cuda.is_available()
+
+
+def _world_size() -> int:
+    # From the launcher's environment (torchrun / accelerate launch), without initializing any distributed state.
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_steps(config: TrainingConfig, examples: int, world_size: int = 1) -> int:
+    """Optimizer steps of a run: ``steps``, or ``epochs`` over the data at the global batch size."""
+    if config.steps is not None:
+        return int(config.steps)
+    per_step = config.batch_size * config.grad_accum * world_size
+    return max(1, math.ceil(config.epochs * examples / per_step))
+
+
+def train(
+    objective: str,
+    sources: Sources,
+    dataset,
+    config: TrainingConfig,
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    runtime: dict | None = None,
+    resume: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
+    data_stats: dict | None = None,
+    full=None,
+) -> RunResult:
+    """Train one objective on a tokenized dataset (``data.prepare_chat_data``) into ``run_dir``.
+
+    Resumes from the latest checkpoint in ``run_dir/checkpoints`` when ``resume``. A run that stops
+    before its planned steps (interrupted, or a callback stopped it) returns ``complete=False`` and
+    writes no final model. ``full``: an already loaded full model to reuse (OverFill only).
+    """
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from overfill_lib.pair import OverFillModel
+
+    obj = get_objective(objective)
+    runtime = runtime or {"device": "cpu", "dtype": "float32"}
+    run_dir = Path(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(sources.full_dir)
+    pair = None
+    if obj.layout == "pair":
+        check_same_tokenizer(sources.full_dir, sources.decoder_dir, "decoder")
+        if config.gradient_checkpointing:
+            log.warning("gradient_checkpointing is ignored for %s: HF checkpointing drops the prompt KV", objective)
+        full = full if full is not None else _load_full(sources, runtime["dtype"])
+    elif obj.trains == "smaller":
+        check_same_tokenizer(sources.full_dir, sources.smaller_dir, "smaller model")
+    steps = planned_steps(config, len(dataset), _world_size())
+    args = _training_args(config, run_dir, seed, steps, runtime, obj.layout)
+    model = _trainable_model(obj, sources, seed)
+    if obj.layout == "pair":
+        pruning_path = sources.decoder_dir / "pruning.json"
+        full.to(args.device)  # the Trainer places (or shards) only the model it trains
+        pair = OverFillModel(
+            full, model, config.strategy, tokenizer=tokenizer, full_id=sources.full_id or str(sources.full_dir),
+            pruning_record=read_json(pruning_path) if pruning_path.is_file() else None,
+        )
+        if any(True for _ in pair.strategy.parameters()):
+            raise ValueError(
+                f"strategy {config.strategy!r} has trainable weights, which this engine does not train (they would sit "
+                "outside the wrapped decoder); use shared_kv (the paper's setting) or layer_subset"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = OverFillTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=chat_data.ChatCollator(tokenizer.pad_token_id, obj.layout),
+        processing_class=tokenizer,
+        callbacks=[LogWriter(run_dir), *callbacks],
+        pair=pair,
+        include_first_token=config.include_first_token,
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    if checkpoint:
+        log.info("%s seed %d: resuming from %s", objective, seed, checkpoint)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - t0
+    state = trainer.state
+    complete = state.global_step >= steps
+    record = {
+        "objective": objective,
+        "description": obj.description,
+        "seed": seed,
+        "complete": complete,
+        "steps": state.global_step,
+        "planned_steps": steps,
+        "resumed_from": checkpoint,
+        "train_seconds": round(seconds, 2),
+        "world_size": args.world_size,
+        "config": config.to_dict(),
+        "runtime": runtime,
+        "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()},
+        "data": data_stats,
+        "parameters": {"trained": _count(model), "full": _count(full) if pair is not None else None},
+        "log_history": state.log_history,
+        "environment": environment_record(str(args.device), seed),
+    }
+    if trainer.is_world_process_zero():
+        write_history(run_dir, state.log_history)
+    if complete:
+        _save_final(trainer, pair, run_dir / "model", sources)
+        if trainer.is_world_process_zero():
+            write_json(run_dir / "record.json", record)
+    trainer.accelerator.wait_for_everyone()
+    model.eval()
+    return RunResult(objective, seed, run_dir, complete, state.global_step, record, pair if pair is not None else model)
+
+
+def _count(model) -> int:
+    # ZeRO-3 leaves each process a shard; ds_numel is the full size of a partitioned parameter.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def _save_final(trainer: Trainer, pair, out: Path, sources: Sources) -> None:
+    """The trained model as an HF directory (safetensors); for OverFill the pair's format (decoder + overfill_config.json).
+
+    Sharded engines (ZeRO-3, FSDP) gather the weights in ``trainer.save_model``, which every process must
+    call; the pair's config needs unsharded weights, so there the decoder is saved with its ``pruning.json``
+    and loads with ``OverFillModel.from_models(full_id, out)``.
+    """
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if not sharded:
+        if trainer.is_world_process_zero():
+            if pair is not None:
+                pair.save_pretrained(out)
+            else:
+                with atomic_directory(out) as tmp:
+                    trainer.model.save_pretrained(tmp)
+                    trainer.processing_class.save_pretrained(tmp)
+        return
+    staging = out.with_name(f".{out.name}.staging")
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        if pair is not None and (sources.decoder_dir / "pruning.json").is_file():
+            shutil.copy(sources.decoder_dir / "pruning.json", staging / "pruning.json")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(staging, out)
+
+
+def load_trained(result_or_dir: RunResult | str | Path, full=None):
+    """The trained model of a finished run (an ``OverFillModel`` for OverFill), from disk."""
+    from transformers import AutoModelForCausalLM
+
+    from overfill_lib.pair import CONFIG_NAME, OverFillModel
+
+    run_dir = result_or_dir.run_dir if isinstance(result_or_dir, RunResult) else Path(result_or_dir)
+    record = read_json(run_dir / "record.json")
+    model_dir = run_dir / "model"
+    if get_objective(record["objective"]).layout == "pair":
+        if (model_dir / CONFIG_NAME).is_file():
+            return OverFillModel.from_pretrained(model_dir, full=full)
+        return OverFillModel.from_models(record["sources"]["full_dir"], model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def train_objective(
+    preset,
+    objective: str,
+    *,
+    seed: int = 0,
+    config: TrainingConfig | None = None,
+    sources: Sources | None = None,
+    dataset=None,
+    data_stats: dict | None = None,
+    retrain: bool = False,
+    resume: bool = True,
+    full=None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> RunResult:
+    """Train ``objective`` with the preset's recipe; a finished run with the same recipe and models is reused.
+
+    The run lives in ``<workdir>/training/<objective>-seed<seed>-<hash of recipe, models and data>``.
+    """
+    from transformers import AutoTokenizer
+
+    config = config or TrainingConfig.from_preset(preset)
+    get_objective(objective)
+    sources = sources or prepare_sources(preset, config, [objective])
+    if dataset is None:
+        dataset, stats = build_dataset(preset, config, AutoTokenizer.from_pretrained(sources.full_dir))
+        data_stats = stats.to_dict()
+    key = run_fingerprint(objective, seed, config, sources, data_stats or {"examples": len(dataset)})
+    run_dir = preset.workdir / "training" / f"{objective}-seed{seed}-{key}"
+    done = run_dir / "record.json"
+    if retrain:
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if _world_size() > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+    elif done.is_file() and read_json(done).get("complete"):
+        record = read_json(done)
+        log.info("%s seed %d: reusing the finished run in %s", objective, seed, run_dir)
+        return RunResult(objective, seed, run_dir, True, record["steps"], record, load_trained(run_dir, full=full))
+    return train(objective, sources, dataset, config, run_dir, seed=seed, runtime=_runtime(preset), resume=resume,
+                 callbacks=callbacks, data_stats=data_stats, full=full)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact match and single answers (for the notebooks)
+# --------------------------------------------------------------------------------------------------
+
+
+def answers(model, tokenizer, records: list[dict], batch_size: int = 128, max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to the records' prompts: ``pair.chat`` for an OverFill pair, HF ``generate`` otherwise."""
+    from overfill_lib import teacher
+    from overfill_lib.pair import OverFillModel
+
+    if not isinstance(model, OverFillModel):
+        return teacher.greedy_answers(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(records), batch_size):
+        chunk = [r["messages"][:-1] for r in records[i : i + batch_size]]
+        out += model.chat(chunk, tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False).texts
+    return out
+
+
+def exact_match(model, tokenizer, records: list[dict], **kw) -> dict:
+    """Exact match per task family and overall (``tasks.score``) of greedy answers."""
+    from overfill_lib import tasks
+
+    return tasks.score(records, answers(model, tokenizer, records, **kw))
+
+
+def answer_with_latency(model, tokenizer, messages: list[dict], max_new_tokens: int = 16) -> dict:
+    """One greedy answer and its wall time; an OverFill pair also reports its prefill / decode split."""
+    from overfill_lib import teacher
+    from overfill_lib.pair import OverFillModel
+
+    record = {"family": "", "messages": [*messages, {"role": "assistant", "content": ""}]}
+    if isinstance(model, OverFillModel):
+        out = model.chat([messages], tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False)
+        t = out.timings
+        return {"answer": out.texts[0], "ms": round(1000 * t.total_s, 2), "prefill_ms": round(1000 * t.prefill_s, 2),
+                "decode_ms": round(1000 * t.decode_s, 2), "new_tokens": t.new_tokens}
+    t0 = time.perf_counter()
+    text = teacher.greedy_answers(model, tokenizer, [record], max_new_tokens=max_new_tokens)[0]
+    return {"answer": text, "ms": round(1000 * (time.perf_counter() - t0), 2), "prefill_ms": None, "decode_ms": None,
+            "new_tokens": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI (what ``accelerate launch -m overfill_lib.training`` runs)
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="preset name or path to a preset YAML")
+    parser.add_argument("--objective", nargs="+", default=None,
+                        help=f"objectives to train (default: the preset's training.objectives); from {sorted(OBJECTIVES)}")
+    parser.add_argument("--seed", type=int, nargs="+", default=None, help="seeds (default: the preset's training.seeds)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (overrides training.steps)")
+    parser.add_argument("--override", default="{}", help="JSON dict merged onto the preset, e.g. '{\"training\": {\"batch_size\": 4}}'")
+    parser.add_argument("--retrain", action="store_true", help="discard earlier runs of the same recipe")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even when checkpoints exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from overfill_lib.presets import load_preset
+
+    try:
+        overrides = json.loads(args.override)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--override must be a JSON object: {e}") from e
+    if args.steps is not None:
+        overrides.setdefault("training", {})["steps"] = args.steps
+    preset = load_preset(args.preset, overrides)
+    config = TrainingConfig.from_preset(preset)
+    objectives = args.objective or list(config.objectives)
+    for name in objectives:
+        get_objective(name)
+    # Created first and with the Trainer's CPU choice, so every later PartialState agrees (it is a singleton).
+    state = PartialState(cpu=_on_cpu(_runtime(preset)))
+    # The main process builds the teacher, the pruned decoder and the tokenized data first; the others reuse them.
+    with state.main_process_first():
+        sources = prepare_sources(preset, config, objectives)
+        dataset, stats = build_dataset(preset, config, AutoTokenizer.from_pretrained(sources.full_dir))
+    # Loaded once, before any TrainingArguments (see _load_full), and shared by every OverFill run.
+    full = None
+    if any(get_objective(o).layout == "pair" for o in objectives):
+        full = _load_full(sources, _runtime(preset)["dtype"])
+    results = []
+    for seed in args.seed or list(config.seeds):
+        for name in objectives:
+            result = train_objective(preset, name, seed=seed, config=config, sources=sources, dataset=dataset,
+                                     data_stats=stats.to_dict(), retrain=args.retrain, resume=not args.no_resume,
+                                     full=full)
+            results.append(result)
+    if state.is_main_process:
+        for r in results:
+            last = loss_history(r.log_history)[-1:] or [{}]
+            print(f"{r.objective:10s} seed {r.seed}: {'complete' if r.complete else 'stopped'} at step {r.steps}, "
+                  f"last loss {last[0].get('loss')}, {r.run_dir}")
+    return 0 if all(r.complete for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Decoder training: the OverFill objective is the pair's scoring path, the full model stays frozen,
+baselines score the same tokens, runs resume, and a two-process data-parallel run works on CPU.
+
+Micro models (hidden 32, 2 layers) built here; the whole file runs in well under a minute on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from overfill_lib import data, tasks, teacher, training
+from overfill_lib.io import PROJECT_ROOT
+from overfill_lib.pair import OverFillModel
+
+torch.set_num_threads(1)
+MICRO = teacher.TeacherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+
+
+def recipe(**kw) -> training.TrainingConfig:
+    base = dict(steps=3, batch_size=8, learning_rate=3e-3, logging_steps=1, save_steps=100, max_length=128)
+    return training.TrainingConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A micro full model, its magnitude-pruned half-width decoder, a narrower sibling, and 8 suite examples."""
+    root = tmp_path_factory.mktemp("train")
+    tok = teacher.build_tokenizer()
+    for name, cfg in (("full", MICRO), ("smaller", MICRO.narrower(0.5))):
+        model = teacher.build_model(cfg, tok)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    training.prune_decoder(root / "full", root / "decoder", {"hidden": 0.5, "intermediate": 0.5, "criterion": "magnitude"})
+    suite_dir = tasks.write_suite(tasks.SuiteConfig(n_train=8, n_validation=1, n_test=1), root / "suite")
+    dataset, stats = data.prepare_chat_data("suite", tok, suite_dir=suite_dir)
+    sources = training.Sources(root / "full", root / "decoder", root / "smaller")
+    return {"root": root, "tok": tok, "dataset": dataset, "sources": sources}
+
+
+def load_full(setup):
+    return AutoModelForCausalLM.from_pretrained(setup["sources"].full_dir).eval()
+
+
+def first_logged_loss(result) -> float:
+    return training.loss_history(result.log_history)[0]["loss"]
+
+
+class OptimizerSpy(TrainerCallback):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_registry_and_recipe_refuse_unknown_names():
+    assert set(training.OBJECTIVES) >= {"overfill", "pruned", "scratch", "full", "smaller"}
+    with pytest.raises(ValueError, match=r"unknown objective or baseline 'prunned'; valid names: overfill .*pruned"):
+        training.get_objective("prunned")
+    with pytest.raises(ValueError, match="unknown objective"):
+        training.TrainingConfig.from_dict({"objectives": ["overfill", "distill"]})
+    with pytest.raises(ValueError, match=r"unknown training keys \['lr'\]; valid keys"):
+        training.TrainingConfig.from_dict({"lr": 1e-3})
+
+
+def test_step0_loss_is_the_pairs_scoring_nll_and_only_the_decoder_learns(setup, tmp_path):
+    sources, ds, tok = setup["sources"], setup["dataset"], setup["tok"]
+    full = load_full(setup)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    # The pair's own scoring of the whole dataset (= the first batch: 8 examples, batch size 8), before training.
+    decoder0 = AutoModelForCausalLM.from_pretrained(sources.decoder_dir).eval()
+    scored = OverFillModel(full, decoder0, tokenizer=tok).score(ds["prompt_ids"], ds["response_ids"], batch_size=3)
+    nll = -sum(lp for lp, _ in scored) / sum(len(r) for r in ds["response_ids"])
+
+    spy = OptimizerSpy()
+    result = training.train("overfill", sources, ds, recipe(), tmp_path / "run", full=full, callbacks=[spy])
+    assert result.complete and result.steps == 3
+    assert first_logged_loss(result) == pytest.approx(nll, abs=1e-5)
+
+    pair = result.model
+    assert pair.full is full
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"full-model tensor {name} changed"
+    assert not any(p.requires_grad for p in full.parameters())
+    assert spy.ids == {id(p) for p in pair.decoder.parameters()} and not spy.ids & {id(p) for p in full.parameters()}
+    changed = [k for k, v in pair.decoder.state_dict().items() if not torch.equal(v, decoder0.state_dict()[k])]
+    assert len(changed) == len(decoder0.state_dict())
+    # The finished run is a loadable pair (safetensors, no pickle) with its logs.
+    again = training.load_trained(result, full=full)
+    assert isinstance(again, OverFillModel)
+    for k, v in again.decoder.state_dict().items():
+        assert torch.equal(v, pair.decoder.state_dict()[k])
+    files = {p.name for p in result.model_dir.iterdir()}
+    assert "model.safetensors" in files and "overfill_config.json" in files and not any(f.endswith(".bin") for f in files)
+    header = (result.run_dir / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(header)
+    assert all(h["tokens_per_s"] > 0 for h in training.loss_history(json.loads((result.run_dir / "log.json").read_text())))
+
+
+@pytest.mark.parametrize("objective", ["pruned", "scratch", "full", "smaller"])
+def test_baselines_score_the_same_response_tokens(setup, tmp_path, objective):
+    sources, ds = setup["sources"], setup["dataset"]
+    model_dir = {"pruned": sources.decoder_dir, "full": sources.full_dir, "smaller": sources.smaller_dir}.get(objective)
+    result = training.train(objective, sources, ds, recipe(steps=1), tmp_path / "run")
+    trained = result.model
+    if objective == "scratch":  # the decoder's architecture, not its weights
+        decoder = AutoModelForCausalLM.from_pretrained(sources.decoder_dir)
+        assert trained.config.hidden_size == decoder.config.hidden_size
+        assert sum(p.numel() for p in trained.parameters()) == sum(p.numel() for p in decoder.parameters())
+        return
+    # Step 0: the causal-LM loss is the model's mean NLL over exactly the response tokens.
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, r in zip(ds["prompt_ids"], ds["response_ids"]):
+            ids = torch.tensor([p + r])
+            logp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].float(), -1)
+            total -= float(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+            count += len(r)
+    assert first_logged_loss(result) == pytest.approx(total / count, abs=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_curve(setup, tmp_path):
+    sources, ds = setup["sources"], setup["dataset"]
+    cfg = recipe(steps=6, save_steps=3, batch_size=4)
+    full = load_full(setup)
+    straight = training.train("overfill", sources, ds, cfg, tmp_path / "a", full=full)
+    cut = training.train("overfill", sources, ds, cfg, tmp_path / "b", full=full, callbacks=[StopAt(3)])
+    assert not cut.complete and cut.steps == 3 and not (tmp_path / "b" / "record.json").exists()
+    resumed = training.train("overfill", sources, ds, cfg, tmp_path / "b", full=full)
+    assert resumed.complete and resumed.steps == straight.steps == 6
+    assert resumed.record["resumed_from"].endswith("checkpoint-3")
+    a = [h["loss"] for h in training.loss_history(straight.log_history)]
+    b = [h["loss"] for h in training.loss_history(resumed.log_history)]
+    assert len(a) == len(b) == 6
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_tokenizer_mismatch_and_trainable_strategy_are_refused(setup, tmp_path):
+    sources, ds = setup["sources"], setup["dataset"]
+    other = tmp_path / "other"
+    decoder = AutoModelForCausalLM.from_pretrained(sources.decoder_dir)
+    decoder.save_pretrained(other)
+    tok = teacher.build_tokenizer()
+    tok.add_tokens(["<|tool|>"])
+    tok.save_pretrained(other)
+    bad = training.Sources(sources.full_dir, other, sources.smaller_dir)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        training.train("overfill", bad, ds, recipe(), tmp_path / "run")
+    with pytest.raises(ValueError, match="trainable weights"):
+        training.train("overfill", sources, ds, recipe(strategy="kv_projection"), tmp_path / "run2")
+
+
+@pytest.mark.xdist_group("notebooks")
+def test_two_process_data_parallel_run_on_cpu(tmp_path):
+    """``accelerate launch --num_processes 2`` on CPU (gloo) of the smoke preset, a few steps.
+
+    The CPU choice comes from the config's ``use_cpu``: accelerate's ``--cpu`` flag starts a single process
+    unless mpirun is set up, which would not test data parallelism at all.
+    """
+    override = {"workdir": str(tmp_path / "work"), "training": {"batch_size": 4, "logging_steps": 1, "save_steps": 2}}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(training.CONFIG_DIR / "cpu_ddp.yaml"), "--num_processes", "2",
+           "-m", "overfill_lib.training", "--preset", "smoke", "--objective", "overfill", "--steps", "3",
+           "--override", json.dumps(override)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((tmp_path / "work" / "training").glob("overfill-seed0-*"))
+    assert len(runs) == 1
+    record = json.loads((runs[0] / "record.json").read_text())
+    assert record["complete"] and record["steps"] == 3 and record["world_size"] == 2
+    assert (runs[0] / "model" / "overfill_config.json").is_file()
+    assert len(training.loss_history(record["log_history"])) == 3
+
+
+def test_shipped_accelerate_configs_load_and_reference_their_deepspeed_json():
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {"cpu_ddp": "MULTI_GPU", "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}
+    for name, kind in kinds.items():
+        cfg = load_config_from_file(str(training.CONFIG_DIR / f"{name}.yaml"))
+        assert cfg.distributed_type.value == kind
+    ds = yaml.safe_load((training.CONFIG_DIR / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]
+    ds_json = json.loads((PROJECT_ROOT / ds["deepspeed_config_file"]).read_text())
+    assert ds_json["zero_optimization"]["stage"] == 3 and "optimizer" not in ds_json  # the Trainer's AdamW + cosine
+    fsdp = yaml.safe_load((training.CONFIG_DIR / "fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # the unwrapped full model needs real weights on every rank
