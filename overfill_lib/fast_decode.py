@@ -36,7 +36,6 @@ timing never silently compares a fast path with a slow one.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,8 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, StaticCache
+
+from overfill_lib.generation import keep_last_logits
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +256,6 @@ class _Clock:
         return [m - self.marks[0] for m in self.marks[1:]]
 
 
-def _keep_last_kw(model) -> dict[str, int]:
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
 def _prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     """Eager prefill into the static cache; the greedy first token [batch]."""
     out = model(
@@ -267,7 +264,7 @@ def _prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Ten
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        **_keep_last_kw(model),
+        **keep_last_logits(model),
     )
     return out.logits[:, -1].argmax(-1)
 

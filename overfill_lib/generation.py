@@ -290,7 +290,7 @@ class Prefill:
     position_ids: torch.Tensor  # [batch, prompt_length]
 
 
-def _keep_last(model) -> dict[str, int]:
+def keep_last_logits(model) -> dict[str, int]:
     # Computing the LM head on the last position only, as HF generate does when the model allows it.
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -306,7 +306,7 @@ def full_prefill(full, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        **_keep_last(full),
+        **keep_last_logits(full),
     )
     return Prefill(out.logits[:, -1:], cache, position_ids)
 
@@ -447,7 +447,7 @@ def generate(
             t1 = time.perf_counter()
             timings.prefill_s = t1 - t0
             pending = 0  # decoder-written positions since the last refresh
-            keep = _keep_last(decoder)
+            keep = keep_last_logits(decoder)
             while sequences.shape[1] - prompt_length < limit and bool(unfinished.any()):
                 if refresh_every and pending == refresh_every:
                     r0 = time.perf_counter()
@@ -527,7 +527,7 @@ def _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_
         position_ids=positions,
         past_key_values=target,
         use_cache=True,
-        **_keep_last(full),
+        **keep_last_logits(full),
     )
     if not strategy.shares_cache:
         crop_cache(cache, n)

@@ -14,16 +14,6 @@ from tests.tiny_models import random_batch, tiny_model
 NEW = 14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    # OpenMP threads make each op wait for a descheduled peer (measured: 0.7 ms vs 55 ms per step).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     full = tiny_model("llama", seed=0)

@@ -15,16 +15,6 @@ from overfill_lib.pruning import count_parameters
 from tests.tiny_models import VARIANTS, tiny_config, tiny_model, variant_id
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    # OpenMP threads make each op wait for a descheduled peer (measured: 0.7 ms vs 55 ms per step).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def meta_numel(config, skip=()) -> int:
     """Parameters of a model built on the meta device, optionally leaving some names out (tied ones once)."""
     from transformers import AutoModelForCausalLM
