@@ -148,19 +148,16 @@ def encode_example(tokenizer, messages: list[dict]) -> dict:
 
 
 class _Collator:
+    """Right-padded prompt + reply with labels only on the reply (as ``data.ChatCollator``'s causal layout)."""
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, features: list[dict]) -> dict:
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), n), self.pad_id)
-        labels = torch.full((len(features), n), -100)
-        mask = torch.zeros((len(features), n), dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.tensor(f["input_ids"])
-            labels[i, :k] = torch.tensor(f["labels"])
-            mask[i, :k] = 1
+        from overfill_lib.generation import pad_sequences
+
+        ids, mask = pad_sequences([f["input_ids"] for f in features], self.pad_id, side="right")
+        labels, _ = pad_sequences([f["labels"] for f in features], -100, side="right")
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
