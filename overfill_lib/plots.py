@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,16 @@ def _chromium() -> str | None:
     return None
 
 
+def _start_kaleido() -> None:
+    """One Chromium for every export of the process (~0.2 s per figure instead of ~4 s for a fresh browser)."""
+    import kaleido
+
+    try:
+        kaleido.start_sync_server(silence_warnings=True)
+    except Exception as e:  # an already running server, or an old kaleido: exports still work, only slower
+        log.debug("kaleido sync server not started: %s", e)
+
+
 def save_figure(fig, stem: Path) -> Path:
     """Write ``stem.html`` (plotly.min.js shared in the same folder) and ``stem.png`` when possible."""
     global _static_export_ok
@@ -50,9 +61,13 @@ def save_figure(fig, stem: Path) -> Path:
         else:
             os.environ.setdefault("BROWSER_PATH", browser)
             try:
+                if _static_export_ok is None:
+                    _start_kaleido()
                 png = stem.with_suffix(".png")
                 tmp_png = png.with_name(f".{png.name}.tmp.png")
-                fig.write_image(tmp_png, width=900, height=500, scale=1.5)
+                with warnings.catch_warnings():  # plotly's notice that browser options go unused with a server
+                    warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                    fig.write_image(tmp_png, width=900, height=500, scale=1.5)
                 os.replace(tmp_png, png)
                 _static_export_ok = True
             except Exception as e:  # kaleido/Chromium trouble must not fail a run
@@ -87,8 +102,6 @@ def loss_curves(histories: dict[str, list[dict]], title: str, key: str = "loss")
 
 def _log_relative(scores):
     """log10(score / the row's median): how far each unit stands above or below a typical one of its layer."""
-    import torch
-
     scores = scores.double().clamp(min=1e-30)
     return (scores / scores.median(dim=-1, keepdim=True).values).log10().numpy()
 
@@ -368,4 +381,117 @@ def exact_match_during_training(history: list[dict], title: str):
         fig.add_scatter(name=family, x=[p["step"] for p in points], y=[p["val_exact_match"][family] for p in points],
                         mode="lines+markers", line={"width": 3 if family == "overall" else 1.5})
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="validation exact match", yaxis_range=[0, 1.05])
+    return fig
+
+
+# -- pruning-ratio ablation (notebook 04) ----------------------------------------------------------
+
+METHOD_COLORS = {"OverFill": "#1f77b4", "pruned": "#ff7f0e", "from scratch": "#2ca02c",
+                 "OverFill (untrained)": "#9ecae1", "pruned (untrained)": "#fdd0a2",
+                 "full model": "#444444", "smaller fine-tuned": "#d62728"}
+TEACHER_DASH = ["solid", "dot", "dashdot", "longdash"]
+
+
+def _trace_name(method: str, teacher: str, main: str) -> str:
+    return method if teacher == main else f"{method} · {teacher}"
+
+
+def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
+           methods: tuple[str, ...] = ("OverFill", "pruned", "from scratch"), main_teacher: str = "teacher",
+           log_x: bool = True):
+    """Score against cost, one panel per ``costs`` column (``{column: axis title}``).
+
+    A line per (method, teacher) over decoder widths, error bars = std over seeds, each point labelled with
+    its keep fraction; the full models and the smaller fine-tuned model as reference points with dashed
+    horizontal lines; the Pareto frontier over every trained decoder and reference (lower cost, higher score)
+    as a dotted step line. Rows come from ``ablation.aggregate``.
+    """
+    from plotly.subplots import make_subplots
+
+    from overfill_lib import ablation
+
+    fig = make_subplots(rows=1, cols=len(costs), subplot_titles=list(costs.values()), shared_yaxes=True)
+    teachers = list(dict.fromkeys(table["teacher"]))
+    refs = table[table["method"].isin([ablation.FULL, ablation.SMALLER])]
+    for col, cost in enumerate(costs, start=1):
+        for method in methods:
+            for t_index, teacher_name in enumerate(teachers):
+                rows = table[(table["method"] == method) & (table["teacher"] == teacher_name)].sort_values(cost)
+                if rows.empty:
+                    continue
+                name = _trace_name(method, teacher_name, main_teacher)
+                fig.add_scatter(
+                    x=rows[cost], y=rows[score], error_y={"type": "data", "array": rows[f"{score}_std"]},
+                    mode="lines+markers+text", text=[f"{k:.0%}" for k in rows["keep"]], textposition="top center",
+                    textfont={"size": 9}, name=name, legendgroup=name, showlegend=col == 1,
+                    line={"color": METHOD_COLORS.get(method), "dash": TEACHER_DASH[t_index % len(TEACHER_DASH)]},
+                    hovertemplate=f"{name}<br>keep %{{text}}<br>{cost} %{{x:.4g}}<br>{score} %{{y:.3f}}<extra></extra>",
+                    row=1, col=col,
+                )
+        for _, ref in refs.iterrows():
+            name = ref["method"] if ref["method"] != ablation.FULL else _trace_name("full model", ref["teacher"], main_teacher)
+            fig.add_scatter(x=[ref[cost]], y=[ref[score]], mode="markers", marker={"symbol": "star", "size": 12,
+                            "color": METHOD_COLORS.get(ref["method"])}, name=name, legendgroup=name,
+                            showlegend=col == 1, row=1, col=col)
+            fig.add_hline(y=ref[score], line_dash="dash", line_width=1, line_color=METHOD_COLORS.get(ref["method"]),
+                          row=1, col=col)
+        candidates = list(methods) + [ablation.FULL, ablation.SMALLER]
+        front = table[ablation.pareto_front(table, cost, score, methods=candidates)].sort_values(cost)
+        fig.add_scatter(x=front[cost], y=front[score], mode="lines", line={"shape": "hv", "dash": "dot", "color": "black"},
+                        name="Pareto frontier", legendgroup="front", showlegend=col == 1, row=1, col=col)
+        fig.update_xaxes(title_text=costs[cost], type="log" if log_x else None, row=1, col=col)
+    fig.update_yaxes(title_text=f"{score} exact match" if score == "overall" else score, row=1, col=1)
+    fig.update_layout(title=title, height=520)
+    return fig
+
+
+def family_curves(table, families: list[str], title: str, teacher_name: str = "teacher",
+                  methods: tuple[str, ...] = ("OverFill", "pruned")):
+    """Per task family, exact match against the kept fraction: a line per method (seed std as error bars)
+    and the full model's score as a dashed line."""
+    from plotly.subplots import make_subplots
+
+    from overfill_lib import ablation
+
+    t = table[table["teacher"] == teacher_name]
+    full = t[t["method"] == ablation.FULL]
+    fig = make_subplots(rows=1, cols=len(families), subplot_titles=families, shared_yaxes=True)
+    for col, fam in enumerate(families, start=1):
+        for method in methods:
+            rows = t[t["method"] == method].sort_values("keep")
+            fig.add_scatter(x=rows["keep"], y=rows[fam], error_y={"type": "data", "array": rows[f"{fam}_std"]},
+                            mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
+                            line={"color": METHOD_COLORS.get(method)}, row=1, col=col)
+        if not full.empty:
+            fig.add_hline(y=float(full[fam].iloc[0]), line_dash="dash", line_color="gray", row=1, col=col)
+        fig.update_xaxes(title_text="kept fraction", tickformat=".0%", row=1, col=col)
+    fig.update_yaxes(range=[0, 1.05])
+    fig.update_layout(title=f"{title}<br><sup>dashed: the full model; error bars: std over seeds</sup>", height=420)
+    return fig
+
+
+def retention_by_teacher(table, title: str, method: str = "OverFill", score: str = "overall"):
+    """The decoder's score as a fraction of its own full model's, against the kept fraction (left) and
+    against the decoder's parameter count (right), one line per full model: which axis lines them up?"""
+    from plotly.subplots import make_subplots
+
+    from overfill_lib import ablation
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["against the kept fraction", "against decoder parameters"],
+                        shared_yaxes=True)
+    for i, (name, t) in enumerate(table.groupby("teacher", sort=False)):
+        full = t[t["method"] == ablation.FULL]
+        rows = t[t["method"] == method].sort_values("keep")
+        if full.empty or rows.empty or float(full[score].iloc[0]) <= 0:
+            continue
+        ref = float(full[score].iloc[0])
+        label = f"{name} ({int(full['parameters'].iloc[0]):,} params)"
+        for col, x in enumerate(("keep", "parameters"), start=1):
+            fig.add_scatter(x=rows[x], y=rows[score] / ref, error_y={"type": "data", "array": rows[f"{score}_std"] / ref},
+                            mode="lines+markers", name=label, legendgroup=label, showlegend=col == 1,
+                            line={"dash": TEACHER_DASH[i % len(TEACHER_DASH)]}, row=1, col=col)
+    fig.update_xaxes(title_text="kept fraction", tickformat=".0%", row=1, col=1)
+    fig.update_xaxes(title_text="decoder parameters", type="log", row=1, col=2)
+    fig.update_yaxes(title_text=f"{method} {score} / its full model's", row=1, col=1)
+    fig.update_layout(title=title, height=420)
     return fig

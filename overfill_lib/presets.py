@@ -29,6 +29,7 @@ SECTIONS = {
     "training": "decoder training recipe (OverFill objective and baselines)",
     "evaluation": "evaluation settings (tasks, limits, batch size)",
     "latency": "latency profiling settings",
+    "ablation": "pruning-ratio ablation grid (ablation.AblationConfig): {keep, objectives, seeds, scratch_keep, teachers, ...}",
     "runtime": "{dtype, device}",
     "workdir": "where derived artifacts go (relative to the project root)",
 }

@@ -118,8 +118,13 @@ def run_series(
     force: bool = False,
     run_dir: Path | None = None,
     notebook_dir: Path = NOTEBOOK_DIR,
+    log_output: bool = False,
 ) -> tuple[Path, list[Outcome]]:
-    """Execute the series; return the run directory and one outcome per notebook."""
+    """Execute the series; return the run directory and one outcome per notebook.
+
+    ``log_output``: echo each notebook's log lines (training runs, evaluations) to this process's log
+    as they happen, so long cells show progress on the console and not only in the executed notebook.
+    """
     import papermill
 
     parameters = {"preset": preset, **(parameters or {})}
@@ -152,7 +157,8 @@ def run_series(
         t0 = time.perf_counter()
         try:
             papermill.execute_notebook(
-                str(nb), str(out), parameters=parameters, kernel_name=KERNEL, cwd=str(nb.parent), progress_bar=True
+                str(nb), str(out), parameters=parameters, kernel_name=KERNEL, cwd=str(nb.parent), progress_bar=True,
+                log_output=log_output,
             )
         except Exception as exc:  # keep the partial notebook, render it, and stop the series
             outcomes[i] = Outcome(nb.stem, "failed", time.perf_counter() - t0, _error_of(exc))
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="notebook numbers or names to run (default: all)")
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when unchanged")
     parser.add_argument("--run-dir", type=Path, help="where to write executed notebooks (default runs/<preset>-<time>)")
+    parser.add_argument("--quiet", action="store_true", help="show only each cell's progress, not the notebooks' log lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     params = {}
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = params.pop("preset", args.preset)
     load_preset(preset)  # fail fast on a bad preset, before any kernel starts
-    run_dir, outcomes = run_series(preset, params, args.only, args.force, args.run_dir)
+    run_dir, outcomes = run_series(preset, params, args.only, args.force, args.run_dir, log_output=not args.quiet)
     print(f"run folder: {run_dir}\nindex: {run_dir / 'index.html'}")
     for o in outcomes:
         print(f"  {o.notebook:32s} {o.status:8s} {o.seconds:7.1f}s")

@@ -189,17 +189,20 @@ class TrainingConfig:
 
 @dataclass
 class Sources:
-    """Model directories a run reads; ``fingerprint`` changes whenever any of them changes."""
+    """Model directories a run reads; ``fingerprint(objective)`` changes whenever one it reads changes."""
 
     full_dir: Path
     decoder_dir: Path
     smaller_dir: Path | None = None
     full_id: str | None = None  # how the pair names the full model when saved (default: full_dir)
 
-    @property
-    def fingerprint(self) -> str:
-        parts = [_dir_signature(p) for p in (self.full_dir, self.decoder_dir, self.smaller_dir)]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    def fingerprint(self, objective: str) -> str:
+        """Signature of the directories ``objective`` reads (the full model's tokenizer always counts), so a run
+        is reused by any caller that resolves the same models, whatever else it resolved."""
+        trains = get_objective(objective).trains
+        dirs = [self.full_dir] + {"decoder": [self.decoder_dir], "scratch": [self.decoder_dir],
+                                  "smaller": [self.smaller_dir]}.get(trains, [])
+        return hashlib.sha256(json.dumps([_dir_signature(p) for p in dirs]).encode()).hexdigest()[:16]
 
 
 def _dir_signature(path: Path | None) -> list | None:
@@ -223,13 +226,14 @@ def prune_decoder(
     preset=None,
     device: str = "cpu",
     dtype: str = "float32",
+    importance_dir: str | Path | None = None,
 ) -> Path:
     """Width-prune the model in ``full_dir`` per a ``decoder`` section into ``out_dir`` (HF directory +
     ``pruning.json``, written atomically).
 
     Importance comes from ``importance.preset_importance`` (the preset's calibration section, scores
-    cached under its workdir and shared with notebook 01); without a preset only the data-free
-    criteria (magnitude, random) are possible.
+    cached under its workdir and shared with notebook 01, or under ``importance_dir``); without a
+    preset only the data-free criteria (magnitude, random) are possible.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -239,7 +243,8 @@ def prune_decoder(
     tokenizer = AutoTokenizer.from_pretrained(full_dir)
     criterion = decoder.get("criterion", "activation")
     if preset is not None:
-        scores = importance.preset_importance(model, tokenizer, preset, criteria=[criterion])[criterion]
+        scores = importance.preset_importance(model, tokenizer, preset, criteria=[criterion],
+                                              directory=importance_dir)[criterion]
     elif criterion == "activation":
         raise ValueError("activation importance needs calibration data: pass preset= (its calibration section is used)")
     else:
@@ -251,23 +256,28 @@ def prune_decoder(
     return pruning.save_pruned(pruned.cpu(), record, Path(out_dir), tokenizer=tokenizer)
 
 
-def prepare_decoder(preset, retrain: bool = False) -> Path:
-    """The preset's pruned decoder under ``<workdir>/pruned_decoder``, pruned once and reused.
+def prepare_decoder(preset, retrain: bool = False, *, decoder: dict | None = None, full_dir: str | Path | None = None,
+                    out: str | Path | None = None, importance_dir: str | Path | None = None) -> Path:
+    """A pruned decoder, pruned once and reused: by default the preset's (its ``decoder`` section applied to
+    its full model) under ``<workdir>/pruned_decoder``.
 
-    Re-pruned when the preset's ``decoder`` or ``calibration`` section or the full model changes.
+    ``decoder`` / ``full_dir`` / ``out`` prune another width or another full model into another directory
+    (the pruning-ratio ablation; give another full model its own ``importance_dir``). Re-pruned when the decoder spec, the ``calibration`` section or the full
+    model changes.
     """
     from overfill_lib import teacher
 
-    full_dir, _ = teacher.ensure_teacher(preset)
-    out = preset.workdir / "pruned_decoder"
-    spec = {"decoder": preset.get("decoder", {}), "calibration": preset.get("calibration", {}),
-            "full": _dir_signature(full_dir)}
+    full_dir = Path(full_dir) if full_dir is not None else teacher.ensure_teacher(preset)[0]
+    out = Path(out) if out is not None else preset.workdir / "pruned_decoder"
+    spec = {"decoder": decoder if decoder is not None else preset.get("decoder", {}),
+            "calibration": preset.get("calibration", {}), "full": _dir_signature(full_dir)}
     stamp = out / "prepared.json"
     if not retrain and stamp.is_file() and read_json(stamp).get("spec") == json.loads(json.dumps(spec)):
         return out
     rt = _runtime(preset)
-    log.info("pruning %s into %s (%s)", full_dir, out, preset.get("decoder"))
-    prune_decoder(full_dir, out, spec["decoder"], preset=preset, device=rt["device"], dtype=rt["dtype"])
+    log.info("pruning %s into %s (%s)", full_dir, out, spec["decoder"])
+    prune_decoder(full_dir, out, spec["decoder"], preset=preset, device=rt["device"], dtype=rt["dtype"],
+                  importance_dir=importance_dir)
     write_json(stamp, {"spec": spec, "full_dir": str(full_dir)})
     return out
 
@@ -446,7 +456,7 @@ def build_dataset(preset, config: TrainingConfig, tokenizer):
 
 def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: Sources, data_stats: dict) -> str:
     recipe = {k: v for k, v in config.to_dict().items() if k not in {"objectives", "seeds"}}
-    blob = json.dumps([objective, seed, recipe, sources.fingerprint, data_stats], sort_keys=True, default=str)
+    blob = json.dumps([objective, seed, recipe, sources.fingerprint(objective), data_stats], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

@@ -136,3 +136,35 @@ def compare_answers(models: dict, tokenizer, records: list[dict], max_new_tokens
     if in_batch():
         print(f"reference: {df.attrs['reference']}")
         display(df)
+
+
+def retention_explorer(table, default: float = 0.9):
+    """Retention slider -> per family, the narrowest decoder (OverFill and pruned) still holding that fraction
+    of the full model's score, and the size rule at that threshold (``ablation.aggregate`` table).
+    Executed in batch, prints the default."""
+    import ipywidgets as w
+
+    from overfill_lib import ablation
+
+    level = w.FloatSlider(value=default, min=0.5, max=1.0, step=0.01, description="holds ≥", readout_format=".0%",
+                          continuous_update=False)
+    out = w.Output()
+
+    def report(*_):
+        robust = ablation.family_robustness(table, level.value)
+        column = next(c for c in robust.columns if c.startswith("narrowest keep holding"))
+        wide = robust.pivot(index="family", columns="method", values=column)
+        rule = ablation.size_rule(table, level.value)
+        return f"narrowest kept fraction holding {level.value:.0%} of the full model:\n{wide.to_string()}\n\nrule: {rule['statement']}"
+
+    def refresh(*_):
+        text = report()  # computed outside the Output context
+        out.clear_output()
+        with out:
+            print(text)
+
+    level.observe(refresh, names="value")
+    refresh()
+    display(w.VBox([level, out]))
+    if in_batch():
+        print(report())

@@ -67,7 +67,7 @@ def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: in
     from overfill_lib.plots import configure_plotly
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "choreographer", "kaleido"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     p = load_preset(preset, overrides)
     configure_plotly()

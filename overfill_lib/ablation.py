@@ -1,0 +1,575 @@
+"""The pruning-ratio ablation: how much of a full model can the decoder lose?
+
+A *point* of the grid is a full model (``teacher``: the preset's full model, its smaller sibling, or
+any model of the same family) and the fraction ``keep`` of its hidden channels and MLP neurons the
+decoder keeps (layers, KV heads and head size stay, so the decoder reads the full model's cache).
+At every point the decoder is pruned, trained as OverFill and as the pruned baseline (and from
+scratch where asked) with one recipe, scored through lm-evaluation-harness, and costed per decode
+token two ways: the bytes one step must read (the roofline bound of a memory-bound decode) and the
+measured latency on this machine. The full model and the smaller fine-tuned model are the
+reference points.
+
+Everything is cached: pruned decoders and training runs by ``training`` (so the preset's own width
+reuses notebook 02's runs), lm-eval results beside each run. A rerun only fills in what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from overfill_lib import evaluation, latency, teacher, training
+from overfill_lib.fast_decode import FastGenerator
+from overfill_lib.io import read_json
+from overfill_lib.pair import OverFillModel
+
+log = logging.getLogger(__name__)
+
+METHODS = {"overfill": "OverFill", "pruned": "pruned", "scratch": "from scratch"}
+UNTRAINED = {"overfill": "OverFill (untrained)", "pruned": "pruned (untrained)"}
+FULL, SMALLER = "full model", "smaller fine-tuned"
+MAIN_TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """A preset's ``ablation`` section.
+
+    ``keep``: fractions of hidden and intermediate channels the decoder keeps, for the preset's full model.
+    ``objectives`` / ``seeds``: what is trained at every width (same recipe as notebook 02: the preset's
+    ``training`` section). ``scratch_keep``: widths where the from-scratch baseline is trained too.
+    ``teachers``: a second axis, other full models of the same family, each ``{keep, seeds, objectives}``
+    (any left out: the main grid's); a key is ``smaller`` (the preset's smaller model) or a local directory /
+    hub id. Untrained decoders are scored for the main full model only.
+    ``retention``: a decoder "holds" a family when it keeps at least this fraction of its full model's score.
+    ``untrained``: also score every decoder before training (alone and paired).
+    ``eval_limit``: score only the first N documents of each task (None: the ``evaluation`` section's limit).
+    """
+
+    keep: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
+    objectives: tuple[str, ...] = ("overfill", "pruned")
+    seeds: tuple[int, ...] = (0,)
+    scratch_keep: tuple[float, ...] = ()
+    teachers: dict = field(default_factory=dict)
+    retention: float = 0.9
+    untrained: bool = True
+    eval_limit: int | None = None
+
+    def __post_init__(self):
+        for name in ("keep", "scratch_keep"):
+            for k in getattr(self, name):
+                _check_keep(k, f"ablation.{name}")
+        for other, spec in self.teachers.items():
+            bad = sorted(set(spec or {}) - {"keep", "seeds", "objectives"})
+            if bad:
+                raise ValueError(f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
+            for k in (spec or {}).get("keep", self.keep):
+                _check_keep(k, f"ablation.teachers.{other}.keep")
+        for p in self.points():
+            if bad := [o for o in p.objectives if o not in METHODS]:
+                raise ValueError(f"ablation objectives {bad} cannot be trained per width; choose from {sorted(METHODS)}")
+        if not self.seeds:
+            raise ValueError("ablation.seeds needs at least one seed")
+        if not 0 < self.retention <= 1:
+            raise ValueError(f"ablation.retention must be in (0, 1], got {self.retention}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AblationConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown ablation key(s) {bad}; valid keys: {sorted(known)}")
+        for key in ("keep", "objectives", "seeds", "scratch_keep"):
+            if key in d:
+                d[key] = tuple([d[key]] if isinstance(d[key], (str, int, float)) else d[key])
+        d["teachers"] = dict(d.get("teachers") or {})
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, preset) -> AblationConfig:
+        return cls.from_dict(preset.get("ablation", {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def points(self) -> list[Point]:
+        """The grid: the main teacher at every ``keep``, then each other teacher at its own widths."""
+        scratch = set(self.scratch_keep)
+        out = [Point(MAIN_TEACHER, k, self.seeds, self.objectives + (("scratch",) if k in scratch else ()))
+               for k in self.keep]
+        for other, spec in self.teachers.items():
+            spec = spec or {}
+            seeds, objectives = tuple(spec.get("seeds", self.seeds)), tuple(spec.get("objectives", self.objectives))
+            out += [Point(str(other), k, seeds, objectives) for k in spec.get("keep", self.keep)]
+        return out
+
+    def runs(self) -> int:
+        """How many training runs the grid asks for (before any are found finished)."""
+        return sum(len(p.seeds) * len(p.objectives) for p in self.points())
+
+
+@dataclass(frozen=True)
+class Point:
+    teacher: str
+    keep: float
+    seeds: tuple[int, ...] = (0,)
+    objectives: tuple[str, ...] = ("overfill", "pruned")
+
+    @property
+    def slug(self) -> str:
+        return f"{_slug(self.teacher)}-keep{self.keep:g}"
+
+
+def _check_keep(k, where: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise ValueError(f"{where}: keep fractions must be numbers in (0, 1] (1 keeps every channel), got {k!r}")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Models of a point
+# --------------------------------------------------------------------------------------------------
+
+
+def teacher_dir(preset, name: str) -> Path:
+    """The full model called ``name``: ``teacher`` / ``smaller`` (the preset's), or a directory / hub id."""
+    if name in (MAIN_TEACHER, "smaller"):
+        return Path(teacher.ensure_teacher(preset, which=name)[0])
+    from overfill_lib.presets import resolve_model
+
+    return Path(resolve_model(name))
+
+
+def teacher_id(preset, name: str, full_dir: Path) -> str:
+    """How a saved pair names its full model: the preset's id for its own models, else the directory."""
+    spec = preset[name] if name in (MAIN_TEACHER, "smaller") else None
+    return str((spec or {}).get("id") or full_dir)
+
+
+def decoder_section(preset, keep: float) -> dict:
+    """The preset's ``decoder`` section with hidden and intermediate pruned to keep ``keep`` of the channels."""
+    section = dict(preset.get("decoder", {}))
+    section["hidden"] = section["intermediate"] = round(1.0 - keep, 6)
+    return section
+
+
+def prepare_point(preset, point: Point, full_dir: Path) -> Path:
+    """The pruned decoder of ``point``; the preset's own width of its own teacher is notebook 02's decoder."""
+    section = decoder_section(preset, point.keep)
+    if point.teacher == MAIN_TEACHER and section == dict(preset.get("decoder", {})):
+        return training.prepare_decoder(preset)
+    root = preset.workdir / "ablation"
+    own_importance = None if point.teacher == MAIN_TEACHER else root / _slug(point.teacher) / "importance"
+    return training.prepare_decoder(preset, decoder=section, full_dir=full_dir, out=root / point.slug / "decoder",
+                                    importance_dir=own_importance)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores through lm-eval
+# --------------------------------------------------------------------------------------------------
+
+
+def task_scores(results: dict, prefix: str = evaluation.SUITE_TASKS + "_") -> dict[str, float]:
+    """One number per task (its first metric; the suite's family names without the prefix) and ``overall``
+    (the group's score when lm-eval aggregated one, else the mean over tasks)."""
+    groups = set(results.get("groups") or {})
+    scores, overall = {}, None
+    for task, metrics in (results.get("results") or {}).items():
+        values = [v for k, v in metrics.items() if "," in k and "_stderr," not in k
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not values:
+            continue
+        if task in groups:
+            overall = float(values[0]) if overall is None else overall
+        else:
+            scores[task.removeprefix(prefix)] = float(values[0])
+    scores["overall"] = overall if overall is not None else sum(scores.values()) / max(1, len(scores))
+    return scores
+
+
+def _eval_key(preset, limit: int | None) -> str:
+    tasks = list((preset.get("evaluation") or {}).get("tasks") or [evaluation.SUITE_TASKS])
+    suite = preset.suite_dir / "suite.json" if preset.suite_dir is not None else None
+    blob = json.dumps([tasks, limit, suite.read_text() if suite is not None and suite.is_file() else None])
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def score(model, tokenizer, preset, *, limit: int | None = None, cache: Path | None = None) -> dict[str, float]:
+    """Scores of ``model`` (an ``OverFillModel`` or a causal LM) on the preset's evaluation tasks through lm-eval.
+
+    The lm-eval results JSON is written atomically to ``cache`` and read back instead of re-evaluating.
+    """
+    if cache is not None and cache.is_file():
+        return task_scores(read_json(cache))
+    ev = preset.get("evaluation") or {}
+    with _quiet_harness():
+        lm = evaluation.OverFillLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.get("batch_size", 16))
+        results = evaluation.evaluate(
+            lm, list(ev.get("tasks") or [evaluation.SUITE_TASKS]), suite_dir=preset.suite_dir, limit=limit,
+            num_fewshot=ev.get("num_fewshot"), apply_chat_template=ev.get("apply_chat_template", True),
+            fewshot_as_multiturn=ev.get("fewshot_as_multiturn"), output_path=cache,
+        )
+    return task_scores(results)
+
+
+@contextlib.contextmanager
+def _quiet_harness():
+    """Dozens of evaluations in one notebook: keep lm-eval's per-run notices and progress bars out of its output
+    (errors still show; the grid's own progress bar reports progress)."""
+    import io
+
+    harness = logging.getLogger("lm_eval")
+    level = harness.level
+    harness.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        harness.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode cost
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with ``n`` torch threads (timing tiny models on a CPU: more threads only add noise)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prompt_source(preset, tokenizer):
+    """Prompts for timing: the suite's test prompts through the chat template, else random token ids."""
+    from overfill_lib import generation, tasks
+
+    if preset.suite_dir is None:
+        return latency.random_prompts(len(tokenizer))
+    records = tasks.load_split(preset.suite_dir, "test")[:64]
+    enc = generation.encode_chat(tokenizer, [r["messages"][:-1] for r in records])
+    return latency.tiled_prompts([row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])])
+
+
+def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, bytes_per_value: int | None = None,
+                threads: int | None = None) -> dict:
+    """Per-token decode cost of ``decoder`` reading ``full``'s cache (``decoder=None``: the full model alone).
+
+    ``decode_bytes``: what one step at batch 1 reads and writes (weights + KV of the base prompt and its new
+    tokens): the roofline cost of a memory-bound decode. ``per_token_ms``: measured median milliseconds per
+    generated token after the first (p10/p90 beside it), on the static-cache path, on this machine with
+    ``threads`` torch threads on a CPU.
+    """
+    model = decoder if decoder is not None else full
+    nbytes = bytes_per_value or latency.dtype_bytes(next(model.parameters()).dtype)
+    positions = settings.base_prompt + settings.base_new_tokens
+    step = latency.decode_step_bytes(model.config, nbytes, batch=1, kv_positions=positions)
+    # Compiled (CUDA graphs) on a GPU, where eager per-layer launches would hide the bytes; eager on a CPU.
+    gen = FastGenerator(full, decoder, compile="auto") if decoder is not None else FastGenerator(full, compile="auto")
+    with _threads(threads if gen.device.type == "cpu" else None):
+        timed = latency.measure_fast(gen, "overfill" if decoder is not None else "full", batch=1,
+                                     prompt=settings.base_prompt, new_tokens=settings.base_new_tokens,
+                                     prompt_fn=prompt_fn, warmup=settings.warmup, repeats=settings.repeats)
+    per_token = timed["per_token_s"]
+    return {"parameters": sum(p.numel() for p in model.parameters()), "decode_bytes": step["total"],
+            "per_token_ms": 1000 * per_token["median"], "per_token_ms_p10": 1000 * per_token["p10"],
+            "per_token_ms_p90": 1000 * per_token["p90"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------
+
+
+def run(
+    preset,
+    config: AblationConfig | None = None,
+    train_config: training.TrainingConfig | None = None,
+    *,
+    retrain: bool = False,
+    timing_threads: int | None = 1,
+) -> list[dict]:
+    """Train, score and cost every point of the grid; one row per (point, method, seed) plus the references.
+
+    Row keys: ``teacher``, ``teacher_parameters``, ``keep``, ``method``, ``seed`` (None for untrained
+    models), ``parameters``, ``decode_bytes``, ``per_token_ms``, one score per task family and ``overall``,
+    ``train_seconds``, ``run_dir``.
+    """
+    config = config or AblationConfig.from_preset(preset)
+    cfg = train_config or training.TrainingConfig.from_preset(preset)
+    settings = latency.LatencySettings.from_dict(preset.get("latency", {}))
+    rt = training._runtime(preset)
+    device = rt["device"] if rt["device"] != "cuda" or torch.cuda.is_available() else "cpu"
+
+    def load(path: Path):
+        return teacher.load_teacher(path, dtype=getattr(torch, rt["dtype"]))[0].to(device)
+
+    main_dir = teacher_dir(preset, MAIN_TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(main_dir)
+    dataset, stats = training.build_dataset(preset, cfg, tokenizer)
+    data_stats = stats.to_dict()
+    prompt_fn = prompt_source(preset, tokenizer)
+
+    def cost_of(full, decoder=None) -> dict:
+        return decode_cost(full, decoder, settings, prompt_fn, threads=timing_threads)
+
+    limit = config.eval_limit if config.eval_limit is not None else (preset.get("evaluation") or {}).get("limit")
+    key = _eval_key(preset, limit)
+    cache_root = preset.workdir / "ablation" / "scores"
+
+    def scored(model, cache: Path) -> dict:
+        return score(model, tokenizer, preset, limit=limit, cache=cache)
+
+    rows: list[dict] = []
+    bar = tqdm(total=config.runs(), desc="ablation training runs", unit="run")
+    by_teacher: dict[str, list[Point]] = {}
+    for point in config.points():
+        by_teacher.setdefault(point.teacher, []).append(point)
+    for name, points in by_teacher.items():
+        full_dir = teacher_dir(preset, name)
+        if name != MAIN_TEACHER:
+            training.check_same_tokenizer(main_dir, full_dir, f"full model {name!r}")
+        full = load(full_dir)
+        full_cost = cost_of(full)
+        base = {"teacher": name, "teacher_parameters": full_cost["parameters"]}
+        rows.append(base | {"keep": 1.0, "method": FULL, "seed": None} | full_cost
+                    | scored(full, cache_root / f"{_slug(name)}-{_dir_key(full_dir)}-{key}.json"))
+        for point in points:
+            dec_dir = prepare_point(preset, point, full_dir)
+            decoder0 = load(dec_dir)
+            cost = cost_of(full, decoder0)
+            at = base | {"keep": point.keep} | cost
+            if config.untrained and name == MAIN_TEACHER:
+                tag = f"{point.slug}-{_dir_key(dec_dir)}-{key}"
+                rows.append(at | {"method": UNTRAINED["pruned"], "seed": None}
+                            | scored(decoder0, cache_root / f"pruned-{tag}.json"))
+                rows.append(at | {"method": UNTRAINED["overfill"], "seed": None}
+                            | scored(OverFillModel(full, decoder0, tokenizer=tokenizer), cache_root / f"overfill-{tag}.json"))
+            sources = training.Sources(full_dir, dec_dir, None, teacher_id(preset, name, full_dir))
+            for seed in point.seeds:
+                for objective in point.objectives:
+                    bar.set_postfix_str(f"{point.slug} {objective} seed {seed}")
+                    result = training.train_objective(preset, objective, seed=seed, config=cfg, sources=sources,
+                                                      dataset=dataset, data_stats=data_stats, full=full,
+                                                      retrain=retrain)
+                    rows.append(at | {"method": METHODS[objective], "seed": seed,
+                                      "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
+                                | scored(result.model, result.run_dir / f"lm_eval-{key}.json"))
+                    bar.update()
+                    log.info("ablation %d/%d: %s %s seed %d, overall %.3f (trained in %.0f s)", bar.n, bar.total,
+                             point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
+    bar.close()
+    if preset.get("smaller"):  # the smaller model fine-tuned with the same recipe (notebook 02's run when finished)
+        sources = training.prepare_sources(preset, cfg, ["smaller"])
+        cost = cost_of(load(sources.smaller_dir))
+        for seed in config.seeds:
+            result = training.train_objective(preset, "smaller", seed=seed, config=cfg, sources=sources, dataset=dataset,
+                                              data_stats=data_stats, retrain=retrain)
+            rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
+                         "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
+                        | cost | scored(result.model, result.run_dir / f"lm_eval-{key}.json"))
+    return rows
+
+
+def _dir_key(path: Path) -> str:
+    return hashlib.sha256(json.dumps(training._dir_signature(path)).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the grid
+# --------------------------------------------------------------------------------------------------
+
+ID_COLUMNS = ["teacher", "teacher_parameters", "keep", "method", "parameters", "decode_bytes"]
+
+
+def families(rows) -> list[str]:
+    """Score columns of the rows from :func:`run` (task families, then ``overall``)."""
+    import pandas as pd
+
+    skip = set(ID_COLUMNS) | {"seed", "train_seconds", "run_dir"}
+    cols = [c for c in pd.DataFrame(rows).columns if c not in skip and not c.startswith("per_token_ms")]
+    return [c for c in cols if c != "overall"] + ["overall"]
+
+
+def score_columns(table) -> list[str]:
+    """Score columns of an :func:`aggregate` table (those with a ``_std`` partner)."""
+    return [c for c in table.columns if f"{c}_std" in table.columns]
+
+
+def aggregate(rows):
+    """Mean and standard deviation over seeds per (teacher, keep, method); ``seeds`` counts them.
+
+    Cost columns are the point's (one measurement per point). Columns ``<score>`` and ``<score>_std``
+    for each family and overall.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    scores = families(rows)
+    keys = ["teacher", "keep", "method"]
+    df["keep"] = df["keep"].fillna(-1.0)  # references have no width; groupby drops NaN keys
+    g = df.groupby(keys, sort=False, dropna=False)
+    out = g[scores].mean()
+    std = g[scores].std(ddof=1).fillna(0.0).add_suffix("_std")
+    first = g[["teacher_parameters", "parameters", "decode_bytes", "per_token_ms", "per_token_ms_p10",
+               "per_token_ms_p90"]].first()
+    out = pd.concat([first, out, std, g.size().rename("seeds")], axis=1).reset_index()
+    out["keep"] = out["keep"].where(out["keep"] >= 0)
+    return out
+
+
+def pareto_front(table, cost: str, score: str = "overall", methods: Sequence[str] | None = None):
+    """Boolean Series: rows no other row beats on both ``cost`` (lower) and ``score`` (higher)."""
+    import pandas as pd
+
+    candidates = table if methods is None else table[table["method"].isin(methods)]
+    keep = pd.Series(False, index=table.index)
+    for i, row in candidates.iterrows():
+        dominated = ((candidates[cost] <= row[cost]) & (candidates[score] >= row[score])
+                     & ((candidates[cost] < row[cost]) | (candidates[score] > row[score]))).any()
+        keep[i] = not dominated
+    return keep
+
+
+def family_robustness(table, retention: float = 0.9, teacher_name: str = MAIN_TEACHER):
+    """Per family and method: score at the widest and narrowest decoder, each as a fraction of the full
+    model's score on that family, and the narrowest ``keep`` still holding ``retention`` of it."""
+    import pandas as pd
+
+    t = table[table["teacher"] == teacher_name]
+    full = t[t["method"] == FULL].iloc[0]
+    rows = []
+    for method in ("OverFill", "pruned"):
+        m = t[t["method"] == method].sort_values("keep")
+        if m.empty:
+            continue
+        for fam in score_columns(table):
+            ref = full[fam]
+            kept = m[m[fam] >= retention * ref]["keep"] if ref > 0 else m["keep"].iloc[:0]
+            rows.append({"family": fam, "method": method, "full model": ref,
+                         f"at keep {m['keep'].iloc[-1]:g}": m[fam].iloc[-1], f"at keep {m['keep'].iloc[0]:g}": m[fam].iloc[0],
+                         "retained at narrowest": m[fam].iloc[0] / ref if ref > 0 else float("nan"),
+                         f"narrowest keep holding {retention:.0%}": kept.min() if len(kept) else None})
+    return pd.DataFrame(rows)
+
+
+def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
+    """The simplest rule the grid supports linking the full model's size and the prunable ratio.
+
+    For each teacher: the narrowest ``keep`` whose decoder holds ``retention`` of the teacher's overall
+    score, and that decoder's parameter count. A *constant ratio* rule holds when those keeps agree
+    within the coarser grid's spacing; a *constant decoder size* rule when the parameter counts agree
+    within a factor of 1.5. With fewer than two teachers reaching the threshold, no rule can be tested.
+    """
+    knees = {}
+    for name, t in table.groupby("teacher", sort=False):
+        full = t[t["method"] == FULL]
+        m = t[t["method"] == method].sort_values("keep")
+        if full.empty or m.empty:
+            continue
+        ref = float(full["overall"].iloc[0])
+        ok = m[m["overall"] >= retention * ref] if ref > 0 else m.iloc[:0]
+        grid = [float(k) for k in m["keep"]]
+        knees[name] = {"teacher_parameters": int(full["parameters"].iloc[0]), "full_score": ref, "grid": grid,
+                       "grid_spacing": max((b - a for a, b in itertools.pairwise(grid)), default=None),
+                       "knee_keep": float(ok["keep"].min()) if len(ok) else None,
+                       "knee_parameters": int(ok.sort_values("keep")["parameters"].iloc[0]) if len(ok) else None,
+                       # the narrowest width tried already holds: the true knee may lie lower
+                       "knee_at_grid_edge": bool(len(ok)) and float(ok["keep"].min()) == grid[0]}
+    reached = {k: v for k, v in knees.items() if v["knee_keep"] is not None}
+    verdict = {"teachers": knees, "retention": retention, "method": method}
+    if len(knees) < 2:
+        return verdict | {"rule": None, "statement": "one full model only: no rule between its size and the ratio can be tested"}
+    if len(reached) < len(knees):
+        missing = [k for k in knees if k not in reached]
+        return verdict | {"rule": None, "statement": f"{', '.join(missing)} never holds {retention:.0%} of its full model's "
+                          "score within its grid, so no rule can be read off these points"}
+    keeps = [v["knee_keep"] for v in reached.values()]
+    params = [v["knee_parameters"] for v in reached.values()]
+    tol = max((v["grid_spacing"] for v in reached.values() if v["grid_spacing"] is not None), default=0.0)
+    ratio_ok = max(keeps) - min(keeps) <= tol + 1e-9
+    size_ok = max(params) / max(1, min(params)) <= 1.5
+    rule = ("constant ratio" if ratio_ok and not size_ok else "constant decoder size" if size_ok and not ratio_ok
+            else "either (the grid cannot tell them apart)" if ratio_ok else None)
+    described = "; ".join(f"{k}: keep {'<=' if v['knee_at_grid_edge'] else ''}{v['knee_keep']:g} "
+                          f"({v['knee_parameters']:,} decoder parameters of "
+                          f"{v['teacher_parameters']:,})" for k, v in reached.items())
+    if rule is None:
+        statement = (f"neither a constant ratio nor a constant decoder size fits: the narrowest decoders holding "
+                     f"{retention:.0%} are {described}")
+    else:
+        statement = f"{rule} fits these points (grid spacing up to {tol:g}): {described}"
+    return verdict | {"rule": rule, "statement": statement}
+
+
+def compare_methods(table, score: str = "overall", teacher_name: str = MAIN_TEACHER, a: str = "OverFill",
+                    b: str = "pruned"):
+    """Per width of ``teacher_name``: ``a`` against ``b`` (mean, std over seeds, difference, and whether the
+    difference exceeds the sum of the two spreads)."""
+    import pandas as pd
+
+    t = table[table["teacher"] == teacher_name]
+    x = t[t["method"] == a].set_index("keep")
+    y = t[t["method"] == b].set_index("keep")
+    keeps = sorted(set(x.index) & set(y.index))
+    rows = [{"keep": k, "parameters": int(x.loc[k, "parameters"]), a: x.loc[k, score], f"{a} std": x.loc[k, f"{score}_std"],
+             b: y.loc[k, score], f"{b} std": y.loc[k, f"{score}_std"], "difference": x.loc[k, score] - y.loc[k, score],
+             "beyond seed spread": bool(abs(x.loc[k, score] - y.loc[k, score])
+                                        > x.loc[k, f"{score}_std"] + y.loc[k, f"{score}_std"])}
+            for k in keeps]
+    return pd.DataFrame(rows)
+
+
+def narrowest_holding(table, method: str, level: float, score: str = "overall", teacher_name: str = MAIN_TEACHER):
+    """The row of the narrowest ``method`` decoder of ``teacher_name`` scoring at least ``level`` (None if none)."""
+    t = table[(table["teacher"] == teacher_name) & (table["method"] == method) & (table[score] >= level)]
+    return None if t.empty else t.sort_values("keep").iloc[0]
+
+
+def conclusion(table, retention: float = 0.9, score: str = "overall") -> str:
+    """What the grid shows, in two sentences built from the measured numbers."""
+    cmp = compare_methods(table, score)
+    full = table[(table["teacher"] == MAIN_TEACHER) & (table["method"] == FULL)]
+    parts = []
+    if not cmp.empty:
+        ahead = cmp[(cmp["difference"] > 0) & cmp["beyond seed spread"]]
+        behind = cmp[(cmp["difference"] < 0) & cmp["beyond seed spread"]]
+        best = cmp.loc[cmp["difference"].idxmax()]
+        parts.append(f"OverFill is ahead of the pruned baseline beyond the seed spread at {len(ahead)} of {len(cmp)} "
+                     f"widths (behind at {len(behind)}); the largest gap is {best['difference']:+.3f} {score} exact match "
+                     f"at keep {best['keep']:.0%} ({best['OverFill']:.3f} vs {best['pruned']:.3f})")
+    if not full.empty:
+        level = retention * float(full[score].iloc[0])
+        held = {m: narrowest_holding(table, m, level, score) for m in ("OverFill", "pruned")}
+        said = [f"{m} down to keep {r['keep']:.0%} ({int(r['parameters']):,} parameters)" if r is not None
+                else f"{m} at no width tried" for m, r in held.items()]
+        sentence = f"{retention:.0%} of the full model's {float(full[score].iloc[0]):.3f} is held by " + " and by ".join(said)
+        small = table[table["method"] == SMALLER]
+        if not small.empty:
+            s = small.iloc[0]
+            match = narrowest_holding(table, "OverFill", float(s[score]), score)
+            sentence += (f"; the smaller fine-tuned model ({int(s['parameters']):,} parameters) scores {s[score]:.3f}, "
+                         + (f"matched by OverFill from keep {match['keep']:.0%} ({int(match['parameters']):,} parameters)"
+                            if match is not None else "which no OverFill decoder tried matches"))
+        parts.append(sentence)
+    return ". ".join(parts) + "." if parts else "no trained widths to compare."

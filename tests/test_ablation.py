@@ -1,0 +1,155 @@
+"""The pruning-ratio ablation: its grid is validated, its readings (aggregation, Pareto frontier, method
+comparison, size rule) are right on hand-made tables, and a run on the smoke preset trains, scores through
+lm-eval, costs every point, caches everything and reuses it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from overfill_lib import ablation, presets
+
+torch.set_num_threads(1)
+
+
+def test_config_refuses_bad_grids_with_the_fix():
+    with pytest.raises(ValueError, match=r"keep fractions must be numbers in \(0, 1\]"):
+        ablation.AblationConfig.from_dict({"keep": [0.5, 1.5]})
+    with pytest.raises(ValueError, match=r"keep fractions must be numbers in \(0, 1\]"):
+        ablation.AblationConfig.from_dict({"teachers": {"smaller": {"keep": [0]}}})
+    with pytest.raises(ValueError, match="unknown ablation key.*valid keys"):
+        ablation.AblationConfig.from_dict({"widths": [0.5]})
+    with pytest.raises(ValueError, match="unknown key.*valid keys: keep, seeds"):
+        ablation.AblationConfig.from_dict({"teachers": {"smaller": {"ratio": [0.5]}}})
+    with pytest.raises(ValueError, match="cannot be trained per width"):
+        ablation.AblationConfig.from_dict({"objectives": ["overfill", "full"]})
+    with pytest.raises(ValueError, match="cannot be trained per width"):
+        ablation.AblationConfig.from_dict({"teachers": {"smaller": {"objectives": ["smaller"]}}})
+    with pytest.raises(ValueError, match="retention"):
+        ablation.AblationConfig.from_dict({"retention": 1.2})
+
+
+def test_grid_points_and_run_count():
+    cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 0.75], "seeds": [0, 1], "scratch_keep": [0.5],
+                                             "teachers": {"smaller": {"keep": [0.5], "seeds": [0]}}})
+    assert [(p.teacher, p.keep, p.seeds, p.objectives) for p in cfg.points()] == [
+        ("teacher", 0.5, (0, 1), ("overfill", "pruned", "scratch")), ("teacher", 0.75, (0, 1), ("overfill", "pruned")),
+        ("smaller", 0.5, (0,), ("overfill", "pruned"))]
+    assert cfg.runs() == 2 * 2 * 2 + 2 + 2  # objectives x widths x seeds, scratch at 0.5 x 2 seeds, the sibling
+    lean = ablation.AblationConfig.from_dict({"keep": [0.5], "teachers": {"smaller": {"keep": [0.25, 0.5], "objectives": ["overfill"]}}})
+    assert lean.runs() == 2 + 2
+
+
+def test_decoder_section_and_the_presets_own_width():
+    p = presets.load_preset("smoke")
+    assert ablation.decoder_section(p, 0.5) == dict(p["decoder"])  # notebook 02's decoder, hence its runs
+    assert ablation.decoder_section(p, 0.85)["hidden"] == ablation.decoder_section(p, 0.85)["intermediate"] == 0.15
+    for name in presets.available():  # every shipped grid parses
+        ablation.AblationConfig.from_preset(presets.load_preset(name))
+
+
+def test_task_scores_reads_lm_eval_results():
+    results = {
+        "results": {
+            "overfill_suite": {"alias": "overfill_suite", "exact_match,none": 0.6, "exact_match_stderr,none": 0.01},
+            "overfill_suite_add": {"alias": " - add", "exact_match,none": 0.2, "exact_match_stderr,none": 0.1},
+            "overfill_suite_sort": {"alias": " - sort", "exact_match,none": 1.0, "exact_match_stderr,none": 0.0},
+        },
+        "groups": {"overfill_suite": {}},
+    }
+    assert ablation.task_scores(results) == {"add": 0.2, "sort": 1.0, "overall": 0.6}
+    no_group = {"results": {"arc": {"acc,none": 0.5, "acc_stderr,none": 0.1}, "mmlu": {"acc,none": 0.7}}}
+    assert ablation.task_scores(no_group) == pytest.approx({"arc": 0.5, "mmlu": 0.7, "overall": 0.6})
+
+
+def _row(teacher, keep, method, seed, params, score, **extra):
+    return {"teacher": teacher, "teacher_parameters": 1000 if teacher == "teacher" else 250, "keep": keep,
+            "method": method, "seed": seed, "parameters": params, "decode_bytes": 4 * params,
+            "per_token_ms": params / 1000, "per_token_ms_p10": 0.0, "per_token_ms_p90": 0.0,
+            "a": score, "overall": score, **extra}
+
+
+@pytest.fixture
+def grid():
+    rows = [_row("teacher", 1.0, ablation.FULL, None, 1000, 1.0)]
+    for keep, params, overfill, pruned in ((0.25, 100, (0.50, 0.52), (0.30, 0.32)), (0.5, 300, (0.95, 0.97), (0.80, 0.99)),
+                                           (0.75, 600, (0.99, 0.99), (0.97, 0.97))):
+        for seed in (0, 1):
+            rows.append(_row("teacher", keep, "OverFill", seed, params, overfill[seed]))
+            rows.append(_row("teacher", keep, "pruned", seed, params, pruned[seed]))
+    rows.append(_row("smaller", 1.0, ablation.FULL, None, 250, 0.8))
+    for keep, params, score in ((0.25, 30, 0.3), (0.5, 80, 0.75), (0.75, 160, 0.79)):
+        rows.append(_row("smaller", keep, "OverFill", 0, params, score))
+    rows.append(_row("teacher", None, ablation.SMALLER, 0, 250, 0.7))
+    rows.append(_row("teacher", None, ablation.SMALLER, 1, 250, 0.9))
+    return rows
+
+
+def test_aggregate_pareto_and_comparison(grid):
+    table = ablation.aggregate(grid)
+    assert ablation.score_columns(table) == ["a", "overall"]
+    at = table[(table["teacher"] == "teacher") & (table["keep"] == 0.25) & (table["method"] == "OverFill")].iloc[0]
+    assert at["seeds"] == 2 and at["overall"] == pytest.approx(0.51) and at["overall_std"] == pytest.approx(0.01414, abs=1e-4)
+    small = table[table["method"] == ablation.SMALLER].iloc[0]
+    assert math.isnan(small["keep"]) and small["overall"] == pytest.approx(0.8)
+
+    front = table[ablation.pareto_front(table, "parameters", methods=["OverFill", "pruned", ablation.FULL])]
+    # The smaller teacher's decoders (30, 80, 160 params) are cheaper than any other, so they open the frontier.
+    assert set(zip(front["teacher"], front["keep"], front["method"])) == {
+        ("smaller", 0.25, "OverFill"), ("smaller", 0.5, "OverFill"), ("smaller", 0.75, "OverFill"),
+        ("smaller", 1.0, ablation.FULL), ("teacher", 0.5, "OverFill"), ("teacher", 0.75, "OverFill"),
+        ("teacher", 1.0, ablation.FULL)}
+
+    cmp = ablation.compare_methods(table).set_index("keep")
+    assert cmp.loc[0.25, "difference"] == pytest.approx(0.2) and cmp.loc[0.25, "beyond seed spread"]
+    assert not cmp.loc[0.5, "beyond seed spread"]  # pruned's seeds disagree by far more than the gap
+    text = ablation.conclusion(table)
+    assert "ahead of the pruned baseline beyond the seed spread at 2 of 3 widths" in text
+    assert "OverFill down to keep 50%" in text and "pruned down to keep 75%" in text
+
+
+def test_size_rule_reads_the_knees(grid):
+    table = ablation.aggregate(grid)
+    rule = ablation.size_rule(table, 0.9)
+    assert rule["teachers"]["teacher"]["knee_keep"] == 0.5 and rule["teachers"]["smaller"]["knee_keep"] == 0.5
+    assert rule["rule"] == "constant ratio"  # same keep, decoders of 300 vs 80 parameters
+    strict = ablation.size_rule(table, 0.999)
+    assert strict["rule"] is None and "never holds" in strict["statement"]
+    alone = ablation.size_rule(table[table["teacher"] == "teacher"], 0.9)
+    assert alone["rule"] is None and "one full model only" in alone["statement"]
+
+
+def test_family_robustness(grid):
+    robust = ablation.family_robustness(ablation.aggregate(grid), 0.9).set_index(["family", "method"])
+    assert robust.loc[("overall", "OverFill"), "narrowest keep holding 90%"] == 0.5
+    assert robust.loc[("overall", "pruned"), "retained at narrowest"] == pytest.approx(0.31)
+
+
+@pytest.mark.xdist_group("notebooks")
+def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path):
+    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work")})
+    cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 1.0], "seeds": [0], "teachers": {"smaller": {"keep": [0.5]}}})
+    rows = ablation.run(p, cfg)
+    table = ablation.aggregate(rows)
+    methods = set(zip(table["teacher"], table["method"]))
+    assert {("teacher", "OverFill"), ("teacher", "pruned"), ("teacher", ablation.FULL), ("teacher", ablation.SMALLER),
+            ("smaller", "OverFill"), ("smaller", ablation.FULL), ("teacher", "OverFill (untrained)")} <= methods
+    full = table[(table["teacher"] == "teacher") & (table["method"] == ablation.FULL)].iloc[0]
+    whole = table[(table["teacher"] == "teacher") & (table["keep"] == 1.0) & (table["method"] == "pruned (untrained)")].iloc[0]
+    # Keeping every channel reproduces the full model: same size, same bytes, same lm-eval scores.
+    assert whole["parameters"] == full["parameters"] and whole["decode_bytes"] == full["decode_bytes"]
+    assert [whole[c] for c in ablation.score_columns(table)] == [full[c] for c in ablation.score_columns(table)]
+    half = table[(table["teacher"] == "teacher") & (table["keep"] == 0.5) & (table["method"] == "OverFill")].iloc[0]
+    assert half["parameters"] < full["parameters"] and half["decode_bytes"] < full["decode_bytes"]
+    assert all(r["per_token_ms"] > 0 for r in rows)
+    trained = [r for r in rows if r["seed"] is not None and r["method"] != ablation.SMALLER]
+    assert all((tmp_path / "work").as_posix() in r["run_dir"] for r in trained)
+    assert (p.workdir / "ablation" / "smaller" / "importance").is_dir()  # the sibling's own importance
+
+    again = ablation.run(p, cfg)  # everything cached: same scores, nothing retrained
+    assert [r["overall"] for r in again] == [r["overall"] for r in rows]
+    assert [r.get("train_seconds") for r in again] == [r.get("train_seconds") for r in rows]
+    assert pd.DataFrame(again)["method"].tolist() == pd.DataFrame(rows)["method"].tolist()
