@@ -67,7 +67,7 @@ def save_figure(fig, stem: Path) -> Path:
                 tmp_png = png.with_name(f".{png.name}.tmp.png")
                 with warnings.catch_warnings():  # plotly's notice that browser options go unused with a server
                     warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-                    fig.write_image(tmp_png, width=900, height=500, scale=1.5)
+                    fig.write_image(tmp_png, width=fig.layout.width or 900, height=fig.layout.height or 500, scale=1.5)
                 os.replace(tmp_png, png)
                 _static_export_ok = True
             except Exception as e:  # kaleido/Chromium trouble must not fail a run
@@ -441,7 +441,7 @@ def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
                         name="Pareto frontier", legendgroup="front", showlegend=col == 1, row=1, col=col)
         fig.update_xaxes(title_text=costs[cost], type="log" if log_x else None, row=1, col=col)
     fig.update_yaxes(title_text=f"{score} exact match" if score == "overall" else score, row=1, col=1)
-    fig.update_layout(title=title, height=520)
+    fig.update_layout(title=title, width=400 * len(costs) + 250, height=520)
     return fig
 
 
@@ -466,7 +466,8 @@ def family_curves(table, families: list[str], title: str, teacher_name: str = "t
             fig.add_hline(y=float(full[fam].iloc[0]), line_dash="dash", line_color="gray", row=1, col=col)
         fig.update_xaxes(title_text="kept fraction", tickformat=".0%", row=1, col=col)
     fig.update_yaxes(range=[0, 1.05])
-    fig.update_layout(title=f"{title}<br><sup>dashed: the full model; error bars: std over seeds</sup>", height=420)
+    fig.update_layout(title=f"{title}<br><sup>dashed: the full model; error bars: std over seeds</sup>",
+                      width=260 * len(families) + 150, height=420)
     return fig
 
 
