@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 _static_export_ok: bool | None = None
+PNG_TIMEOUT_S = 120  # a first export starts Chromium (~2 s); later ones take ~0.2 s
 
 
 def configure_plotly() -> None:
@@ -43,6 +45,34 @@ def _start_kaleido() -> None:
         log.debug("kaleido sync server not started: %s", e)
 
 
+def _write_png(fig, path: Path) -> None:
+    with warnings.catch_warnings():  # plotly's notice that browser options go unused with a server
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+        fig.write_image(path, width=fig.layout.width or 900, height=fig.layout.height or 500, scale=1.5)
+
+
+def _static_png(fig, png: Path) -> None:
+    """Export ``png`` through kaleido in a daemon thread, giving up after ``PNG_TIMEOUT_S``: a Chromium that
+    stops answering must not hang a batch run (a daemon thread left behind does not block the exit)."""
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            _write_png(fig, tmp)
+        except BaseException as e:  # reported to the caller below
+            failure.append(e)
+
+    worker = threading.Thread(target=work, name="png-export", daemon=True)
+    worker.start()
+    worker.join(PNG_TIMEOUT_S)
+    if worker.is_alive():
+        raise TimeoutError(f"no PNG after {PNG_TIMEOUT_S} s")
+    if failure:
+        raise failure[0]
+    os.replace(tmp, png)
+
+
 def save_figure(fig, stem: Path) -> Path:
     """Write ``stem.html`` (plotly.min.js shared in the same folder) and ``stem.png`` when possible."""
     global _static_export_ok
@@ -63,15 +93,10 @@ def save_figure(fig, stem: Path) -> Path:
             try:
                 if _static_export_ok is None:
                     _start_kaleido()
-                png = stem.with_suffix(".png")
-                tmp_png = png.with_name(f".{png.name}.tmp.png")
-                with warnings.catch_warnings():  # plotly's notice that browser options go unused with a server
-                    warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-                    fig.write_image(tmp_png, width=fig.layout.width or 900, height=fig.layout.height or 500, scale=1.5)
-                os.replace(tmp_png, png)
+                _static_png(fig, stem.with_suffix(".png"))
                 _static_export_ok = True
-            except Exception as e:  # kaleido/Chromium trouble must not fail a run
-                log.info("static PNG export skipped (%s: %s)", type(e).__name__, e)
+            except Exception as e:  # kaleido/Chromium trouble must not fail (or hang) a run
+                log.info("static PNG export skipped from here on (%s: %s)", type(e).__name__, e)
                 _static_export_ok = False
     return html_path
 
@@ -480,6 +505,7 @@ def retention_by_teacher(table, title: str, method: str = "OverFill", score: str
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=["against the kept fraction", "against decoder parameters"],
                         shared_yaxes=True)
+    palette = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
     for i, (name, t) in enumerate(table.groupby("teacher", sort=False)):
         full = t[t["method"] == ablation.FULL]
         rows = t[t["method"] == method].sort_values("keep")
@@ -490,7 +516,8 @@ def retention_by_teacher(table, title: str, method: str = "OverFill", score: str
         for col, x in enumerate(("keep", "parameters"), start=1):
             fig.add_scatter(x=rows[x], y=rows[score] / ref, error_y={"type": "data", "array": rows[f"{score}_std"] / ref},
                             mode="lines+markers", name=label, legendgroup=label, showlegend=col == 1,
-                            line={"dash": TEACHER_DASH[i % len(TEACHER_DASH)]}, row=1, col=col)
+                            line={"dash": TEACHER_DASH[i % len(TEACHER_DASH)], "color": palette[i % len(palette)]},
+                            row=1, col=col)
     fig.update_xaxes(title_text="kept fraction", tickformat=".0%", row=1, col=1)
     fig.update_xaxes(title_text="decoder parameters", type="log", row=1, col=2)
     fig.update_yaxes(title_text=f"{method} {score} / its full model's", row=1, col=1)

@@ -317,6 +317,34 @@ def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tup
     return path, read_json(path / "training_record.json")
 
 
+def compare_checkpoints(reference: str | Path, candidate: str | Path) -> dict:
+    """Test exact match of two trained checkpoints (from their training records) and their largest weight difference."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(reference) / "model.safetensors"), load_file(Path(candidate) / "model.safetensors")
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise ValueError(f"{reference} and {candidate} hold different architectures; nothing to compare")
+    ra, rb = read_json(Path(reference) / "training_record.json"), read_json(Path(candidate) / "training_record.json")
+    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    return {"reference": str(reference), "candidate": str(candidate),
+            "reference_exact_match": ra["test_exact_match"], "candidate_exact_match": rb["test_exact_match"],
+            "same_metrics": ra["test_exact_match"] == rb["test_exact_match"], "max_abs_weight_difference": diff,
+            "bit_identical": diff == 0.0, "reference_train_seconds": ra["train_seconds"],
+            "candidate_train_seconds": rb["train_seconds"], "candidate_environment": rb.get("environment")}
+
+
+def reproduce(preset, which: str = "teacher", out_dir: str | Path | None = None) -> dict:
+    """Retrain the preset's committed ``which`` model with its recipe and seed into ``out_dir`` (default
+    ``<workdir>/reproduce/<which>``) and compare it with the committed checkpoint (:func:`compare_checkpoints`)."""
+    committed, _ = ensure_teacher(preset, which=which)
+    cfg = preset.teacher_config()
+    if which == "smaller":
+        cfg = cfg.narrower((preset["smaller"] or {}).get("width_ratio", 0.5))
+    out = Path(out_dir) if out_dir is not None else preset.workdir / "reproduce" / which
+    train_teacher(cfg, tasks.write_suite(preset.suite_config(), preset.suite_dir), out)
+    return compare_checkpoints(committed, out)
+
+
 def describe(model, record: dict | None = None):
     """One-row DataFrame: architecture, parameter count and (if trained here) the training record."""
     import pandas as pd

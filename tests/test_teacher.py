@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,31 @@ def test_training_is_reproducible_and_saves_an_hf_directory(tmp_path, suite_dir)
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     record = json.loads((tmp_path / "a" / "training_record.json").read_text())
     assert record["environment"]["torch"] == torch.__version__
+
+
+def test_reproduce_retrains_the_committed_checkpoint_bit_for_bit(tmp_path):
+    """The smoke preset's teacher, trained once as 'committed', then reproduced with the same recipe and seed."""
+    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), "suite_dir": str(tmp_path / "suite"),
+                                      "teacher": {"id": str(tmp_path / "committed")}})
+    result = teacher.reproduce(p)
+    assert result["bit_identical"] and result["same_metrics"] and result["max_abs_weight_difference"] == 0.0
+    assert Path(result["candidate"]) == p.workdir / "reproduce" / "teacher"
+    other = teacher.compare_checkpoints(tmp_path / "committed", _perturbed(tmp_path))
+    assert not other["bit_identical"] and other["max_abs_weight_difference"] == pytest.approx(0.5)
+
+
+def _perturbed(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "perturbed"
+    shutil.copytree(tmp_path / "committed", out)
+    weights = load_file(out / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def test_narrower_sibling_has_half_the_width():
