@@ -73,12 +73,14 @@ class AblationConfig:
         for other, spec in self.teachers.items():
             bad = sorted(set(spec or {}) - {"keep", "seeds", "objectives"})
             if bad:
-                raise ValueError(f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
+                raise ValueError(
+                    f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
             for k in (spec or {}).get("keep", self.keep):
                 _check_keep(k, f"ablation.teachers.{other}.keep")
         for p in self.points():
             if bad := [o for o in p.objectives if o not in METHODS]:
-                raise ValueError(f"ablation objectives {bad} cannot be trained per width; choose from {sorted(METHODS)}")
+                raise ValueError(
+                    f"ablation objectives {bad} cannot be trained per width; choose from {sorted(METHODS)}")
         if not self.seeds:
             raise ValueError("ablation.seeds needs at least one seed")
         if not 0 < self.retention <= 1:
@@ -363,8 +365,9 @@ def run(
                 tag = f"{point.slug}-{_dir_key(dec_dir)}-{key}"
                 rows.append(at | {"method": UNTRAINED["pruned"], "seed": None}
                             | scored(decoder0, cache_root / f"pruned-{tag}.json"))
+                pair0 = OverFillModel(full, decoder0, tokenizer=tokenizer)
                 rows.append(at | {"method": UNTRAINED["overfill"], "seed": None}
-                            | scored(OverFillModel(full, decoder0, tokenizer=tokenizer), cache_root / f"overfill-{tag}.json"))
+                            | scored(pair0, cache_root / f"overfill-{tag}.json"))
             sources = training.Sources(full_dir, dec_dir, None, teacher_id(preset, name, full_dir))
             for seed in point.seeds:
                 for objective in point.objectives:
@@ -383,8 +386,8 @@ def run(
         sources = training.prepare_sources(preset, cfg, ["smaller"])
         cost = cost_of(load(sources.smaller_dir))
         for seed in config.seeds:
-            result = training.train_objective(preset, "smaller", seed=seed, config=cfg, sources=sources, dataset=dataset,
-                                              data_stats=data_stats, retrain=retrain)
+            result = training.train_objective(preset, "smaller", seed=seed, config=cfg, sources=sources,
+                                              dataset=dataset, data_stats=data_stats, retrain=retrain)
             rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
                          "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
                         | cost | scored(result.model, result.run_dir / f"lm_eval-{key}.json"))
@@ -466,8 +469,9 @@ def family_robustness(table, retention: float = 0.9, teacher_name: str = MAIN_TE
         for fam in score_columns(table):
             ref = full[fam]
             kept = m[m[fam] >= retention * ref]["keep"] if ref > 0 else m["keep"].iloc[:0]
+            widest, narrowest = m.iloc[-1], m.iloc[0]
             rows.append({"family": fam, "method": method, "full model": ref,
-                         f"at keep {m['keep'].iloc[-1]:g}": m[fam].iloc[-1], f"at keep {m['keep'].iloc[0]:g}": m[fam].iloc[0],
+                         f"at keep {widest['keep']:g}": widest[fam], f"at keep {narrowest['keep']:g}": narrowest[fam],
                          "retained at narrowest": m[fam].iloc[0] / ref if ref > 0 else float("nan"),
                          f"narrowest keep holding {retention:.0%}": kept.min() if len(kept) else None})
     return pd.DataFrame(rows)
@@ -499,11 +503,13 @@ def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
     reached = {k: v for k, v in knees.items() if v["knee_keep"] is not None}
     verdict = {"teachers": knees, "retention": retention, "method": method}
     if len(knees) < 2:
-        return verdict | {"rule": None, "statement": "one full model only: no rule between its size and the ratio can be tested"}
+        return verdict | {"rule": None,
+                          "statement": "one full model only: no rule between its size and the ratio can be tested"}
     if len(reached) < len(knees):
         missing = [k for k in knees if k not in reached]
-        return verdict | {"rule": None, "statement": f"{', '.join(missing)} never holds {retention:.0%} of its full model's "
-                          "score within its grid, so no rule can be read off these points"}
+        return verdict | {"rule": None,
+                          "statement": f"{', '.join(missing)} never holds {retention:.0%} of its full model's "
+                                       "score within its grid, so no rule can be read off these points"}
     keeps = [v["knee_keep"] for v in reached.values()]
     params = [v["knee_parameters"] for v in reached.values()]
     tol = max((v["grid_spacing"] for v in reached.values() if v["grid_spacing"] is not None), default=0.0)
@@ -532,11 +538,11 @@ def compare_methods(table, score: str = "overall", teacher_name: str = MAIN_TEAC
     x = t[t["method"] == a].set_index("keep")
     y = t[t["method"] == b].set_index("keep")
     keeps = sorted(set(x.index) & set(y.index))
-    rows = [{"keep": k, "parameters": int(x.loc[k, "parameters"]), a: x.loc[k, score], f"{a} std": x.loc[k, f"{score}_std"],
-             b: y.loc[k, score], f"{b} std": y.loc[k, f"{score}_std"], "difference": x.loc[k, score] - y.loc[k, score],
-             "beyond seed spread": bool(abs(x.loc[k, score] - y.loc[k, score])
-                                        > x.loc[k, f"{score}_std"] + y.loc[k, f"{score}_std"])}
-            for k in keeps]
+    rows = []
+    for k in keeps:
+        xa, xs, ya, ys = x.loc[k, score], x.loc[k, f"{score}_std"], y.loc[k, score], y.loc[k, f"{score}_std"]
+        rows.append({"keep": k, "parameters": int(x.loc[k, "parameters"]), a: xa, f"{a} std": xs, b: ya,
+                     f"{b} std": ys, "difference": xa - ya, "beyond seed spread": bool(abs(xa - ya) > xs + ys)})
     return pd.DataFrame(rows)
 
 
@@ -555,15 +561,16 @@ def conclusion(table, retention: float = 0.9, score: str = "overall") -> str:
         ahead = cmp[(cmp["difference"] > 0) & cmp["beyond seed spread"]]
         behind = cmp[(cmp["difference"] < 0) & cmp["beyond seed spread"]]
         best = cmp.loc[cmp["difference"].idxmax()]
-        parts.append(f"OverFill is ahead of the pruned baseline beyond the seed spread at {len(ahead)} of {len(cmp)} "
-                     f"widths (behind at {len(behind)}); the largest gap is {best['difference']:+.3f} {score} exact match "
-                     f"at keep {best['keep']:.0%} ({best['OverFill']:.3f} vs {best['pruned']:.3f})")
+        parts.append(f"OverFill is ahead of the pruned baseline beyond the seed spread at {len(ahead)} of "
+                     f"{len(cmp)} widths (behind at {len(behind)}); the largest gap is {best['difference']:+.3f} "
+                     f"{score} exact match at keep {best['keep']:.0%} ({best['OverFill']:.3f} vs {best['pruned']:.3f})")
     if not full.empty:
         level = retention * float(full[score].iloc[0])
         held = {m: narrowest_holding(table, m, level, score) for m in ("OverFill", "pruned")}
         said = [f"{m} down to keep {r['keep']:.0%} ({int(r['parameters']):,} parameters)" if r is not None
                 else f"{m} at no width tried" for m, r in held.items()]
-        sentence = f"{retention:.0%} of the full model's {float(full[score].iloc[0]):.3f} is held by " + " and by ".join(said)
+        sentence = (f"{retention:.0%} of the full model's {float(full[score].iloc[0]):.3f} is held by "
+                    + " and by ".join(said))
         small = table[table["method"] == SMALLER]
         if not small.empty:
             s = small.iloc[0]

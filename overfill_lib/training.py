@@ -262,8 +262,8 @@ def prepare_decoder(preset, retrain: bool = False, *, decoder: dict | None = Non
     its full model) under ``<workdir>/pruned_decoder``.
 
     ``decoder`` / ``full_dir`` / ``out`` prune another width or another full model into another directory
-    (the pruning-ratio ablation; give another full model its own ``importance_dir``). Re-pruned when the decoder spec, the ``calibration`` section or the full
-    model changes.
+    (the pruning-ratio ablation; give another full model its own ``importance_dir``). Re-pruned when the
+    decoder spec, the ``calibration`` section or the full model changes.
     """
     from overfill_lib import teacher
 

@@ -138,7 +138,8 @@ def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path):
     assert {("teacher", "OverFill"), ("teacher", "pruned"), ("teacher", ablation.FULL), ("teacher", ablation.SMALLER),
             ("smaller", "OverFill"), ("smaller", ablation.FULL), ("teacher", "OverFill (untrained)")} <= methods
     full = table[(table["teacher"] == "teacher") & (table["method"] == ablation.FULL)].iloc[0]
-    whole = table[(table["teacher"] == "teacher") & (table["keep"] == 1.0) & (table["method"] == "pruned (untrained)")].iloc[0]
+    at_one = (table["teacher"] == "teacher") & (table["keep"] == 1.0)
+    whole = table[at_one & (table["method"] == "pruned (untrained)")].iloc[0]
     # Keeping every channel reproduces the full model: same size, same bytes, same lm-eval scores.
     assert whole["parameters"] == full["parameters"] and whole["decode_bytes"] == full["decode_bytes"]
     assert [whole[c] for c in ablation.score_columns(table)] == [full[c] for c in ablation.score_columns(table)]
