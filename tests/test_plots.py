@@ -15,7 +15,6 @@ from overfill_lib import plots
 def exporter(monkeypatch):
     monkeypatch.setattr(plots, "_static_export_ok", None)
     monkeypatch.setattr(plots, "_chromium", lambda: "/usr/bin/chromium")
-    monkeypatch.setattr(plots, "_start_kaleido", lambda: None)
     monkeypatch.setattr(plots, "PNG_TIMEOUT_S", 0.5)
     return monkeypatch
 
