@@ -33,6 +33,36 @@ RUNS_DIR = PROJECT_ROOT / "runs"
 KERNEL = "python3"
 
 
+def patient_kernel_waits() -> None:
+    """Make the kernel client wait for replies in 1-second polls instead of one unbounded poll.
+
+    nbclient waits for a cell's reply and outputs with ``get_msg(timeout=None)``, one unbounded poll on an
+    asyncio zmq socket. On this stack that poll now and then never wakes although the message has arrived,
+    most often right after a cell's widget traffic (jupyter/nbclient#312): the kernel sits idle and the run
+    hangs forever (seen twice in a day of test runs, in the widget cells of notebooks 00 and 02). A poll
+    with a timeout re-checks the socket, so a missed wake-up costs at most a second.
+    """
+    from queue import Empty
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    original = AsyncZMQSocketChannel.get_msg
+    if getattr(original, "patient", False):
+        return
+
+    async def get_msg(self, timeout: float | None = None):
+        if timeout is not None:
+            return await original(self, timeout)
+        while True:
+            try:
+                return await original(self, 1.0)
+            except Empty:
+                continue
+
+    get_msg.patient = True
+    AsyncZMQSocketChannel.get_msg = get_msg
+
+
 def notebooks(only: list[str] | None = None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
     found = sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
     if only:
@@ -127,6 +157,7 @@ def run_series(
     """
     import papermill
 
+    patient_kernel_waits()
     parameters = {"preset": preset, **(parameters or {})}
     selected = notebooks(only, notebook_dir)
     for nb in selected:

@@ -128,9 +128,11 @@ def test_family_robustness(grid):
     assert robust.loc[("overall", "pruned"), "retained at narrowest"] == pytest.approx(0.31)
 
 
-@pytest.mark.xdist_group("notebooks")
 def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path):
-    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work")})
+    # Its own micro teacher, sibling and suite: nothing shared with the notebook tests running beside it.
+    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), "suite_dir": str(tmp_path / "suite"),
+                                      "teacher": {"id": str(tmp_path / "teacher")},
+                                      "smaller": {"id": str(tmp_path / "smaller")}})
     cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 1.0], "seeds": [0], "teachers": {"smaller": {"keep": [0.5]}}})
     rows = ablation.run(p, cfg)
     table = ablation.aggregate(rows)

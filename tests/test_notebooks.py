@@ -49,3 +49,30 @@ def test_runner_refuses_unknown_parameters(tmp_path):
 def test_runner_refuses_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         runner.main(["--preset", "nope", "--only", "00"])
+
+
+def test_kernel_waits_poll_with_a_timeout():
+    """A reply that arrives while an unbounded poll misses its wake-up is still picked up: the runner's client
+    polls in bounded steps and keeps going until a message is there."""
+    import asyncio
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    runner.patient_kernel_waits()
+    runner.patient_kernel_waits()  # idempotent
+    polls = []
+
+    class Socket:
+        async def poll(self, timeout_ms):
+            polls.append(timeout_ms)
+            return len(polls) >= 3  # the message shows up on the third look
+
+    class Channel:
+        socket = Socket()
+
+        async def _recv(self):
+            return {"msg_type": "execute_reply"}
+
+    msg = asyncio.run(AsyncZMQSocketChannel.get_msg(Channel(), timeout=None))
+    assert msg == {"msg_type": "execute_reply"} and polls == [1000, 1000, 1000]
+    assert asyncio.run(AsyncZMQSocketChannel.get_msg(Channel(), timeout=0.5)) == msg and polls[-1] == 500
