@@ -35,8 +35,9 @@ def _chromium() -> str | None:
 
 
 def _write_png(fig, path: Path) -> None:
-    # A fresh headless Chromium per figure (~2 s). kaleido's long-lived sync server is faster (~0.2 s) but its
-    # start hung now and then inside notebook kernels on this machine, so it is not used.
+    # A fresh headless Chromium per figure (~2 s). kaleido's long-lived sync server is faster (~0.2 s) but keeps a
+    # Chromium alive in every kernel, and it was running in two hung test runs (cause not pinned down; a third hang
+    # was nbclient's, see runner.patient_kernel_waits), so the plain path is used.
     fig.write_image(path, width=fig.layout.width or 900, height=fig.layout.height or 500, scale=1.5)
 
 
