@@ -189,19 +189,11 @@ def prepare_point(preset, point: Point, full_dir: Path) -> Path:
 def task_scores(results: dict, prefix: str = evaluation.SUITE_TASKS + "_") -> dict[str, float]:
     """One number per task (its first metric; the suite's family names without the prefix) and ``overall``
     (the group's score when lm-eval aggregated one, else the mean over tasks)."""
-    groups = set(results.get("groups") or {})
-    scores, overall = {}, None
-    for task, metrics in (results.get("results") or {}).items():
-        values = [v for k, v in metrics.items() if "," in k and "_stderr," not in k
-                  and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if not values:
-            continue
-        if task in groups:
-            overall = float(values[0]) if overall is None else overall
-        else:
-            scores[task.removeprefix(prefix)] = float(values[0])
-    scores["overall"] = overall if overall is not None else sum(scores.values()) / max(1, len(scores))
-    return scores
+    first = evaluation.results_table({"run": results}).drop_duplicates("task")  # rows keep lm-eval's metric order
+    tasks, groups = first[~first["is_group"]], first[first["is_group"]]
+    scores = {task.removeprefix(prefix): float(v) for task, v in zip(tasks["task"], tasks["value"])}
+    overall = float(groups["value"].iloc[0]) if len(groups) else sum(scores.values()) / max(1, len(scores))
+    return scores | {"overall": overall}
 
 
 def _eval_key(preset, limit: int | None) -> str:
@@ -287,7 +279,7 @@ def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, byt
     positions = settings.base_prompt + settings.base_new_tokens
     step = latency.decode_step_bytes(model.config, nbytes, batch=1, kv_positions=positions)
     # Compiled (CUDA graphs) on a GPU, where eager per-layer launches would hide the bytes; eager on a CPU.
-    gen = FastGenerator(full, decoder, compile="auto") if decoder is not None else FastGenerator(full, compile="auto")
+    gen = FastGenerator(full, decoder, compile="auto")
     with _threads(threads if gen.device.type == "cpu" else None):
         timed = latency.measure_fast(gen, "overfill" if decoder is not None else "full", batch=1,
                                      prompt=settings.base_prompt, new_tokens=settings.base_new_tokens,

@@ -292,6 +292,14 @@ def load_teacher(path: str | Path, dtype=torch.float32):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
+def recipe(preset, which: str = "teacher") -> TeacherConfig:
+    """The local preset's training recipe for its teacher, or for its ``smaller`` sibling (the same, narrower)."""
+    cfg = preset.teacher_config()
+    if which == "smaller":
+        cfg = cfg.narrower((preset["smaller"] or {}).get("width_ratio", 0.5))
+    return cfg
+
+
 def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tuple[Path, dict | None]:
     """The preset's full model (``which="teacher"``) or its narrower sibling (``which="smaller"``).
 
@@ -306,9 +314,7 @@ def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tup
         if "id" not in spec:
             raise ValueError(f"preset {preset.name!r} names no {which} model id")
         return resolve_model(spec["id"], revision=spec.get("revision")), None
-    cfg = preset.teacher_config()
-    if which == "smaller":
-        cfg = cfg.narrower(spec.get("width_ratio", 0.5))
+    cfg = recipe(preset, which)
     path = preset.path(spec.get("id") or preset.workdir / which)
     suite_dir = tasks.write_suite(preset.suite_config(), preset.suite_dir)
     if retrain or not (path / "config.json").exists():
@@ -337,11 +343,8 @@ def reproduce(preset, which: str = "teacher", out_dir: str | Path | None = None)
     """Retrain the preset's committed ``which`` model with its recipe and seed into ``out_dir`` (default
     ``<workdir>/reproduce/<which>``) and compare it with the committed checkpoint (:func:`compare_checkpoints`)."""
     committed, _ = ensure_teacher(preset, which=which)
-    cfg = preset.teacher_config()
-    if which == "smaller":
-        cfg = cfg.narrower((preset["smaller"] or {}).get("width_ratio", 0.5))
     out = Path(out_dir) if out_dir is not None else preset.workdir / "reproduce" / which
-    train_teacher(cfg, tasks.write_suite(preset.suite_config(), preset.suite_dir), out)
+    train_teacher(recipe(preset, which), tasks.write_suite(preset.suite_config(), preset.suite_dir), out)
     return compare_checkpoints(committed, out)
 
 

@@ -8,6 +8,26 @@ from IPython.display import display
 from overfill_lib.workbook import in_batch
 
 
+def _text_output(compute):
+    """An ``Output`` widget showing ``compute()``'s text, and the ``refresh`` callback that recomputes it.
+
+    The text is computed outside the Output context (a model's own log lines must not land there);
+    ``refresh`` returns it, so a batch run prints it without computing it twice.
+    """
+    import ipywidgets as w
+
+    out = w.Output()
+
+    def refresh(*_):
+        text = compute()
+        out.clear_output()
+        with out:
+            print(text)
+        return text
+
+    return out, refresh
+
+
 def ask_teacher(model, tokenizer, records: list[dict]):
     """Family dropdown + editable input -> the model's greedy answer beside the reference."""
     import ipywidgets as w
@@ -17,30 +37,25 @@ def ask_teacher(model, tokenizer, records: list[dict]):
     by_family = {f: next(r for r in records if r["family"] == f) for f in dict.fromkeys(r["family"] for r in records)}
     family = w.Dropdown(options=list(by_family), description="family")
     user = w.Text(value=by_family[family.value]["messages"][1]["content"], description="input")
-    out = w.Output()
 
-    def answer(*_):
+    def answer():
         record = by_family[family.value]
         messages = [record["messages"][0], {"role": "user", "content": user.value}, {"role": "assistant", "content": ""}]
         pred = teacher.greedy_answers(model, tokenizer, [{"family": family.value, "messages": messages}])[0]
         reference = record["messages"][-1]["content"] if user.value == record["messages"][1]["content"] else "(edited)"
         return f"model: {pred!r}   reference: {reference!r}   exact: {tasks.exact_match(pred, reference)}"
 
-    def refresh(*_):
-        text = answer()  # computed outside the Output context: the model's own output must not land there
-        out.clear_output()
-        with out:
-            print(text)
+    out, refresh = _text_output(answer)
 
     def on_family(change):
         user.value = by_family[change["new"]]["messages"][1]["content"]
 
     family.observe(on_family, names="value")
     user.observe(refresh, names="value")
-    refresh()
+    text = refresh()
     display(w.VBox([w.HBox([family, user]), out]))
     if in_batch():
-        print(answer())
+        print(text)
 
 
 def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: float = 0.5, dtype_bytes=2,
@@ -58,7 +73,6 @@ def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: f
     criterion = w.Dropdown(options=list(importances), description="criterion")
     ratio = w.SelectionSlider(options=ratios, value=min(ratios, key=lambda r: abs(r - default)),
                               description="removed", continuous_update=False)
-    out = w.Output()
     full_params = sum(p.numel() for p in model.parameters())
 
     def describe():
@@ -73,13 +87,7 @@ def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: f
                 f"full model); one decode step reads {row.decode_bytes / 1e6:.3f} MB of weights "
                 f"({pruning.dtype_size(dtype_bytes):g} B/parameter); {metrics}")
 
-    def refresh(*_):
-        text = describe()  # computed outside the Output context, as in ask_teacher
-        out.clear_output()
-        with out:
-            print(text)
-        return text
-
+    out, refresh = _text_output(describe)
     criterion.observe(refresh, names="value")
     ratio.observe(refresh, names="value")
     text = refresh()
@@ -148,23 +156,18 @@ def retention_explorer(table, default: float = 0.9):
 
     level = w.FloatSlider(value=default, min=0.5, max=1.0, step=0.01, description="holds ≥", readout_format=".0%",
                           continuous_update=False)
-    out = w.Output()
 
-    def report(*_):
+    def report():
         robust = ablation.family_robustness(table, level.value)
         column = next(c for c in robust.columns if c.startswith("narrowest keep holding"))
         wide = robust.pivot(index="family", columns="method", values=column)
         rule = ablation.size_rule(table, level.value)
-        return f"narrowest kept fraction holding {level.value:.0%} of the full model:\n{wide.to_string()}\n\nrule: {rule['statement']}"
+        return (f"narrowest kept fraction holding {level.value:.0%} of the full model:\n{wide.to_string()}\n\n"
+                f"rule: {rule['statement']}")
 
-    def refresh(*_):
-        text = report()  # computed outside the Output context
-        out.clear_output()
-        with out:
-            print(text)
-
+    out, refresh = _text_output(report)
     level.observe(refresh, names="value")
-    refresh()
+    text = refresh()
     display(w.VBox([level, out]))
     if in_batch():
-        print(report())
+        print(text)
