@@ -23,7 +23,7 @@ SECTIONS = {
     "suite": "synthetic suite config (tasks.SuiteConfig), or null for real-data presets",
     "suite_dir": "where the suite's JSONL splits live (relative to the project root)",
     "teacher": "the full model: {id: local dir or hub id, train: teacher recipe (local only), revision}",
-    "smaller": "the 'smaller finetuned' reference: {width_ratio: ...} (trained here) or {id: hub id}",
+    "smaller": "the 'smaller finetuned' reference: {width_ratio, heads: also narrow attention} (trained here) or {id: hub id}",
     "decoder": "width pruning of the decoder: {hidden, intermediate, heads, round_to, criterion}",
     "calibration": "importance calibration data: {source, samples, seq_len, batch_size, aggregation}",
     "training": "decoder training recipe (OverFill objective and baselines)",

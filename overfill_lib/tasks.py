@@ -13,6 +13,11 @@ Families (digits in ``add`` are written least-significant first, operands and an
 - ``lookup``:  ``?m k:17 m:03 x:55`` -> ``03`` (key-value lookup among distractors)
 - ``add``:     ``743+985`` -> ``6390`` (347 + 589 = 936, reversed: 639, with the carry digit)
 - ``count``:   ``b?abcbbdab`` -> ``4``
+- ``mul``:     ``748*6`` -> ``8805`` (847 x 6 = 5088, reversed; each digit needs a carry of 0 to 8)
+
+``mul`` is opt-in (``families``); ``train_weights`` oversamples families in the train split only, so
+validation and test stay balanced. Both were added to look for a family where width decides the score;
+what was measured with them is in the README ("Open: the capacity gap").
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import json
 import random
 import string
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
@@ -33,7 +38,7 @@ class SuiteConfig:
     """Sizes and difficulty of the suite. Lengths are inclusive ranges."""
 
     seed: int = 0
-    families: tuple[str, ...] = ("reverse", "sort", "lookup", "add", "count")
+    families: tuple[str, ...] = ("reverse", "sort", "lookup", "add", "count")  # ``mul`` is opt-in
     n_train: int = 20000
     n_validation: int = 500
     n_test: int = 1000
@@ -42,11 +47,20 @@ class SuiteConfig:
     lookup_pairs: tuple[int, int] = (3, 6)
     add_digits: tuple[int, int] = (1, 4)
     count_len: tuple[int, int] = (5, 12)
+    mul_digits: tuple[int, int] = (1, 3)
+    # Relative share of each family in the train split (default 1); validation and test stay balanced.
+    train_weights: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
             raise ValueError(f"unknown task families {unknown}; choose from {sorted(FAMILIES)}")
+        stray = sorted(set(self.train_weights) - set(self.families))
+        if stray:
+            raise ValueError(f"train_weights names families {stray} that the suite does not use; use {list(self.families)}")
+        bad = {f: w for f, w in self.train_weights.items() if not isinstance(w, int) or w < 1}
+        if bad:
+            raise ValueError(f"train_weights must be whole numbers >= 1, got {bad}")
         for name in ("n_train", "n_validation", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -60,7 +74,14 @@ class SuiteConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config, less knobs that cannot change the records (so suites written before they existed keep
+        their fingerprint): ``mul_digits`` without a ``mul`` family, and empty ``train_weights``."""
+        d = asdict(self)
+        if "mul" not in self.families:
+            del d["mul_digits"]
+        if not self.train_weights:
+            del d["train_weights"]
+        return d
 
 
 def _letters(rng: random.Random, n: int, alphabet: str = string.ascii_lowercase) -> str:
@@ -97,6 +118,11 @@ def _count(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
     return f"{target}?{s}", str(s.count(target))
 
 
+def _mul(rng: random.Random, cfg: SuiteConfig) -> tuple[str, str]:
+    a, b = rng.randrange(10 ** rng.randint(*cfg.mul_digits)), rng.randint(2, 9)
+    return f"{str(a)[::-1]}*{b}", str(a * b)[::-1]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -112,6 +138,7 @@ FAMILIES: dict[str, Family] = {
         Family("lookup", "lookup", _lookup),
         Family("add", "add", _add),
         Family("count", "count", _count),
+        Family("mul", "multiply", _mul),
     )
 }
 
@@ -139,14 +166,16 @@ def generate_suite(cfg: SuiteConfig) -> dict[str, list[dict]]:
     held_out: set[tuple[str, str]] = set()
     splits: dict[str, list[dict]] = {}
     # Held-out splits are drawn first; train may repeat itself but never a held-out prompt.
+    weighted = [f for f in cfg.families for _ in range(cfg.train_weights.get(f, 1))]
     for split, n in (("test", cfg.n_test), ("validation", cfg.n_validation), ("train", cfg.n_train)):
+        cycle = weighted if split == "train" else cfg.families
         records: list[dict] = []
         attempts = 0
         while len(records) < n:
             attempts += 1
             if attempts > 50 * n:
                 raise ValueError(f"cannot draw {n} distinct {split} prompts; widen the difficulty ranges")
-            family = cfg.families[len(records) % len(cfg.families)]
+            family = cycle[len(records) % len(cycle)]
             record = make_record(family, rng, cfg)
             key = _prompt_key(record)
             if key in held_out:

@@ -90,15 +90,23 @@ class TeacherConfig:
             raise ValueError(f"unknown teacher keys {bad}; valid keys: {sorted(known)}")
         return cls(**d)
 
-    def narrower(self, width_ratio: float) -> TeacherConfig:
-        """The same recipe at a fraction of the width: the 'smaller finetuned' reference model."""
-        return TeacherConfig(
-            **{
-                **asdict(self),
-                "hidden_size": int(self.hidden_size * width_ratio),
-                "intermediate_size": int(self.intermediate_size * width_ratio),
-            }
-        )
+    def narrower(self, width_ratio: float, heads: bool = False) -> TeacherConfig:
+        """The same recipe at a fraction of the width: the 'smaller finetuned' reference model.
+
+        Hidden and intermediate sizes always shrink; with ``heads`` the query and KV head counts shrink too
+        (head_dim kept), as they do between sizes of a real model family, so attention is narrower as well.
+        """
+        if not 0 < width_ratio <= 1:
+            raise ValueError(f"width_ratio must be in (0, 1], got {width_ratio}")
+        change = {"hidden_size": int(self.hidden_size * width_ratio),
+                  "intermediate_size": int(self.intermediate_size * width_ratio)}
+        if heads:
+            q, kv = (max(1, round(n * width_ratio)) for n in (self.num_attention_heads, self.num_key_value_heads))
+            if q % kv:
+                raise ValueError(f"{width_ratio=} gives {q} query heads for {kv} KV heads; pick a ratio that keeps "
+                                 "the query heads a multiple of the KV heads, or heads: false")
+            change |= {"num_attention_heads": q, "num_key_value_heads": kv}
+        return TeacherConfig(**{**asdict(self), **change})
 
 
 def build_model(cfg: TeacherConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -296,7 +304,8 @@ def recipe(preset, which: str = "teacher") -> TeacherConfig:
     """The local preset's training recipe for its teacher, or for its ``smaller`` sibling (the same, narrower)."""
     cfg = preset.teacher_config()
     if which == "smaller":
-        cfg = cfg.narrower((preset["smaller"] or {}).get("width_ratio", 0.5))
+        spec = preset["smaller"] or {}
+        cfg = cfg.narrower(spec.get("width_ratio", 0.5), heads=spec.get("heads", False))
     return cfg
 
 

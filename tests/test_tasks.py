@@ -38,6 +38,29 @@ def test_answers_are_correct(family):
         elif family == "count":
             target, text = user.split("?")
             assert int(answer) == text.count(target)
+        elif family == "mul":
+            a, b = user.split("*")
+            assert int(answer[::-1]) == int(a[::-1]) * int(b) and 2 <= int(b) <= 9
+
+
+def test_train_weights_oversample_train_only():
+    families = ("reverse", "sort", "lookup", "add", "count", "mul")
+    cfg = tasks.SuiteConfig(families=families, n_train=900, n_validation=60, n_test=60, train_weights={"lookup": 3, "mul": 2})
+    s = tasks.generate_suite(cfg)
+    share = lambda split, fam: sum(r["family"] == fam for r in s[split]) / len(s[split])  # noqa: E731
+    assert share("train", "lookup") == pytest.approx(3 / 9) and share("train", "mul") == pytest.approx(2 / 9)
+    assert share("train", "sort") == pytest.approx(1 / 9)
+    assert all(share(split, f) == pytest.approx(1 / 6) for split in ("test", "validation") for f in cfg.families)
+    assert tasks.suite_fingerprint(cfg) != tasks.suite_fingerprint(tasks.SuiteConfig(families=families, n_train=900,
+                                                                                    n_validation=60, n_test=60))
+    # Knobs that cannot change the records stay out of the fingerprint, so older suites keep theirs.
+    assert "mul_digits" not in CFG.to_dict() and "train_weights" not in CFG.to_dict()
+
+
+@pytest.mark.parametrize("weights", [{"nope": 2}, {"lookup": 0}, {"lookup": 1.5}])
+def test_bad_train_weights_name_the_fix(weights):
+    with pytest.raises(ValueError, match="train_weights"):
+        tasks.SuiteConfig(train_weights=weights)
 
 
 def test_write_and_load_roundtrip(tmp_path):

@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,11 @@ def test_narrower_sibling_has_half_the_width():
     half = MICRO.narrower(0.5)
     assert (half.hidden_size, half.intermediate_size) == (16, 32)
     assert half.num_key_value_heads == MICRO.num_key_value_heads
+    quarter = MICRO.narrower(0.5, heads=True)
+    assert (quarter.num_attention_heads, quarter.num_key_value_heads, quarter.head_dim) == (
+        MICRO.num_attention_heads // 2, max(1, MICRO.num_key_value_heads // 2), MICRO.head_dim)
+    with pytest.raises(ValueError, match="width_ratio"):
+        MICRO.narrower(1.5)
 
 
 def test_committed_teacher_loads_with_auto_classes_and_uses_gqa():
@@ -101,3 +107,25 @@ def test_committed_teacher_reaches_target_on_a_test_sample():
     model, tok = teacher.load_teacher(p.path(p["teacher"]["id"]))
     test = tasks.load_split(p.suite_dir, "test")[:200]
     assert teacher.evaluate_exact_match(model, tok, test)["overall"] >= 0.85
+
+
+
+def _committed_records():
+    p = presets.load_preset("tiny")
+    return p, [json.loads((p.path(p[w]["id"]) / "training_record.json").read_text()) for w in ("teacher", "smaller")]
+
+
+def test_committed_teacher_and_sibling_follow_the_preset_recipe():
+    p, (full, half) = _committed_records()
+    assert full["test_exact_match"]["overall"] >= 0.90
+    assert full["recipe"] == asdict(teacher.recipe(p)) and half["recipe"] == asdict(teacher.recipe(p, "smaller"))
+    assert full["suite"] == half["suite"] == json.loads((p.suite_dir / "suite.json").read_text())
+    assert half["parameters"] < full["parameters"] / 2
+
+
+@pytest.mark.xfail(strict=True, reason="issue 2 is open on this point: the half-width sibling scores 0.876 against the "
+                   "teacher's 0.900; README 'Open: the capacity gap' says what was tried")
+def test_committed_sibling_is_clearly_weaker_than_the_teacher():
+    """The issue asks for a suite where capacity matters: same recipe and seed, half the width, clearly lower."""
+    _, (full, half) = _committed_records()
+    assert half["test_exact_match"]["overall"] <= full["test_exact_match"]["overall"] - 0.05
