@@ -257,7 +257,7 @@ def test_suite_tasks_match_the_project_scorer_on_the_smoke_teacher(teacher_run):
     _assert_same_scores(res, tasks.score(records, answers))
     # Same prompts, same greedy answers, record by record.
     ours = _lm_eval_predictions(res)
-    for family in tasks.FAMILIES:
+    for family in tasks.SuiteConfig().families:
         expected = [a for r, a in zip(records, answers) if r["family"] == family]
         assert ours[family] == expected
     sample = res["samples"]["overfill_suite_reverse"][0]
@@ -286,9 +286,30 @@ def test_suite_tasks_match_the_project_scorer_with_nontrivial_scores(models, tmp
     res = evaluation.evaluate({"full": str(models["full_dir"])}, "overfill_suite", suite_dir=suite,
                               batch_size=8, device="cpu", log_samples=True)
     _assert_same_scores(res, expected)
-    sizes = {f: sum(r["family"] == f for r in test) for f in tasks.FAMILIES}
+    sizes = {f: sum(r["family"] == f for r in test) for f in tasks.SuiteConfig().families}
     assert res["n-samples"]["overfill_suite_sort"]["effective"] == sizes["sort"] != sizes["reverse"]
 
+
+
+def test_opt_in_mul_task_matches_the_project_scorer(models, tmp_path):
+    """``overfill_suite_mul`` (outside the group, for suites that opt into ``mul``) scores like ``tasks.score``."""
+    from overfill_lib.tasks import SuiteConfig, generate_suite
+
+    splits = generate_suite(SuiteConfig(families=("reverse", "mul"), seed=1, n_train=1, n_validation=4, n_test=12))
+    test = [r for r in splits["test"] if r["family"] == "mul"]
+    predictions = greedy_answers(models["full"], models["tok"], test)
+    for i, (record, pred) in enumerate(zip(test, predictions)):
+        record["messages"][-1]["content"] = pred if i % 2 else pred + "x"
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for split, rows in (("test", splits["test"]), ("validation", splits["validation"])):
+        rows = test + [r for r in rows if r["family"] != "mul"] if split == "test" else rows
+        (suite / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluation.evaluate({"full": str(models["full_dir"])}, "overfill_suite_mul", suite_dir=suite,
+                              batch_size=8, device="cpu")
+    assert res["n-samples"]["overfill_suite_mul"]["effective"] == len(test) == 6
+    assert res["results"]["overfill_suite_mul"]["exact_match,none"] == pytest.approx(tasks.score(test, predictions)["overall"])
+    assert 0 < tasks.score(test, predictions)["overall"] < 1
 
 def test_suite_dir_resolution(tmp_path, monkeypatch):
     suite = tmp_path / "s"
@@ -318,7 +339,7 @@ def test_results_table_compare_and_plot(teacher_run):
     table = evaluation.results_table(runs)
     assert list(table.columns) == evaluation.TABLE_COLUMNS
     assert set(table["run"]) == set(runs)
-    assert set(table["task"]) == {"overfill_suite", *(f"overfill_suite_{f}" for f in tasks.FAMILIES)}
+    assert set(table["task"]) == {"overfill_suite", *(f"overfill_suite_{f}" for f in tasks.SuiteConfig().families)}
     assert table.loc[table["task"] == "overfill_suite", "is_group"].all()
     wide = evaluation.compare_runs(table, metric="exact_match")
     assert list(wide.columns) == list(runs)
