@@ -82,8 +82,8 @@ def test_narrower_sibling_has_half_the_width():
     half = MICRO.narrower(0.5)
     assert (half.hidden_size, half.intermediate_size) == (16, 32)
     assert half.num_key_value_heads == MICRO.num_key_value_heads
-    quarter = MICRO.narrower(0.5, heads=True)
-    assert (quarter.num_attention_heads, quarter.num_key_value_heads, quarter.head_dim) == (
+    narrow = MICRO.narrower(0.5, heads=True)
+    assert (narrow.num_attention_heads, narrow.num_key_value_heads, narrow.head_dim) == (
         MICRO.num_attention_heads // 2, max(1, MICRO.num_key_value_heads // 2), MICRO.head_dim)
     with pytest.raises(ValueError, match="width_ratio"):
         MICRO.narrower(1.5)
@@ -107,7 +107,6 @@ def test_committed_teacher_reaches_target_on_a_test_sample():
     model, tok = teacher.load_teacher(p.path(p["teacher"]["id"]))
     test = tasks.load_split(p.suite_dir, "test")[:200]
     assert teacher.evaluate_exact_match(model, tok, test)["overall"] >= 0.85
-
 
 
 def _committed_records():
