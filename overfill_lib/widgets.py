@@ -8,11 +8,12 @@ from IPython.display import display
 from overfill_lib.workbook import in_batch
 
 
-def _text_output(compute):
-    """An ``Output`` widget showing ``compute()``'s text, and the ``refresh`` callback that recomputes it.
+def _text_panel(compute, controls: list, watch: list | None = None) -> None:
+    """Show ``controls`` in a row above an ``Output`` holding ``compute()``'s text, recomputed whenever a
+    ``watch`` control (default: every control) changes value. Executed in batch, the text is also printed.
 
-    The text is computed outside the Output context (a model's own log lines must not land there);
-    ``refresh`` returns it, so a batch run prints it without computing it twice.
+    The text is computed outside the Output context (a model's own log lines must not land there), and
+    once for both the widget and the batch print.
     """
     import ipywidgets as w
 
@@ -25,7 +26,12 @@ def _text_output(compute):
             print(text)
         return text
 
-    return out, refresh
+    for control in controls if watch is None else watch:
+        control.observe(refresh, names="value")
+    text = refresh()
+    display(w.VBox([w.HBox(controls), out]))
+    if in_batch():
+        print(text)
 
 
 def ask_teacher(model, tokenizer, records: list[dict]):
@@ -45,17 +51,11 @@ def ask_teacher(model, tokenizer, records: list[dict]):
         reference = record["messages"][-1]["content"] if user.value == record["messages"][1]["content"] else "(edited)"
         return f"model: {pred!r}   reference: {reference!r}   exact: {tasks.exact_match(pred, reference)}"
 
-    out, refresh = _text_output(answer)
-
-    def on_family(change):
+    def on_family(change):  # a new family loads its example input, which triggers the answer
         user.value = by_family[change["new"]]["messages"][1]["content"]
 
     family.observe(on_family, names="value")
-    user.observe(refresh, names="value")
-    text = refresh()
-    display(w.VBox([w.HBox([family, user]), out]))
-    if in_batch():
-        print(text)
+    _text_panel(answer, [family, user], watch=[user])
 
 
 def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: float = 0.5, dtype_bytes=2,
@@ -87,13 +87,7 @@ def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: f
                 f"full model); one decode step reads {row.decode_bytes / 1e6:.3f} MB of weights "
                 f"({pruning.dtype_size(dtype_bytes):g} B/parameter); {metrics}")
 
-    out, refresh = _text_output(describe)
-    criterion.observe(refresh, names="value")
-    ratio.observe(refresh, names="value")
-    text = refresh()
-    display(w.VBox([w.HBox([criterion, ratio]), out]))
-    if in_batch():
-        print(text)
+    _text_panel(describe, [criterion, ratio])
 
 
 _SWEEP_COLUMNS = {"criterion", "ratio", "heads", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -165,9 +159,4 @@ def retention_explorer(table, default: float = 0.9):
         return (f"narrowest kept fraction holding {level.value:.0%} of the full model:\n{wide.to_string()}\n\n"
                 f"rule: {rule['statement']}")
 
-    out, refresh = _text_output(report)
-    level.observe(refresh, names="value")
-    text = refresh()
-    display(w.VBox([level, out]))
-    if in_batch():
-        print(text)
+    _text_panel(report, [level])
