@@ -17,7 +17,7 @@ Families (digits in ``add`` are written least-significant first, operands and an
 
 ``mul`` is opt-in (``families``); ``train_weights`` oversamples families in the train split only, so
 validation and test stay balanced. Both were added to look for a family where width decides the score;
-what was measured with them is in the README ("Open: the capacity gap").
+what was measured with them is in the README ("The capacity gap").
 """
 
 from __future__ import annotations

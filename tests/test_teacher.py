@@ -122,8 +122,6 @@ def test_committed_teacher_and_sibling_follow_the_preset_recipe():
     assert half["parameters"] < full["parameters"] / 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 2 is open on this point: the half-width sibling scores 0.876 against the "
-                   "teacher's 0.900; README 'Open: the capacity gap' says what was tried")
 def test_committed_sibling_is_clearly_weaker_than_the_teacher():
     """The issue asks for a suite where capacity matters: same recipe and seed, half the width, clearly lower."""
     _, (full, half) = _committed_records()
