@@ -290,7 +290,6 @@ def test_suite_tasks_match_the_project_scorer_with_nontrivial_scores(models, tmp
     assert res["n-samples"]["overfill_suite_sort"]["effective"] == sizes["sort"] != sizes["reverse"]
 
 
-
 def test_opt_in_mul_task_matches_the_project_scorer(models, tmp_path):
     """``overfill_suite_mul`` (outside the group, for suites that opt into ``mul``) scores like ``tasks.score``."""
     from overfill_lib.tasks import SuiteConfig, generate_suite
@@ -310,6 +309,7 @@ def test_opt_in_mul_task_matches_the_project_scorer(models, tmp_path):
     assert res["n-samples"]["overfill_suite_mul"]["effective"] == len(test) == 6
     assert res["results"]["overfill_suite_mul"]["exact_match,none"] == pytest.approx(tasks.score(test, predictions)["overall"])
     assert 0 < tasks.score(test, predictions)["overall"] < 1
+
 
 def test_suite_dir_resolution(tmp_path, monkeypatch):
     suite = tmp_path / "s"
