@@ -61,7 +61,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from overfill_lib import architectures as arch
-from overfill_lib.io import atomic_directory, read_json, write_json
+from overfill_lib import corpus
+from overfill_lib.io import atomic_directory, read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -407,13 +408,15 @@ def activation_importance(
     batch_size: int = 8,
     pad_token_id: int | None = None,
     layer_skip_loss: bool = False,
+    skip_loss_samples: int | None = None,
     description: str | None = None,
     progress: bool = True,
 ) -> Importance:
     """Activation importance from calibration ``data`` (see the module docstring for definitions).
 
     ``layer_skip_loss`` additionally measures, per layer, the mean next-token loss increase when that
-    layer is skipped (one extra forward pass per layer and batch).
+    layer is skipped (one extra forward pass per layer and batch), on the batches that hold the first
+    ``skip_loss_samples`` samples (all when None): with 30 layers it costs 30 times the calibration.
     """
     arch.check_model(model)
     _check_choice("aggregation", aggregation, AGGREGATIONS)
@@ -438,9 +441,10 @@ def activation_importance(
             recorder.mask, recorder.recording = mask, True
             kwargs = dict(attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
             logits = model(input_ids=ids, **kwargs).logits
+            skip_this_batch = layer_skip_loss and (skip_loss_samples is None or num_samples < skip_loss_samples)
             num_samples += int(mask.any(1).sum())
             num_tokens += int(mask.sum())
-            if layer_skip_loss:
+            if skip_this_batch:
                 recorder.recording = False
                 loss, count = _lm_loss(logits, ids, mask)
                 base_loss, loss_tokens = base_loss + loss, loss_tokens + count
@@ -549,6 +553,7 @@ def compute_importance(
     pad_token_id: int | None = None,
     seed: int = 0,
     layer_skip_loss: bool = False,
+    skip_loss_samples: int | None = None,
     description: str | None = None,
     progress: bool = True,
 ) -> Importance:
@@ -562,7 +567,8 @@ def compute_importance(
         raise ValueError("criterion='activation' needs calibration data: pass data=[batches or token-id lists].")
     return activation_importance(
         model, data, aggregation=aggregation, seq_aggregation=seq_aggregation, batch_size=batch_size,
-        pad_token_id=pad_token_id, layer_skip_loss=layer_skip_loss, description=description, progress=progress,
+        pad_token_id=pad_token_id, layer_skip_loss=layer_skip_loss, skip_loss_samples=skip_loss_samples,
+        description=description, progress=progress,
     )
 
 
@@ -575,7 +581,9 @@ def _check_choice(what: str, value, choices: Iterable[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Calibration data named by a preset, and importance computed once per model and reused
 
-CALIBRATION_KEYS = ("source", "samples", "seq_len", "batch_size", "aggregation", "seq_aggregation", "path", "subset")
+CALIBRATION_KEYS = ("source", "samples", "seq_len", "batch_size", "aggregation", "seq_aggregation", "path", "subset",
+                    "skip_loss_samples")
+CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
 WIKITEXT_REPO = "Salesforce/wikitext"  # the hub dataset whose parquet files the authors' wikitext loader reads
 WIKITEXT_SUBSET = "wikitext-2-raw-v1"
 
@@ -592,6 +600,9 @@ def calibration_samples(calibration: Mapping, tokenizer, *, suite_dir: str | Pat
     files only: the section's ``path`` (a .parquet / .jsonl / .txt file, or a directory of them) or
     the hub cache. Nothing is downloaded here, so an offline machine fails at once, saying how to
     provide the files, instead of waiting on the network.
+
+    ``source: pydoc``: ``samples`` windows of ``seq_len`` tokens (default 512) of real English prose that
+    ships with Python (``corpus``: the help topics' calibration split; the held-out topics stay unseen).
     """
     unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
     if unknown:
@@ -617,10 +628,15 @@ def calibration_samples(calibration: Mapping, tokenizer, *, suite_dir: str | Pat
         subset = calibration.get("subset", WIKITEXT_SUBSET)
         seq_len = seq_len or 512
         files = _local_text_files(calibration.get("path"), subset)
-        ids = _token_windows(_iter_texts(files), tokenizer, samples, seq_len)
+        ids = corpus.token_windows(_iter_texts(files), tokenizer, samples, seq_len)
         where = calibration.get("path") or f"{WIKITEXT_REPO} (hub cache)"
         return ids, f"{subset} train, {len(ids)} windows of {seq_len} tokens from {where}"
-    raise ValueError(f"unknown calibration source {source!r}; choose 'suite' (offline presets) or 'wikitext'.")
+    if source == "pydoc":
+        seq_len = seq_len or 512
+        ids = corpus.token_windows(corpus.texts("calibration"), tokenizer, samples, seq_len)
+        return ids, (f"Python's help topics (pydoc_data.topics, calibration split {corpus.fingerprint('calibration')}), "
+                     f"{len(ids)} windows of {seq_len} tokens")
+    raise ValueError(f"unknown calibration source {source!r}; choose one of {', '.join(CALIBRATION_SOURCES)}.")
 
 
 def _local_text_files(path, subset: str) -> list[Path]:
@@ -670,42 +686,6 @@ def _iter_texts(files: list[Path]) -> Iterator[str]:
         else:
             with path.open() as f:
                 yield from f
-
-
-def _token_windows(texts: Iterable[str], tokenizer, samples: int, seq_len: int) -> list[list[int]]:
-    """Consecutive ``seq_len``-token windows of the concatenated texts (empty lines skipped), ``samples`` of them."""
-    need, stream, chunk = samples * seq_len, [], []
-    for text in texts:
-        if text and text.strip():
-            chunk.append(text)
-        if len(chunk) == 1000:  # tokenize in batches; stop as soon as there are enough tokens
-            stream += itertools.chain.from_iterable(tokenizer(chunk, add_special_tokens=False)["input_ids"])
-            chunk = []
-            if len(stream) >= need:
-                break
-    if chunk and len(stream) < need:
-        stream += itertools.chain.from_iterable(tokenizer(chunk, add_special_tokens=False)["input_ids"])
-    windows = [stream[i : i + seq_len] for i in range(0, min(len(stream), need) - seq_len + 1, seq_len)]
-    if not windows:
-        raise ValueError(f"the calibration text holds fewer than seq_len={seq_len} tokens.")
-    if len(windows) < samples:
-        log.warning("calibration text gave %d windows of %d tokens, fewer than the %d asked for", len(windows),
-                    seq_len, samples)
-    return windows
-
-
-def weights_fingerprint(model: nn.Module, entries: int = 65536) -> str:
-    """A cheap digest of a model's weights: every parameter's name, shape and the sum of up to ``entries``
-    evenly spaced values (a strided view, so no copy of a large matrix). Changes when the model is retrained."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // entries)]
-            h.update(f"{name}{tuple(param.shape)}{sample.double().sum().item():.8e}".encode())
-    return h.hexdigest()[:16]
 
 
 def preset_importance(
@@ -758,6 +738,7 @@ def preset_importance(
             model, data[0] if data else None, criterion=criterion, aggregation=aggregation,
             seq_aggregation=seq_aggregation, batch_size=calibration.get("batch_size", 8),
             pad_token_id=tokenizer.pad_token_id, seed=seed, layer_skip_loss=layer_skip_loss,
+            skip_loss_samples=calibration.get("skip_loss_samples"),
             description=data[1] if data else None, progress=progress,
         )
         imp.extra["request"] = request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -107,3 +108,17 @@ def environment_record(device: str | None = None, seed: int | None = None) -> di
         "commit": git_commit(),
         "seed": seed,
     }
+
+
+def weights_fingerprint(model, entries: int = 65536) -> str:
+    """A cheap digest of a model's weights: every parameter's name, shape and the sum of up to ``entries``
+    evenly spaced values (a strided view, so no copy of a large matrix). Changes when the model is retrained."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // entries)]
+            h.update(f"{name}{tuple(param.shape)}{sample.double().sum().item():.8e}".encode())
+    return h.hexdigest()[:16]

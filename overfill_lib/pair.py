@@ -694,3 +694,17 @@ class OverFillModel(nn.Module):
         if device is not None:
             pair.to(device)
         return pair.eval()
+
+
+def compare_generations(full, decoder, tokenizer, conversations: Sequence[Sequence[dict]], *,
+                        max_new_tokens: int = 48, pair_label: str = "OverFill"):
+    """Greedy replies to the same ``conversations`` from the full model, the decoder alone and the pair
+    (full-model prefill, decoder after), one row per conversation."""
+    import pandas as pd
+
+    runs = {"full model": OverFillModel(full, full, tokenizer=tokenizer),
+            "decoder alone": OverFillModel(decoder, decoder, tokenizer=tokenizer),
+            pair_label: OverFillModel(full, decoder, tokenizer=tokenizer)}
+    replies = {name: run.chat(conversations, max_new_tokens=max_new_tokens, do_sample=False).texts
+               for name, run in runs.items()}
+    return pd.DataFrame({"prompt": [c[-1]["content"] for c in conversations], **replies})

@@ -171,8 +171,9 @@ def layer_scores(importance, title: str):
 
 
 def metrics_vs_ratio(table, metrics: list[str], title: str, reference: dict | None = None,
-                     x: str = "ratio", color: str = "criterion"):
-    """One panel per metric: a line per ``color`` value over ``x``; ``reference`` values drawn as dashed lines."""
+                     x: str = "ratio", color: str = "criterion", log_metrics=()):
+    """One panel per metric: a line per ``color`` value over ``x``; ``reference`` values drawn as dashed lines;
+    the panels of ``log_metrics`` on a log axis."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
@@ -187,6 +188,8 @@ def metrics_vs_ratio(table, metrics: list[str], title: str, reference: dict | No
             fig.add_hline(y=reference[metric], line_dash="dash", line_color="gray", row=1, col=col,
                           annotation_text="unpruned", annotation_position="top left")
         fig.update_xaxes(title_text=x, row=1, col=col)
+        if metric in log_metrics:
+            fig.update_yaxes(type="log", row=1, col=col)
     fig.update_layout(title=title)
     return fig
 

@@ -22,10 +22,12 @@ SECTIONS = {
     "description": "one line shown in reports",
     "suite": "synthetic suite config (tasks.SuiteConfig), or null for real-data presets",
     "suite_dir": "where the suite's JSONL splits live (relative to the project root)",
-    "teacher": "the full model: {id: local dir or hub id, train: teacher recipe (local only), revision}",
+    "teacher": "the full model: {id: local dir or hub id, train: teacher recipe (local only), gguf: a GGUF file in a wheel "
+               "(gguf_models.GGUFSource), revision}",
     "smaller": "the 'smaller finetuned' reference: {width_ratio, heads: also narrow attention} (trained here) or {id: hub id}",
     "decoder": "width pruning of the decoder: {hidden, intermediate, heads, round_to, criterion}",
-    "calibration": "importance calibration data: {source, samples, seq_len, batch_size, aggregation}",
+    "calibration": "importance calibration data: {source (suite, wikitext, pydoc), samples, seq_len, batch_size, "
+                   "aggregation, skip_loss_samples}",
     "training": "decoder training recipe (OverFill objective and baselines)",
     "evaluation": "evaluation settings (tasks, limits, batch size)",
     "latency": "latency profiling settings",
@@ -126,6 +128,10 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
         p.suite_config()  # validates the suite keys early
     if (p.raw["teacher"] or {}).get("train") is not None:
         p.teacher_config()
+    if (p.raw["teacher"] or {}).get("gguf") is not None:
+        from overfill_lib.gguf_models import GGUFSource
+
+        GGUFSource.from_dict(p.raw["teacher"]["gguf"])
     return p
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from overfill_lib import architectures as arch
+from overfill_lib import generation
 from overfill_lib.importance import Importance
 from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
 
@@ -522,6 +523,9 @@ def size_report(config, hidden=None, intermediate=None, heads=None, round_to: in
 def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> float:
     """Mean cross-entropy per reply token (reply + end-of-turn) of chat ``records``, prompt tokens excluded.
 
+    ``model`` is a causal LM, or an OverFill pair (``pair.OverFillModel``): then the full model prefills
+    each prompt and predicts the first reply token, and the decoder the rest, as in generation.
+
     ``records`` are suite records (with ``messages``) or message lists. Examples are encoded as in
     training (teacher.encode_examples), sorted by length to limit padding, right-padded, and each
     batch's mean (the model's own ``labels`` loss) is weighted by its number of reply tokens, so the
@@ -535,6 +539,11 @@ def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> fl
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = sorted(encode_examples(tokenizer, conversations), key=lambda r: len(r["input_ids"]))
+    if hasattr(model, "score"):  # an OverFill pair: the full model reads the prompt, the decoder the reply
+        split = [r["labels"].index(next(t for t in r["labels"] if t != -100)) for r in rows]
+        scores = model.score([r["input_ids"][:k] for r, k in zip(rows, split)],
+                             [r["input_ids"][k:] for r, k in zip(rows, split)], batch_size=batch_size)
+        return -sum(lp for lp, _ in scores) / sum(len(r["input_ids"]) - k for r, k in zip(rows, split))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
@@ -560,6 +569,30 @@ def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> fl
         model.train(was_training)
     if count == 0:
         raise ValueError("the records hold no reply tokens to score.")
+    return total / count
+
+
+@torch.inference_mode()
+def text_nll(model: nn.Module, windows: list[list[int]], batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over token ``windows`` (each scored alone, every token but the first);
+    ``exp`` of it is the perplexity."""
+    if not windows:
+        raise ValueError("text_nll needs at least one window of tokens; got none.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            ids, mask = generation.pad_sequences(chunk, 0, side="right")
+            labels = ids.masked_fill(mask == 0, -100)
+            tokens = int((labels[:, 1:] != -100).sum())
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+            total += float(out.loss) * tokens
+            count += tokens
+    finally:
+        model.train(was_training)
     return total / count
 
 

@@ -26,6 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from overfill_lib.io import PROJECT_ROOT, atomic_write_text, read_json, write_json
+from overfill_lib.presets import load_preset
+from overfill_lib.workbook import missing_sections
 
 log = logging.getLogger(__name__)
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -175,7 +177,14 @@ def run_series(
     env = {"OVERFILL_BATCH": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
     upstream_ran = False  # once a notebook reruns, the ones after it read fresh artifacts: rerun them too
+    spec = load_preset(preset, parameters.get("overrides"))
     for i, nb in enumerate(selected):
+        missing = missing_sections(spec, nb.stem)
+        if missing:
+            outcomes[i] = Outcome(nb.stem, "skipped", error=f"preset {spec.name!r} has no {' / '.join(missing)} section")
+            log.info("%s skipped: %s", nb.stem, outcomes[i].error)
+            write_index(run_dir, str(preset), outcomes)
+            continue
         fingerprint = _fingerprint(nb, parameters)
         if not force and not upstream_ran and state.get(nb.stem) == fingerprint:
             outcomes[i] = Outcome(nb.stem, "skipped")
@@ -222,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         params = yaml.safe_load(Path(args.parameters_file).read_text()) or {}
-    from overfill_lib.presets import load_preset
-
     preset = params.pop("preset", args.preset)
     load_preset(preset)  # fail fast on a bad preset, before any kernel starts
     run_dir, outcomes = run_series(preset, params, args.only, args.force, args.run_dir, log_output=not args.quiet)

@@ -26,7 +26,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from overfill_lib import tasks
+from overfill_lib import gguf_models, tasks
 from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -313,8 +313,9 @@ def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tup
     """The preset's full model (``which="teacher"``) or its narrower sibling (``which="smaller"``).
 
     Local presets: write the suite, train the model when its checkpoint is missing or ``retrain``
-    is set, and return the directory with its training record. Hub presets: resolve the hub id
-    to a local directory (clear error offline) and return no record.
+    is set, and return the directory with its training record. GGUF presets (``gguf:`` beside the id):
+    convert the file once into the directory ``id`` and return its source record. Hub presets: resolve
+    the hub id to a local directory (clear error offline) and return no record.
     """
     from overfill_lib.presets import resolve_model
 
@@ -322,6 +323,9 @@ def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tup
     if not preset.is_offline_default:
         if "id" not in spec:
             raise ValueError(f"preset {preset.name!r} names no {which} model id")
+        if spec.get("gguf"):  # a GGUF file inside a wheel: converted once into the directory ``id``
+            return gguf_models.ensure_model(spec["gguf"], preset.path(spec["id"])), gguf_models.source_record(
+                preset.path(spec["id"]))
         return resolve_model(spec["id"], revision=spec.get("revision")), None
     cfg = recipe(preset, which)
     path = preset.path(spec.get("id") or preset.workdir / which)
@@ -358,7 +362,8 @@ def reproduce(preset, which: str = "teacher", out_dir: str | Path | None = None)
 
 
 def describe(model, record: dict | None = None):
-    """One-row DataFrame: architecture, parameter count and (if trained here) the training record."""
+    """One-row DataFrame: architecture, parameter count and the training record (trained here) or the source
+    record (converted from a GGUF file)."""
     import pandas as pd
 
     c = model.config
@@ -374,7 +379,12 @@ def describe(model, record: dict | None = None):
         "vocab": c.vocab_size,
         "tied embeddings": bool(getattr(c, "tie_word_embeddings", False)),
     }
-    if record:
+    if record and "source" in record:  # converted from a GGUF file (gguf_models.source_record)
+        src = record["source"]
+        row |= {"source": f"{src['package']}=={src['version']}: {Path(src['file']).name}",
+                "quantization": ", ".join(f"{n} {t}" for t, n in record["gguf"]["tensor_types"].items()),
+                "stored as": record["stored_dtype"]}
+    elif record:
         env = record.get("environment", {})
         row |= {
             "train steps": record["recipe"]["steps"],

@@ -160,3 +160,30 @@ def retention_explorer(table, default: float = 0.9):
                 f"rule: {rule['statement']}")
 
     _text_panel(report, [level])
+
+
+def reference_generations(full, importance, tokenizer, conversations: list[list[dict]], *, ratios, default: float = 0.5,
+                          max_new_tokens: int = 48):
+    """Prompt dropdown + ratio slider -> the full model, the pruned decoder alone and the untrained pair (full-model
+    prefill, pruned decoder after) answering the same prompt, side by side. Executed in batch, prints the default."""
+    import ipywidgets as w
+
+    from overfill_lib import pruning
+    from overfill_lib.pair import compare_generations
+
+    labels = [f"{i}: {c[-1]['content'][:70]!r}" for i, c in enumerate(conversations)]
+    prompt = w.Dropdown(options=list(zip(labels, range(len(conversations)))), description="prompt",
+                        layout={"width": "60%"})
+    ratio = w.SelectionSlider(options=list(ratios), value=min(ratios, key=lambda r: abs(r - default)),
+                              description="removed", continuous_update=False)
+
+    def replies():
+        decoder, _ = pruning.prune_width(full, importance, hidden=ratio.value, intermediate=ratio.value)
+        row = compare_generations(full, decoder, tokenizer, [conversations[prompt.value]],
+                                  max_new_tokens=max_new_tokens, pair_label="OverFill, untrained").iloc[0]
+        titles = {"full model": "full model",
+                  "decoder alone": f"pruned decoder alone ({ratio.value:.0%} of hidden and MLP width removed)",
+                  "OverFill, untrained": "OverFill, untrained (full-model prefill, then that decoder)"}
+        return "\n\n".join(f"--- {title}\n{row[name]}" for name, title in titles.items())
+
+    _text_panel(replies, [prompt, ratio])

@@ -63,6 +63,18 @@ class Workbook:
         return path
 
 
+# Preset sections a notebook cannot run without (beyond the full model every notebook needs).
+NOTEBOOK_NEEDS = {
+    "02_decoder_training": ("training",),
+    "04_pruning_ratio_ablation": ("training", "ablation"),
+}
+
+
+def missing_sections(preset: Preset, notebook: str) -> list[str]:
+    """The sections ``notebook`` needs that ``preset`` leaves empty (the runner skips such notebooks)."""
+    return [s for s in NOTEBOOK_NEEDS.get(notebook, ()) if not preset.get(s)]
+
+
 def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: int = 0) -> Workbook:
     from overfill_lib.plots import configure_plotly
 
@@ -70,6 +82,10 @@ def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: in
     for noisy in ("httpx", "urllib3", "filelock", "choreographer", "kaleido"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     p = load_preset(preset, overrides)
+    missing = missing_sections(p, notebook)
+    if missing:
+        raise ValueError(f"notebook {notebook} needs the preset's {' and '.join(missing)} section(s), which preset "
+                         f"{p.name!r} leaves empty; run it on a preset that has them (e.g. tiny), or add them")
     configure_plotly()
     seed_everything(seed)
     sub = p.name
