@@ -124,24 +124,23 @@ def summary_prompts(split: str = "heldout", n: int = 16, max_chars: int = 1200) 
 
 @torch.inference_mode()
 def answer(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
-           batch_size: int = 8) -> list[dict]:
-    """The model's greedy replies as records in the ``messages`` schema, with whether each reply ended (eos)."""
+           batch_size: int = 8, desc: str = "answers") -> list[dict]:
+    """The model's greedy replies (on the fast path: one static cache per batch) as records in the ``messages``
+    schema, each with whether it ended with an eos token within ``max_new_tokens``."""
     from tqdm.auto import tqdm
 
+    from overfill_lib.fast_decode import FastGenerator
     from overfill_lib.generation import encode_chat
 
+    fast = FastGenerator(full=model, compile=False)
     records = []
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id])
-    for i in tqdm(range(0, len(conversations), batch_size), desc="reference answers", unit="batch"):
+    for i in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
         chunk = conversations[i : i + batch_size]
-        enc = {k: v.to(model.device) for k, v in encode_chat(tokenizer, chunk).items()}
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        for conv, row in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
-            ended = next((j for j, t in enumerate(row) if t in eos), None)
-            text = tokenizer.decode(row[:ended], skip_special_tokens=True).strip()
-            records.append({"messages": [*conv, {"role": "assistant", "content": text}], "ended": ended is not None})
+        enc = encode_chat(tokenizer, chunk)
+        out = fast.generate(enc["input_ids"], enc["attention_mask"], method="full", max_new_tokens=max_new_tokens)
+        for conv, row, reason in zip(chunk, out.new_tokens.tolist(), out.finish_reasons):
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            records.append({"messages": [*conv, {"role": "assistant", "content": text}], "ended": reason == "eos"})
     return records
 
 
@@ -165,3 +164,186 @@ def reference_answers(model, tokenizer, path: str | Path, *, n: int = 24, max_ne
         log.info("%d of %d reference answers did not end within %d tokens and are left out", len(records) - len(done),
                  len(records), max_new_tokens)
     return done
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-distilled chat data: prompts over real text (and the suite's families in plain words), answered by
+# the full model. A drop-in decoder should continue as the full model would, so its answers are the targets.
+
+DATA_SPLITS = ("train", "validation", "test")
+INSTRUCTIONS = {
+    "summarize": SUMMARY_INSTRUCTION,
+    "explain": "Explain the following passage from Python's documentation to a beginner in two or three sentences.",
+    "question": "Read the following passage from Python's documentation, then answer in one or two sentences: "
+                "what does it say about {term}?",
+    "list": "List the three most important points of the following passage from Python's documentation, "
+            "one short line each.",
+}
+VALIDATION_EVERY = 10  # every tenth calibration-topic passage is a validation prompt; test prompts are held out
+
+
+def _term(text: str, rng) -> str:
+    """A quoted name from the passage (the help topics quote identifiers "like_this"), else its first words."""
+    quoted = sorted(set(re.findall(r'"([A-Za-z_][\w.]{2,30})"', text)))
+    return f'"{rng.choice(quoted)}"' if quoted else " ".join(text.split()[:4])
+
+
+def _family_prompt(family: str, rng) -> str:
+    """The suite's families (tasks.FAMILIES) asked in plain words."""
+    import string
+
+    if family == "reverse":
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8)))
+        return f"Reverse the letters of the word '{word}'. Reply with the reversed word only."
+    if family == "sort":
+        digits = " ".join(rng.choice(string.digits) for _ in range(rng.randint(4, 8)))
+        return f"Sort these digits in ascending order: {digits}. Reply with the sorted digits only."
+    if family == "lookup":
+        keys = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
+        pairs = ", ".join(f"{k} = {rng.randrange(100)}" for k in keys)
+        return f"Here are some variables: {pairs}. What is the value of {rng.choice(keys)}? Reply with the number only."
+    if family == "add":
+        return f"What is {rng.randrange(1000)} + {rng.randrange(1000)}? Reply with the number only."
+    if family == "count":
+        letters = "".join(rng.choice("abcd") for _ in range(rng.randint(5, 10)))
+        return f"How many times does the letter '{rng.choice('abcd')}' appear in '{letters}'? Reply with the number only."
+    raise ValueError(f"no plain-words template for family {family!r}")
+
+
+def distill_prompts(split: str, n_passage: int, n_family: int, seed: int = 0, max_chars: int = 1200) -> list[dict]:
+    """Prompts of one split: ``n_passage`` instructions over passages (kinds in turn) and ``n_family`` suite-family
+    questions, each ``{"kind", "topic", "messages"}``. Train and validation passages come from the calibration topics
+    (every tenth passage to validation), test passages from the held-out topics; family questions are seeded per split."""
+    import random
+
+    if split not in DATA_SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(DATA_SPLITS)}")
+    rng = random.Random(f"{seed}-{split}")
+    pool = passages("heldout" if split == "test" else "calibration", max_chars=max_chars)
+    if split != "test":
+        pool = [p for i, p in enumerate(pool) if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
+    rng.shuffle(pool)
+    kinds = list(INSTRUCTIONS)
+    out = []
+    for i, p in enumerate(pool[:n_passage]):
+        kind = kinds[i % len(kinds)]
+        instruction = INSTRUCTIONS[kind].format(term=_term(p["text"], rng))
+        out.append({"kind": kind, "topic": p["topic"],
+                    "messages": [{"role": "user", "content": f"{instruction}\n\n{p['text']}"}]})
+    families = ("reverse", "sort", "lookup", "add", "count")
+    for i in range(n_family):
+        family = families[i % len(families)]
+        out.append({"kind": f"family:{family}", "topic": None,
+                    "messages": [{"role": "user", "content": _family_prompt(family, rng)}]})
+    seen, unique = set(), []
+    for r in out:  # deduplicated by prompt text
+        key = r["messages"][0]["content"]
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
+
+
+def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, max_new_tokens: int = 96,
+                         batch_size: int = 16, seed: int = 0, source: dict | None = None) -> Path:
+    """Answer :func:`distill_prompts` with ``model`` (greedy) into ``out_dir/<split>.jsonl`` in the ``messages``
+    schema, plus ``record.json`` (model fingerprint, decoding, seed, text fingerprints, counts).
+
+    ``sizes`` maps each split to ``(passage prompts, family prompts)``. Answers that do not end within
+    ``max_new_tokens`` are dropped (and counted). Each split is written atomically and kept when a rerun asks
+    the same of it, so an interrupted build resumes at the split it was on.
+    """
+    import json
+
+    from overfill_lib.io import atomic_write_text, environment_record
+
+    out_dir = Path(out_dir)
+    fingerprint = weights_fingerprint(model)
+    record_path = out_dir / "record.json"
+    record = read_json(record_path) if record_path.is_file() else {}
+    splits = dict(record.get("splits", {}))
+    for split in DATA_SPLITS:
+        n_passage, n_family = sizes[split]
+        request = {"model": fingerprint, "n_passage": n_passage, "n_family": n_family, "seed": seed,
+                   "max_new_tokens": max_new_tokens, "instructions": INSTRUCTIONS,
+                   "text": fingerprint_of_split(split)}
+        if splits.get(split, {}).get("request") == request and (out_dir / f"{split}.jsonl").is_file():
+            continue
+        prompts = distill_prompts(split, n_passage, n_family, seed)
+        answered = answer(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, desc=f"{split} answers")
+        rows = [{"kind": p["kind"], "topic": p["topic"], "messages": a["messages"]}
+                for p, a in zip(prompts, answered) if a["ended"] and a["messages"][-1]["content"]]
+        atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        kinds: dict[str, int] = {}
+        for r in rows:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        splits[split] = {"request": request, "prompts": len(prompts), "kept": len(rows),
+                         "dropped_unfinished": len(prompts) - len(rows), "kinds": kinds}
+        record = {"model_fingerprint": fingerprint, "model_source": source, "decoding": {
+                      "greedy": True, "max_new_tokens": max_new_tokens, "chat_template": "the model's own"},
+                  "seed": seed, "corpus": describe(), "splits": splits, "environment": environment_record("cpu", seed)}
+        write_json(record_path, record)
+        log.info("%s: %d of %d answers kept in %s", split, len(rows), len(prompts), out_dir / f"{split}.jsonl")
+    return out_dir
+
+
+def fingerprint_of_split(split: str) -> str:
+    """The corpus text a data split's prompts are drawn from."""
+    return fingerprint("heldout" if split == "test" else "calibration")
+
+
+DISTILL_KEYS = {"dir": str, "train": list, "validation": list, "test": list, "max_new_tokens": int, "batch_size": int,
+                "seed": int}
+
+
+def check_distill_section(section: dict) -> dict:
+    """A preset's ``distill`` section, checked: ``dir`` and, per split, ``[passage prompts, family prompts]``."""
+    unknown = sorted(set(section) - set(DISTILL_KEYS))
+    missing = sorted({"dir", *DATA_SPLITS} - set(section))
+    if unknown or missing:
+        raise ValueError(f"distill: unknown keys {unknown}, missing keys {missing}; valid keys: {sorted(DISTILL_KEYS)}")
+    for key, kind in DISTILL_KEYS.items():
+        if key in section and not isinstance(section[key], kind):
+            raise ValueError(f"distill.{key} must be a {kind.__name__}, got {section[key]!r}")
+    for split in DATA_SPLITS:
+        if len(section[split]) != 2 or not all(isinstance(n, int) and n >= 0 for n in section[split]):
+            raise ValueError(f"distill.{split} must be [passage prompts, family prompts] (two counts), "
+                             f"got {section[split]!r}")
+    return section
+
+
+def ensure_distilled_data(preset, model=None, tokenizer=None) -> Path:
+    """The preset's self-distilled data directory (``distill.dir``), built or completed with its full model when
+    a split is missing or was made by another request (another model, size or decoding)."""
+    from overfill_lib import gguf_models, teacher
+
+    section = check_distill_section(dict(preset["distill"] or {}))
+    if model is None:
+        model_dir, _ = teacher.ensure_teacher(preset)
+        model, tokenizer = teacher.load_teacher(model_dir)
+        source = gguf_models.source_record(model_dir)
+    else:
+        source = None
+    return build_distilled_data(
+        model, tokenizer, preset.path(section["dir"]), sizes={s: tuple(section[s]) for s in DATA_SPLITS},
+        max_new_tokens=section.get("max_new_tokens", 96), batch_size=section.get("batch_size", 16),
+        seed=section.get("seed", 0), source=source and {k: source[k] for k in ("source", "gguf_sha256")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate (or complete) a preset's self-distilled chat data: ``python -m overfill_lib.corpus --preset NAME``."""
+    import argparse
+
+    from overfill_lib.presets import load_preset
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--preset", required=True, help="a preset with a distill section (e.g. smollm2-135m)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print(ensure_distilled_data(load_preset(args.preset)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -343,6 +343,18 @@ def layers_from_record(record: dict | None) -> list[int] | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over ``mask``ed positions of KL(teacher || student) between next-token distributions [batch, T, vocab]."""
+    mask = mask.to(student_logits.device).reshape(-1).to(torch.float32)
+    if mask.sum() == 0:
+        return student_logits.sum() * 0.0  # keeps the graph for a batch with nothing to score
+    vocab = student_logits.shape[-1]
+    log_student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab).to(log_student.device), dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
 @dataclass
 class ContinuationOutput:
     """Logits over the continuation: position t predicts continuation token t.
@@ -510,6 +522,34 @@ class OverFillModel(nn.Module):
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         mask = mask.reshape(-1).to(ce.dtype)
         return (ce * mask).sum() / mask.sum()
+
+    def distill_loss(
+        self,
+        context_ids: torch.Tensor,
+        continuation_ids: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        continuation_mask: torch.Tensor | None = None,
+        include_first_token: bool = False,
+    ) -> torch.Tensor:
+        """Mean KL(full || pair) per continuation token: the decoder's next-token distribution pulled towards the
+        full model's on the same prefix (logit distillation, as Minitron recovers pruned models).
+
+        The full model reads context + continuation in one forward (frozen); token 0 is the full model's in both,
+        so its KL is 0 and counts only with ``include_first_token`` (as in :meth:`loss`).
+        """
+        out = self.forward_continuation(context_ids, continuation_ids, context_mask, continuation_mask)
+        context_mask = torch.ones_like(context_ids) if context_mask is None else context_mask
+        mask = out.continuation_mask
+        with torch.no_grad():
+            ids = torch.cat([context_ids, continuation_ids], 1).to(self.device)
+            full_mask = torch.cat([context_mask.to(self.device), mask], 1)
+            teacher = self.full(input_ids=ids, attention_mask=full_mask,
+                                position_ids=generation.positions_from_mask(full_mask), use_cache=False).logits
+            teacher = teacher[:, context_ids.shape[1] - 1 : -1]
+        student = out.logits
+        if not include_first_token:
+            student, teacher, mask = student[:, 1:], teacher[:, 1:], mask[:, 1:]
+        return token_kl(student, teacher, mask)
 
     @torch.inference_mode()
     def score(

@@ -29,6 +29,8 @@ SECTIONS = {
     "calibration": "importance calibration data: {source (suite, wikitext, pydoc), samples, seq_len, batch_size, "
                    "aggregation, skip_loss_samples}",
     "training": "decoder training recipe (OverFill objective and baselines)",
+    "distill": "self-distilled chat data the full model writes (corpus.ensure_distilled_data): "
+               "{dir, train, validation, test: [passage prompts, family prompts], max_new_tokens, batch_size, seed}",
     "evaluation": "evaluation settings (tasks, limits, batch size)",
     "latency": "latency profiling settings",
     "ablation": "pruning-ratio ablation grid (ablation.AblationConfig): {keep, objectives, seeds, scratch_keep, teachers, ...}",
@@ -128,6 +130,10 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
         p.suite_config()  # validates the suite keys early
     if (p.raw["teacher"] or {}).get("train") is not None:
         p.teacher_config()
+    if p.raw.get("distill") is not None:
+        from overfill_lib.corpus import check_distill_section
+
+        check_distill_section(p.raw["distill"])
     if (p.raw["teacher"] or {}).get("gguf") is not None:
         from overfill_lib.gguf_models import GGUFSource
 

@@ -538,12 +538,11 @@ def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> fl
         raise ValueError("reply_loss needs at least one record; got none.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if hasattr(model, "forward_continuation"):  # an OverFill pair: the full model reads the prompt, the decoder the reply
+        from overfill_lib.fidelity import answer_fidelity
+
+        return answer_fidelity(model, tokenizer, conversations, batch_size=batch_size)["nll"]
     rows = sorted(encode_examples(tokenizer, conversations), key=lambda r: len(r["input_ids"]))
-    if hasattr(model, "score"):  # an OverFill pair: the full model reads the prompt, the decoder the reply
-        split = [r["labels"].index(next(t for t in r["labels"] if t != -100)) for r in rows]
-        scores = model.score([r["input_ids"][:k] for r, k in zip(rows, split)],
-                             [r["input_ids"][k:] for r, k in zip(rows, split)], batch_size=batch_size)
-        return -sum(lp for lp, _ in scores) / sum(len(r["input_ids"]) - k for r, k in zip(rows, split))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training

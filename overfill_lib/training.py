@@ -73,20 +73,26 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class Objective:
-    """What is trained (``trains``) and how its batches look (``layout``: ``pair`` or ``causal``)."""
+    """What is trained (``trains``), how its batches look (``layout``: ``pair`` or ``causal``) and its loss
+    (``loss``: ``ce``, cross-entropy on the response tokens, or ``kl``, KL from the frozen full model's
+    next-token distribution on the same tokens)."""
 
     name: str
     trains: str  # "decoder" (the pruned decoder), "scratch" (its architecture, random init), "full", "smaller"
     layout: str
     description: str
+    loss: str = "ce"
 
 
 OBJECTIVES: dict[str, Objective] = {}
+LOSSES = ("ce", "kl")
 
 
 def register_objective(objective: Objective) -> Objective:
     if objective.layout not in chat_data.LAYOUTS:
         raise ValueError(f"objective layout must be one of {chat_data.LAYOUTS}, got {objective.layout!r}")
+    if objective.loss not in LOSSES:
+        raise ValueError(f"objective loss must be one of {LOSSES}, got {objective.loss!r}")
     OBJECTIVES[objective.name] = objective
     return objective
 
@@ -97,6 +103,10 @@ for _o in (
     Objective("scratch", "scratch", "causal", "the decoder's architecture trained from random initialization"),
     Objective("full", "full", "causal", "the full model fine-tuned (upper reference)"),
     Objective("smaller", "smaller", "causal", "a separately trained smaller model, fine-tuned"),
+    Objective("overfill_kd", "decoder", "pair", "OverFill, distilled: KL to the full model's next-token distribution",
+              loss="kl"),
+    Objective("pruned_kd", "decoder", "causal", "the pruned decoder alone, distilled from the full model (KL)",
+              loss="kl"),
 ):
     register_objective(_o)
 
@@ -347,10 +357,11 @@ class OverFillTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, pair=None, include_first_token: bool = True, **kwargs):
+    def __init__(self, *args, pair=None, include_first_token: bool = True, distill_from=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pair = pair
         self.include_first_token = include_first_token
+        self.distill_from = distill_from  # the frozen full model whose distribution a "kl" objective matches
         # Our losses are per-micro-batch means: never have num_items_in_batch passed in.
         self.model_accepts_loss_kwargs = False
         self._tokens = 0
@@ -360,13 +371,24 @@ class OverFillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.pair is not None:
             with _decoder_as(self.pair, model) as pair:
-                loss = pair.loss(
+                loss = (pair.distill_loss if self.distill_from is not None else pair.loss)(
                     inputs["context_ids"], inputs["continuation_ids"], inputs["context_mask"],
                     inputs["continuation_mask"], include_first_token=self.include_first_token,
                 )
             outputs = None
             tokens = int(inputs["context_mask"].sum() + inputs["continuation_mask"].sum())
             response = int(inputs["continuation_mask"].sum())
+        elif self.distill_from is not None:
+            from overfill_lib.pair import token_kl
+
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            with torch.no_grad():
+                teacher = self.distill_from(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            # Position t predicts token t+1: the response positions are those whose next label is scored.
+            loss = token_kl(outputs.logits[:, :-1], teacher[:, :-1], labels[:, 1:] != -100)
+            tokens = int(inputs["attention_mask"].sum())
+            response = int((labels != -100).sum())
         else:
             outputs = model(**inputs)
             loss = outputs.loss
@@ -571,7 +593,7 @@ def train(
 
     Resumes from the latest checkpoint in ``run_dir/checkpoints`` when ``resume``. A run that stops
     before its planned steps (interrupted, or a callback stopped it) returns ``complete=False`` and
-    writes no final model. ``full``: an already loaded full model to reuse (OverFill only).
+    writes no final model. ``full``: an already loaded full model to reuse (OverFill and the ``kl`` objectives).
     """
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -590,12 +612,15 @@ def train(
         full = full if full is not None else _load_full(sources, runtime["dtype"])
     elif obj.trains == "smaller":
         check_same_tokenizer(sources.full_dir, sources.smaller_dir, "smaller model")
+    if obj.loss == "kl" and full is None:
+        full = _load_full(sources, runtime["dtype"])
     steps = planned_steps(config, len(dataset), _world_size())
     args = _training_args(config, run_dir, seed, steps, runtime, obj.layout)
     model = _trainable_model(obj, sources, seed)
+    if full is not None and (obj.layout == "pair" or obj.loss == "kl"):
+        full.to(args.device)  # the Trainer places (or shards) only the model it trains
     if obj.layout == "pair":
         pruning_path = sources.decoder_dir / "pruning.json"
-        full.to(args.device)  # the Trainer places (or shards) only the model it trains
         pair = OverFillModel(
             full, model, config.strategy, tokenizer=tokenizer, full_id=sources.full_id or str(sources.full_dir),
             pruning_record=read_json(pruning_path) if pruning_path.is_file() else None,
@@ -615,6 +640,7 @@ def train(
         callbacks=[LogWriter(run_dir), *callbacks],
         pair=pair,
         include_first_token=config.include_first_token,
+        distill_from=full if obj.loss == "kl" else None,
     )
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     if checkpoint:
@@ -638,7 +664,7 @@ def train(
         "runtime": runtime,
         "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()},
         "data": data_stats,
-        "parameters": {"trained": _count(model), "full": _count(full) if pair is not None else None},
+        "parameters": {"trained": _count(model), "full": _count(full) if pair is not None or obj.loss == "kl" else None},
         "log_history": state.log_history,
         "environment": environment_record(str(args.device), seed),
     }

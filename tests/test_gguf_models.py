@@ -109,19 +109,6 @@ def test_training_notebooks_refuse_the_real_preset_until_it_has_a_recipe():
         workbook.setup("smollm2-135m", notebook="04_pruning_ratio_ablation")
 
 
-def test_corpus_splits_are_disjoint_and_prompts_come_from_held_out_topics(tokenizer):
-    calibration, heldout = corpus.topic_names("calibration"), corpus.topic_names("heldout")
-    assert not set(calibration) & set(heldout) and sorted(calibration + heldout) == sorted(corpus.topics())
-    share = sum(map(len, corpus.texts("heldout"))) / sum(map(len, corpus.topics().values()))
-    assert 0.1 < share < 0.3
-    prompts = corpus.summary_prompts("heldout", 8)
-    assert len(prompts) == 8 and all(p[0]["content"].startswith(corpus.SUMMARY_INSTRUCTION) for p in prompts)
-    held_text = "\n".join(corpus.texts("heldout"))
-    assert all(p[0]["content"].split("\n\n", 1)[1].split("\n\n")[0] in held_text for p in prompts)
-    windows = corpus.token_windows(corpus.texts("calibration"), tokenizer, 3, 64)
-    assert [len(w) for w in windows] == [64, 64, 64]
-
-
 def test_pair_reply_loss_and_text_nll_match_the_model_alone(converted, tokenizer):
     _, _, out = converted
     model, tok = teacher.load_teacher(out)

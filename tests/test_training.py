@@ -68,7 +68,7 @@ class StopAt(TrainerCallback):
 
 
 def test_registry_and_recipe_refuse_unknown_names():
-    assert set(training.OBJECTIVES) >= {"overfill", "pruned", "scratch", "full", "smaller"}
+    assert set(training.OBJECTIVES) >= {"overfill", "pruned", "scratch", "full", "smaller", "overfill_kd", "pruned_kd"}
     with pytest.raises(ValueError, match=r"unknown objective or baseline 'prunned'; valid names: overfill .*pruned"):
         training.get_objective("prunned")
     with pytest.raises(ValueError, match="unknown objective"):
@@ -109,6 +109,45 @@ def test_step0_loss_is_the_pairs_scoring_nll_and_only_the_decoder_learns(setup, 
     header = (result.run_dir / "log.csv").read_text().splitlines()[0].split(",")
     assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(header)
     assert all(h["tokens_per_s"] > 0 for h in training.loss_history(json.loads((result.run_dir / "log.json").read_text())))
+
+
+def reference_kl(full, decoder, ds, overfill: bool) -> float:
+    """Mean KL(full || student) per response token, each example alone, from the two models' own logits: the
+    student is the decoder alone, or (``overfill``) the full model for token 0 and the decoder reading its prompt
+    cache after; token 0's KL is then 0 and, as in the OverFill loss, counted (include_first_token)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, r in zip(ds["prompt_ids"], ds["response_ids"]):
+            ids = torch.tensor([p + r])
+            teacher_lp = torch.log_softmax(full(ids).logits[0, len(p) - 1 : -1].double(), -1)
+            if overfill:
+                prefill = full(torch.tensor([p]), use_cache=True)
+                rest = decoder(torch.tensor([r[:-1]]), past_key_values=prefill.past_key_values).logits[0]
+                student = torch.cat([prefill.logits[0, -1:], rest])
+            else:
+                student = decoder(ids).logits[0, len(p) - 1 : -1]
+            student_lp = torch.log_softmax(student.double(), -1)
+            total += float((teacher_lp.exp() * (teacher_lp - student_lp)).sum())
+            count += len(r)
+    return total / count
+
+
+@pytest.mark.parametrize("objective", ["overfill_kd", "pruned_kd"])
+def test_distillation_step0_loss_is_the_kl_from_both_models_logits_and_only_the_decoder_learns(setup, tmp_path,
+                                                                                                objective):
+    sources, ds = setup["sources"], setup["dataset"]
+    full = load_full(setup)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    decoder0 = AutoModelForCausalLM.from_pretrained(sources.decoder_dir).eval()
+    expected = reference_kl(full, decoder0, ds, overfill=objective == "overfill_kd")
+    spy = OptimizerSpy()
+    result = training.train(objective, sources, ds, recipe(), tmp_path / "run", full=full, callbacks=[spy])
+    assert result.complete and first_logged_loss(result) == pytest.approx(expected, rel=1e-4)
+    assert all(torch.equal(t, before[k]) for k, t in full.state_dict().items())
+    decoder = result.model.decoder if objective == "overfill_kd" else result.model
+    assert spy.ids == {id(p) for p in decoder.parameters()} and not spy.ids & {id(p) for p in full.parameters()}
+    assert any(not torch.equal(v, decoder0.state_dict()[k]) for k, v in decoder.state_dict().items())
+    assert result.record["parameters"]["full"] == sum(p.numel() for p in full.parameters())
 
 
 @pytest.mark.parametrize("objective", ["pruned", "scratch", "full", "smaller"])
