@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -275,11 +276,9 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
         rows = [{"kind": p["kind"], "topic": p["topic"], "messages": a["messages"]}
                 for p, a in zip(prompts, answered) if a["ended"] and a["messages"][-1]["content"]]
         atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        kinds: dict[str, int] = {}
-        for r in rows:
-            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
         splits[split] = {"request": request, "prompts": len(prompts), "kept": len(rows),
-                         "dropped_unfinished": len(prompts) - len(rows), "kinds": kinds}
+                         "dropped_unfinished": len(prompts) - len(rows),
+                         "kinds": dict(Counter(r["kind"] for r in rows))}
         record = {"model_fingerprint": fingerprint, "model_source": source, "decoding": {
                       "greedy": True, "max_new_tokens": max_new_tokens, "chat_template": "the model's own"},
                   "seed": seed, "corpus": describe(), "splits": splits, "environment": environment_record("cpu", seed)}

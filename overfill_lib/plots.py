@@ -185,8 +185,9 @@ def metrics_vs_ratio(table, metrics: list[str], title: str, reference: dict | No
                             mode="lines+markers", line_color=colors[i % len(colors)], row=1, col=col)
     for col, metric in enumerate(metrics, start=1):
         if reference and metric in reference:
-            fig.add_hline(y=reference[metric], line_dash="dash", line_color="gray", row=1, col=col,
-                          annotation_text="unpruned", annotation_position="top left")
+            # plotly places annotations on a log axis in log10 units, which would stretch the axis: line only there.
+            label = {} if metric in log_metrics else {"annotation_text": "unpruned", "annotation_position": "top left"}
+            fig.add_hline(y=reference[metric], line_dash="dash", line_color="gray", row=1, col=col, **label)
         fig.update_xaxes(title_text=x, row=1, col=col)
         if metric in log_metrics:
             fig.update_yaxes(type="log", row=1, col=col)

@@ -543,29 +543,14 @@ def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> fl
 
         return answer_fidelity(model, tokenizer, conversations, batch_size=batch_size)["nll"]
     rows = sorted(encode_examples(tokenizer, conversations), key=lambda r: len(r["input_ids"]))
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, r in enumerate(chunk):
-                n = len(r["input_ids"])
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            tokens = int((labels[:, 1:] != -100).sum())  # the loss shifts labels by one
-            if tokens == 0:
-                continue
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-            total += float(out.loss) * tokens
-            count += tokens
-    finally:
-        model.train(was_training)
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids, mask = generation.pad_sequences([r["input_ids"] for r in chunk], pad, side="right")
+        labels, _ = generation.pad_sequences([r["labels"] for r in chunk], -100, side="right")
+        batches.append((ids, mask, labels))
+    total, count = _labelled_nll(model, batches)
     if count == 0:
         raise ValueError("the records hold no reply tokens to score.")
     return total / count
@@ -577,22 +562,32 @@ def text_nll(model: nn.Module, windows: list[list[int]], batch_size: int = 8) ->
     ``exp`` of it is the perplexity."""
     if not windows:
         raise ValueError("text_nll needs at least one window of tokens; got none.")
+    batches = []
+    for i in range(0, len(windows), batch_size):
+        ids, mask = generation.pad_sequences(windows[i : i + batch_size], 0, side="right")
+        batches.append((ids, mask, ids.masked_fill(mask == 0, -100)))
+    total, count = _labelled_nll(model, batches)
+    return total / count
+
+
+@torch.inference_mode()
+def _labelled_nll(model: nn.Module, batches) -> tuple[float, int]:
+    """Summed causal-LM loss over (ids, mask, labels) batches, each batch's mean weighted by its scored tokens."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for i in range(0, len(windows), batch_size):
-            chunk = windows[i : i + batch_size]
-            ids, mask = generation.pad_sequences(chunk, 0, side="right")
-            labels = ids.masked_fill(mask == 0, -100)
-            tokens = int((labels[:, 1:] != -100).sum())
+        for ids, mask, labels in batches:
+            tokens = int((labels[:, 1:] != -100).sum())  # the loss shifts labels by one
+            if tokens == 0:
+                continue
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
             total += float(out.loss) * tokens
             count += tokens
     finally:
         model.train(was_training)
-    return total / count
+    return total, count
 
 
 @contextlib.contextmanager

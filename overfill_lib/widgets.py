@@ -187,3 +187,25 @@ def reference_generations(full, importance, tokenizer, conversations: list[list[
         return "\n\n".join(f"--- {title}\n{row[name]}" for name, title in titles.items())
 
     _text_panel(replies, [prompt, ratio])
+
+
+def side_by_side(lineup: dict, tokenizer, records: list[dict], *, max_new_tokens: int = 64):
+    """Prompt dropdown -> every model's greedy reply to the same held-out prompt, beside the full model's recorded
+    answer. ``lineup`` maps a name to a causal LM or an OverFill pair. Executed in batch, prints the first prompt's."""
+    import ipywidgets as w
+
+    from overfill_lib.pair import OverFillModel
+
+    labels = [f"{i}: {r['messages'][-2]['content'][:70]!r}" for i, r in enumerate(records)]
+    prompt = w.Dropdown(options=list(zip(labels, range(len(records)))), description="prompt", layout={"width": "60%"})
+
+    def replies():
+        record = records[prompt.value]
+        conversation = record["messages"][:-1]
+        lines = [f"--- recorded full-model answer\n{record['messages'][-1]['content']}"]
+        for name, model in lineup.items():
+            pair = model if isinstance(model, OverFillModel) else OverFillModel(model, model, tokenizer=tokenizer)
+            lines.append(f"--- {name}\n{pair.chat([conversation], max_new_tokens=max_new_tokens).texts[0]}")
+        return "\n\n".join(lines)
+
+    _text_panel(replies, [prompt])

@@ -100,12 +100,12 @@ def test_a_bad_gguf_section_is_refused_when_the_preset_loads(bad, message):
         gguf_models.GGUFSource.from_dict({"package": "p", "version": "1"})
 
 
-def test_training_notebooks_refuse_the_real_preset_until_it_has_a_recipe():
-    preset = presets.load_preset("smollm2-135m")
+def test_notebooks_refuse_a_preset_without_the_sections_they_need():
+    preset = presets.load_preset("smollm2-135m", {"training": None})
     assert workbook.missing_sections(preset, "02_decoder_training") == ["training"]
     assert workbook.missing_sections(preset, "01_channel_importance") == []
     assert workbook.missing_sections(presets.load_preset("tiny"), "04_pruning_ratio_ablation") == []
-    with pytest.raises(ValueError, match="needs the preset's training and ablation section"):
+    with pytest.raises(ValueError, match="needs the preset's .*ablation section"):
         workbook.setup("smollm2-135m", notebook="04_pruning_ratio_ablation")
 
 
