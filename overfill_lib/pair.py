@@ -505,51 +505,41 @@ class OverFillModel(nn.Module):
         context_mask: torch.Tensor | None = None,
         continuation_mask: torch.Tensor | None = None,
         include_first_token: bool = False,
+        kind: str = "ce",
     ) -> torch.Tensor:
-        """Mean cross-entropy of the decoder on continuation tokens 1..T-1 (the OverFill objective).
+        """Mean loss of the decoder on continuation tokens 1..T-1, by ``kind``:
 
-        Token 0 is predicted by the frozen full model, so its loss carries no gradient; set
+        - ``ce``: cross-entropy on the continuation tokens (the OverFill objective);
+        - ``kl``: KL(full || pair) between next-token distributions on the same prefixes (logit distillation, as
+          Minitron recovers pruned models); the full model reads context + continuation in one frozen forward.
+
+        Token 0 is predicted by the frozen full model, so its loss carries no gradient (its KL is 0); set
         ``include_first_token`` to count it anyway (e.g. to report a comparable validation loss).
         """
+        if kind not in ("ce", "kl"):
+            raise ValueError(f"unknown loss kind {kind!r}; choose 'ce' (cross-entropy) or 'kl' (distillation)")
         out = self.forward_continuation(context_ids, continuation_ids, context_mask, continuation_mask)
         targets = continuation_ids.to(out.logits.device)
         mask = out.continuation_mask
         logits = out.logits
+        if kind == "kl":
+            context_mask = torch.ones_like(context_ids) if context_mask is None else context_mask
+            with torch.no_grad():
+                ids = torch.cat([context_ids.to(self.device), targets], 1)
+                full_mask = torch.cat([context_mask.to(self.device), mask], 1)
+                teacher = self.full(input_ids=ids, attention_mask=full_mask, use_cache=False,
+                                    position_ids=generation.positions_from_mask(full_mask)).logits
+                teacher = teacher[:, context_ids.shape[1] - 1 : -1]
         if not include_first_token:
             logits, targets, mask = logits[:, 1:], targets[:, 1:], mask[:, 1:]
+            teacher = teacher[:, 1:] if kind == "kl" else None
+        if kind == "kl":
+            return token_kl(logits, teacher, mask)
         if mask.sum() == 0:
             return logits.sum() * 0.0  # keeps the graph for an all-single-token batch
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         mask = mask.reshape(-1).to(ce.dtype)
         return (ce * mask).sum() / mask.sum()
-
-    def distill_loss(
-        self,
-        context_ids: torch.Tensor,
-        continuation_ids: torch.Tensor,
-        context_mask: torch.Tensor | None = None,
-        continuation_mask: torch.Tensor | None = None,
-        include_first_token: bool = False,
-    ) -> torch.Tensor:
-        """Mean KL(full || pair) per continuation token: the decoder's next-token distribution pulled towards the
-        full model's on the same prefix (logit distillation, as Minitron recovers pruned models).
-
-        The full model reads context + continuation in one forward (frozen); token 0 is the full model's in both,
-        so its KL is 0 and counts only with ``include_first_token`` (as in :meth:`loss`).
-        """
-        out = self.forward_continuation(context_ids, continuation_ids, context_mask, continuation_mask)
-        context_mask = torch.ones_like(context_ids) if context_mask is None else context_mask
-        mask = out.continuation_mask
-        with torch.no_grad():
-            ids = torch.cat([context_ids, continuation_ids], 1).to(self.device)
-            full_mask = torch.cat([context_mask.to(self.device), mask], 1)
-            teacher = self.full(input_ids=ids, attention_mask=full_mask,
-                                position_ids=generation.positions_from_mask(full_mask), use_cache=False).logits
-            teacher = teacher[:, context_ids.shape[1] - 1 : -1]
-        student = out.logits
-        if not include_first_token:
-            student, teacher, mask = student[:, 1:], teacher[:, 1:], mask[:, 1:]
-        return token_kl(student, teacher, mask)
 
     @torch.inference_mode()
     def score(

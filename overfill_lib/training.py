@@ -371,9 +371,10 @@ class OverFillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.pair is not None:
             with _decoder_as(self.pair, model) as pair:
-                loss = (pair.distill_loss if self.distill_from is not None else pair.loss)(
+                loss = pair.loss(
                     inputs["context_ids"], inputs["continuation_ids"], inputs["context_mask"],
                     inputs["continuation_mask"], include_first_token=self.include_first_token,
+                    kind="ce" if self.distill_from is None else "kl",
                 )
             outputs = None
             tokens = int(inputs["context_mask"].sum() + inputs["continuation_mask"].sum())
