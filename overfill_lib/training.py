@@ -470,8 +470,11 @@ class RunResult:
 
 def build_dataset(preset, config: TrainingConfig, tokenizer):
     """The preset's training data, tokenized once for every objective (returns the dataset and its stats)."""
+    source = config.data
+    if preset is not None and source != "suite" and preset.path(source).exists():
+        source = preset.path(source)  # a project-relative file or directory, whatever the working directory
     return chat_data.prepare_chat_data(
-        config.data, tokenizer, split=config.data_split, config=config.data_config,
+        source, tokenizer, split=config.data_split, config=config.data_config,
         suite_dir=preset.suite_dir if preset is not None else None, max_length=config.max_length,
         limit=config.data_limit, where=config.data_where, skip_invalid=config.skip_invalid, num_proc=config.num_proc,
     )
