@@ -344,15 +344,16 @@ def layers_from_record(record: dict | None) -> list[int] | None:
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over ``mask``ed positions of KL(teacher || student) between next-token distributions [batch, T, vocab]."""
-    mask = mask.to(student_logits.device).reshape(-1).to(torch.float32)
-    if mask.sum() == 0:
+    """Mean over ``mask``ed positions of KL(teacher || student) between next-token distributions [batch, T, vocab].
+
+    Only the masked positions are normalized (a vocabulary-wide softmax per position is the costly part)."""
+    keep = mask.to(student_logits.device).reshape(-1).bool()
+    if not keep.any():
         return student_logits.sum() * 0.0  # keeps the graph for a batch with nothing to score
     vocab = student_logits.shape[-1]
-    log_student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab).to(log_student.device), dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
-    return (kl * mask).sum() / mask.sum()
+    log_student = F.log_softmax(student_logits.reshape(-1, vocab)[keep].float(), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.to(student_logits.device).reshape(-1, vocab)[keep].float(), dim=-1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
 
 
 @dataclass
