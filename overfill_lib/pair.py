@@ -521,21 +521,17 @@ class OverFillModel(nn.Module):
             raise ValueError(f"unknown loss kind {kind!r}; choose 'ce' (cross-entropy) or 'kl' (distillation)")
         out = self.forward_continuation(context_ids, continuation_ids, context_mask, continuation_mask)
         targets = continuation_ids.to(out.logits.device)
-        mask = out.continuation_mask
-        logits = out.logits
+        first = 0 if include_first_token else 1
+        logits, mask = out.logits[:, first:], out.continuation_mask[:, first:]
         if kind == "kl":
             context_mask = torch.ones_like(context_ids) if context_mask is None else context_mask
             with torch.no_grad():
                 ids = torch.cat([context_ids.to(self.device), targets], 1)
-                full_mask = torch.cat([context_mask.to(self.device), mask], 1)
+                full_mask = torch.cat([context_mask.to(self.device), out.continuation_mask], 1)
                 teacher = self.full(input_ids=ids, attention_mask=full_mask, use_cache=False,
                                     position_ids=generation.positions_from_mask(full_mask)).logits
-                teacher = teacher[:, context_ids.shape[1] - 1 : -1]
-        if not include_first_token:
-            logits, targets, mask = logits[:, 1:], targets[:, 1:], mask[:, 1:]
-            teacher = teacher[:, 1:] if kind == "kl" else None
-        if kind == "kl":
-            return token_kl(logits, teacher, mask)
+            return token_kl(logits, teacher[:, context_ids.shape[1] - 1 + first : -1], mask)
+        targets = targets[:, first:]
         if mask.sum() == 0:
             return logits.sum() * 0.0  # keeps the graph for an all-single-token batch
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
