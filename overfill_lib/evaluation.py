@@ -28,7 +28,8 @@ plus ``dtype``, ``device``, ``batch_size``, ``refresh_every`` (prefill refresh p
 generation), ``max_length``, ``tokenizer``.
 
 Tasks: ``overfill_lib/lm_tasks`` holds lm-eval task YAMLs for the synthetic suite (group
-``overfill_suite``, tasks ``overfill_suite_<family>``), found through lm-eval's include path.
+``overfill_suite``, tasks ``overfill_suite_<family>``) and ``overfill_chat`` (a full model's held-out
+answers, scored as ``fidelity`` scores them), found through lm-eval's include path.
 :func:`local_task` writes a YAML that reuses an upstream task's prompt, few-shot, stop and filter
 configuration over a local file in that task's own schema (offline runs of e.g. ``gsm8k_cot_llama``).
 Hub tasks pass straight through to lm-eval.
@@ -302,6 +303,23 @@ class OverFillLM(HFLM):
 
     # -- scoring ----------------------------------------------------------------------------------
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """HFLM's split, except after a line break that is a token of its own.
+
+        lm-eval moves a context's trailing whitespace into the continuation so that ``"Answer:" + " Paris"`` keeps
+        the word's leading-space token. A chat template ends the prompt with a line break after the assistant
+        header; when the context's tokens are already a prefix of the whole string's, moving it only changes who
+        reads that token. Keeping it in the context lets the full model prefill the whole prompt, as in
+        generation, and scores exactly the answer tokens (so ``overfill_chat`` gives ``fidelity``'s numbers). A
+        single model then differs from lm-eval's ``hf`` only by that line break's own log-prob, the same for every
+        candidate continuation; spaces are moved as lm-eval moves them.
+        """
+        if "\n" in context[len(context.rstrip()) :]:
+            whole, head = self.tok_encode(context + continuation), self.tok_encode(context)
+            if len(whole) > len(head) and whole[: len(head)] == head:
+                return head, whole[len(head) :]
+        return super()._encode_pair(context, continuation)
+
     def _fit_window(self, context: list[int], continuation: list[int]) -> list[int]:
         """Left-truncate the context exactly as HFLM does: the model sees at most ``max_length`` tokens.
 
@@ -560,6 +578,86 @@ def local_task(
 
 
 # --------------------------------------------------------------------------------------------------
+# A full model's held-out answers as an lm-eval task (lm_tasks/overfill_chat calls these)
+# --------------------------------------------------------------------------------------------------
+
+CHAT_TASK = "overfill_chat"
+
+
+def resolve_chat_dir(data_dir: str | os.PathLike | None = None, preset: str | None = None) -> Path:
+    """Where the chat task's ``test.jsonl`` is: ``data_dir``, else the ``preset``'s self-distilled data
+    (its ``distill.dir``, else ``training.data``). Relative paths are taken from the project root."""
+    if data_dir is None and preset is not None:
+        from overfill_lib.presets import load_preset
+
+        p = load_preset(preset)
+        data_dir = (p.get("distill") or {}).get("dir") or (p.get("training") or {}).get("data")
+    if data_dir is None:
+        raise ValueError(f"task {CHAT_TASK} needs its data: --metadata data_dir=DIR (a folder with test.jsonl, e.g. "
+                         "data/distill-smollm2-135m) or preset=NAME, or evaluate(..., metadata={'data_dir': DIR})")
+    path = Path(data_dir).expanduser()
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    if not (path / "test.jsonl").is_file():
+        raise ValueError(f"no test.jsonl in {path}; make the data with `python -m overfill_lib.corpus --preset NAME`")
+    return path.resolve()
+
+
+def _metadata_tokenizer(metadata: Mapping[str, Any]):
+    """The evaluated model's tokenizer, from the model arguments lm-eval passes as task metadata."""
+    from transformers import AutoTokenizer
+
+    for key in ("tokenizer", "full", "pretrained", "decoder"):
+        name = metadata.get(key)
+        if isinstance(name, (str, os.PathLike)) and str(name):
+            path = PROJECT_ROOT / str(name) if (PROJECT_ROOT / str(name)).exists() else name
+            return AutoTokenizer.from_pretrained(path)
+    raise ValueError(f"task {CHAT_TASK} counts answer tokens with the model's tokenizer: give model_args with "
+                     "pretrained= or full= (a directory), or --metadata tokenizer=DIR")
+
+
+def load_chat_dataset(data_dir: str | None = None, preset: str | None = None, **metadata):
+    """``custom_dataset`` of ``overfill_chat``: the test split of chat records whose last turn is the full model's
+    answer, one document per record with the fields the YAML reads.
+
+    ``target`` is the answer followed by the tokenizer's end-of-turn token and ``answer_tokens`` counts both as
+    training and ``fidelity`` encode them (answer tokens + end-of-turn), so the task's per-token ``nll`` is
+    ``fidelity.answer_fidelity``'s. Run with ``--apply_chat_template``: ``system`` (empty when the record has no
+    system turn) becomes the system message and ``user`` the user message.
+    """
+    import datasets
+
+    root = resolve_chat_dir(data_dir, preset)
+    tokenizer = _metadata_tokenizer(metadata)
+    eos = tokenizer.eos_token
+    docs = []
+    for i, line in enumerate((root / "test.jsonl").read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        messages = json.loads(line)["messages"]
+        roles = [m["role"] for m in messages]
+        if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+            raise ValueError(f"{root / 'test.jsonl'} line {i + 1}: {CHAT_TASK} scores single-turn chats "
+                             f"([system,] user, assistant), got roles {roles}")
+        answer = messages[-1]["content"]
+        docs.append({"system": messages[0]["content"] if roles[0] == "system" else "", "user": messages[-2]["content"],
+                     "target": answer + eos,
+                     "answer_tokens": len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def chat_process_results(doc: dict, results: list) -> dict:
+    """Per document: its answer's summed NLL with its token count (for the per-token mean), and whether greedy
+    decoding under teacher forcing reproduces the whole answer."""
+    logprob, greedy = results[0]
+    return {"nll": (-float(logprob), int(doc["answer_tokens"])), "exact": float(greedy)}
+
+
+def token_mean(items: list[tuple[float, int]]) -> float:
+    """Aggregation of ``nll``: summed NLL over summed tokens (each token weighs the same, as in ``fidelity``)."""
+    return sum(n for n, _ in items) / sum(t for _, t in items)
+
+
+# --------------------------------------------------------------------------------------------------
 # Running lm-eval
 # --------------------------------------------------------------------------------------------------
 
@@ -620,11 +718,15 @@ def evaluate(
     meta = dict(metadata or {})
     if suite_dir is not None:
         meta["suite_dir"] = str(resolve_suite_dir(suite_dir))
+    lm = model_args if isinstance(model_args, LM) else None
+    # Tasks that count tokens (overfill_chat) read the tokenizer from the metadata, as the CLI's model_args give it.
+    source = getattr(getattr(lm, "tokenizer", None), "name_or_path", None)
+    if source and Path(source).is_dir():
+        meta.setdefault("tokenizer", str(source))
     manager = task_manager(tasks, includes, meta)
     tracker = EvaluationTracker()
     if fewshot_as_multiturn is None:
         fewshot_as_multiturn = apply_chat_template
-    lm = model_args if isinstance(model_args, LM) else None
     results = simple_evaluate(
         model=lm if lm is not None else model,
         model_args=None if lm is not None else model_args,

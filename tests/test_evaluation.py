@@ -112,6 +112,12 @@ def test_identity_pair_equals_lm_eval_hf_model(models):
     _assert_close(pair.loglikelihood(ll), reference)
     _assert_close(alone.loglikelihood(ll), reference)
     assert reference[-1][1] and not all(g for _, g in reference)
+    # After a closing line break (chat templates end with one), hf scores the line break too; the pair leaves it
+    # in the prompt (the full model reads it, as in generation), so the two differ by exactly its log-prob.
+    (with_break, _), (line_break, _) = hf.loglikelihood(_requests("loglikelihood", [("Q: 1+1\n", "2"), ("Q: 1+1", "\n")]))
+    for lm in (pair, alone):
+        (ours, _), = lm.loglikelihood(_requests("loglikelihood", [("Q: 1+1\n", "2")]))
+        assert ours == pytest.approx(with_break - line_break, abs=1e-4) and line_break < -1e-3
 
     rolling = _requests("loglikelihood_rolling", [("short text",), ("a longer text that needs several windows " * 3,)])
     for ours, theirs in zip(pair.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling)):
@@ -325,6 +331,72 @@ def test_suite_dir_resolution(tmp_path, monkeypatch):
         evaluation.resolve_suite_dir(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no synthetic suite"):
         evaluation.resolve_suite_dir(preset="llama-3.2-3b")
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory):
+    """A tiny BPE-tokenized chat model, a narrower decoder with the same layout, and held-out answers: half the
+    model's own greedy answers (at least one reproduced exactly, so ``exact`` is not trivially 0), half other text."""
+    from overfill_lib.fast_decode import FastGenerator
+    from overfill_lib.generation import encode_chat
+    from tests.gguf_files import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    root = tmp_path_factory.mktemp("chat_models")
+    special = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    full = tiny_model("llama", **special)
+    decoder = tiny_model("llama", hidden_size=32, intermediate_size=48, seed=1, **special)
+    chats = [[{"role": "user", "content": f"Name a fox {i}."}] for i in range(6)]
+    chats[1] = [{"role": "system", "content": "Be brief."}, *chats[1]]
+    enc = encode_chat(tok, chats)
+    # Swap the output rows of the end-of-turn token and the first prompt's greedy first token: that prompt's greedy
+    # answer is then empty (just the end-of-turn token), which its record reproduces exactly.
+    with torch.no_grad():
+        first = int(full(**enc).logits[0, -1].argmax())
+        rows = torch.tensor([first, tok.eos_token_id])
+        full.lm_head.weight[rows] = full.lm_head.weight[rows.flip(0)].clone()
+    out = FastGenerator(full=full, compile=False).generate(enc["input_ids"], enc["attention_mask"], method="full",
+                                                           max_new_tokens=5, eos_token_id=tok.eos_token_id)
+    greedy = [tok.decode([t for t in row if t != tok.eos_token_id]) for row in out.new_tokens.tolist()]
+    answers = [g if i % 2 == 0 else "The quick brown fox." for i, g in enumerate(greedy)]
+    records = [{"messages": [*c, {"role": "assistant", "content": a}]} for c, a in zip(chats, answers)]
+    data = root / "data"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"tok": tok, "full": full, "decoder": decoder, "records": records, "data_dir": data,
+            "full_dir": _save(full, tok, root / "full"), "decoder_dir": _save(decoder, tok, root / "decoder")}
+
+
+@pytest.mark.parametrize("role", ["identity", "pair"])
+def test_chat_task_over_local_files_matches_the_project_fidelity(chat_models, role):
+    """``overfill_chat`` (lm-eval, local test.jsonl, chat template) gives ``fidelity.answer_fidelity``'s per-token
+    NLL and exact-reproduction rate, for a model alone (the identity pair) and for a real pair."""
+    from overfill_lib import fidelity
+    from overfill_lib.pair import OverFillModel
+
+    m = chat_models
+    args = {"full": str(m["full_dir"])} | ({"decoder": str(m["decoder_dir"])} if role == "pair" else {})
+    lm = OverFillLM(**args, batch_size=4, device="cpu", dtype="float32")
+    found = evaluation.evaluate(lm, [evaluation.CHAT_TASK], metadata={"data_dir": str(m["data_dir"])})
+    scores = found["results"][evaluation.CHAT_TASK]
+    model = m["full"] if role == "identity" else OverFillModel(m["full"], m["decoder"])
+    ours = fidelity.answer_fidelity(model, m["tok"], m["records"], batch_size=2)
+    assert scores["nll,none"] == pytest.approx(ours["nll"], rel=1e-4)
+    assert scores["exact,none"] == pytest.approx(ours["exact"])
+    if role == "identity":
+        assert 0 < ours["exact"] < 1  # the greedy answers are reproduced, the others are not
+
+
+def test_chat_task_errors_name_the_fix(chat_models, tmp_path):
+    with pytest.raises(ValueError, match="data_dir=DIR"):
+        evaluation.resolve_chat_dir()
+    with pytest.raises(ValueError, match="overfill_lib.corpus"):
+        evaluation.resolve_chat_dir(tmp_path)
+    with pytest.raises(ValueError, match="pretrained= or full="):
+        evaluation.load_chat_dataset(str(chat_models["data_dir"]))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="single-turn"):
+        evaluation.load_chat_dataset(str(tmp_path), tokenizer=str(chat_models["full_dir"]))
 
 
 # --------------------------------------------------------------------------------------------------
