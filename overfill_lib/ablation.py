@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from overfill_lib import evaluation, latency, teacher, training
+from overfill_lib import evaluation, fidelity, latency, teacher, training
 from overfill_lib.fast_decode import FastGenerator
-from overfill_lib.io import read_json
+from overfill_lib.io import read_json, write_json
 from overfill_lib.pair import OverFillModel
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class AblationConfig:
     ``retention``: a decoder "holds" a family when it keeps at least this fraction of its full model's score.
     ``untrained``: also score every decoder before training (alone and paired).
     ``eval_limit``: score only the first N documents of each task (None: the ``evaluation`` section's limit).
+    ``scorer``: how every model is scored (``SCORERS``): ``lm_eval`` (the preset's evaluation tasks, the synthetic
+    suite by default) or ``fidelity`` (agreement with the full model's held-out answers, for pretrained models).
     """
 
     keep: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
@@ -65,8 +67,12 @@ class AblationConfig:
     retention: float = 0.9
     untrained: bool = True
     eval_limit: int | None = None
+    scorer: str = "lm_eval"
 
     def __post_init__(self):
+        if self.scorer not in SCORERS:
+            valid = "; ".join(f"{k}: {v.description}" for k, v in SCORERS.items())
+            raise ValueError(f"unknown ablation.scorer {self.scorer!r}; valid: {valid}")
         for name in ("keep", "scratch_keep"):
             for k in getattr(self, name):
                 _check_keep(k, f"ablation.{name}")
@@ -186,6 +192,22 @@ def prepare_point(preset, point: Point, full_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """How the grid scores a model: ``fn(model, tokenizer, preset, limit, cache) -> {column: value}`` with an
+    ``overall`` column (higher is better), and what that column is called in tables and figures."""
+
+    fn: object
+    description: str
+    label: str
+    key: object  # (preset, limit) -> what the cached scores depend on
+
+
+# Score columns where lower is better: reported and averaged over seeds, but not used as "scores" (Pareto fronts,
+# retention, family curves all read higher as better).
+LOWER_IS_BETTER = ("answer_nll",)
+
+
 def task_scores(results: dict, prefix: str = evaluation.SUITE_TASKS + "_") -> dict[str, float]:
     """One number per task (its first metric; the suite's family names without the prefix) and ``overall``
     (the group's score when lm-eval aggregated one, else the mean over tasks)."""
@@ -196,18 +218,15 @@ def task_scores(results: dict, prefix: str = evaluation.SUITE_TASKS + "_") -> di
     return scores | {"overall": overall}
 
 
-def _eval_key(preset, limit: int | None) -> str:
+def _lm_eval_key(preset, limit: int | None) -> str:
     tasks = list((preset.get("evaluation") or {}).get("tasks") or [evaluation.SUITE_TASKS])
     suite = preset.suite_dir / "suite.json" if preset.suite_dir is not None else None
     blob = json.dumps([tasks, limit, suite.read_text() if suite is not None and suite.is_file() else None])
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def score(model, tokenizer, preset, *, limit: int | None = None, cache: Path | None = None) -> dict[str, float]:
-    """Scores of ``model`` (an ``OverFillModel`` or a causal LM) on the preset's evaluation tasks through lm-eval.
-
-    The lm-eval results JSON is written atomically to ``cache`` and read back instead of re-evaluating.
-    """
+def _lm_eval_scores(model, tokenizer, preset, limit: int | None, cache: Path | None) -> dict[str, float]:
+    """The preset's evaluation tasks through lm-eval; the results JSON is written atomically to ``cache``."""
     if cache is not None and cache.is_file():
         return task_scores(read_json(cache))
     ev = preset.get("evaluation") or {}
@@ -219,6 +238,42 @@ def score(model, tokenizer, preset, *, limit: int | None = None, cache: Path | N
             fewshot_as_multiturn=ev.get("fewshot_as_multiturn"), output_path=cache,
         )
     return task_scores(results)
+
+
+def _test_records(preset, limit: int | None) -> list[dict]:
+    return training.data_records(preset, training.TrainingConfig.from_preset(preset), "test")[:limit]
+
+
+def _fidelity_key(preset, limit: int | None) -> str:
+    blob = json.dumps(["fidelity", limit, _test_records(preset, limit)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _fidelity_scores(model, tokenizer, preset, limit: int | None, cache: Path | None) -> dict[str, float]:
+    """``fidelity.answer_fidelity`` on the test split of the training data (the full model's held-out answers)."""
+    if cache is not None and cache.is_file():
+        return read_json(cache)["scores"]
+    found = fidelity.answer_fidelity(model, tokenizer, _test_records(preset, limit))
+    scores = {"agreement": found["agreement"], "exact": found["exact"], "answer_nll": found["nll"],
+              "overall": found["agreement"]}
+    if cache is not None:
+        write_json(cache, {"scores": scores, "fidelity": found})
+    return scores
+
+
+SCORERS = {
+    "lm_eval": Scorer(_lm_eval_scores, "the preset's evaluation tasks through lm-evaluation-harness (the synthetic "
+                      "suite by default; overall: the group's exact match)", "exact match", _lm_eval_key),
+    "fidelity": Scorer(_fidelity_scores, "how closely the model continues the full model's held-out answers (the "
+                       "training data's test split; overall: per-token agreement, also reported: exact, answer_nll)",
+                       "agreement with the full model", _fidelity_key),
+}
+
+
+def score(model, tokenizer, preset, *, scorer: str = "lm_eval", limit: int | None = None,
+          cache: Path | None = None) -> dict[str, float]:
+    """Scores of ``model`` (an ``OverFillModel`` or a causal LM) by the named scorer; cached in ``cache``."""
+    return SCORERS[scorer].fn(model, tokenizer, preset, limit, cache)
 
 
 @contextlib.contextmanager
@@ -255,12 +310,14 @@ def _threads(n: int | None):
 
 
 def prompt_source(preset, tokenizer):
-    """Prompts for timing: the suite's test prompts through the chat template, else random token ids."""
-    from overfill_lib import generation, tasks
+    """Prompts for timing: the test prompts of the training data (the suite's, or a pretrained model's held-out
+    chat prompts) through the chat template, else random token ids."""
+    from overfill_lib import generation
 
-    if preset.suite_dir is None:
+    try:
+        records = _test_records(preset, 64)
+    except ValueError:  # no test split to draw from
         return latency.random_prompts(len(tokenizer))
-    records = tasks.load_split(preset.suite_dir, "test")[:64]
     enc = generation.encode_chat(tokenizer, [r["messages"][:-1] for r in records])
     return latency.tiled_prompts([row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])])
 
@@ -328,11 +385,11 @@ def run(
         return decode_cost(full, decoder, settings, prompt_fn, threads=timing_threads)
 
     limit = config.eval_limit if config.eval_limit is not None else (preset.get("evaluation") or {}).get("limit")
-    key = _eval_key(preset, limit)
+    key = f"{config.scorer}-{SCORERS[config.scorer].key(preset, limit)}"
     cache_root = preset.workdir / "ablation" / "scores"
 
     def scored(model, cache: Path) -> dict:
-        return score(model, tokenizer, preset, limit=limit, cache=cache)
+        return score(model, tokenizer, preset, scorer=config.scorer, limit=limit, cache=cache)
 
     rows: list[dict] = []
     bar = tqdm(total=config.runs(), desc="ablation training runs", unit="run")
@@ -369,7 +426,7 @@ def run(
                                                       retrain=retrain)
                     rows.append(at | {"method": METHODS[objective], "seed": seed,
                                       "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
-                                | scored(result.model, result.run_dir / f"lm_eval-{key}.json"))
+                                | scored(result.model, result.run_dir / f"scores-{key}.json"))
                     bar.update()
                     log.info("ablation %d/%d: %s %s seed %d, overall %.3f (trained in %.0f s)", bar.n, bar.total,
                              point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
@@ -382,7 +439,7 @@ def run(
                                               dataset=dataset, data_stats=data_stats, retrain=retrain)
             rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
                          "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
-                        | cost | scored(result.model, result.run_dir / f"lm_eval-{key}.json"))
+                        | cost | scored(result.model, result.run_dir / f"scores-{key}.json"))
     return rows
 
 
@@ -407,8 +464,8 @@ def families(rows) -> list[str]:
 
 
 def score_columns(table) -> list[str]:
-    """Score columns of an :func:`aggregate` table (those with a ``_std`` partner)."""
-    return [c for c in table.columns if f"{c}_std" in table.columns]
+    """Score columns of an :func:`aggregate` table (those with a ``_std`` partner), higher is better."""
+    return [c for c in table.columns if f"{c}_std" in table.columns and c not in LOWER_IS_BETTER]
 
 
 def aggregate(rows):
@@ -431,6 +488,23 @@ def aggregate(rows):
     out = pd.concat([first, out, std, g.size().rename("seeds")], axis=1).reset_index()
     out["keep"] = out["keep"].where(out["keep"] >= 0)
     return out
+
+
+def recovery_curves(rows):
+    """How fast each trained decoder recovers: the validation probes (``training.eval_steps``) of every run in
+    ``rows``, one row per (teacher, keep, method, seed, step) with ``tokens_seen``, ``eval_nll`` and
+    ``eval_agreement``. Empty when the runs were trained without probes."""
+    import pandas as pd
+
+    out = []
+    for row in rows:
+        record = Path(row["run_dir"]) / "record.json" if isinstance(row.get("run_dir"), str) else None
+        if record is None or not record.is_file():
+            continue
+        for probe in training.probe_history(read_json(record).get("log_history", [])):
+            out.append({k: row[k] for k in ("teacher", "keep", "method", "seed", "parameters")} | probe)
+    return pd.DataFrame(out, columns=["teacher", "keep", "method", "seed", "parameters", "step", "tokens_seen",
+                                      "eval_nll", "eval_agreement"])
 
 
 def pareto_front(table, cost: str, score: str = "overall", methods: Sequence[str] | None = None):
@@ -544,8 +618,8 @@ def narrowest_holding(table, method: str, level: float, score: str = "overall", 
     return None if t.empty else t.sort_values("keep").iloc[0]
 
 
-def conclusion(table, retention: float = 0.9, score: str = "overall") -> str:
-    """What the grid shows, in two sentences built from the measured numbers."""
+def conclusion(table, retention: float = 0.9, score: str = "overall", label: str = "exact match") -> str:
+    """What the grid shows, in two sentences built from the measured numbers (``label``: what ``score`` is)."""
     cmp = compare_methods(table, score)
     full = table[(table["teacher"] == MAIN_TEACHER) & (table["method"] == FULL)]
     parts = []
@@ -555,7 +629,7 @@ def conclusion(table, retention: float = 0.9, score: str = "overall") -> str:
         best = cmp.loc[cmp["difference"].idxmax()]
         parts.append(f"OverFill is ahead of the pruned baseline beyond the seed spread at {len(ahead)} of "
                      f"{len(cmp)} widths (behind at {len(behind)}); the largest gap is {best['difference']:+.3f} "
-                     f"{score} exact match at keep {best['keep']:.0%} ({best['OverFill']:.3f} vs {best['pruned']:.3f})")
+                     f"{score} {label} at keep {best['keep']:.0%} ({best['OverFill']:.3f} vs {best['pruned']:.3f})")
     if not full.empty:
         level = retention * float(full[score].iloc[0])
         held = {m: narrowest_holding(table, m, level, score) for m in ("OverFill", "pruned")}

@@ -379,7 +379,8 @@ class OverFillModel(nn.Module):
     """A frozen full model that prefills and a decoder that generates from its KV cache.
 
     Args:
-        full: the full causal LM (frozen here: ``requires_grad_(False)`` and always in eval mode).
+        full: the full causal LM (frozen here: ``requires_grad_(False)`` and always in eval mode), unless it is
+            also the decoder (an identity pair, which may wrap a model being trained).
         decoder: the causal LM that continues after the first token.
         strategy: a registered strategy name (``shared_kv``, ``layer_subset``, ``kv_projection``) or a
             :class:`PairingStrategy` instance; ``strategy_args`` go to its constructor.
@@ -418,8 +419,9 @@ class OverFillModel(nn.Module):
         self.tokenizer = tokenizer
         self.full_id = str(full_id) if full_id is not None else (getattr(full.config, "_name_or_path", "") or None)
         self.pruning_record = pruning_record
-        full.requires_grad_(False)
-        full.eval()
+        if full is not decoder:  # an identity pair wraps one model, which may be one being trained
+            full.requires_grad_(False)
+            full.eval()
         # Projection weights live with the decoder (same device and dtype).
         ref = next(decoder.parameters())
         self.strategy.to(device=ref.device, dtype=ref.dtype)
@@ -436,7 +438,8 @@ class OverFillModel(nn.Module):
 
     def train(self, mode: bool = True) -> OverFillModel:
         super().train(mode)
-        self.full.eval()  # the full model is frozen: no dropout, whatever the pair's mode
+        if self.full is not self.decoder:
+            self.full.eval()  # the full model is frozen: no dropout, whatever the pair's mode
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -415,7 +415,7 @@ def _trace_name(method: str, teacher: str, main: str) -> str:
 
 def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
            methods: tuple[str, ...] = ("OverFill", "pruned", "from scratch"), main_teacher: str = "teacher",
-           log_x: bool = True):
+           log_x: bool = True, y_title: str | None = None):
     """Score against cost, one panel per ``costs`` column (``{column: axis title}``).
 
     A line per (method, teacher) over decoder widths, error bars = std over seeds, each point labelled with
@@ -457,8 +457,32 @@ def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
         fig.add_scatter(x=front[cost], y=front[score], mode="lines", line={"shape": "hv", "dash": "dot", "color": "black"},
                         name="Pareto frontier", legendgroup="front", showlegend=col == 1, row=1, col=col)
         fig.update_xaxes(title_text=costs[cost], type="log" if log_x else None, row=1, col=col)
-    fig.update_yaxes(title_text=f"{score} exact match" if score == "overall" else score, row=1, col=1)
+    fig.update_yaxes(title_text=y_title or (f"{score} exact match" if score == "overall" else score), row=1, col=1)
     fig.update_layout(title=title, width=400 * len(costs) + 250, height=520)
+    return fig
+
+
+def recovery_curves(curves, title: str, teacher_name: str = "teacher"):
+    """Validation agreement (left) and answer NLL (right) against training tokens, from ``ablation.recovery_curves``:
+    a line per (method, kept fraction), mean over seeds; colour = method, dash = width."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["agreement with the full model (higher is better)",
+                                                        "answer NLL per token (lower is better)"])
+    t = curves[curves["teacher"] == teacher_name]
+    keeps = sorted(t["keep"].unique(), reverse=True)
+    for method, by_method in t.groupby("method", sort=False):
+        for keep, rows in by_method.groupby("keep"):
+            mean = rows.groupby("step").mean(numeric_only=True).reset_index()
+            name = f"{method}, keep {keep:.0%}"
+            for col, y in enumerate(("eval_agreement", "eval_nll"), start=1):
+                fig.add_scatter(x=mean["tokens_seen"], y=mean[y], mode="lines+markers", name=name, legendgroup=name,
+                                showlegend=col == 1, row=1, col=col,
+                                line={"color": METHOD_COLORS.get(method),
+                                      "dash": TEACHER_DASH[keeps.index(keep) % len(TEACHER_DASH)]})
+    fig.update_xaxes(title_text="training tokens seen (prompt + answer)")
+    fig.update_layout(title=f"{title}<br><sup>validation split, mean over seeds; step 0 is the untrained decoder</sup>",
+                      height=440)
     return fig
 
 

@@ -129,6 +129,7 @@ class TrainingConfig:
 
     objectives: tuple[str, ...] = ("overfill", "pruned", "scratch", "full", "smaller")
     seeds: tuple[int, ...] = (0,)
+    objective_seeds: dict | None = None  # {objective: [seeds]} where an objective gets other seeds than `seeds`
     # data
     data: str = "suite"  # "suite", a .jsonl/.json path or directory, or a hub dataset name
     data_config: str | None = None
@@ -152,6 +153,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = False  # baselines only: HF checkpointing drops the pair's prompt KV
     # logging and checkpoints
     logging_steps: int = 10
+    # every N steps (and at step 0), fidelity on the data's validation split: eval_nll, eval_agreement in the log
+    eval_steps: int | None = None
     save_steps: int = 500
     save_total_limit: int = 2
     # the OverFill objective
@@ -171,6 +174,14 @@ class TrainingConfig:
             raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.seeds:
             raise ValueError("training.seeds needs at least one seed")
+        for name, seeds in (self.objective_seeds or {}).items():
+            if name not in self.objectives:
+                raise ValueError(f"training.objective_seeds names {name!r}, which is not in training.objectives "
+                                 f"{list(self.objectives)}")
+            if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(x, int) for x in seeds):
+                raise ValueError(f"training.objective_seeds.{name} must be a non-empty list of integer seeds, got {seeds!r}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"training.eval_steps must be >= 1 (or null: no validation during training), got {self.eval_steps}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TrainingConfig:
@@ -190,6 +201,17 @@ class TrainingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def seeds_for(self, objective: str) -> tuple[int, ...]:
+        """The seeds ``objective`` is trained with: its ``objective_seeds`` entry, else ``seeds``."""
+        return tuple((self.objective_seeds or {}).get(objective, self.seeds))
+
+    def runs(self, objectives: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[tuple[str, int]]:
+        """(objective, seed) in training order, seed-major: every objective's first seed before any second seed.
+        ``seeds`` given: those for every objective."""
+        names = list(objectives or self.objectives)
+        order = list(dict.fromkeys(s for n in names for s in (seeds or self.seeds_for(n))))
+        return [(n, s) for s in order for n in names if s in (seeds or self.seeds_for(n))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,6 +420,10 @@ class OverFillTrainer(Trainer):
         if model.training:
             self._tokens += tokens
             self._response_tokens += response
+            # Prompt + response tokens of the examples trained on (the same for every objective on the same data);
+            # kept in the state, so checkpoints carry it. The Trainer's own count (include_num_input_tokens_seen)
+            # would read only `input_ids`, which the pair's batches do not have.
+            self.state.num_input_tokens_seen += tokens
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None, **kwargs) -> None:
@@ -425,6 +451,35 @@ class LogWriter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             write_history(self.run_dir, state.log_history)
+
+
+class FidelityProbe(TrainerCallback):
+    """Every ``every`` steps and at step 0: ``fidelity.answer_fidelity`` of the model being trained (the pair for
+    OverFill) on held-out chat records, appended to the log history as ``eval_nll`` / ``eval_agreement`` with
+    ``tokens_seen``: how fast each objective recovers, on the same records and the same token axis."""
+
+    def __init__(self, model, tokenizer, records: list[dict], every: int):
+        self.model, self.tokenizer, self.records, self.every = model, tokenizer, records, every
+
+    def _probe(self, state) -> None:
+        from overfill_lib import fidelity
+
+        found = fidelity.answer_fidelity(self.model, self.tokenizer, self.records)
+        state.log_history.append({"step": state.global_step, "tokens_seen": state.num_input_tokens_seen,
+                                  "eval_nll": round(found["nll"], 5), "eval_agreement": round(found["agreement"], 5)})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self._probe(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._probe(state)
+
+
+def probe_history(history: list[dict]) -> list[dict]:
+    """The validation entries :class:`FidelityProbe` added to a log history."""
+    return [h for h in history if "eval_agreement" in h]
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -468,20 +523,35 @@ class RunResult:
         return self.run_dir / "model"
 
 
-def build_dataset(preset, config: TrainingConfig, tokenizer):
-    """The preset's training data, tokenized once for every objective (returns the dataset and its stats)."""
+def _data_source(preset, config: TrainingConfig):
     source = config.data
     if preset is not None and source != "suite" and preset.path(source).exists():
         source = preset.path(source)  # a project-relative file or directory, whatever the working directory
+    return source
+
+
+def build_dataset(preset, config: TrainingConfig, tokenizer):
+    """The preset's training data, tokenized once for every objective (returns the dataset and its stats)."""
     return chat_data.prepare_chat_data(
-        source, tokenizer, split=config.data_split, config=config.data_config,
+        _data_source(preset, config), tokenizer, split=config.data_split, config=config.data_config,
         suite_dir=preset.suite_dir if preset is not None else None, max_length=config.max_length,
         limit=config.data_limit, where=config.data_where, skip_invalid=config.skip_invalid, num_proc=config.num_proc,
     )
 
 
+def data_records(preset, config: TrainingConfig, split: str = "validation") -> list[dict]:
+    """Chat records of another split of the training data: ``validation`` is what :class:`FidelityProbe` scores
+    during training, ``test`` what the notebooks score after it."""
+    source = _data_source(preset, config)
+    found = chat_data.load_conversations(source, split, config=config.data_config,
+                                         suite_dir=preset.suite_dir if preset is not None else None)
+    if len(found) == 0:
+        raise ValueError(f"the {split} split of {source} is empty")
+    return [dict(r) for r in found]
+
+
 def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: Sources, data_stats: dict) -> str:
-    recipe = {k: v for k, v in config.to_dict().items() if k not in {"objectives", "seeds"}}
+    recipe = {k: v for k, v in config.to_dict().items() if k not in {"objectives", "seeds", "objective_seeds"}}
     blob = json.dumps([objective, seed, recipe, sources.fingerprint(objective), data_stats], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -592,12 +662,14 @@ def train(
     callbacks: Sequence[TrainerCallback] = (),
     data_stats: dict | None = None,
     full=None,
+    probe_records: list[dict] | None = None,
 ) -> RunResult:
     """Train one objective on a tokenized dataset (``data.prepare_chat_data``) into ``run_dir``.
 
     Resumes from the latest checkpoint in ``run_dir/checkpoints`` when ``resume``. A run that stops
     before its planned steps (interrupted, or a callback stopped it) returns ``complete=False`` and
     writes no final model. ``full``: an already loaded full model to reuse (OverFill and the ``kl`` objectives).
+    ``probe_records``: the held-out chat records :class:`FidelityProbe` scores when ``config.eval_steps`` is set.
     """
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -646,6 +718,11 @@ def train(
         include_first_token=config.include_first_token,
         distill_from=full if obj.loss == "kl" else None,
     )
+    if config.eval_steps:
+        if not probe_records:
+            raise ValueError("training.eval_steps is set: pass probe_records (training.data_records(preset, config))")
+        trainer.add_callback(FidelityProbe(pair if pair is not None else model, tokenizer, probe_records,
+                                           config.eval_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     if checkpoint:
         log.info("%s seed %d: resuming from %s", objective, seed, checkpoint)
@@ -770,8 +847,9 @@ def train_objective(
         record = read_json(done)
         log.info("%s seed %d: reusing the finished run in %s", objective, seed, run_dir)
         return RunResult(objective, seed, run_dir, True, record["steps"], record, load_trained(run_dir, full=full))
+    probe = data_records(preset, config, "validation") if config.eval_steps else None
     return train(objective, sources, dataset, config, run_dir, seed=seed, runtime=_runtime(preset), resume=resume,
-                 callbacks=callbacks, data_stats=data_stats, full=full)
+                 callbacks=callbacks, data_stats=data_stats, full=full, probe_records=probe)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="preset name or path to a preset YAML")
     parser.add_argument("--objective", nargs="+", default=None,
                         help=f"objectives to train (default: the preset's training.objectives); from {sorted(OBJECTIVES)}")
-    parser.add_argument("--seed", type=int, nargs="+", default=None, help="seeds (default: the preset's training.seeds)")
+    parser.add_argument("--seed", type=int, nargs="+", default=None,
+                        help="seeds for every objective (default: the preset's training.seeds and objective_seeds)")
     parser.add_argument("--steps", type=int, help="optimizer steps (overrides training.steps)")
     parser.add_argument("--override", default="{}", help="JSON dict merged onto the preset, e.g. '{\"training\": {\"batch_size\": 4}}'")
     parser.add_argument("--retrain", action="store_true", help="discard earlier runs of the same recipe")
@@ -863,12 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(get_objective(o).layout == "pair" for o in objectives):
         full = _load_full(sources, _runtime(preset)["dtype"])
     results = []
-    for seed in args.seed or list(config.seeds):
-        for name in objectives:
-            result = train_objective(preset, name, seed=seed, config=config, sources=sources, dataset=dataset,
-                                     data_stats=stats.to_dict(), retrain=args.retrain, resume=not args.no_resume,
-                                     full=full)
-            results.append(result)
+    for name, seed in config.runs(objectives, args.seed):
+        result = train_objective(preset, name, seed=seed, config=config, sources=sources, dataset=dataset,
+                                 data_stats=stats.to_dict(), retrain=args.retrain, resume=not args.no_resume, full=full)
+        results.append(result)
     if state.is_main_process:
         for r in results:
             last = loss_history(r.log_history)[-1:] or [{}]

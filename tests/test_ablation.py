@@ -128,11 +128,17 @@ def test_family_robustness(grid):
     assert robust.loc[("overall", "pruned"), "retained at narrowest"] == pytest.approx(0.31)
 
 
-def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path):
-    # Its own micro teacher, sibling and suite: nothing shared with the notebook tests running beside it.
-    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), "suite_dir": str(tmp_path / "suite"),
-                                      "teacher": {"id": str(tmp_path / "teacher")},
-                                      "smaller": {"id": str(tmp_path / "smaller")}})
+@pytest.fixture(scope="module")
+def own_models(tmp_path_factory):
+    """Its own micro teacher, sibling and suite (built by the first grid that needs them): nothing shared with the
+    notebook tests running beside it."""
+    root = tmp_path_factory.mktemp("ablation_models")
+    return {"suite_dir": str(root / "suite"), "teacher": {"id": str(root / "teacher")},
+            "smaller": {"id": str(root / "smaller")}}
+
+
+def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path, own_models):
+    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), **own_models})
     cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 1.0], "seeds": [0], "teachers": {"smaller": {"keep": [0.5]}}})
     rows = ablation.run(p, cfg)
     table = ablation.aggregate(rows)
@@ -156,3 +162,28 @@ def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path):
     assert [r["overall"] for r in again] == [r["overall"] for r in rows]
     assert [r.get("train_seconds") for r in again] == [r.get("train_seconds") for r in rows]
     assert pd.DataFrame(again)["method"].tolist() == pd.DataFrame(rows)["method"].tolist()
+
+
+def test_fidelity_scorer_and_recovery_curves(tmp_path, own_models):
+    """``scorer: fidelity`` scores agreement with the full model's test answers (keep-all pruning reproduces the full
+    model's numbers), keeps the lower-is-better NLL out of the score columns, and runs trained with
+    ``eval_steps`` give recovery curves from step 0."""
+    p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), **own_models,
+                                      "training": {"eval_steps": 3}})
+    cfg = ablation.AblationConfig.from_dict({"keep": [1.0, 0.5], "seeds": [0], "scorer": "fidelity"})
+    rows = ablation.run(p, cfg)
+    table = ablation.aggregate(rows)
+    full = table[table["method"] == ablation.FULL].iloc[0]
+    whole = table[(table["keep"] == 1.0) & (table["method"] == "pruned (untrained)")].iloc[0]
+    assert full["overall"] == full["agreement"] and 0 < full["agreement"] <= 1  # on the suite's gold answers here
+    assert whole["agreement"] == full["agreement"] and whole["answer_nll"] == pytest.approx(full["answer_nll"], abs=1e-5)
+    assert "answer_nll" in table and "answer_nll" not in ablation.score_columns(table)
+    assert ablation.score_columns(table) == ["agreement", "exact", "overall"]
+    curves = ablation.recovery_curves(rows)
+    trained = [r for r in rows if r["seed"] is not None]
+    assert len(curves) == 3 * len(trained)  # steps 0, 3, 6 of every run
+    for _, run in curves.groupby(["keep", "method"]):
+        assert run["step"].tolist() == [0, 3, 6] and run["tokens_seen"].is_monotonic_increasing
+    assert "agreement with the full model" in ablation.conclusion(table, label=ablation.SCORERS["fidelity"].label)
+    with pytest.raises(ValueError, match="fidelity"):
+        ablation.AblationConfig.from_dict({"scorer": "bleu"})

@@ -106,7 +106,7 @@ def test_notebooks_refuse_a_preset_without_the_sections_they_need():
     assert workbook.missing_sections(preset, "01_channel_importance") == []
     assert workbook.missing_sections(presets.load_preset("tiny"), "04_pruning_ratio_ablation") == []
     with pytest.raises(ValueError, match="needs the preset's .*ablation section"):
-        workbook.setup("smollm2-135m", notebook="04_pruning_ratio_ablation")
+        workbook.setup("smollm2-135m", {"ablation": None}, notebook="04_pruning_ratio_ablation")
 
 
 def test_pair_reply_loss_and_text_nll_match_the_model_alone(converted, tokenizer):

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -75,6 +77,22 @@ def test_registry_and_recipe_refuse_unknown_names():
         training.TrainingConfig.from_dict({"objectives": ["overfill", "distill"]})
     with pytest.raises(ValueError, match=r"unknown training keys \['lr'\]; valid keys"):
         training.TrainingConfig.from_dict({"lr": 1e-3})
+
+
+def test_objective_seeds_plan_the_runs_seed_major():
+    cfg = training.TrainingConfig.from_dict({"objectives": ["overfill", "pruned", "overfill_kd"], "seeds": [0, 1],
+                                             "objective_seeds": {"overfill_kd": [0]}})
+    assert cfg.runs() == [("overfill", 0), ("pruned", 0), ("overfill_kd", 0), ("overfill", 1), ("pruned", 1)]
+    assert cfg.runs(["pruned"], [3]) == [("pruned", 3)] and cfg.seeds_for("pruned") == (0, 1)
+    # Which objectives get which seeds does not change what one run is.
+    other = training.TrainingConfig.from_dict({"objectives": ["pruned"], "seeds": [5]})
+    sources = training.Sources(Path("."), Path("."))
+    sources.fingerprint = lambda objective: "same models"
+    assert training.run_fingerprint("pruned", 0, cfg, sources, {}) == training.run_fingerprint("pruned", 0, other, sources, {})
+    with pytest.raises(ValueError, match="not in training.objectives"):
+        training.TrainingConfig.from_dict({"objectives": ["overfill"], "objective_seeds": {"pruned": [0]}})
+    with pytest.raises(ValueError, match="non-empty list"):
+        training.TrainingConfig.from_dict({"objectives": ["overfill"], "objective_seeds": {"overfill": []}})
 
 
 def test_step0_loss_is_the_pairs_scoring_nll_and_only_the_decoder_learns(setup, tmp_path):
@@ -187,6 +205,32 @@ def test_interrupted_run_resumes_to_the_same_curve(setup, tmp_path):
     b = [h["loss"] for h in training.loss_history(resumed.log_history)]
     assert len(a) == len(b) == 6
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["overfill", "pruned"])
+def test_validation_probe_logs_fidelity_at_step_0_every_n_steps_and_the_end(setup, tmp_path, objective):
+    """``eval_steps``: the probe's step-0 entry is the untrained model's fidelity on the held-out records, later
+    entries follow training (the model changes), and the token axis counts the examples' tokens."""
+    from overfill_lib import fidelity
+
+    sources, ds = setup["sources"], setup["dataset"]
+    full = load_full(setup)
+    held = [dict(r) for r in data.load_conversations("suite", "train", suite_dir=setup["root"] / "suite")][:4]
+    decoder0 = AutoModelForCausalLM.from_pretrained(sources.decoder_dir).eval()
+    untrained = fidelity.answer_fidelity(OverFillModel(full, decoder0) if objective == "overfill" else decoder0,
+                                         setup["tok"], held)
+    result = training.train(objective, sources, ds, recipe(steps=5, batch_size=4, eval_steps=2), tmp_path / "run",
+                            full=full, probe_records=held)
+    probes = training.probe_history(result.log_history)
+    assert [p["step"] for p in probes] == [0, 2, 4, 5]
+    assert probes[0]["eval_nll"] == pytest.approx(untrained["nll"], abs=1e-4) and probes[0]["tokens_seen"] == 0
+    assert probes[-1]["eval_nll"] < probes[0]["eval_nll"]  # it learns the suite (these records are in its data)
+    per_example = [len(p) + len(r) for p, r in zip(ds["prompt_ids"], ds["response_ids"])]
+    assert 0 < probes[1]["tokens_seen"] < probes[-1]["tokens_seen"] <= 5 * 4 * max(per_example)
+    with pytest.raises(ValueError, match="probe_records"):
+        training.train(objective, sources, ds, recipe(steps=1, eval_steps=1), tmp_path / "again", full=full)
+    with pytest.raises(ValueError, match="eval_steps"):
+        recipe(eval_steps=0)
 
 
 def test_tokenizer_mismatch_and_trainable_strategy_are_refused(setup, tmp_path):
