@@ -22,7 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,16 +94,12 @@ class AblationConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AblationConfig:
+        from overfill_lib.config import parse
+
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown ablation key(s) {bad}; valid keys: {sorted(known)}")
-        for key in ("keep", "objectives", "seeds", "scratch_keep"):
-            if key in d:
-                d[key] = tuple([d[key]] if isinstance(d[key], (str, int, float)) else d[key])
-        d["teachers"] = dict(d.get("teachers") or {})
-        return cls(**d)
+        if d.get("teachers") is None:
+            d.pop("teachers", None)
+        return parse(cls, d, "ablation")
 
     @classmethod
     def from_preset(cls, preset) -> AblationConfig:

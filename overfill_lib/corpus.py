@@ -292,24 +292,11 @@ def fingerprint_of_split(split: str) -> str:
     return fingerprint("heldout" if split == "test" else "calibration")
 
 
-DISTILL_KEYS = {"dir": str, "train": list, "validation": list, "test": list, "max_new_tokens": int, "batch_size": int,
-                "seed": int}
-
-
 def check_distill_section(section: dict) -> dict:
-    """A preset's ``distill`` section, checked: ``dir`` and, per split, ``[passage prompts, family prompts]``."""
-    unknown = sorted(set(section) - set(DISTILL_KEYS))
-    missing = sorted({"dir", *DATA_SPLITS} - set(section))
-    if unknown or missing:
-        raise ValueError(f"distill: unknown keys {unknown}, missing keys {missing}; valid keys: {sorted(DISTILL_KEYS)}")
-    for key, kind in DISTILL_KEYS.items():
-        if key in section and not isinstance(section[key], kind):
-            raise ValueError(f"distill.{key} must be a {kind.__name__}, got {section[key]!r}")
-    for split in DATA_SPLITS:
-        if len(section[split]) != 2 or not all(isinstance(n, int) and n >= 0 for n in section[split]):
-            raise ValueError(f"distill.{split} must be [passage prompts, family prompts] (two counts), "
-                             f"got {section[split]!r}")
-    return section
+    """A preset's ``distill`` section, checked (``config.DistillSection``), as a plain dict."""
+    from overfill_lib.config import DistillSection, values
+
+    return values(DistillSection, section, "distill")
 
 
 def ensure_distilled_data(preset, model=None, tokenizer=None) -> Path:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from overfill_lib.config import DTYPES, check_choice, parse
 from overfill_lib.io import atomic_directory, environment_record, read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,13 @@ class GGUFSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> GGUFSource:
-        known = set(cls.__dataclass_fields__)
-        if not isinstance(d, dict):
-            raise ValueError(f"teacher.gguf must be a mapping with keys {sorted(known)}, got {d!r}")
-        unknown = sorted(set(d) - known)
-        missing = sorted({"package", "version", "file"} - set(d))
-        if unknown or missing:
-            raise ValueError(f"teacher.gguf: unknown keys {unknown}, missing keys {missing}; valid keys: {sorted(known)}")
+        return parse(cls, d, "teacher.gguf")
+
+    def __post_init__(self):
         for key in ("package", "version", "file"):
-            if not isinstance(d[key], str) or not d[key]:
-                raise ValueError(f"teacher.gguf.{key} must be a non-empty string, got {d[key]!r}")
-        if d.get("dtype", "float32") not in DTYPES:
-            raise ValueError(f"teacher.gguf.dtype {d['dtype']!r} is not one of {', '.join(DTYPES)}")
-        return cls(**d)
+            if not getattr(self, key):
+                raise ValueError(f"teacher.gguf.{key} must be a non-empty string")
+        check_choice("teacher.gguf.dtype", self.dtype, DTYPES)
 
     @property
     def requirement(self) -> str:

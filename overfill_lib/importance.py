@@ -45,11 +45,12 @@ the preset's work directory and reusing them on the next run. ``rank_agreement``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,13 +63,11 @@ from tqdm.auto import tqdm
 
 from overfill_lib import architectures as arch
 from overfill_lib import corpus
+from overfill_lib.config import AGGREGATIONS, CRITERIA, SEQ_AGGREGATIONS, CalibrationSection, check_choice, parse
 from overfill_lib.io import atomic_directory, read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("activation", "magnitude", "random")
-AGGREGATIONS = ("l2", "mean", "l1")
-SEQ_AGGREGATIONS = ("mean", "l2")
 TENSORS_FILE = "importance.safetensors"
 METADATA_FILE = "importance.json"
 _SCORE_NAMES = ("hidden", "intermediate", "heads", "layers", "layers_skip_loss", "hidden_per_layer")
@@ -419,8 +418,8 @@ def activation_importance(
     ``skip_loss_samples`` samples (all when None): with 30 layers it costs 30 times the calibration.
     """
     arch.check_model(model)
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None) or 0
     batches = calibration_batches(data, batch_size=batch_size, pad_token_id=pad_token_id)
@@ -558,7 +557,7 @@ def compute_importance(
     progress: bool = True,
 ) -> Importance:
     """Scores for ``model`` by ``criterion`` ("activation" needs ``data``; the others ignore it)."""
-    _check_choice("criterion", criterion, CRITERIA)
+    check_choice("criterion", criterion, CRITERIA)
     if criterion == "magnitude":
         return magnitude_importance(model)
     if criterion == "random":
@@ -572,18 +571,10 @@ def compute_importance(
     )
 
 
-def _check_choice(what: str, value, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}.")
-
-
 # ----------------------------------------------------------------------------------------------
 # Calibration data named by a preset, and importance computed once per model and reused
 
-CALIBRATION_KEYS = ("source", "samples", "seq_len", "batch_size", "aggregation", "seq_aggregation", "path", "subset",
-                    "skip_loss_samples")
-CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
+CALIBRATION_KEYS = tuple(f.name for f in dataclasses.fields(CalibrationSection))
 WIKITEXT_REPO = "Salesforce/wikitext"  # the hub dataset whose parquet files the authors' wikitext loader reads
 WIKITEXT_SUBSET = "wikitext-2-raw-v1"
 
@@ -604,15 +595,10 @@ def calibration_samples(calibration: Mapping, tokenizer, *, suite_dir: str | Pat
     ``source: pydoc``: ``samples`` windows of ``seq_len`` tokens (default 512) of real English prose that
     ships with Python (``corpus``: the help topics' calibration split; the held-out topics stay unseen).
     """
-    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
-    if unknown:
-        raise ValueError(f"unknown calibration key(s) {unknown}; valid keys: {', '.join(CALIBRATION_KEYS)}.")
+    parse(CalibrationSection, calibration, "calibration")
     source = calibration.get("source", "suite")
     samples = calibration.get("samples", 512)
     seq_len = calibration.get("seq_len")
-    for name, value in (("samples", samples), ("seq_len", seq_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"calibration {name}={value!r} must be a positive int.")
     if source == "suite":
         from overfill_lib import tasks
 
@@ -636,7 +622,7 @@ def calibration_samples(calibration: Mapping, tokenizer, *, suite_dir: str | Pat
         ids = corpus.token_windows(corpus.texts("calibration"), tokenizer, samples, seq_len)
         return ids, (f"Python's help topics (pydoc_data.topics, calibration split {corpus.fingerprint('calibration')}), "
                      f"{len(ids)} windows of {seq_len} tokens")
-    raise ValueError(f"unknown calibration source {source!r}; choose one of {', '.join(CALIBRATION_SOURCES)}.")
+    raise AssertionError(source)  # CalibrationSection admits only the sources above
 
 
 def _local_text_files(path, subset: str) -> list[Path]:
@@ -707,12 +693,12 @@ def preset_importance(
     same request (criterion, aggregation, calibration data, seed) on the same weights.
     """
     for criterion in criteria:
-        _check_choice("criterion", criterion, CRITERIA)
+        check_choice("criterion", criterion, CRITERIA)
     calibration = dict(preset.get("calibration", {}))
     aggregation = calibration.get("aggregation", "l2")
     seq_aggregation = calibration.get("seq_aggregation", "mean")
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
     directory = Path(directory) if directory is not None else preset.workdir / "importance"
     fingerprint = weights_fingerprint(model)
     data = None

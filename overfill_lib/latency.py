@@ -47,7 +47,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -112,12 +112,9 @@ class LatencySettings:
     @classmethod
     def from_dict(cls, data: dict | None, base: LatencySettings | None = None) -> LatencySettings:
         """Settings from a mapping (a preset's ``latency:`` section) on top of ``base``; unknown keys are refused."""
-        data = dict(data or {})
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown latency setting(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
-        merged = {**asdict(base or cls()), **data}
+        from overfill_lib.config import values
+
+        merged = {**asdict(base or cls()), **values(cls, data, "latency")}
         settings = cls(**merged)
         settings.validate()
         return settings

@@ -39,6 +39,51 @@ SECTIONS = {
 }
 
 
+# The dataclass that parses each section (``config.parse``), imported when a preset gives the section.
+SECTION_TYPES = {
+    "suite": "overfill_lib.tasks:SuiteConfig",
+    "teacher": "overfill_lib.config:TeacherSection",
+    "smaller": "overfill_lib.config:SmallerSection",
+    "decoder": "overfill_lib.config:DecoderSection",
+    "calibration": "overfill_lib.config:CalibrationSection",
+    "training": "overfill_lib.training:TrainingConfig",
+    "distill": "overfill_lib.config:DistillSection",
+    "evaluation": "overfill_lib.config:EvaluationSection",
+    "latency": "overfill_lib.latency:LatencySettings",
+    "ablation": "overfill_lib.ablation:AblationConfig",
+    "runtime": "overfill_lib.config:RuntimeSection",
+}
+NESTED_TYPES = {("teacher", "train"): "overfill_lib.teacher:TeacherConfig",
+                ("teacher", "gguf"): "overfill_lib.gguf_models:GGUFSource"}
+TEXT_SECTIONS = ("name", "description", "suite_dir", "workdir")
+
+
+def _section_type(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _checked(raw: dict) -> dict:
+    """Every section parsed by its dataclass, so a wrong key or type fails here, not an hour into a run; the
+    values read (numbers YAML left as strings, single values for lists) replace the raw ones."""
+    from overfill_lib.config import values
+
+    out = dict(raw)
+    for key in TEXT_SECTIONS:
+        if out.get(key) is not None and not isinstance(out[key], str):
+            raise ValueError(f"preset {key} must be a string, got {out[key]!r}")
+    for section, spec in SECTION_TYPES.items():
+        if out.get(section) is None:
+            continue
+        out[section] = values(_section_type(spec), out[section], section)
+        for (parent, key), nested in NESTED_TYPES.items():
+            if parent == section and out[section].get(key) is not None:
+                out[section][key] = values(_section_type(nested), out[section][key], f"{section}.{key}")
+    return out
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -102,7 +147,7 @@ class Preset:
 
 
 def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = None) -> Preset:
-    """Load a named preset or a YAML file, apply overrides, and validate the top-level sections."""
+    """Load a named preset or a YAML file, apply overrides, and check every section (``config.parse``)."""
     if isinstance(preset, Preset):
         raw = preset.to_dict()
     else:
@@ -123,22 +168,9 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
     if unknown:
         valid = "\n".join(f"  {k}: {v}" for k, v in SECTIONS.items())
         raise ValueError(f"unknown preset section(s) {unknown}; valid sections:\n{valid}")
-    if not raw.get("teacher") or not raw["teacher"].get("id"):
+    if not isinstance(raw.get("teacher"), dict) or not raw["teacher"].get("id"):
         raise ValueError(f"preset {raw.get('name')!r} needs teacher.id (a local directory or a hub model id)")
-    p = Preset(name=str(raw["name"]), raw=raw)
-    if p.raw.get("suite") is not None:
-        p.suite_config()  # validates the suite keys early
-    if (p.raw["teacher"] or {}).get("train") is not None:
-        p.teacher_config()
-    if p.raw.get("distill") is not None:
-        from overfill_lib.corpus import check_distill_section
-
-        check_distill_section(p.raw["distill"])
-    if (p.raw["teacher"] or {}).get("gguf") is not None:
-        from overfill_lib.gguf_models import GGUFSource
-
-        GGUFSource.from_dict(p.raw["teacher"]["gguf"])
-    return p
+    return Preset(name=str(raw["name"]), raw=_checked(raw))
 
 
 def resolve_model(model_id: str | os.PathLike, *, revision: str | None = None) -> Path:

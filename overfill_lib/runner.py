@@ -27,7 +27,7 @@ from pathlib import Path
 
 from overfill_lib.io import PROJECT_ROOT, atomic_write_text, read_json, write_json
 from overfill_lib.presets import load_preset
-from overfill_lib.workbook import missing_sections
+from overfill_lib.workbook import check_parameters, missing_sections
 
 log = logging.getLogger(__name__)
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -73,16 +73,6 @@ def notebooks(only: list[str] | None = None, directory: Path = NOTEBOOK_DIR) -> 
         if not found:
             raise ValueError(f"no notebook matches {only}; available: {[p.stem for p in notebooks()]}")
     return found
-
-
-def check_parameters(notebook: Path, parameters: dict) -> None:
-    """Refuse parameters the notebook does not declare (papermill would only warn)."""
-    import papermill
-
-    declared = papermill.inspect_notebook(str(notebook))
-    unknown = sorted(set(parameters) - set(declared))
-    if unknown:
-        raise ValueError(f"{notebook.name}: unknown parameter(s) {unknown}; valid parameters: {sorted(declared)}")
 
 
 def _fingerprint(notebook: Path, parameters: dict) -> str:

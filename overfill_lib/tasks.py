@@ -67,11 +67,9 @@ class SuiteConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SuiteConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown suite keys {bad}; valid keys: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        from overfill_lib.config import parse
+
+        return parse(cls, d, "suite")
 
     def to_dict(self) -> dict:
         """The config, less knobs that cannot change the records (so suites written before they existed keep

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from overfill_lib import gguf_models, tasks
+from overfill_lib.config import parse
 from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,7 @@ class TeacherConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TeacherConfig:
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown teacher keys {bad}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return parse(cls, d, "teacher.train")
 
     def narrower(self, width_ratio: float, heads: bool = False) -> TeacherConfig:
         """The same recipe at a fraction of the width: the 'smaller finetuned' reference model.

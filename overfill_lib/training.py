@@ -185,15 +185,9 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TrainingConfig:
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown training keys {bad}; valid keys: {sorted(known)}")
-        for key in ("objectives", "seeds"):
-            if key in d:
-                d[key] = tuple([d[key]] if isinstance(d[key], (str, int)) else d[key])
-        return cls(**d)
+        from overfill_lib.config import parse
+
+        return parse(cls, d, "training")
 
     @classmethod
     def from_preset(cls, preset) -> TrainingConfig:

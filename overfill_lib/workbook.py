@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +72,52 @@ NOTEBOOK_NEEDS = {
 }
 
 
+def check_parameters(notebook: str | Path, parameters: Mapping, *, known_only: bool = True) -> None:
+    """Refuse a parameter the notebook does not declare (papermill would only warn) or whose value has not its
+    default's type: papermill's ``-p retrain false`` passes the string "false", which Python takes as true.
+    ``known_only=False``: check the declared names found in ``parameters`` (a notebook's ``globals()``)."""
+    import ast
+
+    import papermill
+
+    path = Path(notebook) if str(notebook).endswith(".ipynb") else PROJECT_ROOT / "notebooks" / f"{notebook}.ipynb"
+    with warnings.catch_warnings():  # nbformat asks for cell ids the stored notebooks do not carry
+        warnings.simplefilter("ignore")
+        declared = papermill.inspect_notebook(str(path))
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown and known_only:
+        raise ValueError(f"{path.name}: unknown parameter(s) {unknown}; valid parameters: {sorted(declared)}")
+    for name, value in ((k, v) for k, v in parameters.items() if k in declared):
+        try:
+            default = ast.literal_eval(declared[name]["default"])
+        except (ValueError, SyntaxError):
+            continue  # not a literal: nothing to compare with
+        kind = type(default)
+        if default is None or value is None or kind not in (bool, int, float, str):
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (isinstance(value, bool) if kind is bool else (numeric and (kind is float or isinstance(value, int)))
+              if kind in (int, float) else isinstance(value, str))
+        if not ok:
+            hint = (" (papermill -p reads only True/False as booleans: -p NAME True, or -y 'NAME: true')"
+                    if kind is bool and isinstance(value, str) else "")
+            raise ValueError(f"{path.name}: parameter {name} expects {kind.__name__} like its default "
+                             f"{declared[name]['default']}, got {value!r} ({type(value).__name__}){hint}")
+
+
 def missing_sections(preset: Preset, notebook: str) -> list[str]:
     """The sections ``notebook`` needs that ``preset`` leaves empty (the runner skips such notebooks)."""
     return [s for s in NOTEBOOK_NEEDS.get(notebook, ()) if not preset.get(s)]
 
 
-def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: int = 0) -> Workbook:
+def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: int = 0,
+          parameters: Mapping | None = None) -> Workbook:
+    """Load and check the preset (and, given the notebook's ``globals()``, its parameters' types), set up logging,
+    plotting, seeds and the output folders."""
     from overfill_lib.plots import configure_plotly
+
+    if parameters is not None:
+        check_parameters(notebook, parameters, known_only=False)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "choreographer", "kaleido"):

@@ -20,7 +20,7 @@ def test_config_refuses_bad_grids_with_the_fix():
         ablation.AblationConfig.from_dict({"keep": [0.5, 1.5]})
     with pytest.raises(ValueError, match=r"keep fractions must be numbers in \(0, 1\]"):
         ablation.AblationConfig.from_dict({"teachers": {"smaller": {"keep": [0]}}})
-    with pytest.raises(ValueError, match="unknown ablation key.*valid keys"):
+    with pytest.raises(ValueError, match="ablation: unknown keys.*valid keys"):
         ablation.AblationConfig.from_dict({"widths": [0.5]})
     with pytest.raises(ValueError, match="unknown key.*valid keys: keep, seeds"):
         ablation.AblationConfig.from_dict({"teachers": {"smaller": {"ratio": [0.5]}}})

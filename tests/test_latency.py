@@ -98,7 +98,7 @@ def test_summarize_matches_torch_quantiles():
 
 
 def test_settings_validate_and_merge_points():
-    with pytest.raises(ValueError, match="unknown latency setting.*valid keys"):
+    with pytest.raises(ValueError, match="latency: unknown keys.*valid keys"):
         latency.LatencySettings.from_dict({"output_length": [8]})
     with pytest.raises(ValueError, match="positive ints"):
         latency.LatencySettings.from_dict({"batch_sizes": [0]})

@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from overfill_lib import presets
+from overfill_lib import config, presets, training, workbook
 
 
 def test_every_preset_loads():
@@ -23,7 +25,7 @@ def test_unknown_section_lists_valid_ones():
 
 
 def test_unknown_nested_key_is_refused():
-    with pytest.raises(ValueError, match="unknown teacher keys"):
+    with pytest.raises(ValueError, match=r"teacher.train: unknown keys \['stepz'\]; valid keys: hidden_size"):
         presets.load_preset("tiny", {"teacher": {"train": {"stepz": 3}}})
 
 
@@ -56,3 +58,67 @@ def test_local_model_resolves(tmp_path):
     assert presets.resolve_model(tmp_path) == tmp_path
     with pytest.raises(ValueError, match="not a local model directory"):
         presets.resolve_model(tmp_path / "nothing")
+
+
+# One known key per section and a value of the wrong type for it: every section is parsed when the preset loads.
+WRONG_TYPES = {
+    "suite": ("n_train", "many"), "teacher": ("revision", 3), "smaller": ("heads", "yes"),
+    "decoder": ("round_to", 1.5), "calibration": ("samples", "all"), "training": ("steps", 2.5),
+    "distill": ("max_new_tokens", [96]), "evaluation": ("apply_chat_template", "false"),
+    "latency": ("repeats", "3"), "ablation": ("keep", "half"), "runtime": ("device", 0),
+}
+BASES = {"suite": "tiny", "distill": "smollm2-135m"}
+
+
+@pytest.mark.parametrize("section", sorted(presets.SECTION_TYPES))
+def test_every_section_refuses_unknown_keys_and_wrong_types_at_load(section):
+    base = BASES.get(section, "tiny")
+    with pytest.raises(ValueError, match=rf"^{section}: unknown keys \['bogus'\]; valid keys: "):
+        presets.load_preset(base, {section: {"bogus": 1}})
+    key, value = WRONG_TYPES[section]
+    with pytest.raises(ValueError, match=rf"^{section}\.{key}(\[\d+\])? expects .*, got {re.escape(repr(value))}"):
+        presets.load_preset(base, {section: {key: value}})
+    assert set(WRONG_TYPES) == set(presets.SECTION_TYPES)
+
+
+def test_the_silent_mistakes_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="decoder: unknown keys \\['hiddn'\\]; valid keys: hidden"):
+        presets.load_preset("tiny", {"decoder": {"hiddn": 0.5}})
+    with pytest.raises(ValueError, match="runtime: unknown keys \\['devcie'\\]; valid keys: dtype, device"):
+        presets.load_preset("tiny", {"runtime": {"devcie": "cuda"}})
+    with pytest.raises(ValueError, match="runtime.dtype 'bf16': write 'bfloat16'"):
+        presets.load_preset("tiny", {"runtime": {"dtype": "bf16"}})
+    with pytest.raises(ValueError, match="unknown criterion 'taylor'"):
+        presets.load_preset("tiny", {"decoder": {"criterion": "taylor"}})
+    with pytest.raises(ValueError, match="decoder.hidden is 1.5: give the fraction removed"):
+        presets.load_preset("tiny", {"decoder": {"hidden": 1.5}})
+
+
+def test_yaml_reads_1e_3_as_text_and_the_preset_trains_at_0_001(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("teacher: {id: some/dir}\ntraining: {learning_rate: 1e-3, seeds: 3}\n")
+    p = presets.load_preset(str(f))
+    assert p["training"]["learning_rate"] == 0.001 and p["training"]["seeds"] == [3]
+    cfg = training.TrainingConfig.from_preset(p)
+    assert cfg.learning_rate == 0.001 and cfg.seeds == (3,)
+
+
+def test_parser_reads_unions_tuples_and_nested_sections():
+    assert config.coerce(2048, int | float | None, "x") == 2048 and config.coerce("0.5", int | float, "x") == 0.5
+    assert config.coerce([1, 2], tuple[int, int], "x") == (1, 2)
+    with pytest.raises(ValueError, match="x expects 2 values"):
+        config.coerce([1, 2, 3], tuple[int, int], "x")
+    with pytest.raises(ValueError, match=r"x\[1\] expects an integer"):
+        config.coerce([1, "b"], tuple[int, ...], "x")
+    with pytest.raises(ValueError, match="teacher.gguf.dtype"):
+        presets.load_preset("smollm2-135m", {"teacher": {"gguf": {"dtype": "float8"}}})
+
+
+def test_notebook_parameters_are_type_checked():
+    workbook.check_parameters("02_decoder_training", {"retrain": False, "seeds": [0, 1], "eval_limit": 5})
+    with pytest.raises(ValueError, match="retrain expects bool .* got 'false' .*-p NAME True"):
+        workbook.check_parameters("02_decoder_training", {"retrain": "false"})
+    with pytest.raises(ValueError, match="check_new_tokens expects int like its default 32, got 2.5"):
+        workbook.check_parameters("03_latency_profiling", {"check_new_tokens": 2.5})
+    # A notebook's globals: only the declared names are checked.
+    workbook.check_parameters("02_decoder_training", {"retrain": True, "pd": object()}, known_only=False)

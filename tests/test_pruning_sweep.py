@@ -211,7 +211,7 @@ def test_text_calibration_reads_local_files_only(tokenizer, tmp_path, monkeypatc
         importance.calibration_samples({"source": "wikitext"}, tokenizer)
     with pytest.raises(ValueError, match="unknown calibration source 'c4'"):
         importance.calibration_samples({"source": "c4"}, tokenizer)
-    with pytest.raises(ValueError, match="unknown calibration key"):
+    with pytest.raises(ValueError, match="calibration: unknown keys \\[.sample.\\]; valid keys: source, samples"):
         importance.calibration_samples({"source": "suite", "sample": 3}, tokenizer)
     with pytest.raises(ValueError, match="samples=0 must be a positive int"):
         importance.calibration_samples({"source": "suite", "samples": 0}, tokenizer)

@@ -75,7 +75,7 @@ def test_registry_and_recipe_refuse_unknown_names():
         training.get_objective("prunned")
     with pytest.raises(ValueError, match="unknown objective"):
         training.TrainingConfig.from_dict({"objectives": ["overfill", "distill"]})
-    with pytest.raises(ValueError, match=r"unknown training keys \['lr'\]; valid keys"):
+    with pytest.raises(ValueError, match=r"training: unknown keys \['lr'\]; valid keys"):
         training.TrainingConfig.from_dict({"lr": 1e-3})
 
 

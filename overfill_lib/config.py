@@ -1,0 +1,261 @@
+"""Preset sections as typed data, and the one parser that checks them when a preset loads.
+
+A section is a dataclass whose annotations are its schema. :func:`parse` refuses an unknown key (naming the
+section, the key and the valid keys) and a value of the wrong type (naming the expected type), reads a number
+YAML left as a string (PyYAML reads ``1e-3`` without a dot as text) and turns lists into tuples. The sections
+whose dataclass lives beside the code that uses it (``training``, ``ablation``, ``latency``, ``suite``,
+``teacher.train``, ``teacher.gguf``) are parsed by the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
+CRITERIA = ("activation", "magnitude", "random")
+AGGREGATIONS = ("l2", "mean", "l1")
+SEQ_AGGREGATIONS = ("mean", "l2")
+
+
+def parse(cls, data: Mapping | None, where: str):
+    """``cls(**data)`` with every key and value checked against ``cls``'s annotations (see the module docstring)."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {data!r}")
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(names)}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}; valid keys: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()})
+
+
+def values(cls, data: Mapping | None, where: str) -> dict:
+    """The keys ``data`` gives, with the values :func:`parse` reads (lists for tuples, as YAML and JSON write them):
+    what a preset keeps in place of its raw section, so readers of the dict see checked values."""
+    parsed = parse(cls, data, where)
+    return {key: _plain(getattr(parsed, key)) for key in (data or {})}
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def describe(hint) -> str:
+    """A type annotation in words, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else describe(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def coerce(value, hint, where: str):
+    """``value`` as the annotation ``hint`` wants it, or a ValueError naming ``where`` and the expected type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ValueError:
+                continue
+        raise _wrong(value, hint, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong(value, hint, where, " (write true or false unquoted)" if isinstance(value, str) else "")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _wrong(value, hint, where)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _wrong(value, hint, where)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong(value, hint, where)
+    if origin in (tuple, list):
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-length tuple, e.g. (low, high)
+            if len(items) != len(args):
+                raise ValueError(f"{where} expects {len(args)} values, got {value!r}")
+            return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+        item = args[0] if args else typing.Any
+        out = [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise _wrong(value, hint, where)
+        if not args:
+            return dict(value)
+        return {coerce(k, args[0], where): coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, where)
+    raise TypeError(f"{where}: unsupported annotation {hint!r}")
+
+
+def _wrong(value, hint, where: str, advice: str = "") -> ValueError:
+    return ValueError(f"{where} expects {describe(hint)}, got {value!r} ({type(value).__name__}){advice}")
+
+
+def check_choice(what: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def _check_width(where: str, value) -> None:
+    # A fraction removed in [0, 1), or a count kept (an integer >= 1); None keeps everything.
+    if value is None or (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 <= value < 1):
+        return
+    raise ValueError(f"{where} is {value!r}: give the fraction removed (a number in [0, 1)) or the number kept "
+                     "(an integer >= 1), or leave it out to keep all")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections without a home of their own
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    """The full model: ``id`` (a local directory or hub id), and how it is made when it is missing: ``train``
+    (a local recipe, ``teacher.TeacherConfig``) or ``gguf`` (a GGUF file in a wheel, ``gguf_models.GGUFSource``)."""
+
+    id: str
+    train: dict | None = None
+    gguf: dict | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class SmallerSection:
+    """The "smaller fine-tuned" reference: a hub id / directory, or (local presets) the teacher's recipe at
+    ``width_ratio`` of its width (with ``heads``: fewer attention heads too)."""
+
+    id: str | None = None
+    width_ratio: float = 0.5
+    heads: bool = False
+    revision: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.width_ratio <= 1:
+            raise ValueError(f"smaller.width_ratio must be in (0, 1], got {self.width_ratio}")
+
+
+@dataclass(frozen=True)
+class DecoderSection:
+    """Width pruning of the decoder (``pruning.prune_width``): per axis the fraction removed or the number kept."""
+
+    hidden: int | float | None = None
+    intermediate: int | float | None = None
+    heads: int | float | None = None
+    round_to: int = 1
+    criterion: str = "activation"
+
+    def __post_init__(self):
+        for axis in ("hidden", "intermediate", "heads"):
+            _check_width(f"decoder.{axis}", getattr(self, axis))
+        if self.round_to < 1:
+            raise ValueError(f"decoder.round_to must be >= 1, got {self.round_to}")
+        check_choice("criterion", self.criterion, CRITERIA)
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    """Importance calibration data (``importance.calibration_samples``)."""
+
+    source: str = "suite"
+    samples: int = 512
+    seq_len: int | None = None
+    batch_size: int = 8
+    aggregation: str = "l2"
+    seq_aggregation: str = "mean"
+    path: str | None = None
+    subset: str | None = None
+    skip_loss_samples: int | None = None
+
+    def __post_init__(self):
+        check_choice("calibration source", self.source, CALIBRATION_SOURCES)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("seq_aggregation", self.seq_aggregation, SEQ_AGGREGATIONS)
+        for name in ("samples", "seq_len", "batch_size", "skip_loss_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"calibration {name}={value!r} must be a positive int.")
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    """lm-eval settings of the benchmark notebooks (``evaluation.evaluate``)."""
+
+    tasks: tuple[str, ...] = ()
+    limit: int | float | None = None
+    batch_size: int = 16
+    apply_chat_template: bool = True
+    num_fewshot: int | None = None
+    fewshot_as_multiturn: bool | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    """Where and in which precision models run."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+        if self.dtype in aliases:
+            raise ValueError(f"runtime.dtype {self.dtype!r}: write {aliases[self.dtype]!r}")
+        check_choice("runtime.dtype", self.dtype, DTYPES)
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"runtime.device is {self.device!r}; choose from cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """Self-distilled chat data (``corpus.ensure_distilled_data``): per split ``[passage prompts, family prompts]``."""
+
+    dir: str
+    train: tuple[int, int]
+    validation: tuple[int, int]
+    test: tuple[int, int]
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        for split in ("train", "validation", "test"):
+            if any(n < 0 for n in getattr(self, split)):
+                raise ValueError(f"distill.{split} counts must be >= 0, got {getattr(self, split)!r}")
