@@ -76,3 +76,17 @@ def test_kernel_waits_poll_with_a_timeout():
     msg = asyncio.run(AsyncZMQSocketChannel.get_msg(Channel(), timeout=None))
     assert msg == {"msg_type": "execute_reply"} and polls == [1000, 1000, 1000]
     assert asyncio.run(AsyncZMQSocketChannel.get_msg(Channel(), timeout=0.5)) == msg and polls[-1] == 500
+
+
+@pytest.mark.xdist_group("notebooks")
+def test_a_string_false_through_papermill_stops_at_setup_instead_of_retraining(tmp_path):
+    """``papermill -p retrain false`` injects the string "false" (only False is read as a bool): the notebook's setup
+    cell refuses it, before anything is trained or overwritten."""
+    import papermill
+
+    nb = next(p for p in NOTEBOOKS if p.stem.startswith("00_"))
+    with pytest.raises(papermill.PapermillExecutionError, match="retrain expects bool"):
+        papermill.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters={"preset": "smoke", "retrain": "false"},
+                                   kernel_name=runner.KERNEL, cwd=str(nb.parent), progress_bar=False)
+    with pytest.raises(ValueError, match="retrain expects bool"):
+        runner.run_series("smoke", {"retrain": "false"}, run_dir=tmp_path / "run")
