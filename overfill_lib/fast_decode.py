@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StaticCache
 
-from overfill_lib.generation import keep_last_logits
+from overfill_lib.generation import cache_keyword, keep_last_logits, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,14 @@ def _pad_id(model, eos: list[int], pad_token_id) -> int:
     return eos[0] if eos else 0
 
 
-def _greedy_forward(model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
-    """One forward over ``input_ids`` [batch, q] on a static cache; greedy ids for each of the q positions."""
+def _greedy_forward(model, input_ids, position_ids, attention_mask, cache, cache_kw: str) -> torch.Tensor:
+    """One forward over ``input_ids`` [batch, q] on a static cache; greedy ids for each of the q positions.
+    ``cache_kw``: ``generation.cache_keyword(model)``, resolved outside the compiled region."""
     out = model(
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=attention_mask,
-        past_key_values=cache,
+        **{cache_kw: cache},
         use_cache=True,
     )
     return out.logits.argmax(-1)
@@ -214,21 +215,22 @@ class StepFn:
         return self.compiled and self.device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
 
     def __call__(self, model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+        kw = cache_keyword(model)
         if not self.compiled:
-            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache)
+            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache, kw)
         if self.uses_cuda_graphs:
             # Tells CUDA graph trees that the previous replay's outputs are consumed (we clone them).
             torch.compiler.cudagraph_mark_step_begin()
         input_ids, position_ids, attention_mask = map(_standard_layout, (input_ids, position_ids, attention_mask))
         try:
-            out = self._fn(model, input_ids, position_ids, attention_mask, cache).clone()
+            out = self._fn(model, input_ids, position_ids, attention_mask, cache, kw).clone()
         except Exception as e:
             # Only a failure to compile at all falls back; out-of-memory and later errors are real.
             if not self.fallback or self._compiled_once or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             log.warning("torch.compile of the decode step failed (%s: %s); running eagerly", type(e).__name__, e)
             self.compiled = False
-            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache)
+            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache, kw)
         self._compiled_once = True
         return out
 
@@ -262,7 +264,7 @@ def _prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Ten
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **with_cache(model, cache),
         use_cache=True,
         **keep_last_logits(model),
     )

@@ -25,6 +25,7 @@ context. N=1 therefore costs more than running the full model alone; it is a qua
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -290,6 +291,28 @@ class Prefill:
     position_ids: torch.Tensor  # [batch, prompt_length]
 
 
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The keyword that hands ``model`` its KV cache: ``cache`` where its forward has it (transformers renamed
+    ``past_key_values``, which now warns), ``past_key_values`` on the versions before the rename (5.17)."""
+    inner = getattr(model, "_orig_mod", getattr(model, "module", model))  # compiled or data-parallel wrappers
+    return _cache_keyword_of(type(inner))
+
+
+def with_cache(model, cache) -> dict:
+    return {cache_keyword(model): cache}
+
+
+def returned_cache(output):
+    """The cache a forward returned, under either name (see :func:`with_cache`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def keep_last_logits(model) -> dict[str, int]:
     # Computing the LM head on the last position only, as HF generate does when the model allows it.
     params = inspect.signature(model.forward).parameters
@@ -304,7 +327,7 @@ def full_prefill(full, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **with_cache(full, cache),
         use_cache=True,
         **keep_last_logits(full),
     )
@@ -462,7 +485,7 @@ def generate(
                     input_ids=next_tokens[:, None],
                     attention_mask=attention_mask,
                     position_ids=last_pos,
-                    past_key_values=cache,
+                    **with_cache(decoder, cache),
                     use_cache=True,
                     **keep,
                 )
@@ -525,7 +548,7 @@ def _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_
         input_ids=chunk,
         attention_mask=attention_mask,
         position_ids=positions,
-        past_key_values=target,
+        **with_cache(full, target),
         use_cache=True,
         **keep_last_logits(full),
     )

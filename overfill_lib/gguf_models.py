@@ -107,6 +107,7 @@ def gguf_summary(path: str | Path) -> dict:
         "organization": field("general.organization"),
         "license": field("general.license"),
         "tokenizer": field("tokenizer.ggml.model"),
+        "special_ids": {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")},
         "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),
     }
 
@@ -142,13 +143,21 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: str = "fl
     # Batched generation here pads on the left; a GGUF file states no maximum length, so use the model's.
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what save_pretrained keeps
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = config.max_position_embeddings
+    # The file's own special ids win: transformers versions differ in how they map them (5.17 takes bos for eos).
+    summary = gguf_summary(gguf_file)
+    for role, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        token_id = summary["special_ids"][role]
+        if token_id is not None and getattr(tokenizer, f"{attr}_id") != token_id:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
+            if role == "eos":
+                model.generation_config.eos_token_id = int(token_id)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     record = {
         **(provenance or {}),
         "gguf_file": gguf_file.name,
         "gguf_sha256": sha256_of(gguf_file),
-        "gguf": gguf_summary(gguf_file),
+        "gguf": summary,
         "stored_dtype": dtype,
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_fingerprint": weights_fingerprint(model),

@@ -55,6 +55,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from overfill_lib import fast_decode
+from overfill_lib.generation import with_cache
 from overfill_lib.io import environment_record, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -610,7 +611,7 @@ def measure_forward(
     cache = gen.cache("main", model, batch, cache_len)
     ids = prompt_fn(batch, context).to(gen.device)
     mask = torch.ones(batch, cache_len, dtype=torch.long, device=gen.device)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=mask[:, :context])
+    model(input_ids=ids, **with_cache(model, cache), use_cache=True, attention_mask=mask[:, :context])
     new = prompt_fn(batch, queries).to(gen.device)
     positions = [(context + j * queries + torch.arange(queries, device=gen.device)).repeat(batch, 1) for j in range(k)]
 

@@ -494,7 +494,7 @@ class OverFillModel(nn.Module):
             input_ids=continuation_ids[:, :-1],
             attention_mask=torch.cat([context_mask, continuation_mask[:, :-1]], dim=1),
             position_ids=positions,
-            past_key_values=cache,
+            **generation.with_cache(self.decoder, cache),
             use_cache=True,
         )
         logits = torch.cat([first.to(out.logits.dtype), out.logits], dim=1)

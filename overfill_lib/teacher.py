@@ -28,6 +28,7 @@ from transformers import (
 
 from overfill_lib import gguf_models, tasks
 from overfill_lib.config import parse
+from overfill_lib.generation import returned_cache
 from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -398,7 +399,7 @@ def cache_shapes(model, tokenizer, text: str = "hello"):
     import pandas as pd
 
     batch = tokenizer(text, return_tensors="pt")
-    cache = model(**batch.to(model.device), use_cache=True).past_key_values
+    cache = returned_cache(model(**batch.to(model.device), use_cache=True))
     rows = []
     for i, layer in enumerate(cache.layers):
         rows.append({"layer": i, "keys": tuple(layer.keys.shape), "values": tuple(layer.values.shape)})

@@ -21,7 +21,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from overfill_lib.generation import encode_chat, pad_sequences
+from overfill_lib.generation import encode_chat, pad_sequences, with_cache
 from overfill_lib.pair import OverFillModel
 
 torch.set_num_threads(1)
@@ -291,9 +291,9 @@ def decoder_reads_full_kv_reference(full, decoder, prompt, max_new_tokens, eos):
     while len(new) < max_new_tokens and new[-1] != eos:
         context = seq + new[:-1]
         cache = DynamicCache(config=full.config)
-        full(torch.tensor([context]), past_key_values=cache, use_cache=True)
+        full(torch.tensor([context]), **with_cache(full, cache), use_cache=True)
         logits = decoder(torch.tensor([[new[-1]]]), position_ids=torch.tensor([[len(context)]]),
-                         past_key_values=cache, use_cache=True).logits
+                         **with_cache(decoder, cache), use_cache=True).logits
         new.append(int(logits[0, -1].argmax()))
     return new
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, LlamaModel, T5Config
 
+from overfill_lib.generation import returned_cache, with_cache
 from overfill_lib.importance import compute_importance, magnitude_importance, random_importance
 from overfill_lib.pruning import (
     PruningRecord,
@@ -77,15 +78,15 @@ def test_pruned_model_reloads_identically_and_keeps_kv_shapes(arch, tied, tmp_pa
     ids = random_batch(model, batch=2, seq=9, seed=5)
     assert torch.equal(_logits(pruned, ids), _logits(reloaded, ids))
     with torch.no_grad():
-        full_cache = model(ids, use_cache=True).past_key_values
-        pruned_cache = reloaded(ids, use_cache=True).past_key_values
+        full_cache = returned_cache(model(ids, use_cache=True))
+        pruned_cache = returned_cache(reloaded(ids, use_cache=True))
     assert kv_shapes(pruned_cache) == kv_shapes(full_cache)
     assert len(kv_shapes(full_cache)) == cfg.num_hidden_layers
 
     # The OverFill use: the pruned decoder continues from the full model's prefill cache.
     with torch.no_grad():
         full = model(ids, use_cache=True)
-        step = reloaded(ids[:, -1:] * 0 + 5, past_key_values=full.past_key_values, use_cache=True)
+        step = reloaded(ids[:, -1:] * 0 + 5, **with_cache(reloaded, returned_cache(full)), use_cache=True)
     assert step.logits.shape == (2, 1, cfg.vocab_size) and torch.isfinite(step.logits).all()
 
     loaded = load_pruning_record(tmp_path / "decoder")
@@ -175,8 +176,8 @@ def test_implicit_head_dim_is_made_explicit():
     assert pruned.config.head_dim == 16 and pruned.config.hidden_size == 32
     ids = random_batch(model)
     with torch.no_grad():
-        assert kv_shapes(pruned(ids, use_cache=True).past_key_values) == kv_shapes(
-            model(ids, use_cache=True).past_key_values)
+        assert kv_shapes(returned_cache(pruned(ids, use_cache=True))) == kv_shapes(
+            returned_cache(model(ids, use_cache=True)))
 
 
 def test_llama_3_2_3b_at_45_percent_has_about_1_2b_params():

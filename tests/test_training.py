@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from overfill_lib import data, tasks, teacher, training
 from overfill_lib.io import PROJECT_ROOT
+from overfill_lib.generation import returned_cache, with_cache
 from overfill_lib.pair import OverFillModel
 
 torch.set_num_threads(1)
@@ -140,7 +141,7 @@ def reference_kl(full, decoder, ds, overfill: bool) -> float:
             teacher_lp = torch.log_softmax(full(ids).logits[0, len(p) - 1 : -1].double(), -1)
             if overfill:
                 prefill = full(torch.tensor([p]), use_cache=True)
-                rest = decoder(torch.tensor([r[:-1]]), past_key_values=prefill.past_key_values).logits[0]
+                rest = decoder(torch.tensor([r[:-1]]), **with_cache(decoder, returned_cache(prefill))).logits[0]
                 student = torch.cat([prefill.logits[0, -1:], rest])
             else:
                 student = decoder(ids).logits[0, len(p) - 1 : -1]
