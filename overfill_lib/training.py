@@ -717,41 +717,156 @@ def train(
             raise ValueError("training.eval_steps is set: pass probe_records (training.data_records(preset, config))")
         trainer.add_callback(FidelityProbe(pair if pair is not None else model, tokenizer, probe_records,
                                            config.eval_steps))
-    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
-    if checkpoint:
-        log.info("%s seed %d: resuming from %s", objective, seed, checkpoint)
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - t0
-    state = trainer.state
-    complete = state.global_step >= steps
-    record = {
-        "objective": objective,
-        "description": obj.description,
-        "seed": seed,
-        "complete": complete,
-        "steps": state.global_step,
-        "planned_steps": steps,
-        "resumed_from": checkpoint,
-        "train_seconds": round(seconds, 2),
-        "world_size": args.world_size,
-        "config": config.to_dict(),
-        "runtime": runtime,
-        "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()},
-        "data": data_stats,
-        "parameters": {"trained": _count(model), "full": _count(full) if pair is not None or obj.loss == "kl" else None},
-        "log_history": state.log_history,
-        "environment": environment_record(str(args.device), seed),
-    }
-    if trainer.is_world_process_zero():
-        write_history(run_dir, state.log_history)
-    if complete:
-        _save_final(trainer, pair, run_dir / "model", sources)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run_dir) if main_process else contextlib.nullcontext():
+        checkpoint = resumable_checkpoint(Path(args.output_dir)) if resume and main_process else None
+        if _world_size() > 1:  # the main process set incomplete checkpoints aside; all resume from the same one
+            trainer.accelerator.wait_for_everyone()
+            checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+        if checkpoint:
+            log.info("%s seed %d: resuming from %s", objective, seed, checkpoint)
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=checkpoint)
+        seconds = time.perf_counter() - t0
+        state = trainer.state
+        complete = state.global_step >= steps
+        record = {
+            "objective": objective,
+            "description": obj.description,
+            "seed": seed,
+            "complete": complete,
+            "steps": state.global_step,
+            "planned_steps": steps,
+            "resumed_from": checkpoint,
+            "train_seconds": round(seconds, 2),
+            "world_size": args.world_size,
+            "config": config.to_dict(),
+            "runtime": runtime,
+            "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()},
+            "data": data_stats,
+            "parameters": {"trained": _count(model),
+                           "full": _count(full) if pair is not None or obj.loss == "kl" else None},
+            "log_history": state.log_history,
+            "environment": environment_record(str(args.device), seed),
+        }
         if trainer.is_world_process_zero():
-            write_json(run_dir / "record.json", record)
+            write_history(run_dir, state.log_history)
+        if complete:
+            _save_final(trainer, pair, run_dir / "model", sources)
+            if trainer.is_world_process_zero():
+                write_json(run_dir / "record.json", record)
     trainer.accelerator.wait_for_everyone()
     model.eval()
     return RunResult(objective, seed, run_dir, complete, state.global_step, record, pair if pair is not None else model)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` (a Trainer checkpoint folder) cannot be resumed from, or None when it is complete: its state
+    reads as JSON, its weights' safetensors headers match their sizes, its torch files are whole zip archives."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json unreadable ({type(e).__name__})"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no weights (*.safetensors)"
+    for file in weights:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{file.name} truncated"
+            size = int.from_bytes(head, "little")
+            try:
+                header = json.loads(f.read(size))
+            except ValueError:
+                return f"{file.name} has a broken header"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if file.stat().st_size != 8 + size + end:
+            return f"{file.name} truncated ({file.stat().st_size} of {8 + size + end} bytes)"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (path / name).is_file():
+            return f"{name} missing"
+        try:
+            with zipfile.ZipFile(path / name) as z:
+                if z.testzip() is not None:
+                    return f"{name} corrupt"
+        except zipfile.BadZipFile:
+            return f"{name} truncated"
+    return None
+
+
+def resumable_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete checkpoint in ``output_dir``; incomplete ones (a save cut short) are renamed aside
+    (``incomplete-checkpoint-N``) with a log line, so they neither block the resume nor get deleted."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = sorted((p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        aside = path.with_name(f"incomplete-{path.name}")  # outside the Trainer's checkpoint-* rotation
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        log.warning("checkpoint %s is incomplete (%s): set aside as %s; resuming from an earlier one", path, problem,
+                    aside.name)
+    return None
+
+
+class RunLock:
+    """One training per run folder: ``run_dir/.lock`` names the holder (host, pid, start time). A second training
+    of the same folder is refused; a lock whose process is gone (same host) is taken over with a log line."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+
+    def __enter__(self):
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    log.warning("taking over %s: its holder (pid %s) is gone", self.path, holder.get("pid"))
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RuntimeError(
+                    f"{self.path.parent} is being trained by pid {holder.get('pid')} on {holder.get('host')} (since "
+                    f"{holder.get('started')}); wait for it to finish, or delete {self.path} if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _count(model) -> int:

@@ -234,6 +234,48 @@ def test_validation_probe_logs_fidelity_at_step_0_every_n_steps_and_the_end(setu
         recipe(eval_steps=0)
 
 
+def test_a_checkpoint_cut_short_is_set_aside_and_the_run_resumes_from_the_last_whole_one(setup, tmp_path):
+    """A kill during a checkpoint save leaves an empty folder or a truncated optimizer state: the rerun resumes
+    from the newest whole checkpoint (the same curve as an uninterrupted run) and keeps the broken ones aside."""
+    import shutil
+
+    sources, ds = setup["sources"], setup["dataset"]
+    cfg = recipe(steps=6, save_steps=2, batch_size=4)
+    full = load_full(setup)
+    straight = training.train("overfill", sources, ds, cfg, tmp_path / "a", full=full)
+    cut = training.train("overfill", sources, ds, cfg, tmp_path / "b", full=full, callbacks=[StopAt(4)])
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert not cut.complete and (ckpts / "checkpoint-4").is_dir()
+    shutil.copytree(ckpts / "checkpoint-4", ckpts / "checkpoint-5")
+    with open(ckpts / "checkpoint-5" / "optimizer.pt", "r+b") as f:
+        f.truncate(100)
+    (ckpts / "checkpoint-6").mkdir()  # the folder a kill -9 left before anything was written into it
+    assert training.checkpoint_problem(ckpts / "checkpoint-6").startswith("trainer_state.json unreadable")
+    assert training.checkpoint_problem(ckpts / "checkpoint-5") == "optimizer.pt truncated"
+    resumed = training.train("overfill", sources, ds, cfg, tmp_path / "b", full=full)
+    assert resumed.complete and resumed.record["resumed_from"].endswith("checkpoint-4")
+    assert (ckpts / "incomplete-checkpoint-5").is_dir() and (ckpts / "incomplete-checkpoint-6").is_dir()
+    a = [h["loss"] for h in training.loss_history(straight.log_history)]
+    b = [h["loss"] for h in training.loss_history(resumed.log_history)]
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_a_second_training_of_the_same_run_folder_is_refused(setup, tmp_path):
+    import json
+    import os
+    import socket
+
+    sources, ds = setup["sources"], setup["dataset"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))
+    with pytest.raises(RuntimeError, match=f"being trained by pid {os.getpid()}.*delete .*lock"):
+        training.train("pruned", sources, ds, recipe(steps=1), run)
+    # A lock left by a process that is gone is taken over, and released when the run ends.
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": "then"}))
+    assert training.train("pruned", sources, ds, recipe(steps=1), run).complete and not (run / ".lock").exists()
+
+
 def test_tokenizer_mismatch_and_trainable_strategy_are_refused(setup, tmp_path):
     sources, ds = setup["sources"], setup["dataset"]
     other = tmp_path / "other"
