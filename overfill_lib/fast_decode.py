@@ -44,7 +44,14 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StaticCache
 
-from overfill_lib.generation import cache_keyword, keep_last_logits, with_cache
+from overfill_lib.generation import (
+    cache_keyword,
+    check_new_tokens,
+    check_padded,
+    keep_last_logits,
+    positions_from_mask,
+    with_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +115,6 @@ class FastOutput:
 # --------------------------------------------------------------------------------------------------
 # Pieces: positions, caches, the step
 # --------------------------------------------------------------------------------------------------
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch as HF generate builds them (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
 def set_cache_length(cache: StaticCache, length: int | torch.Tensor) -> None:
@@ -398,15 +400,13 @@ class FastGenerator:
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        check_new_tokens(max_new_tokens)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        if bool((attention_mask.sum(-1) == 0).any()):
-            raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
         first = self._model("decoder" if method == "decoder" else "full")
+        check_padded(input_ids, attention_mask, model=first)
         eos = _eos_ids(first, eos_token_id)
         pad = _pad_id(first, eos, pad_token_id)
         if method == "speculative":

@@ -77,6 +77,44 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
+_warned_positions: set[int] = set()
+
+
+def check_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, side: str = "left", what: str = "prompt",
+                 model=None) -> None:
+    """Refuse a batch the decode paths would get silently wrong: empty, a row with no real token, or padding on the
+    other ``side`` (prompts are left-padded so every row's last token sits at the end; continuations right-padded).
+    With ``model``: warn once when the rows are longer than its position table."""
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"no {what}s to run: expected a non-empty [batch, length] batch of token ids, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{what} attention_mask has shape {tuple(attention_mask.shape)}, the ids "
+                         f"{tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    empty = (~mask.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{what} row(s) {empty} have no real token (an empty {what}); drop them or give each at "
+                         "least one token")
+    # Padding on the wrong side: a real token followed by padding (left) or padding followed by a real token (right).
+    wrong = (mask[:, :-1] & ~mask[:, 1:]) if side == "left" else (~mask[:, :-1] & mask[:, 1:])
+    rows = wrong.any(-1).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(f"{what} row(s) {rows} are not {side}-padded: pad {what}s on the {side} "
+                         f"(tokenizer.padding_side = {side!r}, or generation.pad_sequences(..., side={side!r}))")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and input_ids.shape[1] > limit and limit not in _warned_positions:
+        _warned_positions.add(limit)
+        log.warning("%ss of %d tokens exceed the model's %d positions; its outputs there are not to be trusted",
+                    what, input_ids.shape[1], limit)
+
+
+def check_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
 def pad_sequences(
     sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,6 +390,8 @@ def _prepare_inputs(pair, input_ids, attention_mask, prompts, messages, tokenize
             enc = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else prompts)
         return enc["input_ids"], enc["attention_mask"]
     if not torch.is_tensor(input_ids):
+        if len(input_ids) == 0:
+            raise ValueError("no prompts to run: input_ids is an empty list")
         return pad_sequences(input_ids, pad_token_for(pair.full, tokenizer), side="left")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -399,7 +439,10 @@ def generate(
         pair, input_ids, attention_mask, prompts, messages, tokenizer, chat_template_kwargs
     )
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    check_padded(input_ids, attention_mask, model=full)
     batch, prompt_length = input_ids.shape
+    if max_new_tokens is not None:
+        check_new_tokens(max_new_tokens)
 
     gc = resolve_generation_config(full, generation_config, max_new_tokens=max_new_tokens, **generation_kwargs)
     limit = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt_length

@@ -480,8 +480,8 @@ class OverFillModel(nn.Module):
         continuation_mask = (
             torch.ones_like(continuation_ids) if continuation_mask is None else continuation_mask.to(device)
         )
-        if bool((context_mask.sum(-1) == 0).any()):
-            raise ValueError("every example needs at least one context token (lm-eval uses the eos token for empty contexts)")
+        generation.check_padded(context_ids, context_mask, side="left", what="context", model=self.full)
+        generation.check_padded(continuation_ids, continuation_mask, side="right", what="continuation")
         with torch.no_grad():
             prefill = generation.full_prefill(self.full, context_ids, context_mask)
         first = prefill.logits[:, -1:]

@@ -199,6 +199,43 @@ def test_batched_equals_single_prompts():
         assert (batched.new_tokens[row, n:] == full.config.pad_token_id).all()
 
 
+def test_inputs_that_would_give_wrong_tokens_are_refused_in_every_path(caplog):
+    """Right padding (a row whose last position is padding would continue from a pad), a row with no real token, an
+    empty batch and a non-positive max_new_tokens: refused by plain and fast generation, scoring and the loss."""
+    from overfill_lib.fast_decode import FastGenerator
+
+    full = tiny_llama()
+    pair = OverFillModel(full, pruned_like(full))
+    fast = FastGenerator(full, pair.decoder, compile=False)
+    right, right_mask = pad_sequences(IDS, 0, side="right")
+    left, left_mask = pad_sequences(IDS, 0, side="left")
+    for run in (lambda i, m: pair.generate(i, m, max_new_tokens=4), lambda i, m: fast.generate(i, m, max_new_tokens=4)):
+        with pytest.raises(ValueError, match=r"prompt row\(s\) \[1, 2\] are not left-padded.*padding_side = 'left'"):
+            run(right, right_mask)
+        empty_row = left_mask.clone()
+        empty_row[1] = 0
+        with pytest.raises(ValueError, match=r"prompt row\(s\) \[1\] have no real token"):
+            run(left, empty_row)
+    with pytest.raises(ValueError, match="no prompts to run"):
+        pair.generate([], max_new_tokens=4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            pair.generate(IDS, max_new_tokens=bad)
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            fast.generate(left, left_mask, max_new_tokens=bad)
+    cont, cont_mask = pad_sequences([[4, 5], [6]], 0, side="left")  # continuations must be right-padded
+    with pytest.raises(ValueError, match=r"continuation row\(s\) \[1\] are not right-padded"):
+        pair.loss(left[:2], cont, left_mask[:2], cont_mask)
+    with pytest.raises(ValueError, match="context row.*not left-padded"):
+        pair.forward_continuation(right[:2], cont, right_mask[:2], torch.ones_like(cont))
+    # Longer than the position table: warned about once.
+    short = OverFillModel(tiny_llama(max_position_embeddings=8), pruned_like(full))
+    with caplog.at_level("WARNING", logger="overfill_lib.generation"):
+        short.generate([list(range(3, 13))], max_new_tokens=1)
+        short.generate([list(range(3, 13))], max_new_tokens=1)
+    assert sum("exceed the model's 8 positions" in r.message for r in caplog.records) == 1
+
+
 def test_sampling_is_reproducible_with_a_seed():
     full = tiny_llama()
     pair = OverFillModel(full, pruned_like(full))
