@@ -33,7 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from overfill_lib import generation
-from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
+from overfill_lib.io import atomic_directory, environment_record, read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,48 @@ def layers_from_record(record: dict | None) -> list[int] | None:
     return None
 
 
+def check_pruning_record(record: dict | None, decoder) -> None:
+    """Refuse a ``pruning.json`` record that does not describe ``decoder``: sizes that differ from its config, or a
+    width record that also lists kept layers (it would be read as a layer subset)."""
+    if not record:
+        return
+    new = record.get("new") or {}
+    differ = {k: (v, getattr(decoder.config, k, None)) for k, v in new.items()
+              if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim") and getattr(decoder.config, k, None) != v}
+    if differ:
+        said = ", ".join(f"{k} {a} in the record, {b} in the decoder" for k, (a, b) in differ.items())
+        raise ValueError(f"the pruning record does not describe this decoder ({said}); pass the decoder's own "
+                         "pruning.json, or pruning_record=None")
+    if record.get("kind") == "width" and layers_from_record(record) is not None:
+        raise ValueError("the pruning record is a width record but lists kept layers; a width-pruned decoder keeps "
+                         "every layer (fix the record, or pass pruning_record=None)")
+
+
+def full_model_identity(full) -> dict:
+    """What a saved pair records about its full model, so that loading it beside another one is refused."""
+    return {"weights_fingerprint": weights_fingerprint(full), "dtype": str(next(full.parameters()).dtype),
+            "parameters": sum(p.numel() for p in full.parameters())}
+
+
+def check_full_model(saved: dict | None, full, where: str) -> None:
+    """Refuse a full model other than the one the pair was saved with (the decoder learned to read that one's
+    cache). In another dtype the weights cannot be compared exactly, so only the size is checked."""
+    if not saved:
+        return  # saved before pairs recorded their full model
+    found = full_model_identity(full)
+    same = (found["weights_fingerprint"] == saved["weights_fingerprint"] if found["dtype"] == saved["dtype"]
+            else found["parameters"] == saved["parameters"])
+    if not same:
+        raise ValueError(
+            f"{where} was saved with another full model (weights fingerprint {saved['weights_fingerprint']}, "
+            f"{saved['parameters']:,} parameters, {saved['dtype']}); the one found has {found['weights_fingerprint']}, "
+            f"{found['parameters']:,}, {found['dtype']} (retrained or replaced in place?). The decoder learned to read "
+            "the saved one's cache: restore that model, or pair on purpose with "
+            "OverFillModel.from_pretrained(..., check_full=False)"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # The pair
 # --------------------------------------------------------------------------------------------------
@@ -404,6 +446,7 @@ class OverFillModel(nn.Module):
         super().__init__()
         if pruning_record is not None and hasattr(pruning_record, "to_dict"):
             pruning_record = pruning_record.to_dict()  # a pruning.PruningRecord
+        check_pruning_record(pruning_record, decoder)
         if isinstance(strategy, str):
             if strategy == "layer_subset" and "layers" not in strategy_args:
                 layers = layers_from_record(pruning_record)
@@ -609,6 +652,7 @@ class OverFillModel(nn.Module):
                     "format": "overfill",
                     "version": FORMAT_VERSION,
                     "full_model": self.full_id,
+                    "full_model_identity": full_model_identity(self.full),
                     "full_kv_shape": {k: v for k, v in vars(self.strategy.full_shape).items() if k != "eos"},
                     "strategy": self.strategy.name,
                     "strategy_args": self.strategy.strategy_args(),
@@ -630,11 +674,13 @@ class OverFillModel(nn.Module):
         device: torch.device | str | None = None,
         trust_remote_code: bool = False,
         revision: str | None = None,
+        check_full: bool = True,
     ) -> OverFillModel:
         """Load a pair saved by :meth:`save_pretrained`; the full model is resolved via ``presets.resolve_model``.
 
         Works offline (``HF_HUB_OFFLINE=1``) when the full model is a local directory or cached.
-        Pass ``full`` to reuse an already loaded full model.
+        Pass ``full`` to reuse an already loaded full model. A full model other than the one the pair was saved
+        with is refused unless ``check_full=False`` (pairing on purpose).
         """
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
@@ -652,6 +698,8 @@ class OverFillModel(nn.Module):
         if full is None:
             full_path = resolve_model(cfg["full_model"], revision=revision)
             full = AutoModelForCausalLM.from_pretrained(full_path, **load_kw)
+        if check_full:
+            check_full_model(cfg.get("full_model_identity"), full, f"the pair in {directory}")
         decoder = AutoModelForCausalLM.from_pretrained(directory, **load_kw)
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file():

@@ -245,6 +245,27 @@ def test_save_and_reload_offline(tmp_path, monkeypatch, strategy):
     assert torch.equal(before.sequences, after.sequences) and before.texts == after.texts
 
 
+def test_a_saved_pair_refuses_a_different_full_model_and_a_record_of_another_decoder(tmp_path):
+    full = tiny_llama()
+    full.save_pretrained(tmp_path / "full")
+    full = LlamaForCausalLM.from_pretrained(tmp_path / "full").eval()
+    decoder = tiny_llama(1, hidden_size=16, intermediate_size=32)
+    OverFillModel(full, decoder, full_id=str(tmp_path / "full")).save_pretrained(tmp_path / "pair")
+    assert OverFillModel.from_pretrained(tmp_path / "pair").full_id == str(tmp_path / "full")
+    # Same KV shapes, other weights at the same path: the teacher retrained in place.
+    tiny_llama(seed=7).save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="saved with another full model .*retrained or replaced.*check_full=False"):
+        OverFillModel.from_pretrained(tmp_path / "pair")
+    assert OverFillModel.from_pretrained(tmp_path / "pair", check_full=False) is not None  # paired on purpose
+    # In another dtype the weights cannot match exactly: the size is what is checked.
+    tiny_llama().save_pretrained(tmp_path / "full")
+    assert OverFillModel.from_pretrained(tmp_path / "pair", dtype="bfloat16") is not None
+    with pytest.raises(ValueError, match="hidden_size 999 in the record, 16 in the decoder"):
+        OverFillModel(full, decoder, pruning_record={"kind": "width", "new": {"hidden_size": 999}})
+    with pytest.raises(ValueError, match="width record but lists kept layers"):
+        OverFillModel(full, decoder, pruning_record={"kind": "width", "kept": {"layers": [0, 1]}})
+
+
 def test_from_models_reads_the_pruning_record(tmp_path):
     full = tiny_llama(num_hidden_layers=3)
     full.save_pretrained(tmp_path / "full")
