@@ -181,14 +181,23 @@ def target_sizes(config, hidden=None, intermediate=None, heads=None, round_to: i
             f"{config.model_type} configs require hidden_size % num_attention_heads == 0: hidden rounded to "
             f"{n_hidden}, the nearest multiple of lcm(round_to={round_to}, heads={n_heads}) = {multiple}"
         )
+    n_intermediate = kept_count(intermediate, config.intermediate_size, "intermediate", round_to)
+    # Rounding to a multiple can move a size far from the request on a small model: say so, with the numbers.
+    for name, spec, original, kept, multiple in (("hidden", hidden, config.hidden_size, n_hidden, round_to),
+                                                ("intermediate", intermediate, config.intermediate_size,
+                                                 n_intermediate, round_to)):
+        asked = kept_count(spec, original, name, 1)
+        if kept != asked:
+            notes.append(f"{name}: {asked} of {original} asked ({1 - asked / original:.0%} removed), {kept} kept "
+                         f"({1 - kept / original:.0%} removed) after rounding to a multiple of {multiple}")
     sizes = {
         "hidden_size": n_hidden,
-        "intermediate_size": kept_count(intermediate, config.intermediate_size, "intermediate", round_to),
+        "intermediate_size": n_intermediate,
         "num_attention_heads": n_heads,
         "notes": notes,
     }
     for note in notes:
-        log.info(note)
+        log.warning(note)
     return sizes
 
 

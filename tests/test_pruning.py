@@ -330,3 +330,16 @@ def test_every_architecture_is_registered():
     from overfill_lib.architectures import SUPPORTED
 
     assert {tiny_config(a).model_type for a in ARCHITECTURES} == set(SUPPORTED)
+
+
+def test_rounding_that_moves_a_size_is_noted_in_the_record_and_the_log(caplog):
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    scores = magnitude_importance(model)
+    with caplog.at_level("WARNING", logger="overfill_lib.pruning"):
+        pruned, record = prune_width(model, scores, hidden=0.5, intermediate=None, round_to=48)
+    assert pruned.config.hidden_size == 48 and pruned.config.intermediate_size == 96
+    assert any("hidden: 32 of 64 asked (50% removed), 48 kept (25% removed)" in n for n in record.notes)
+    assert any("intermediate: 128 of 128 asked (0% removed), 96 kept" in n for n in record.notes)
+    assert sum("after rounding to a multiple of 48" in r.message for r in caplog.records) == 2
+    _, exact = prune_width(model, scores, hidden=0.5, intermediate=0.5, round_to=1)
+    assert exact.notes == []
