@@ -77,6 +77,20 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
+def check_pairable(full, decoder, strategy, *, mixed_precision: bool = False) -> None:
+    """Refuse a pair that cannot run: its models on two devices, or (when the decoder reads the full model's cache
+    as it is) in two dtypes. ``mixed_precision``: the Trainer runs both under autocast, so the decoder's fp32
+    master weights may differ from a bf16/fp16 full model while training."""
+    p_full, p_dec = next(full.parameters()), next(decoder.parameters())
+    if p_full.device != p_dec.device:
+        raise ValueError(f"the full model is on {p_full.device} and the decoder on {p_dec.device}; put both on one "
+                         "device (pair.to(device))")
+    if strategy.shares_cache and p_full.dtype != p_dec.dtype and not mixed_precision:
+        raise ValueError(f"the full model is {p_full.dtype} and the decoder {p_dec.dtype}, but the decoder reads the "
+                         f"full model's cache as it is ({strategy.name}); cast one to the other's dtype "
+                         f"(decoder.to({p_full.dtype}))")
+
+
 _warned_positions: set[int] = set()
 
 
@@ -433,8 +447,7 @@ def generate(
     tokenizer = tokenizer if tokenizer is not None else getattr(pair, "tokenizer", None)
     full, decoder, strategy = pair.full, pair.decoder, pair.strategy
     device = next(full.parameters()).device
-    if next(decoder.parameters()).dtype != next(full.parameters()).dtype and strategy.shares_cache:
-        raise ValueError("shared_kv needs the full model and the decoder in one dtype (their cache is shared)")
+    check_pairable(full, decoder, strategy)  # again: either may have been moved or cast since the pair was built
     input_ids, attention_mask = _prepare_inputs(
         pair, input_ids, attention_mask, prompts, messages, tokenizer, chat_template_kwargs
     )

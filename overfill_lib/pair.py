@@ -413,8 +413,20 @@ class ContinuationOutput:
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     if isinstance(dtype, str) and dtype != "auto":
+        from overfill_lib.config import RuntimeSection
+
+        RuntimeSection(dtype=dtype)  # a clear error for "bf16" and friends
         return getattr(torch, dtype)
     return dtype
+
+
+def _as_device(device: torch.device | str | None) -> torch.device | None:
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but this machine has no CUDA device; use device='cpu'")
+    return device
 
 
 class OverFillModel(nn.Module):
@@ -430,6 +442,7 @@ class OverFillModel(nn.Module):
         full_id: how to find the full model again (local path or hub id), stored by ``save_pretrained``;
             defaults to ``full.config._name_or_path``.
         pruning_record: the decoder's ``pruning.json`` content, stored with the pair.
+        mixed_precision: allow a decoder dtype other than the full model's (training under autocast).
     """
 
     def __init__(
@@ -441,6 +454,7 @@ class OverFillModel(nn.Module):
         tokenizer=None,
         full_id: str | os.PathLike | None = None,
         pruning_record: dict | None = None,
+        mixed_precision: bool = False,
         **strategy_args: Any,
     ):
         super().__init__()
@@ -468,6 +482,7 @@ class OverFillModel(nn.Module):
         # Projection weights live with the decoder (same device and dtype).
         ref = next(decoder.parameters())
         self.strategy.to(device=ref.device, dtype=ref.dtype)
+        generation.check_pairable(full, decoder, self.strategy, mixed_precision=mixed_precision)
 
     # -- basics -----------------------------------------------------------------------------------
 
@@ -719,7 +734,7 @@ class OverFillModel(nn.Module):
             state = load_file(str(directory / cfg["projection"]))
             pair.strategy.load_state_dict(state, strict=True)
         if device is not None:
-            pair.to(device)
+            pair.to(_as_device(device))
         pair.eval()
         return pair
 
@@ -770,7 +785,7 @@ class OverFillModel(nn.Module):
             **strategy_args,
         )
         if device is not None:
-            pair.to(device)
+            pair.to(_as_device(device))
         return pair.eval()
 
 

@@ -550,6 +550,16 @@ def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: 
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def _mixed_precision(runtime: dict) -> bool:
+    """The Trainer's bf16/fp16 autocast: only on a GPU (on a CPU every run trains in fp32)."""
+    return runtime["dtype"] != "float32" and not _on_cpu(runtime)
+
+
+def _full_dtype(runtime: dict) -> str:
+    # The frozen full model in the autocast dtype when there is one, else fp32 like the decoder it is paired with.
+    return runtime["dtype"] if _mixed_precision(runtime) else "float32"
+
+
 def _load_full(sources: Sources, dtype: str):
     """The frozen full model, loaded before any TrainingArguments so ZeRO-3 does not partition it."""
     from transformers import AutoModelForCausalLM
@@ -679,11 +689,11 @@ def train(
         check_same_tokenizer(sources.full_dir, sources.decoder_dir, "decoder")
         if config.gradient_checkpointing:
             log.warning("gradient_checkpointing is ignored for %s: HF checkpointing drops the prompt KV", objective)
-        full = full if full is not None else _load_full(sources, runtime["dtype"])
+        full = full if full is not None else _load_full(sources, _full_dtype(runtime))
     elif obj.trains == "smaller":
         check_same_tokenizer(sources.full_dir, sources.smaller_dir, "smaller model")
     if obj.loss == "kl" and full is None:
-        full = _load_full(sources, runtime["dtype"])
+        full = _load_full(sources, _full_dtype(runtime))
     steps = planned_steps(config, len(dataset), _world_size())
     args = _training_args(config, run_dir, seed, steps, runtime, obj.layout)
     model = _trainable_model(obj, sources, seed)
@@ -694,6 +704,7 @@ def train(
         pair = OverFillModel(
             full, model, config.strategy, tokenizer=tokenizer, full_id=sources.full_id or str(sources.full_dir),
             pruning_record=read_json(pruning_path) if pruning_path.is_file() else None,
+            mixed_precision=_mixed_precision(runtime),
         )
         if any(True for _ in pair.strategy.parameters()):
             raise ValueError(
@@ -757,6 +768,8 @@ def train(
                 write_json(run_dir / "record.json", record)
     trainer.accelerator.wait_for_everyone()
     model.eval()
+    if pair is not None and _mixed_precision(runtime):  # saved in fp32; in memory, one dtype so the pair can generate
+        model.to(next(full.parameters()).dtype)
     return RunResult(objective, seed, run_dir, complete, state.global_step, record, pair if pair is not None else model)
 
 
@@ -1049,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     # Loaded once, before any TrainingArguments (see _load_full), and shared by every OverFill run.
     full = None
     if any(get_objective(o).layout == "pair" for o in objectives):
-        full = _load_full(sources, _runtime(preset)["dtype"])
+        full = _load_full(sources, _full_dtype(_runtime(preset)))
     results = []
     for name, seed in config.runs(objectives, args.seed):
         result = train_objective(preset, name, seed=seed, config=config, sources=sources, dataset=dataset,

@@ -266,6 +266,19 @@ def test_a_saved_pair_refuses_a_different_full_model_and_a_record_of_another_dec
         OverFillModel(full, decoder, pruning_record={"kind": "width", "kept": {"layers": [0, 1]}})
 
 
+def test_dtype_and_device_are_checked_when_the_pair_is_built(tmp_path):
+    full = tiny_llama()
+    with pytest.raises(ValueError, match="full model is torch.float32 and the decoder torch.bfloat16.*decoder.to"):
+        OverFillModel(full, tiny_llama(1, hidden_size=16, intermediate_size=32).to(torch.bfloat16))
+    full.save_pretrained(tmp_path / "full")
+    OverFillModel(full, tiny_llama(1, hidden_size=16), full_id=str(tmp_path / "full")).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match="runtime.dtype 'bf16': write 'bfloat16'"):
+        OverFillModel.from_pretrained(tmp_path / "p", dtype="bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device; use device='cpu'"):
+            OverFillModel.from_pretrained(tmp_path / "p", device="cuda")
+
+
 def test_from_models_reads_the_pruning_record(tmp_path):
     full = tiny_llama(num_hidden_layers=3)
     full.save_pretrained(tmp_path / "full")
