@@ -162,12 +162,13 @@ class Importance:
 # Calibration data
 
 
-def calibration_batches(data, batch_size: int = 8, pad_token_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def calibration_batches(data, batch_size: int = 8, pad_token_id: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Normalize calibration data to batches of ``{"input_ids", "attention_mask"}`` tensors.
 
     Accepts an iterable of batch dicts (``attention_mask`` optional, lists or tensors), a single
-    batch dict, a list of token-id lists (batched here, right-padded with ``pad_token_id``), or a
-    2-D tensor of token ids. Empty data raises ValueError.
+    batch dict, a list of token-id lists (batched here, right-padded), or a 2-D tensor of token ids.
+    Empty data raises ValueError. Where no mask says which tokens are real, runs of ``pad_token_id`` at
+    either end of a sample are padding (masked, with a log line), not signal.
     """
     if isinstance(data, torch.Tensor):
         data = [data] if data.dim() == 1 else list(data)
@@ -187,11 +188,11 @@ def calibration_batches(data, batch_size: int = 8, pad_token_id: int = 0) -> Ite
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(first, Mapping) and not _is_sample(first):
         for batch in items:
-            yield _as_batch(batch)
+            yield _as_batch(batch, pad_token_id)
     elif _is_sample(first) or _is_token_list(first):
         # Single samples (token lists, or per-sample dicts as a datasets.Dataset yields) are batched here.
         while chunk := list(itertools.islice(items, batch_size)):
-            yield _pad([_sample_tokens(x) for x in chunk], pad_token_id)
+            yield _pad([_sample_tokens(x, pad_token_id) for x in chunk], 0 if pad_token_id is None else pad_token_id)
     else:
         raise ValueError(
             f"calibration items must be batch dicts with 'input_ids' or token-id lists, got {type(first).__name__}."
@@ -209,15 +210,35 @@ def _is_sample(x) -> bool:
     return isinstance(x, Mapping) and "input_ids" in x and _is_token_list(x["input_ids"])
 
 
-def _sample_tokens(x) -> list[int]:
-    """Token ids of one sample; a per-sample dict's masked-out tokens are dropped."""
+def _sample_tokens(x, pad_token_id: int | None = None) -> list[int]:
+    """Token ids of one sample; a per-sample dict's masked-out tokens are dropped, and without a mask the runs of
+    ``pad_token_id`` at either end."""
     if isinstance(x, Mapping):
         if not _is_sample(x):
             raise ValueError("calibration items mix single samples and batches; give one kind.")
         ids = torch.as_tensor(x["input_ids"], dtype=torch.long)
         mask = x.get("attention_mask")
-        return (ids if mask is None else ids[torch.as_tensor(mask).bool()]).tolist()
-    return [int(t) for t in (x.tolist() if isinstance(x, torch.Tensor) else x)]
+        if mask is not None:
+            return ids[torch.as_tensor(mask).bool()].tolist()
+        x = ids
+    ids = torch.as_tensor(x.tolist() if isinstance(x, torch.Tensor) else list(x), dtype=torch.long)
+    return ids[_unpadded(ids[None], pad_token_id)[0].bool()].tolist()
+
+
+def _unpadded(ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """A mask [batch, length] that drops the runs of ``pad_token_id`` at either end of each row (left or right
+    padding); padding ids inside a row are kept (an end-of-turn id often doubles as the pad id)."""
+    if pad_token_id is None or ids.numel() == 0:
+        return torch.ones_like(ids)
+    real = ids != pad_token_id
+    after_first = real.long().cumsum(-1) > 0
+    before_last = real.flip(-1).long().cumsum(-1).flip(-1) > 0
+    mask = (after_first & before_last).long()
+    dropped = int(ids.numel() - mask.sum())
+    if dropped:
+        log.info("calibration: %d padding tokens (id %d) at the ends of samples without an attention mask are masked",
+                 dropped, pad_token_id)
+    return mask
 
 
 def _pad(samples: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -241,13 +262,13 @@ def _num_batches(data, batch_size: int) -> int | None:
     return math.ceil(len(data) / max(batch_size, 1))
 
 
-def _as_batch(batch: Mapping) -> dict[str, torch.Tensor]:
+def _as_batch(batch: Mapping, pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
     if "input_ids" not in batch:
         raise ValueError(f"calibration batch has no 'input_ids' (keys: {sorted(batch)})")
     ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(ids.shape)
+    mask = _unpadded(ids, pad_token_id) if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(ids.shape)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -421,7 +442,7 @@ def activation_importance(
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
     if pad_token_id is None:
-        pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        pad_token_id = getattr(model.config, "pad_token_id", None)
     batches = calibration_batches(data, batch_size=batch_size, pad_token_id=pad_token_id)
     total = _num_batches(data, batch_size)
     device = next(model.parameters()).device
@@ -437,6 +458,10 @@ def activation_importance(
             mask = batch["attention_mask"].to(device)
             if not mask.any():
                 continue
+            vocab = model.get_input_embeddings().num_embeddings
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                raise ValueError(f"calibration token ids run from {int(ids.min())} to {int(ids.max())}, but the model's "
+                                 f"vocabulary has {vocab} entries: were the samples made with another tokenizer?")
             recorder.mask, recorder.recording = mask, True
             kwargs = dict(attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
             logits = model(input_ids=ids, **kwargs).logits

@@ -8,6 +8,7 @@ from transformers import LlamaModel
 
 from overfill_lib.importance import (
     Importance,
+    activation_importance,
     calibration_batches,
     compute_importance,
     magnitude_importance,
@@ -228,3 +229,21 @@ def test_bad_choices_and_models():
         _activation(model, _samples(model), seq_aggregation="l1")
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
         compute_importance(LlamaModel(tiny_config("llama")), criterion="magnitude")
+
+
+def test_padding_without_a_mask_is_not_signal_and_foreign_ids_are_refused():
+    """Left-padded rows without a mask, and token lists carrying padding, give the scores of the unpadded samples;
+    ids outside the vocabulary are a ValueError naming the mismatch."""
+    model = tiny_model("llama")
+    pad = 0
+    samples = [list(range(5, 15)), list(range(20, 26)), list(range(30, 38))]
+    exact = activation_importance(model, samples, batch_size=3, pad_token_id=pad, progress=False)
+    width = max(map(len, samples))
+    left = torch.tensor([[pad] * (width - len(s)) + s for s in samples])
+    right_lists = [s + [pad] * (width - len(s)) for s in samples]
+    for data in (left, right_lists, {"input_ids": left}):
+        padded = activation_importance(model, data, batch_size=3, pad_token_id=pad, progress=False)
+        for key in ("hidden", "intermediate"):
+            torch.testing.assert_close(getattr(padded, key), getattr(exact, key))
+    with pytest.raises(ValueError, match="vocabulary has .* entries: were the samples made with another tokenizer"):
+        activation_importance(model, [[5, 6, model.config.vocab_size + 3]], pad_token_id=pad, progress=False)
