@@ -27,6 +27,7 @@ counted (``DataStats``) and logged.
 from __future__ import annotations
 
 import logging
+import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,8 @@ def to_messages(record: dict) -> list[dict]:
     """The record's turns as ``[{"role", "content"}]``, from either schema."""
     if "messages" in record and record["messages"] is not None:
         turns = record["messages"]
+        if not all(isinstance(t, dict) and "role" in t for t in turns):
+            raise InvalidConversation("turn_without_role", "a turn without a 'role' (each turn: {role, content})")
         return [{"role": str(t["role"]), "content": str(t.get("content") or "")} for t in turns]
     if "conversations" in record and record["conversations"] is not None:
         out = []
@@ -104,6 +107,27 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or flag.lower() in {"1", "true", "yes", "on"}
 
 
+def _load_json_file(path: Path):
+    """A local JSON / JSONL file through the ``json`` builder; a file it cannot read gets an error naming the line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as e:  # the builder says "An error occurred while generating the dataset", or StopIteration
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"{path} is empty: it needs one JSON chat record per line") from e
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as bad:
+                        raise ValueError(f"{path} line {number}: not valid JSON ({bad.msg} at column {bad.colno}); "
+                                         "each line must be one complete JSON record") from e
+        raise ValueError(f"{path} could not be read as JSON chat records ({type(e).__name__}: {e})") from e
+
+
 def load_conversations(
     source: str | os.PathLike,
     split: str = "train",
@@ -124,7 +148,7 @@ def load_conversations(
     path = Path(text)
     if path.is_dir():
         if (path / f"{split}.jsonl").is_file():
-            return datasets.load_dataset("json", data_files=str(path / f"{split}.jsonl"), split="train")
+            return _load_json_file(path / f"{split}.jsonl")
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             loaded = datasets.load_from_disk(str(path))
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -132,7 +156,7 @@ def load_conversations(
     if path.suffix in {".jsonl", ".json"}:
         if not path.is_file():
             raise ValueError(f"data file {path} does not exist")
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        return _load_json_file(path)
     if text.startswith((".", "/")) or text.count("/") != 1:
         raise ValueError(
             f"data source {text!r} is not 'suite', an existing .jsonl/.json file or directory, nor a hub dataset name "
@@ -153,6 +177,13 @@ def load_conversations(
 
 def detect_schema(dataset) -> str:
     cols = set(dataset.column_names)
+    if set(SCHEMAS) <= cols:  # a JSONL file whose rows use both: each row has one of the columns empty
+        uses = {s: [i for i, v in enumerate(dataset[s]) if v is not None] for s in SCHEMAS}
+        if all(uses.values()):
+            first = ", ".join(f"{s!r} (first at row {rows[0]})" for s, rows in uses.items())
+            raise ValueError(f"the data mixes the two chat schemas: {first}; convert every record to one schema "
+                             "(data.to_messages reads both)")
+        return next(s for s in SCHEMAS if uses[s])
     for schema in SCHEMAS:
         if schema in cols:
             return schema
@@ -246,7 +277,11 @@ def prepare_chat_data(
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length={max_length} is too small: a prompt and a response need at least 2 tokens")
     dataset = load_conversations(source, split, config=config, suite_dir=suite_dir)
+    if len(dataset) == 0:
+        raise ValueError(f"{source!r} ({split} split) holds no records")
     if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit={limit} keeps no records; give a positive number (or none for all)")
         dataset = dataset.select(range(min(int(limit), len(dataset))))
     records = len(dataset)
     dropped: Counter = Counter()
@@ -257,6 +292,9 @@ def prepare_chat_data(
         before = len(dataset)
         dataset = dataset.filter(lambda row: all(row[k] == v for k, v in where.items()), num_proc=num_proc)
         dropped["filtered_by_where"] = before - len(dataset)
+        if len(dataset) == 0:
+            raise ValueError(f"where={where} keeps none of the {before} records of {source!r}; check the column values "
+                             "(e.g. with datasets.load_dataset(...).unique(COLUMN))")
     schema = detect_schema(dataset)
     dataset = dataset.map(
         _encode_batch,
@@ -272,8 +310,8 @@ def prepare_chat_data(
         first = next(i for i, r in enumerate(dataset["invalid"]) if r)
         raise ValueError(
             f"{sum(invalid.values())} conversation(s) of {source!r} cannot be used ({dict(invalid)}; first at index "
-            f"{first}): each needs a final, non-empty assistant reply. Fix the data or pass skip_invalid=True "
-            "(training.skip_invalid) to drop and count them."
+            f"{first}): each needs turns with a role and a final, non-empty assistant reply. Fix the data or pass "
+            "skip_invalid=True (training.skip_invalid) to drop and count them."
         )
     dropped.update(invalid)
     if invalid:

@@ -137,3 +137,23 @@ def test_collator_layouts_score_the_same_response_tokens(tmp_path, tok):
     with pytest.raises(ValueError, match="layout"):
         data.ChatCollator(pad, "packed")
     assert isinstance(pair["context_ids"], torch.Tensor)
+
+
+GOOD = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "lang": "en"}
+
+
+@pytest.mark.parametrize("lines, kwargs, message", [
+    ([], {}, r"is empty: it needs one JSON chat record per line"),
+    ([json.dumps(GOOD), '{"messages": [oops'], {}, r"line 2: not valid JSON .*one complete JSON record"),
+    ([json.dumps({"messages": [{"content": "a"}, {"role": "assistant", "content": "b"}]})], {},
+     r"turn_without_role.*first at index 0.*skip_invalid=True"),
+    ([json.dumps(GOOD), json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})],
+     {}, r"mixes the two chat schemas: 'messages' \(first at row 0\), 'conversations' \(first at row 1\)"),
+    ([json.dumps(GOOD)], {"where": {"lang": "de"}}, r"where=\{'lang': 'de'\} keeps none of the 1 records"),
+    ([json.dumps(GOOD)], {"limit": 0}, r"limit=0 keeps no records"),
+])
+def test_bad_data_files_get_an_error_naming_the_file_the_row_and_the_fix(tok, tmp_path, lines, kwargs, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ValueError, match=message):
+        data.prepare_chat_data(path, tok, **kwargs)
