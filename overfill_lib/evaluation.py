@@ -52,7 +52,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 from tqdm.auto import tqdm
 
-from overfill_lib.io import PROJECT_ROOT, atomic_write_text, environment_record, read_json
+from overfill_lib.io import PROJECT_ROOT, atomic_write_text, environment_record, load_causal_lm, read_json
 from overfill_lib.pair import CONFIG_NAME, OverFillModel
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,11 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 def _load_causal_lm(model_id: str | os.PathLike, dtype, revision: str | None):
-    from transformers import AutoModelForCausalLM
-
     from overfill_lib.presets import resolve_model
 
     path = resolve_model(model_id, revision=revision)
     kw = {} if dtype is None else {"dtype": dtype}
-    return AutoModelForCausalLM.from_pretrained(path, **kw).eval(), path
+    return load_causal_lm(path, "model", **kw).eval(), path
 
 
 def is_saved_pair(path: str | os.PathLike) -> bool:

@@ -38,8 +38,28 @@ def write_json(path: str | Path, obj) -> Path:
 
 
 def read_json(path: str | Path):
-    with Path(path).open() as f:
-        return json.load(f)
+    path = Path(path)
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): written partly "
+                         "or edited by hand? Restore it, or delete it (and what it describes) to have it made again") from e
+
+
+def load_causal_lm(path: str | Path, role: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``; a file it cannot read (a truncated safetensors
+    shard, a broken config) is an error naming the ``role`` (full model, decoder, ...) and the folder."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # safetensors, json and torch raise their own types for a damaged file
+        if not Path(path).is_dir():
+            raise
+        raise ValueError(f"could not load the {role} from {path} ({type(e).__name__}: {e}). A file there is "
+                         "incomplete or damaged (an interrupted write?): restore it, or delete the folder to have it "
+                         "made again") from e
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from overfill_lib import fast_decode
 from overfill_lib.generation import with_cache
-from overfill_lib.io import environment_record, read_json, write_json
+from overfill_lib.io import environment_record, load_causal_lm, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -1041,7 +1041,7 @@ def real_pair_specs(names: Sequence[str] | None, device: str | torch.device, dty
 
 
 def _load_dir(path: str | Path, device, dtype):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    model = load_causal_lm(path, "model", dtype=dtype, trust_remote_code=False)
     return model.to(device).eval()
 
 

@@ -33,7 +33,14 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from overfill_lib import generation
-from overfill_lib.io import atomic_directory, environment_record, read_json, weights_fingerprint, write_json
+from overfill_lib.io import (
+    atomic_directory,
+    environment_record,
+    load_causal_lm,
+    read_json,
+    weights_fingerprint,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -698,8 +705,6 @@ class OverFillModel(nn.Module):
         with is refused unless ``check_full=False`` (pairing on purpose).
         """
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
         from overfill_lib.presets import resolve_model
 
         directory = Path(directory)
@@ -712,10 +717,10 @@ class OverFillModel(nn.Module):
             load_kw["dtype"] = dtype
         if full is None:
             full_path = resolve_model(cfg["full_model"], revision=revision)
-            full = AutoModelForCausalLM.from_pretrained(full_path, **load_kw)
+            full = load_causal_lm(full_path, "full model", **load_kw)
         if check_full:
             check_full_model(cfg.get("full_model_identity"), full, f"the pair in {directory}")
-        decoder = AutoModelForCausalLM.from_pretrained(directory, **load_kw)
+        decoder = load_causal_lm(directory, "decoder", **load_kw)
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
@@ -756,7 +761,7 @@ class OverFillModel(nn.Module):
         that record lists kept layers and to ``shared_kv`` otherwise. If both directories carry a
         tokenizer, their vocabularies must agree.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from overfill_lib.presets import resolve_model
 
@@ -776,8 +781,8 @@ class OverFillModel(nn.Module):
                 if other.get_vocab() != tokenizer.get_vocab():
                     raise ValueError(f"{full_id} and {decoder_dir} use different tokenizers: they cannot be paired")
         pair = cls(
-            AutoModelForCausalLM.from_pretrained(full_path, **load_kw),
-            AutoModelForCausalLM.from_pretrained(decoder_dir, **load_kw),
+            load_causal_lm(full_path, "full model", **load_kw),
+            load_causal_lm(decoder_dir, "decoder", **load_kw),
             strategy,
             tokenizer=tokenizer,
             full_id=full_id,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -29,7 +28,7 @@ from transformers import (
 from overfill_lib import gguf_models, tasks
 from overfill_lib.config import parse
 from overfill_lib.generation import returned_cache
-from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
+from overfill_lib.io import atomic_directory, environment_record, load_causal_lm, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +291,7 @@ def load_teacher(path: str | Path, dtype=torch.float32):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no teacher at {path}; train it with notebook 00_teacher (retrain=True)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_causal_lm(path, "model", dtype=dtype)
     from transformers import AutoTokenizer
 
     return model.eval(), AutoTokenizer.from_pretrained(path)

@@ -59,7 +59,14 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from overfill_lib import data as chat_data
-from overfill_lib.io import atomic_directory, atomic_write_text, environment_record, read_json, write_json
+from overfill_lib.io import (
+    atomic_directory,
+    atomic_write_text,
+    environment_record,
+    load_causal_lm,
+    read_json,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,11 +268,11 @@ def prune_decoder(
     cached under its workdir and shared with notebook 01, or under ``importance_dir``); without a
     preset only the data-free criteria (magnitude, random) are possible.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from overfill_lib import importance, pruning
 
-    model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model = load_causal_lm(full_dir, "full model", dtype=getattr(torch, dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(full_dir)
     criterion = decoder.get("criterion", "activation")
     if preset is not None:
@@ -562,7 +569,6 @@ def _full_dtype(runtime: dict) -> str:
 
 def _load_full(sources: Sources, dtype: str):
     """The frozen full model, loaded before any TrainingArguments so ZeRO-3 does not partition it."""
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
@@ -570,7 +576,7 @@ def _load_full(sources: Sources, dtype: str):
             "DeepSpeed ZeRO-3 is already active in this process, so from_pretrained would partition the frozen full "
             "model; run each training in its own process (python -m overfill_lib.training under accelerate launch)"
         )
-    return AutoModelForCausalLM.from_pretrained(sources.full_dir, dtype=getattr(torch, dtype)).eval()
+    return load_causal_lm(sources.full_dir, "full model", dtype=getattr(torch, dtype)).eval()
 
 
 def _trainable_model(objective: Objective, sources: Sources, seed: int):
@@ -578,16 +584,16 @@ def _trainable_model(objective: Objective, sources: Sources, seed: int):
 
     set_seed(seed)
     if objective.trains == "decoder":
-        return AutoModelForCausalLM.from_pretrained(sources.decoder_dir, dtype=torch.float32)
+        return load_causal_lm(sources.decoder_dir, "pruned decoder", dtype=torch.float32)
     if objective.trains == "scratch":
         config = AutoConfig.from_pretrained(sources.decoder_dir)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if objective.trains == "full":
-        return AutoModelForCausalLM.from_pretrained(sources.full_dir, dtype=torch.float32)
+        return load_causal_lm(sources.full_dir, "full model", dtype=torch.float32)
     if objective.trains == "smaller":
         if sources.smaller_dir is None:
             raise ValueError("the 'smaller' baseline needs a smaller model: set the preset's smaller.id or training.smaller_id")
-        return AutoModelForCausalLM.from_pretrained(sources.smaller_dir, dtype=torch.float32)
+        return load_causal_lm(sources.smaller_dir, "smaller model", dtype=torch.float32)
     raise ValueError(f"objective {objective.name!r} trains unknown model kind {objective.trains!r}")
 
 
@@ -915,8 +921,6 @@ def _save_final(trainer: Trainer, pair, out: Path, sources: Sources) -> None:
 
 def load_trained(result_or_dir: RunResult | str | Path, full=None):
     """The trained model of a finished run (an ``OverFillModel`` for OverFill), from disk."""
-    from transformers import AutoModelForCausalLM
-
     from overfill_lib.pair import CONFIG_NAME, OverFillModel
 
     run_dir = result_or_dir.run_dir if isinstance(result_or_dir, RunResult) else Path(result_or_dir)
@@ -926,7 +930,7 @@ def load_trained(result_or_dir: RunResult | str | Path, full=None):
         if (model_dir / CONFIG_NAME).is_file():
             return OverFillModel.from_pretrained(model_dir, full=full)
         return OverFillModel.from_models(record["sources"]["full_dir"], model_dir)
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return load_causal_lm(model_dir, "trained model").eval()
 
 
 def train_objective(

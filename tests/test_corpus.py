@@ -5,7 +5,6 @@ import copy
 import json
 
 import pytest
-import torch
 
 from overfill_lib import corpus
 from overfill_lib.fast_decode import FastGenerator

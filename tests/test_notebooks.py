@@ -1,7 +1,6 @@
 """Every notebook of the series runs under papermill with the smoke preset, and is stored without outputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -126,3 +126,23 @@ def test_committed_sibling_is_clearly_weaker_than_the_teacher():
     """The issue asks for a suite where capacity matters: same recipe and seed, half the width, clearly lower."""
     _, (full, half) = _committed_records()
     assert half["test_exact_match"]["overall"] <= full["test_exact_match"]["overall"] - 0.05
+
+
+def test_broken_files_are_named_with_their_role(tmp_path):
+    """A truncated safetensors shard or JSON record is an error naming the file (and the model's role), not a bare
+    'incomplete metadata' or JSONDecodeError."""
+    from overfill_lib import io
+    from overfill_lib.pair import OverFillModel
+    from tests.tiny_models import tiny_model
+
+    full, decoder = tiny_model("llama"), tiny_model("llama", hidden_size=32, seed=1)
+    full.save_pretrained(tmp_path / "full")
+    OverFillModel(full, decoder, full_id=str(tmp_path / "full")).save_pretrained(tmp_path / "pair")
+    weights = tmp_path / "full" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    with pytest.raises(ValueError, match=rf"could not load the full model from {tmp_path / 'full'} .*incomplete or damaged"):
+        OverFillModel.from_pretrained(tmp_path / "pair")
+    record = tmp_path / "pair" / "overfill_config.json"
+    record.write_text(record.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{record} is not valid JSON .*written partly"):
+        io.read_json(record)
