@@ -62,27 +62,75 @@ def load_causal_lm(path: str | Path, role: str, **kwargs):
                          "made again") from e
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(path: Path) -> None:
+    """What an interrupted :func:`atomic_directory` left beside ``path``: the previous version when the crash came
+    between the fallback's two renames (restored if ``path`` is missing), and temporary folders of dead writers."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.split("-")[1] if tmp.name.count("-") >= 2 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path):
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one step.
 
-    Checkpoints and model directories are written through this, so an interrupted save leaves the
-    previous directory (or nothing) rather than a half-written one.
+    Checkpoints and model directories are written through this, so an interrupted save leaves the previous
+    directory (or nothing) rather than a half-written one. The swap is atomic where the kernel can exchange two
+    paths (Linux); elsewhere a crash between two renames leaves ``.<name>.old``, restored on the next write.
+    Temporary folders left by dead writers are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    _clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide saved models from other users
     try:
         yield tmp
-        if path.exists():
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous version
+        else:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,6 +14,8 @@ import shutil
 import threading
 from pathlib import Path
 
+from overfill_lib.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 _static_export_ok: bool | None = None
 PNG_TIMEOUT_S = 60  # one export starts a headless Chromium: ~2 s on an idle machine
@@ -59,6 +61,7 @@ def _static_png(fig, png: Path) -> None:
     if worker.is_alive():
         raise TimeoutError(f"no PNG after {PNG_TIMEOUT_S} s")
     if failure:
+        tmp.unlink(missing_ok=True)
         raise failure[0]
     os.replace(tmp, png)
 
@@ -69,9 +72,12 @@ def save_figure(fig, stem: Path) -> Path:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     html_path = stem.with_suffix(".html")
-    tmp = html_path.with_name(f".{html_path.name}.tmp")
-    fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
-    os.replace(tmp, html_path)
+    shared_js = stem.parent / "plotly.min.js"  # one copy per folder, written whole before any page points to it
+    if not shared_js.is_file():
+        from plotly.offline import get_plotlyjs
+
+        atomic_write_text(shared_js, get_plotlyjs())
+    atomic_write_text(html_path, fig.to_html(include_plotlyjs=shared_js.name, full_html=True))
     if _static_export_ok is not False:
         browser = _chromium()
         if browser is None:

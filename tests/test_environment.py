@@ -29,3 +29,33 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_atomic_directory_swaps_in_one_step_and_cleans_what_a_crash_left(tmp_path, monkeypatch):
+    from overfill_lib import io
+
+    target = tmp_path / "model"
+    with io.atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with io.atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("two")
+    assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # A crash between the fallback's two renames left only the previous version aside: it is restored.
+    target.rename(tmp_path / ".model.old")
+    dead = tmp_path / ".model.tmp-999999999-x"  # a temporary folder of a writer that is gone
+    dead.mkdir()
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # the two-rename fallback (non-Linux)
+    with io.atomic_directory(target) as tmp:
+        assert (target / "a.txt").read_text() == "two" and not dead.exists()
+        (tmp / "a.txt").write_text("three")
+    assert (target / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_figures_write_their_shared_plotly_js_whole(tmp_path):
+    import plotly.graph_objects as go
+
+    from overfill_lib import plots
+
+    html = plots.save_figure(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), tmp_path / "fig")
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+    assert 'src="plotly.min.js"' in html.read_text() and not list(tmp_path.glob(".*"))
