@@ -214,13 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when unchanged")
     parser.add_argument("--run-dir", type=Path, help="where to write executed notebooks (default runs/<preset>-<time>)")
     parser.add_argument("--quiet", action="store_true", help="show only each cell's progress, not the notebooks' log lines")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a notebook parameter, its value read as YAML (false, 3, 1e-3, [0, 1]), as papermill -p")
+    parser.add_argument("-y", "--yaml", help="notebook parameters as a YAML mapping, as papermill -y")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import yaml
+
     params = {}
     if args.parameters_file:
-        import yaml
-
         params = yaml.safe_load(Path(args.parameters_file).read_text()) or {}
+    if args.yaml:
+        given = yaml.safe_load(args.yaml)
+        if not isinstance(given, dict):
+            raise SystemExit(f"-y needs a YAML mapping of parameters, got {args.yaml!r}")
+        params |= given
+    # YAML reads "false" as False (papermill's -p keeps it a string, which Python takes as true).
+    params |= {name: yaml.safe_load(value) for name, value in args.parameter}
     preset = params.pop("preset", args.preset)
     load_preset(preset)  # fail fast on a bad preset, before any kernel starts
     run_dir, outcomes = run_series(preset, params, args.only, args.force, args.run_dir, log_output=not args.quiet)

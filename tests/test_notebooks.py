@@ -89,3 +89,15 @@ def test_a_string_false_through_papermill_stops_at_setup_instead_of_retraining(t
                                    kernel_name=runner.KERNEL, cwd=str(nb.parent), progress_bar=False)
     with pytest.raises(ValueError, match="retrain expects bool"):
         runner.run_series("smoke", {"retrain": "false"}, run_dir=tmp_path / "run")
+
+
+def test_runner_command_line_reads_parameters_as_yaml(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_series(preset, params, only, force, run_dir, log_output):
+        seen.update(preset=preset, params=params, only=only)
+        return tmp_path, []
+
+    monkeypatch.setattr(runner, "run_series", fake_series)
+    assert runner.main(["--only", "00", "-p", "retrain", "false", "-y", "{seeds: [0, 1]}", "-p", "preset", "smoke"]) == 0
+    assert seen == {"preset": "smoke", "params": {"retrain": False, "seeds": [0, 1]}, "only": ["00"]}
