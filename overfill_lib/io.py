@@ -80,7 +80,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid) -> bool:
+    """Whether a process with this id runs on this machine (the holder of a lock or a temporary folder)."""
+    if not isinstance(pid, int):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +104,7 @@ def _clean_leftovers(path: Path) -> None:
             os.replace(old, path)
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         pid = tmp.name.split("-")[1] if tmp.name.count("-") >= 2 else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

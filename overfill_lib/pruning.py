@@ -197,7 +197,7 @@ def target_sizes(config, hidden=None, intermediate=None, heads=None, round_to: i
         "notes": notes,
     }
     for note in notes:
-        log.warning(note)
+        log.info(note)
     return sizes
 
 

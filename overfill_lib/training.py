@@ -64,6 +64,7 @@ from overfill_lib.io import (
     atomic_write_text,
     environment_record,
     load_causal_lm,
+    process_alive,
     read_json,
     write_json,
 )
@@ -859,7 +860,7 @@ class RunLock:
                     holder = json.loads(self.path.read_text())
                 except (OSError, ValueError):
                     holder = {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                if holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
                     log.warning("taking over %s: its holder (pid %s) is gone", self.path, holder.get("pid"))
                     self.path.unlink(missing_ok=True)
                     continue
@@ -874,18 +875,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _count(model) -> int:

@@ -216,3 +216,28 @@ def test_module_runs_with_only_torch_and_transformers():
     proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "--suite" in proc.stdout and "--device" in proc.stdout
+
+
+def test_headline_plan_fits_its_budget_and_a_cut_run_keeps_what_it_measured(tmp_path):
+    """The GPU headline benchmark: the dry run lists the plan in the issue's order with estimates inside the
+    budget; on a CPU the tiny suite runs the same plan, writes the JSON after every point, and skips the points a
+    short budget cannot fit instead of overrunning it."""
+    from overfill_lib import headline
+
+    dry = headline.run(dry_run=True)
+    kinds = [(p["kind"], p["pair"], p["method"], p["batch"], p["new_tokens"]) for p in dry["plan"]]
+    assert kinds[0][0] == "copy" and kinds[1] == ("fast", "llama-3.2-3b", "overfill", 1, 128)
+    assert kinds[-1][1] == "llama-3.1-8b" and not dry["records"]
+    # Everything but the larger pair (run if time is left) fits the default budget by the estimates.
+    small = sum(p["estimate_s"] for p in dry["plan"] if p["pair"] != "llama-3.1-8b")
+    assert small <= dry["budget_s"] == 330
+    out = tmp_path / "headline.json"
+    points = [p for p in headline.plan() if p.new_tokens <= 128 and p.batch <= 4][:6]
+    cut = headline.run(device="cpu", suite="tiny", out=out, points=points, budget_s=30)
+    saved = json.loads(out.read_text())
+    assert [r["status"] for r in saved["records"]] == [r["status"] for r in cut["records"]]
+    assert saved["copy_bandwidth"]["bytes_per_s"] > 0
+    measured = [r for r in saved["records"] if r["status"] == "ok" and r["kind"] == "fast"]
+    assert measured and all(r["per_token_s"]["median"] > 0 for r in measured)
+    squeezed = headline.run(device="cpu", suite="tiny", points=points, budget_s=0)
+    assert {r["status"] for r in squeezed["records"]} == {"skipped"}

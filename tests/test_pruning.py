@@ -335,7 +335,7 @@ def test_every_architecture_is_registered():
 def test_rounding_that_moves_a_size_is_noted_in_the_record_and_the_log(caplog):
     model = tiny_model("llama", hidden_size=64, intermediate_size=128)
     scores = magnitude_importance(model)
-    with caplog.at_level("WARNING", logger="overfill_lib.pruning"):
+    with caplog.at_level("INFO", logger="overfill_lib.pruning"):
         pruned, record = prune_width(model, scores, hidden=0.5, intermediate=None, round_to=48)
     assert pruned.config.hidden_size == 48 and pruned.config.intermediate_size == 96
     assert any("hidden: 32 of 64 asked (50% removed), 48 kept (25% removed)" in n for n in record.notes)

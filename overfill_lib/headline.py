@@ -1,0 +1,224 @@
+"""The GPU headline benchmark: the latency numbers that matter most, in order of importance, inside a short slot.
+
+    python -m overfill_lib.headline --device cuda --out results/gpu/headline.json      # make gpu-headline
+    python -m overfill_lib.headline --dry-run                                          # the plan, on any machine
+
+The plan (:func:`plan`) runs point by point: the device's copy bandwidth; per-token decode at batch 1 of
+Llama-3.2-3B, its 45%-pruned decoder and OverFill on the fast path (static cache, compiled, CUDA graphs), with the
+achieved bandwidth as a fraction of the measured copy bandwidth; the eager paths the fast one replaces; OverFill end
+to end against the decoder alone at 256 and 1024 new tokens; throughput against batch; the 8B pair last. A point
+whose estimated time would overrun ``--budget`` seconds is recorded as skipped, so the run ends in time, and the JSON
+(the latency module's record format) is rewritten after every point, so a run cut off keeps what it measured.
+Models have random weights built on the device (latency does not depend on weight values); nothing is downloaded
+and nothing beyond torch and transformers is imported. ``--suite tiny`` runs the same plan on tiny models, which
+is how the code path is checked on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from overfill_lib import fast_decode, latency
+from overfill_lib.io import environment_record, write_json
+
+log = logging.getLogger(__name__)
+
+PROMPT = 128  # tokens of every prompt: one prompt length, so compiled graphs are shared across points
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: ``kind`` is ``copy`` (bandwidth), ``fast`` (``FastGenerator``), ``eager`` (HF ``generate``,
+    or the pair's plain loop for ``overfill``)."""
+
+    kind: str
+    why: str
+    pair: str = ""
+    method: str = ""
+    batch: int = 1
+    new_tokens: int = 0
+
+
+def plan(pairs: tuple[str, ...] = ("llama-3.2-3b", "llama-3.1-8b")) -> list[Point]:
+    """The points, most important first (the issue's order)."""
+    main = pairs[0]
+    points = [Point("copy", "device copy bandwidth")]
+    points += [Point("fast", "per-token decode at batch 1, fast path", main, m, 1, 128)
+               for m in ("overfill", "decoder", "full")]
+    points += [Point("eager", "eager HF generate / the pair's plain loop", main, m, 1, 32)
+               for m in ("full", "decoder", "overfill")]
+    points += [Point("fast", "OverFill end to end against the decoder alone", main, m, 1, n)
+               for n in (256, 1024) for m in ("overfill", "decoder")]
+    points += [Point("fast", "throughput against batch", main, "overfill", b, 128) for b in (4, 16, 64)]
+    for other in pairs[1:]:
+        points += [Point("fast", "the larger pair, per-token decode at batch 1", other, m, 1, 128)
+                   for m in ("overfill", "decoder", "full")]
+    return points
+
+
+# --------------------------------------------------------------------------------------------------
+# Time estimates (for the budget and the dry run)
+# --------------------------------------------------------------------------------------------------
+
+# Assumptions for an H100/H200 (no GPU run has calibrated them yet, so they lean long): achieved bandwidth of a
+# decode step, seconds to build a random-weight model per billion parameters, to compile one decode graph (one per
+# model, batch and cache length), and an eager step's per-layer overhead.
+GPU = {"bandwidth": 2.5e12, "build_s_per_b": 4.0, "compile_s": 30.0, "eager_layer_s": 0.6e-3}
+# On a CPU the fast path runs eagerly (no compile) and only the tiny suite is meant to run there.
+CPU = {"bandwidth": 5e9, "build_s_per_b": 30.0, "compile_s": 0.0, "eager_layer_s": 0.5e-3}
+WARMUP, REPEATS = 1, 3
+
+
+def estimate(points: list[Point], configs: dict, device_kind: str = "cuda") -> list[float]:
+    """Seconds each point is expected to take, counting model builds and compiled graphs once."""
+    a = GPU if device_kind == "cuda" else CPU
+    built: set[str] = set()
+    graphs: set[tuple] = set()
+    out = []
+    for p in points:
+        if p.kind == "copy":
+            out.append(2.0)
+            continue
+        full_cfg, dec_cfg = configs[p.pair]
+        seconds = 0.0
+        if p.pair not in built:
+            built.add(p.pair)
+            params = sum(latency.parameter_breakdown(c)["total"] for c in (full_cfg, dec_cfg))
+            seconds += a["build_s_per_b"] * params / 1e9
+        steps = (WARMUP + REPEATS) * p.new_tokens
+        if p.kind == "fast":
+            # One compiled decode step per (model, batch, cache length); OverFill's steps are the decoder's (its
+            # prefill is eager), so it shares graphs with the decoder alone.
+            key = (p.pair, "full" if p.method == "full" else "decoder", p.batch, PROMPT + p.new_tokens)
+            if key not in graphs:
+                graphs.add(key)
+                seconds += a["compile_s"]
+            cfg = full_cfg if p.method == "full" else dec_cfg
+            step = latency.decode_step_bytes(cfg, 2, batch=p.batch, kv_positions=PROMPT + p.new_tokens,
+                                             kv_config=full_cfg)["total"]
+            seconds += steps * step / a["bandwidth"]
+        else:
+            cfg = full_cfg if p.method == "full" else dec_cfg
+            seconds += 2 * steps * cfg.num_hidden_layers * a["eager_layer_s"]  # e2e(1) and e2e(N) are both timed
+        out.append(round(seconds, 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def _configs(suite: str) -> dict:
+    if suite == "real":
+        return latency.real_size_pairs()
+    from transformers import LlamaConfig
+
+    from overfill_lib.pruning import pruned_config
+
+    tiny = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+    small = LlamaConfig(**{**tiny.to_dict(), "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3})
+    return {"llama-3.2-3b": (tiny, pruned_config(tiny, hidden=0.5, intermediate=0.5)),
+            "llama-3.1-8b": (small, pruned_config(small, hidden=0.5, intermediate=0.5))}
+
+
+def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, out: str | Path | None = None,
+        dry_run: bool = False, points: list[Point] | None = None) -> dict:
+    """Measure ``points`` (default :func:`plan`) in order within ``budget_s`` seconds; the results dict."""
+    started = time.perf_counter()
+    configs = _configs(suite)
+    points = points or plan()
+    estimates = estimate(points, configs, torch.device(device).type)
+    results = {
+        "format": latency.FORMAT, "version": latency.FORMAT_VERSION, "label": f"headline ({suite})",
+        "environment": environment_record(device), "budget_s": budget_s, "suite": suite,
+        "plan": [asdict(p) | {"estimate_s": e} for p, e in zip(points, estimates)],
+        "estimated_total_s": round(sum(estimates), 1), "copy_bandwidth": None, "pairs": {}, "records": [],
+    }
+    if dry_run:
+        return results
+    out = Path(out) if out is not None else None
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded: dict = {}
+
+    def pair(name: str):
+        if loaded.get("name") != name:
+            loaded.clear()
+            if device.type == "cuda":
+                torch.compiler.reset()
+                torch.cuda.empty_cache()
+            full_cfg, dec_cfg = configs[name]
+            full = latency.build_random_model(full_cfg, device, dtype).requires_grad_(False)
+            decoder = latency.build_random_model(dec_cfg, device, dtype).requires_grad_(False)
+            loaded.update(name=name, full=full, decoder=decoder,
+                          gen=fast_decode.FastGenerator(full, decoder, compile="auto"),
+                          prompts=latency.random_prompts(full_cfg.vocab_size))
+            nbytes = latency.dtype_bytes(dtype)
+            results["pairs"][name] = {"dtype": str(dtype).removeprefix("torch."), "path": loaded["gen"].path,
+                                      "full": latency.model_summary(full_cfg, nbytes),
+                                      "decoder": latency.model_summary(dec_cfg, nbytes)}
+        return loaded
+
+    for p, est in zip(points, estimates):
+        record = asdict(p) | {"prompt": PROMPT, "estimate_s": est}
+        elapsed = time.perf_counter() - started
+        if elapsed + est > budget_s:
+            results["records"].append(record | {"status": "skipped", "reason": f"{elapsed:.0f} s spent, about {est:.0f} "
+                                                f"s more would overrun the {budget_s:.0f} s budget"})
+            continue
+        t0 = time.perf_counter()
+        with latency._oom_guard(record, device, loaded.get("gen").clear_caches if loaded else None):
+            if p.kind == "copy":
+                results["copy_bandwidth"] = latency.copy_bandwidth(device)
+                record |= {"status": "ok", "bytes_per_s": results["copy_bandwidth"]["bytes_per_s"]}
+            else:
+                m = pair(p.pair)
+                common = dict(batch=p.batch, prompt=PROMPT, new_tokens=p.new_tokens, prompt_fn=m["prompts"],
+                              warmup=WARMUP, repeats=REPEATS)
+                if p.kind == "fast":
+                    record |= latency.measure_fast(m["gen"], p.method, copy_bw=results["copy_bandwidth"], **common)
+                elif p.method == "overfill":
+                    record |= latency.measure_pair_generate(m["full"], m["decoder"], **common)
+                else:
+                    record |= latency.measure_hf_generate(m[p.method], **common)
+                record["method"] = p.method
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        results["records"].append(record)
+        log.info("%s %s %s batch %d, %d new tokens: %s in %.0f s (estimated %.0f)", p.pair or "device", p.kind,
+                 p.method, p.batch, p.new_tokens, record.get("status"), record["seconds"], est)
+        if out is not None:
+            write_json(out, results)  # after every point: a run cut off keeps what it measured
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    if out is not None:
+        write_json(out, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--suite", choices=("real", "tiny"), default="real",
+                        help="real: Llama-3.2-3B / 3.1-8B shapes; tiny: the same plan on tiny models (a CPU check)")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds; points that would overrun are skipped")
+    parser.add_argument("--out", type=Path, help="results JSON, rewritten after every point")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated times only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    results = run(device=args.device, suite=args.suite, budget_s=args.budget, out=args.out, dry_run=args.dry_run)
+    for row in results["plan"] if args.dry_run else results["records"]:
+        print(f"{row['estimate_s']:7.1f} s  {row['kind']:5s} {row['pair'] or 'device':13s} {row['method']:8s} "
+              f"batch {row['batch']:2d} new {row['new_tokens']:4d}  {row.get('status', row['why'])}")
+    print(f"estimated total {results['estimated_total_s']:.0f} s against a budget of {args.budget:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
