@@ -593,7 +593,7 @@ def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
 def compare_methods(table, score: str = "overall", teacher_name: str = MAIN_TEACHER, a: str = "OverFill",
                     b: str = "pruned"):
     """Per width of ``teacher_name``: ``a`` against ``b`` (mean, std over seeds, difference, and whether the
-    difference exceeds the sum of the two spreads)."""
+    difference exceeds the sum of the two spreads: None with one seed on either side, where there is no spread)."""
     import pandas as pd
 
     t = table[table["teacher"] == teacher_name]
@@ -603,8 +603,10 @@ def compare_methods(table, score: str = "overall", teacher_name: str = MAIN_TEAC
     rows = []
     for k in keeps:
         xa, xs, ya, ys = x.loc[k, score], x.loc[k, f"{score}_std"], y.loc[k, score], y.loc[k, f"{score}_std"]
+        seeds = int(min(x.loc[k, "seeds"], y.loc[k, "seeds"])) if "seeds" in x.columns else 2
         rows.append({"keep": k, "parameters": int(x.loc[k, "parameters"]), a: xa, f"{a} std": xs, b: ya,
-                     f"{b} std": ys, "difference": xa - ya, "beyond seed spread": bool(abs(xa - ya) > xs + ys)})
+                     f"{b} std": ys, "difference": xa - ya,
+                     "beyond seed spread": bool(abs(xa - ya) > xs + ys) if seeds > 1 else None})
     return pd.DataFrame(rows)
 
 
@@ -620,12 +622,19 @@ def conclusion(table, retention: float = 0.9, score: str = "overall", label: str
     full = table[(table["teacher"] == MAIN_TEACHER) & (table["method"] == FULL)]
     parts = []
     if not cmp.empty:
-        ahead = cmp[(cmp["difference"] > 0) & cmp["beyond seed spread"]]
-        behind = cmp[(cmp["difference"] < 0) & cmp["beyond seed spread"]]
         best = cmp.loc[cmp["difference"].idxmax()]
-        parts.append(f"OverFill is ahead of the pruned baseline beyond the seed spread at {len(ahead)} of "
-                     f"{len(cmp)} widths (behind at {len(behind)}); the largest gap is {best['difference']:+.3f} "
-                     f"{score} {label} at keep {best['keep']:.0%} ({best['OverFill']:.3f} vs {best['pruned']:.3f})")
+        gap = (f"the largest gap is {best['difference']:+.3f} {score} {label} at keep {best['keep']:.0%} "
+               f"({best['OverFill']:.3f} vs {best['pruned']:.3f})")
+        weighed = cmp[cmp["beyond seed spread"].notna()]
+        if weighed.empty:  # one seed per width: differences only, nothing to weigh them against
+            parts.append(f"OverFill is ahead of the pruned baseline at {int((cmp['difference'] > 0).sum())} of "
+                         f"{len(cmp)} widths, on one seed per width (no spread to weigh the differences against); "
+                         + gap)
+        else:
+            spread = weighed["beyond seed spread"].astype(bool)
+            ahead, behind = weighed[(weighed["difference"] > 0) & spread], weighed[(weighed["difference"] < 0) & spread]
+            parts.append(f"OverFill is ahead of the pruned baseline beyond the seed spread at {len(ahead)} of "
+                         f"{len(weighed)} widths (behind at {len(behind)}); " + gap)
     if not full.empty:
         level = retention * float(full[score].iloc[0])
         held = {m: narrowest_holding(table, m, level, score) for m in ("OverFill", "pruned")}

@@ -111,6 +111,16 @@ def test_aggregate_pareto_and_comparison(grid):
     assert "OverFill down to keep 50%" in text and "pruned down to keep 75%" in text
 
 
+def test_one_seed_per_width_claims_no_spread(grid):
+    """With one seed there is no spread: the comparison says so instead of calling every difference significant."""
+    one = [r for r in grid if r["seed"] in (None, 0)]
+    cmp = ablation.compare_methods(ablation.aggregate(one))
+    assert cmp["beyond seed spread"].isna().all()
+    text = ablation.conclusion(ablation.aggregate(one))
+    assert "ahead of the pruned baseline at 3 of 3 widths, on one seed per width (no spread" in text
+    assert "beyond the seed spread" not in text
+
+
 def test_size_rule_reads_the_knees(grid):
     table = ablation.aggregate(grid)
     rule = ablation.size_rule(table, 0.9)
