@@ -163,3 +163,27 @@ def layer_key(name: str) -> tuple[int, str] | None:
     """(layer index, rest) for ``model.layers.{i}.rest`` names, else None."""
     match = _LAYER_KEY.match(name)
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+# Published config.json shapes of the paper's full models (OVERFILL.md), the one place they are written. Only sizes
+# (and the token ids a generation config needs) matter here: nothing is downloaded. RoPE frequency scaling
+# ("llama3") is left out: it changes position encodings, not cost.
+PUBLISHED_SHAPES = {
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+                         eos_token_id=128009, pad_token_id=128004),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+                         eos_token_id=128009, pad_token_id=128004),
+}
+
+
+def published_config(name: str):
+    """A LlamaConfig with the published shape of one of the paper's full models (no download, no weights)."""
+    from transformers import LlamaConfig
+
+    if name not in PUBLISHED_SHAPES:
+        raise ValueError(f"no published shape for {name!r}; choose one of {', '.join(PUBLISHED_SHAPES)}.")
+    return LlamaConfig(**PUBLISHED_SHAPES[name])

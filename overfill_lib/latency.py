@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from overfill_lib import fast_decode
 from overfill_lib.generation import with_cache
@@ -377,36 +377,16 @@ def model_summary(config, bytes_per_value: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def llama_3_2_3b_config() -> LlamaConfig:
-    """Llama-3.2-3B's shape (28 layers, hidden 3072, 24/8 heads, head_dim 128, tied embeddings).
-
-    RoPE frequency scaling ("llama3") is left out: it changes position encodings, not cost.
-    """
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
-    )
-
-
-def llama_3_1_8b_config() -> LlamaConfig:
-    """Llama-3.1-8B's shape (32 layers, hidden 4096, intermediate 14336, 32/8 heads, untied embeddings)."""
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
-    )
-
-
 def real_size_pairs() -> dict[str, tuple[Any, Any]]:
     """(full config, decoder config) of the paper's two Llama pairings.
 
     3B -> "1B": hidden and intermediate pruned 45%, rounded to multiples of 8 (the llama-3.2-3b preset).
     8B -> "3B": hidden 2432, intermediate 7680 (the rebuttal's sizes; the llama-3.1-8b preset).
     """
+    from overfill_lib.architectures import published_config
     from overfill_lib.pruning import pruned_config
 
-    c3, c8 = llama_3_2_3b_config(), llama_3_1_8b_config()
+    c3, c8 = published_config("llama-3.2-3b"), published_config("llama-3.1-8b")
     return {
         "llama-3.2-3b": (c3, pruned_config(c3, hidden=0.45, intermediate=0.45, round_to=8)),
         "llama-3.1-8b": (c8, pruned_config(c8, hidden=2432, intermediate=7680)),

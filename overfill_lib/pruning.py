@@ -497,24 +497,6 @@ def decode_bytes(config, dtype_bytes=2, num_parameters: int | None = None) -> in
     return int(round(params * dtype_size(dtype_bytes)))
 
 
-PUBLISHED_SHAPES = {
-    # Published config.json shapes of the paper's full models (OVERFILL.md); only sizes matter here.
-    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}
-
-
-def published_config(name: str):
-    """A LlamaConfig with the published shape of one of the paper's full models (no download, no weights)."""
-    from transformers import LlamaConfig
-
-    if name not in PUBLISHED_SHAPES:
-        raise ValueError(f"no published shape for {name!r}; choose one of {', '.join(PUBLISHED_SHAPES)}.")
-    return LlamaConfig(**PUBLISHED_SHAPES[name])
-
-
 def size_report(config, hidden=None, intermediate=None, heads=None, round_to: int = 1, dtype_bytes=2) -> dict:
     """Sizes, parameter counts and decode bytes of ``config`` and of its width-pruned config (meta device)."""
     sizes = target_sizes(config, hidden=hidden, intermediate=intermediate, heads=heads, round_to=round_to)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from overfill_lib import architectures as arch
 from overfill_lib import importance, presets, pruning, tasks, teacher
 
 try:
@@ -146,19 +147,19 @@ def test_decode_bytes_is_parameters_times_dtype_bytes(tied):
 
 def test_paper_decoder_sizes():
     spec = presets.load_preset("llama-3.2-3b")["decoder"]
-    report = pruning.size_report(pruning.published_config("llama-3.2-3b"), hidden=spec["hidden"],
+    report = pruning.size_report(arch.published_config("llama-3.2-3b"), hidden=spec["hidden"],
                                  intermediate=spec["intermediate"], round_to=spec["round_to"], dtype_bytes="bfloat16")
     new = report["pruned"]
-    assert report["original"]["num_parameters"] == _llama_params(pruning.published_config("llama-3.2-3b"))
+    assert report["original"]["num_parameters"] == _llama_params(arch.published_config("llama-3.2-3b"))
     assert new["hidden_size"] % 24 == 0 and new["hidden_size"] % 8 == 0 and new["intermediate_size"] % 8 == 0
     assert abs(new["hidden_size"] - 0.55 * 3072) <= 12 and abs(new["intermediate_size"] - 0.55 * 8192) <= 4
     assert (new["num_key_value_heads"], new["head_dim"], new["num_hidden_layers"]) == (8, 128, 28)
     assert new["decode_bytes"] == 2 * new["num_parameters"]  # tied
     assert report["notes"]  # the hidden size had to be rounded to a multiple of the head count
-    eight = pruning.size_report(pruning.published_config("llama-3.1-8b"), hidden=2432, intermediate=7680)
+    eight = pruning.size_report(arch.published_config("llama-3.1-8b"), hidden=2432, intermediate=7680)
     assert round(eight["pruned"]["num_parameters"] / 1e9, 1) == 3.2  # the rebuttal's 8B -> 3B decoder
     with pytest.raises(ValueError, match="no published shape"):
-        pruning.published_config("gpt-5")
+        arch.published_config("gpt-5")
 
 
 # ----------------------------------------------------------------------------------------------
