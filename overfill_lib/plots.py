@@ -67,7 +67,10 @@ def _static_png(fig, png: Path) -> None:
 
 
 def save_figure(fig, stem: Path) -> Path:
-    """Write ``stem.html`` (plotly.min.js shared in the same folder) and ``stem.png`` when possible."""
+    """Write ``stem.html`` (plotly.min.js shared in the same folder) and ``stem.png`` when possible.
+
+    The HTML page fits its window (a fixed 1450-pixel figure cut its legend off on a laptop screen); the PNG keeps
+    the figure's own size."""
     global _static_export_ok
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,12 @@ def save_figure(fig, stem: Path) -> Path:
         from plotly.offline import get_plotlyjs
 
         atomic_write_text(shared_js, get_plotlyjs())
-    atomic_write_text(html_path, fig.to_html(include_plotlyjs=shared_js.name, full_html=True))
+    import plotly.graph_objects as go
+
+    page = go.Figure(fig).update_layout(width=None, autosize=True)
+    atomic_write_text(html_path, page.to_html(include_plotlyjs=shared_js.name, full_html=True, default_width="100%",
+                                              default_height=f"{fig.layout.height or 500}px",
+                                              config={"responsive": True}))
     if _static_export_ok is not False:
         browser = _chromium()
         if browser is None:

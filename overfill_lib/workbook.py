@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: in
     if parameters is not None:
         check_parameters(notebook, parameters, known_only=False)
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # On stdout: in a rendered notebook the library's log lines read as plain output, not as pink stderr blocks.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True, stream=sys.stdout)
     for noisy in ("httpx", "urllib3", "filelock", "choreographer", "kaleido"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     p = load_preset(preset, overrides)

@@ -56,6 +56,10 @@ def test_figures_write_their_shared_plotly_js_whole(tmp_path):
 
     from overfill_lib import plots
 
-    html = plots.save_figure(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), tmp_path / "fig")
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4])).update_layout(width=1450, height=520)
+    html = plots.save_figure(fig, tmp_path / "fig")
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
-    assert 'src="plotly.min.js"' in html.read_text() and not list(tmp_path.glob(".*"))
+    page = html.read_text()
+    assert 'src="plotly.min.js"' in page and not list(tmp_path.glob(".*"))
+    # The page fits its window (no fixed 1450-pixel width); the figure itself keeps its size for the PNG.
+    assert '"responsive": true' in page and '"width":1450' not in page.replace(" ", "") and fig.layout.width == 1450
