@@ -57,6 +57,7 @@ from typing import Any, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from overfill_lib import data as chat_data
 from overfill_lib.io import (
@@ -479,6 +480,28 @@ class FidelityProbe(TrainerCallback):
             self._probe(state)
 
 
+class BarOnly(ProgressCallback):
+    """The Trainer's progress bar without its per-log lines: in a batch run the loss curves figure and ``log.json``
+    say what the Trainer's per-step tables (one 25-row table per run in a notebook) would repeat."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def batch_progress(trainer) -> None:
+    """Under papermill (``workbook.in_batch``), swap the Trainer's notebook table or log printer for :class:`BarOnly`."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    from overfill_lib.workbook import in_batch
+
+    if not in_batch():
+        return
+    for kind in (NotebookProgressCallback, ProgressCallback, PrinterCallback):
+        trainer.remove_callback(kind)
+    trainer.add_callback(BarOnly)
+
+
 def probe_history(history: list[dict]) -> list[dict]:
     """The validation entries :class:`FidelityProbe` added to a log history."""
     return [h for h in history if "eval_agreement" in h]
@@ -730,6 +753,7 @@ def train(
         include_first_token=config.include_first_token,
         distill_from=full if obj.loss == "kl" else None,
     )
+    batch_progress(trainer)
     if config.eval_steps:
         if not probe_records:
             raise ValueError("training.eval_steps is set: pass probe_records (training.data_records(preset, config))")

@@ -327,3 +327,27 @@ def test_shipped_accelerate_configs_load_and_reference_their_deepspeed_json():
     assert ds_json["zero_optimization"]["stage"] == 3 and "optimizer" not in ds_json  # the Trainer's AdamW + cosine
     fsdp = yaml.safe_load((training.CONFIG_DIR / "fsdp.yaml").read_text())["fsdp_config"]
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # the unwrapped full model needs real weights on every rank
+
+
+def test_batch_runs_show_a_bar_not_the_trainers_per_step_tables(monkeypatch):
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    class FakeTrainer:
+        def __init__(self):
+            self.callbacks = [NotebookProgressCallback()]
+
+        def remove_callback(self, kind):
+            self.callbacks = [c for c in self.callbacks if not isinstance(c, kind)]
+
+        def add_callback(self, kind):
+            self.callbacks.append(kind())
+
+    interactive = FakeTrainer()
+    monkeypatch.delenv("OVERFILL_BATCH", raising=False)
+    monkeypatch.delenv("PAPERMILL_INPUT_PATH", raising=False)
+    training.batch_progress(interactive)
+    assert [type(c) for c in interactive.callbacks] == [NotebookProgressCallback]
+    batch = FakeTrainer()
+    monkeypatch.setenv("OVERFILL_BATCH", "1")
+    training.batch_progress(batch)
+    assert [type(c) for c in batch.callbacks] == [training.BarOnly]
