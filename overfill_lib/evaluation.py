@@ -420,6 +420,12 @@ class OverFillLM(HFLM):
 # --------------------------------------------------------------------------------------------------
 
 
+def _project_relative(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` expanded, relative paths taken from the project root (any cwd works)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def resolve_suite_dir(suite_dir: str | os.PathLike | None = None, preset: str | None = None) -> Path:
     """Where the suite's JSONL splits are: ``suite_dir``, else the ``preset``'s, else ``$OVERFILL_SUITE_DIR``,
     else the offline default preset's. Relative paths are taken from the project root (any cwd works)."""
@@ -435,8 +441,7 @@ def resolve_suite_dir(suite_dir: str | os.PathLike | None = None, preset: str | 
         from overfill_lib.presets import load_preset
 
         suite_dir = load_preset(DEFAULT_SUITE_PRESET).suite_dir
-    path = Path(suite_dir).expanduser()
-    path = path if path.is_absolute() else PROJECT_ROOT / path
+    path = _project_relative(suite_dir)
     if not (path / "test.jsonl").is_file():
         raise ValueError(
             f"no synthetic suite at {path} (test.jsonl missing). Create it with overfill_lib.tasks.write_suite (or "
@@ -593,8 +598,7 @@ def resolve_chat_dir(data_dir: str | os.PathLike | None = None, preset: str | No
     if data_dir is None:
         raise ValueError(f"task {CHAT_TASK} needs its data: --metadata data_dir=DIR (a folder with test.jsonl, e.g. "
                          "data/distill-smollm2-135m) or preset=NAME, or evaluate(..., metadata={'data_dir': DIR})")
-    path = Path(data_dir).expanduser()
-    path = path if path.is_absolute() else PROJECT_ROOT / path
+    path = _project_relative(data_dir)
     if not (path / "test.jsonl").is_file():
         raise ValueError(f"no test.jsonl in {path}; make the data with `python -m overfill_lib.corpus --preset NAME`")
     return path.resolve()
@@ -604,11 +608,12 @@ def _metadata_tokenizer(metadata: Mapping[str, Any]):
     """The evaluated model's tokenizer, from the model arguments lm-eval passes as task metadata."""
     from transformers import AutoTokenizer
 
+    from overfill_lib.presets import resolve_model
+
     for key in ("tokenizer", "full", "pretrained", "decoder"):
         name = metadata.get(key)
         if isinstance(name, (str, os.PathLike)) and str(name):
-            path = PROJECT_ROOT / str(name) if (PROJECT_ROOT / str(name)).exists() else name
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(resolve_model(name))
     raise ValueError(f"task {CHAT_TASK} counts answer tokens with the model's tokenizer: give model_args with "
                      "pretrained= or full= (a directory), or --metadata tokenizer=DIR")
 
@@ -624,17 +629,17 @@ def load_chat_dataset(data_dir: str | None = None, preset: str | None = None, **
     """
     import datasets
 
+    from overfill_lib.data import load_conversations
+
     root = resolve_chat_dir(data_dir, preset)
     tokenizer = _metadata_tokenizer(metadata)
     eos = tokenizer.eos_token
     docs = []
-    for i, line in enumerate((root / "test.jsonl").read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        messages = json.loads(line)["messages"]
+    for i, record in enumerate(load_conversations(root, "test")):
+        messages = record["messages"]
         roles = [m["role"] for m in messages]
         if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
-            raise ValueError(f"{root / 'test.jsonl'} line {i + 1}: {CHAT_TASK} scores single-turn chats "
+            raise ValueError(f"{root / 'test.jsonl'} record {i + 1}: {CHAT_TASK} scores single-turn chats "
                              f"([system,] user, assistant), got roles {roles}")
         answer = messages[-1]["content"]
         docs.append({"system": messages[0]["content"] if roles[0] == "system" else "", "user": messages[-2]["content"],
