@@ -128,6 +128,19 @@ def _load_json_file(path: Path):
         raise ValueError(f"{path} could not be read as JSON chat records ({type(e).__name__}: {e})") from e
 
 
+def _content_sha256(source, split: str, suite_dir) -> str | None:
+    """The first 16 hex digits of the sha256 of the local file ``load_conversations`` reads, if it reads one."""
+    import hashlib
+
+    if str(source) == "suite":
+        path = Path(suite_dir) / f"{split}.jsonl"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / f"{split}.jsonl"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
 def load_conversations(
     source: str | os.PathLike,
     split: str = "train",
@@ -206,6 +219,7 @@ class DataStats:
     max_length: int | None = None
     prompt_tokens: int = 0
     response_tokens: int = 0
+    content_sha256: str | None = None  # of the file the records came from (suite split or local file), when there is one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -325,6 +339,7 @@ def prepare_chat_data(
         source=str(source), records=records, kept=len(dataset), dropped=dict(dropped), max_length=max_length,
         prompt_tokens=sum(len(p) for p in dataset["prompt_ids"]) if len(dataset) else 0,
         response_tokens=sum(len(r) for r in dataset["response_ids"]) if len(dataset) else 0,
+        content_sha256=_content_sha256(source, split, suite_dir),
     )
     if not len(dataset):
         raise ValueError(

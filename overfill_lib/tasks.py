@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import string
 from collections.abc import Callable, Iterable
@@ -31,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -185,26 +188,48 @@ def generate_suite(cfg: SuiteConfig) -> dict[str, list[dict]]:
     return splits
 
 
+def _split_text(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def content_hashes(cfg: SuiteConfig) -> dict[str, str]:
+    """The sha256 (16 hex digits) of each split file the generator writes for ``cfg``."""
+    return {split: _sha256(_split_text(records).encode()) for split, records in generate_suite(cfg).items()}
+
+
 def suite_fingerprint(cfg: SuiteConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """A hash of the generated splits' contents, so a change to the generator changes it as a config change does."""
+    return _sha256(json.dumps(content_hashes(cfg), sort_keys=True).encode())
 
 
 def write_suite(cfg: SuiteConfig, directory: str | Path) -> Path:
-    """Write ``{split}.jsonl`` and ``suite.json`` (the config) atomically; reuse a matching suite."""
+    """Write ``{split}.jsonl`` and ``suite.json`` (config, content hashes, sizes) atomically.
+
+    The splits are generated on every call (about a second for 100k records) and a file is rewritten
+    only when its bytes differ: a split left by an older generator or another config is never reused.
+    """
     from overfill_lib.io import atomic_write_text, read_json
 
     directory = Path(directory)
-    meta_path = directory / "suite.json"
-    fingerprint = suite_fingerprint(cfg)
-    if meta_path.exists() and read_json(meta_path).get("fingerprint") == fingerprint and all(
-        (directory / f"{s}.jsonl").exists() for s in SPLITS
-    ):
-        return directory
     splits = generate_suite(cfg)
-    for split, records in splits.items():
-        atomic_write_text(directory / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    meta = {"fingerprint": fingerprint, "config": cfg.to_dict(), "sizes": {s: len(r) for s, r in splits.items()}}
-    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    texts = {split: _split_text(records).encode() for split, records in splits.items()}
+    hashes = {split: _sha256(text) for split, text in texts.items()}
+    for split, text in texts.items():
+        path = directory / f"{split}.jsonl"
+        if path.exists() and _sha256(path.read_bytes()) == hashes[split]:
+            continue
+        if path.exists():
+            log.warning("%s is not what the generator makes from this config; rewriting it", path)
+        atomic_write_text(path, text.decode())
+    meta = {"fingerprint": _sha256(json.dumps(hashes, sort_keys=True).encode()), "content_sha256": hashes,
+            "config": cfg.to_dict(), "sizes": {s: len(r) for s, r in splits.items()}}
+    meta_path = directory / "suite.json"
+    if not meta_path.exists() or read_json(meta_path) != meta:
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return directory
 
 

@@ -53,7 +53,7 @@ def test_train_weights_oversample_train_only():
     assert all(share(split, f) == pytest.approx(1 / 6) for split in ("test", "validation") for f in cfg.families)
     assert tasks.suite_fingerprint(cfg) != tasks.suite_fingerprint(tasks.SuiteConfig(families=families, n_train=900,
                                                                                     n_validation=60, n_test=60))
-    # Knobs that cannot change the records stay out of the fingerprint, so older suites keep theirs.
+    # Knobs that cannot change the records stay out of the recorded config.
     assert "mul_digits" not in CFG.to_dict() and "train_weights" not in CFG.to_dict()
 
 
@@ -99,3 +99,20 @@ def test_committed_tiny_suite_matches_its_config():
     p = load_preset("tiny")
     meta = __import__("json").loads((p.suite_dir / "suite.json").read_text())
     assert meta["fingerprint"] == tasks.suite_fingerprint(p.suite_config())
+    assert meta["content_sha256"] == tasks.content_hashes(p.suite_config())
+
+
+def test_a_stale_split_is_rewritten_and_a_current_one_left_alone(tmp_path, caplog):
+    cfg = tasks.SuiteConfig(n_train=50, n_validation=10, n_test=10)
+    tasks.write_suite(cfg, tmp_path)
+    test_file, train_file = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    before = test_file.stat().st_mtime_ns
+    # What an older generator left behind, under a suite.json that still names this config.
+    train_file.write_text(train_file.read_text().replace("reverse", "reverse ", 1))
+    with caplog.at_level("WARNING", logger="overfill_lib.tasks"):
+        tasks.write_suite(cfg, tmp_path)
+    assert "train.jsonl is not what the generator makes" in caplog.text
+    assert tasks.load_split(tmp_path, "train") == tasks.generate_suite(cfg)["train"]
+    assert test_file.stat().st_mtime_ns == before  # unchanged files are not rewritten
+    meta = __import__("json").loads((tmp_path / "suite.json").read_text())
+    assert meta["content_sha256"] == tasks.content_hashes(cfg) and meta["fingerprint"] == tasks.suite_fingerprint(cfg)
