@@ -20,129 +20,26 @@ import hashlib
 import itertools
 import json
 import logging
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from overfill_lib import evaluation, fidelity, latency, teacher, training
+from overfill_lib import cost, evaluation, fidelity, latency, pipeline, training
+from overfill_lib.artifacts import load_model, read_json, resolve_model, write_json
+from overfill_lib.config import ABLATION_SCORERS, MAIN_TEACHER, AblationConfig, Point, slug
 from overfill_lib.fast_decode import FastGenerator
-from overfill_lib.io import read_json, write_json
 from overfill_lib.pair import OverFillModel
 
 log = logging.getLogger(__name__)
 
-METHODS = {"overfill": "OverFill", "pruned": "pruned", "scratch": "from scratch"}
+# How a row names the model it scores: a trained objective's label (``training.OBJECTIVES``), an untrained
+# decoder, or a reference.
 UNTRAINED = {"overfill": "OverFill (untrained)", "pruned": "pruned (untrained)"}
-FULL, SMALLER = "full model", "smaller fine-tuned"
-MAIN_TEACHER = "teacher"
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    """A preset's ``ablation`` section.
-
-    ``keep``: fractions of hidden and intermediate channels the decoder keeps, for the preset's full model.
-    ``objectives`` / ``seeds``: what is trained at every width (same recipe as notebook 02: the preset's
-    ``training`` section). ``scratch_keep``: widths where the from-scratch baseline is trained too.
-    ``teachers``: a second axis, other full models of the same family, each ``{keep, seeds, objectives}``
-    (any left out: the main grid's); a key is ``smaller`` (the preset's smaller model) or a local directory /
-    hub id. Untrained decoders are scored for the main full model only.
-    ``retention``: a decoder "holds" a family when it keeps at least this fraction of its full model's score.
-    ``untrained``: also score every decoder before training (alone and paired).
-    ``eval_limit``: score only the first N documents of each task (None: the ``evaluation`` section's limit).
-    ``scorer``: how every model is scored (``SCORERS``): ``lm_eval`` (the preset's evaluation tasks, the synthetic
-    suite by default) or ``fidelity`` (agreement with the full model's held-out answers, for pretrained models).
-    """
-
-    keep: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
-    objectives: tuple[str, ...] = ("overfill", "pruned")
-    seeds: tuple[int, ...] = (0,)
-    scratch_keep: tuple[float, ...] = ()
-    teachers: dict = field(default_factory=dict)
-    retention: float = 0.9
-    untrained: bool = True
-    eval_limit: int | None = None
-    scorer: str = "lm_eval"
-
-    def __post_init__(self):
-        if self.scorer not in SCORERS:
-            valid = "; ".join(f"{k}: {v.description}" for k, v in SCORERS.items())
-            raise ValueError(f"unknown ablation.scorer {self.scorer!r}; valid: {valid}")
-        for name in ("keep", "scratch_keep"):
-            for k in getattr(self, name):
-                _check_keep(k, f"ablation.{name}")
-        for other, spec in self.teachers.items():
-            bad = sorted(set(spec or {}) - {"keep", "seeds", "objectives"})
-            if bad:
-                raise ValueError(
-                    f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
-            for k in (spec or {}).get("keep", self.keep):
-                _check_keep(k, f"ablation.teachers.{other}.keep")
-        for p in self.points():
-            if bad := [o for o in p.objectives if o not in METHODS]:
-                raise ValueError(
-                    f"ablation objectives {bad} cannot be trained per width; choose from {sorted(METHODS)}")
-        if not self.seeds:
-            raise ValueError("ablation.seeds needs at least one seed")
-        if not 0 < self.retention <= 1:
-            raise ValueError(f"ablation.retention must be in (0, 1], got {self.retention}")
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> AblationConfig:
-        from overfill_lib.config import parse
-
-        d = dict(d or {})
-        if d.get("teachers") is None:
-            d.pop("teachers", None)
-        return parse(cls, d, "ablation")
-
-    @classmethod
-    def from_preset(cls, preset) -> AblationConfig:
-        return cls.from_dict(preset.get("ablation", {}))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def points(self) -> list[Point]:
-        """The grid: the main teacher at every ``keep``, then each other teacher at its own widths."""
-        scratch = set(self.scratch_keep)
-        out = [Point(MAIN_TEACHER, k, self.seeds, self.objectives + (("scratch",) if k in scratch else ()))
-               for k in self.keep]
-        for other, spec in self.teachers.items():
-            spec = spec or {}
-            seeds, objectives = tuple(spec.get("seeds", self.seeds)), tuple(spec.get("objectives", self.objectives))
-            out += [Point(str(other), k, seeds, objectives) for k in spec.get("keep", self.keep)]
-        return out
-
-    def runs(self) -> int:
-        """How many training runs the grid asks for (before any are found finished)."""
-        return sum(len(p.seeds) * len(p.objectives) for p in self.points())
-
-
-@dataclass(frozen=True)
-class Point:
-    teacher: str
-    keep: float
-    seeds: tuple[int, ...] = (0,)
-    objectives: tuple[str, ...] = ("overfill", "pruned")
-
-    @property
-    def slug(self) -> str:
-        return f"{_slug(self.teacher)}-keep{self.keep:g}"
-
-
-def _check_keep(k, where: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-        raise ValueError(f"{where}: keep fractions must be numbers in (0, 1] (1 keeps every channel), got {k!r}")
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+FULL, SMALLER = "full model", training.OBJECTIVES["smaller"].label
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,16 +49,14 @@ def _slug(name: str) -> str:
 
 def teacher_dir(preset, name: str) -> Path:
     """The full model called ``name``: ``teacher`` / ``smaller`` (the preset's), or a directory / hub id."""
-    if name in (MAIN_TEACHER, "smaller"):
-        return Path(teacher.ensure_teacher(preset, which=name)[0])
-    from overfill_lib.presets import resolve_model
-
+    if name in pipeline.MODELS:
+        return Path(pipeline.model(preset, name)[0])
     return Path(resolve_model(name))
 
 
 def teacher_id(preset, name: str, full_dir: Path) -> str:
     """How a saved pair names its full model: the preset's id for its own models, else the directory."""
-    spec = preset[name] if name in (MAIN_TEACHER, "smaller") else None
+    spec = preset[name] if name in pipeline.MODELS else None
     return str((spec or {}).get("id") or full_dir)
 
 
@@ -176,11 +71,11 @@ def prepare_point(preset, point: Point, full_dir: Path) -> Path:
     """The pruned decoder of ``point``; the preset's own width of its own teacher is notebook 02's decoder."""
     section = decoder_section(preset, point.keep)
     if point.teacher == MAIN_TEACHER and section == dict(preset.get("decoder", {})):
-        return training.prepare_decoder(preset)
+        return pipeline.pruned_decoder(preset)
     root = preset.workdir / "ablation"
-    own_importance = None if point.teacher == MAIN_TEACHER else root / _slug(point.teacher) / "importance"
-    return training.prepare_decoder(preset, decoder=section, full_dir=full_dir, out=root / point.slug / "decoder",
-                                    importance_dir=own_importance)
+    own_importance = None if point.teacher == MAIN_TEACHER else root / slug(point.teacher) / "importance"
+    return pipeline.pruned_decoder(preset, decoder=section, full_dir=full_dir, out=root / point.slug / "decoder",
+                                   importance_dir=own_importance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +96,7 @@ class Scorer:
 
 # Score columns where lower is better: reported and averaged over seeds, but not used as "scores" (Pareto fronts,
 # retention, family curves all read higher as better).
-LOWER_IS_BETTER = ("answer_nll",)
+LOWER_IS_BETTER = ("answer_nll", "nll", "split_perplexity")
 
 
 def task_scores(results: dict, prefix: str = evaluation.SUITE_TASKS + "_") -> dict[str, float]:
@@ -237,7 +132,7 @@ def _lm_eval_scores(model, tokenizer, preset, limit: int | None, cache: Path | N
 
 
 def _test_records(preset, limit: int | None) -> list[dict]:
-    return training.data_records(preset, training.TrainingConfig.from_preset(preset), "test")[:limit]
+    return pipeline.data_records(preset, training.TrainingConfig.from_preset(preset), "test")[:limit]
 
 
 def _fidelity_key(preset, limit: int | None) -> str:
@@ -257,12 +152,9 @@ def _fidelity_scores(model, tokenizer, preset, limit: int | None, cache: Path | 
     return scores
 
 
-SCORERS = {
-    "lm_eval": Scorer(_lm_eval_scores, "the preset's evaluation tasks through lm-evaluation-harness (the synthetic "
-                      "suite by default; overall: the group's exact match)", "exact match", _lm_eval_key),
-    "fidelity": Scorer(_fidelity_scores, "how closely the model continues the full model's held-out answers (the "
-                       "training data's test split; overall: per-token agreement, also reported: exact, answer_nll)",
-                       "agreement with the full model", _fidelity_key),
+SCORERS = {  # the names and descriptions are config.ABLATION_SCORERS', so a preset's scorer is checked at load
+    "lm_eval": Scorer(_lm_eval_scores, ABLATION_SCORERS["lm_eval"], "exact match", _lm_eval_key),
+    "fidelity": Scorer(_fidelity_scores, ABLATION_SCORERS["fidelity"], "agreement with the full model", _fidelity_key),
 }
 
 
@@ -322,15 +214,15 @@ def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, byt
                 threads: int | None = None) -> dict:
     """Per-token decode cost of ``decoder`` reading ``full``'s cache (``decoder=None``: the full model alone).
 
-    ``decode_bytes``: what one step at batch 1 reads and writes (weights + KV of the base prompt and its new
-    tokens): the roofline cost of a memory-bound decode. ``per_token_ms``: measured median milliseconds per
-    generated token after the first (p10/p90 beside it), on the static-cache path, on this machine with
-    ``threads`` torch threads on a CPU.
+    ``decode_bytes``: what one step at batch 1 reads and writes, weights + KV cache of the base prompt and its
+    new tokens (:func:`overfill_lib.cost.decode_step_bytes` ``total``): the roofline cost of a memory-bound
+    decode. ``per_token_ms``: measured median milliseconds per generated token after the first (p10/p90 beside
+    it), on the static-cache path, on this machine with ``threads`` torch threads on a CPU.
     """
     model = decoder if decoder is not None else full
-    nbytes = bytes_per_value or latency.dtype_bytes(next(model.parameters()).dtype)
+    nbytes = bytes_per_value or cost.dtype_bytes(next(model.parameters()).dtype)
     positions = settings.base_prompt + settings.base_new_tokens
-    step = latency.decode_step_bytes(model.config, nbytes, batch=1, kv_positions=positions)
+    step = cost.decode_step_bytes(model.config, nbytes, batch=1, kv_positions=positions)
     # Compiled (CUDA graphs) on a GPU, where eager per-layer launches would hide the bytes; eager on a CPU.
     gen = FastGenerator(full, decoder, compile="auto")
     with _threads(threads if gen.device.type == "cpu" else None):
@@ -365,15 +257,15 @@ def run(
     config = config or AblationConfig.from_preset(preset)
     cfg = train_config or training.TrainingConfig.from_preset(preset)
     settings = latency.LatencySettings.from_dict(preset.get("latency", {}))
-    rt = training._runtime(preset)
+    rt = pipeline.runtime(preset)
     device = rt["device"] if rt["device"] != "cuda" or torch.cuda.is_available() else "cpu"
 
     def load(path: Path):
-        return teacher.load_teacher(path, dtype=getattr(torch, rt["dtype"]))[0].to(device)
+        return load_model(path, dtype=getattr(torch, rt["dtype"]))[0].to(device)
 
     main_dir = teacher_dir(preset, MAIN_TEACHER)
     tokenizer = AutoTokenizer.from_pretrained(main_dir)
-    dataset, stats = training.build_dataset(preset, cfg, tokenizer)
+    dataset, stats = pipeline.training_data(preset, cfg, tokenizer)
     data_stats = stats.to_dict()
     prompt_fn = prompt_source(preset, tokenizer)
 
@@ -400,7 +292,7 @@ def run(
         full_cost = cost_of(full)
         base = {"teacher": name, "teacher_parameters": full_cost["parameters"]}
         rows.append(base | {"keep": 1.0, "method": FULL, "seed": None} | full_cost
-                    | scored(full, cache_root / f"{_slug(name)}-{_dir_key(full_dir)}-{key}.json"))
+                    | scored(full, cache_root / f"{slug(name)}-{_dir_key(full_dir)}-{key}.json"))
         for point in points:
             dec_dir = prepare_point(preset, point, full_dir)
             decoder0 = load(dec_dir)
@@ -417,10 +309,9 @@ def run(
             for seed in point.seeds:
                 for objective in point.objectives:
                     bar.set_postfix_str(f"{point.slug} {objective} seed {seed}")
-                    result = training.train_objective(preset, objective, seed=seed, config=cfg, sources=sources,
-                                                      dataset=dataset, data_stats=data_stats, full=full,
-                                                      retrain=retrain)
-                    rows.append(at | {"method": METHODS[objective], "seed": seed,
+                    result = pipeline.training_run(preset, objective, seed=seed, config=cfg, sources=sources,
+                                                   dataset=dataset, data_stats=data_stats, full=full, retrain=retrain)
+                    rows.append(at | {"method": training.OBJECTIVES[objective].label, "seed": seed,
                                       "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
                                 | scored(result.model, result.run_dir / f"scores-{key}.json"))
                     bar.update()
@@ -428,11 +319,11 @@ def run(
                              point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
     bar.close()
     if preset.get("smaller"):  # the smaller model fine-tuned with the same recipe (notebook 02's run when finished)
-        sources = training.prepare_sources(preset, cfg, ["smaller"])
+        sources = pipeline.training_sources(preset, cfg, ["smaller"])
         cost = cost_of(load(sources.smaller_dir))
         for seed in config.seeds:
-            result = training.train_objective(preset, "smaller", seed=seed, config=cfg, sources=sources,
-                                              dataset=dataset, data_stats=data_stats, retrain=retrain)
+            result = pipeline.training_run(preset, "smaller", seed=seed, config=cfg, sources=sources,
+                                           dataset=dataset, data_stats=data_stats, retrain=retrain)
             rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
                          "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
                         | cost | scored(result.model, result.run_dir / f"scores-{key}.json"))
@@ -440,7 +331,7 @@ def run(
 
 
 def _dir_key(path: Path) -> str:
-    return hashlib.sha256(json.dumps(training._dir_signature(path)).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(training.dir_signature(path)).encode()).hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,6 +499,42 @@ def compare_methods(table, score: str = "overall", teacher_name: str = MAIN_TEAC
                      f"{b} std": ys, "difference": xa - ya,
                      "beyond seed spread": bool(abs(xa - ya) > xs + ys) if seeds > 1 else None})
     return pd.DataFrame(rows)
+
+
+# Pairs of trained methods compared at one width: the method and its baseline trained the same way.
+COMPARED = (("OverFill", "pruned"), ("OverFill, distilled", "pruned, distilled"))
+
+
+def seed_statistics(scores: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """Per model, the mean and the standard deviation (ddof 1; 0 with one seed) of each metric over its seeds."""
+    import numpy as np
+
+    mean = {m: {k: float(np.mean([s[k] for s in v])) for k in v[0]} for m, v in scores.items()}
+    std = {m: {k: float(np.std([s[k] for s in v], ddof=1)) if len(v) > 1 else 0.0 for k in v[0]}
+           for m, v in scores.items()}
+    return mean, std
+
+
+def verdict(scores: dict[str, list[dict]], primary: str, pairs=COMPARED) -> dict[str, dict]:
+    """Each method against its baseline on ``primary`` (lower is better for ``LOWER_IS_BETTER``): the means, the
+    relative gain, whether it is ahead, and whether by more than the two seed spreads (None with one seed on
+    either side: nothing to weigh the difference against); ``sentence`` says it in words."""
+    mean, std = seed_statistics(scores)
+    sign = -1 if primary in LOWER_IS_BETTER else 1
+    out = {}
+    for ours, theirs in ((a, b) for a, b in pairs if a in scores and b in scores):
+        o, p = mean[ours][primary], mean[theirs][primary]
+        seeds = min(len(scores[ours]), len(scores[theirs]))
+        ahead = sign * (o - p) > 0
+        beats = sign * (o - p) > std[ours][primary] + std[theirs][primary] if seeds > 1 else None
+        said = (f"{ours} is {'ahead' if ahead else 'behind'} on one seed (no spread to weigh the difference against)."
+                if beats is None else f"{ours} is ahead by more than the seed spread." if beats else
+                f"{ours} is NOT ahead of {theirs} by more than the seed spread.")
+        out[f"{ours} vs {theirs}"] = {
+            "metric": primary, ours: o, theirs: p, "relative_gain": (o - p) / p if p else None, "seeds": seeds,
+            "ahead": bool(ahead), "beats_beyond_seed_spread": beats,
+            "sentence": f"{ours} {o:.3f} vs {theirs} {p:.3f} {primary} ({o - p:+.3f}); {said}"}
+    return out
 
 
 def narrowest_holding(table, method: str, level: float, score: str = "overall", teacher_name: str = MAIN_TEACHER):

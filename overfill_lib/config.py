@@ -10,10 +10,11 @@ whose dataclass lives beside the code that uses it (``training``, ``ablation``, 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
@@ -21,6 +22,14 @@ CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
 CRITERIA = ("activation", "magnitude", "random")
 AGGREGATIONS = ("l2", "mean", "l1")
 SEQ_AGGREGATIONS = ("mean", "l2")
+MAIN_TEACHER = "teacher"  # the ablation grid's name for the preset's own full model
+ABLATION_OBJECTIVES = ("overfill", "pruned", "scratch")  # what the grid can train at every width
+ABLATION_SCORERS = {  # how the grid scores a model (ablation.SCORERS implements each)
+    "lm_eval": "the preset's evaluation tasks through lm-evaluation-harness (the synthetic suite by default; "
+               "overall: the group's exact match)",
+    "fidelity": "how closely the model continues the full model's held-out answers (the training data's test split; "
+                "overall: per-token agreement, also reported: exact, answer_nll)",
+}
 
 
 def parse(cls, data: Mapping | None, where: str):
@@ -245,7 +254,7 @@ class RuntimeSection:
 
 @dataclass(frozen=True)
 class DistillSection:
-    """Self-distilled chat data (``corpus.ensure_distilled_data``): per split ``[passage prompts, family prompts]``."""
+    """Self-distilled chat data (``pipeline.distilled_data``): per split ``[passage prompts, family prompts]``."""
 
     dir: str
     train: tuple[int, int]
@@ -259,3 +268,104 @@ class DistillSection:
         for split in ("train", "validation", "test"):
             if any(n < 0 for n in getattr(self, split)):
                 raise ValueError(f"distill.{split} counts must be >= 0, got {getattr(self, split)!r}")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """A preset's ``ablation`` section.
+
+    ``keep``: fractions of hidden and intermediate channels the decoder keeps, for the preset's full model.
+    ``objectives`` / ``seeds``: what is trained at every width (same recipe as notebook 02: the preset's
+    ``training`` section). ``scratch_keep``: widths where the from-scratch baseline is trained too.
+    ``teachers``: a second axis, other full models of the same family, each ``{keep, seeds, objectives}``
+    (any left out: the main grid's); a key is ``smaller`` (the preset's smaller model) or a local directory /
+    hub id. Untrained decoders are scored for the main full model only.
+    ``retention``: a decoder "holds" a family when it keeps at least this fraction of its full model's score.
+    ``untrained``: also score every decoder before training (alone and paired).
+    ``eval_limit``: score only the first N documents of each task (None: the ``evaluation`` section's limit).
+    ``scorer``: how every model is scored (``SCORERS``): ``lm_eval`` (the preset's evaluation tasks, the synthetic
+    suite by default) or ``fidelity`` (agreement with the full model's held-out answers, for pretrained models).
+    """
+
+    keep: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
+    objectives: tuple[str, ...] = ("overfill", "pruned")
+    seeds: tuple[int, ...] = (0,)
+    scratch_keep: tuple[float, ...] = ()
+    teachers: dict = field(default_factory=dict)
+    retention: float = 0.9
+    untrained: bool = True
+    eval_limit: int | None = None
+    scorer: str = "lm_eval"
+
+    def __post_init__(self):
+        if self.scorer not in ABLATION_SCORERS:
+            valid = "; ".join(f"{k}: {v}" for k, v in ABLATION_SCORERS.items())
+            raise ValueError(f"unknown ablation.scorer {self.scorer!r}; valid: {valid}")
+        for name in ("keep", "scratch_keep"):
+            for k in getattr(self, name):
+                _check_keep(k, f"ablation.{name}")
+        for other, spec in self.teachers.items():
+            bad = sorted(set(spec or {}) - {"keep", "seeds", "objectives"})
+            if bad:
+                raise ValueError(
+                    f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
+            for k in (spec or {}).get("keep", self.keep):
+                _check_keep(k, f"ablation.teachers.{other}.keep")
+        for p in self.points():
+            if bad := [o for o in p.objectives if o not in ABLATION_OBJECTIVES]:
+                raise ValueError(
+                    f"ablation objectives {bad} cannot be trained per width; choose from {sorted(ABLATION_OBJECTIVES)}")
+        if not self.seeds:
+            raise ValueError("ablation.seeds needs at least one seed")
+        if not 0 < self.retention <= 1:
+            raise ValueError(f"ablation.retention must be in (0, 1], got {self.retention}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AblationConfig:
+        d = dict(d or {})
+        if d.get("teachers") is None:
+            d.pop("teachers", None)
+        return parse(cls, d, "ablation")
+
+    @classmethod
+    def from_preset(cls, preset) -> AblationConfig:
+        return cls.from_dict(preset.get("ablation", {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def points(self) -> list[Point]:
+        """The grid: the main teacher at every ``keep``, then each other teacher at its own widths."""
+        scratch = set(self.scratch_keep)
+        out = [Point(MAIN_TEACHER, k, self.seeds, self.objectives + (("scratch",) if k in scratch else ()))
+               for k in self.keep]
+        for other, spec in self.teachers.items():
+            spec = spec or {}
+            seeds, objectives = tuple(spec.get("seeds", self.seeds)), tuple(spec.get("objectives", self.objectives))
+            out += [Point(str(other), k, seeds, objectives) for k in spec.get("keep", self.keep)]
+        return out
+
+    def runs(self) -> int:
+        """How many training runs the grid asks for (before any are found finished)."""
+        return sum(len(p.seeds) * len(p.objectives) for p in self.points())
+
+
+@dataclass(frozen=True)
+class Point:
+    teacher: str
+    keep: float
+    seeds: tuple[int, ...] = (0,)
+    objectives: tuple[str, ...] = ("overfill", "pruned")
+
+    @property
+    def slug(self) -> str:
+        return f"{slug(self.teacher)}-keep{self.keep:g}"
+
+
+def _check_keep(k, where: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise ValueError(f"{where}: keep fractions must be numbers in (0, 1] (1 keeps every channel), got {k!r}")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"

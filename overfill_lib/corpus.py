@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib.io import read_json, weights_fingerprint, write_json
+from overfill_lib.artifacts import read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
     """
     import json
 
-    from overfill_lib.io import atomic_write_text, environment_record
+    from overfill_lib.artifacts import atomic_write_text, environment_record
 
     out_dir = Path(out_dir)
     fingerprint = weights_fingerprint(model)
@@ -297,39 +297,3 @@ def check_distill_section(section: dict) -> dict:
     from overfill_lib.config import DistillSection, values
 
     return values(DistillSection, section, "distill")
-
-
-def ensure_distilled_data(preset, model=None, tokenizer=None) -> Path:
-    """The preset's self-distilled data directory (``distill.dir``), built or completed with its full model when
-    a split is missing or was made by another request (another model, size or decoding)."""
-    from overfill_lib import gguf_models, teacher
-
-    section = check_distill_section(dict(preset["distill"] or {}))
-    if model is None:
-        model_dir, _ = teacher.ensure_teacher(preset)
-        model, tokenizer = teacher.load_teacher(model_dir)
-        source = gguf_models.source_record(model_dir)
-    else:
-        source = None
-    return build_distilled_data(
-        model, tokenizer, preset.path(section["dir"]), sizes={s: tuple(section[s]) for s in DATA_SPLITS},
-        max_new_tokens=section.get("max_new_tokens", 96), batch_size=section.get("batch_size", 16),
-        seed=section.get("seed", 0), source=source and {k: source[k] for k in ("source", "gguf_sha256")})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Regenerate (or complete) a preset's self-distilled chat data: ``python -m overfill_lib.corpus --preset NAME``."""
-    import argparse
-
-    from overfill_lib.presets import load_preset
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--preset", required=True, help="a preset with a distill section (e.g. smollm2-135m)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    print(ensure_distilled_data(load_preset(args.preset)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,8 +35,9 @@ def with_our_tasks(args: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import overfill_lib.evaluation  # noqa: F401  (registers the `overfill` model with lm-eval)
     from lm_eval.__main__ import cli_evaluate
+
+    import overfill_lib.evaluation  # noqa: F401  (registers the `overfill` model with lm-eval)
 
     args = with_our_tasks(sys.argv[1:] if argv is None else argv)
     # lm-eval's parser reads sys.argv itself.

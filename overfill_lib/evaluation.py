@@ -52,7 +52,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 from tqdm.auto import tqdm
 
-from overfill_lib.io import PROJECT_ROOT, atomic_write_text, environment_record, load_causal_lm, read_json
+from overfill_lib.artifacts import PROJECT_ROOT, atomic_write_text, environment_record, load_causal_lm, read_json
 from overfill_lib.pair import CONFIG_NAME, OverFillModel
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 def _load_causal_lm(model_id: str | os.PathLike, dtype, revision: str | None):
-    from overfill_lib.presets import resolve_model
+    from overfill_lib.artifacts import resolve_model
 
     path = resolve_model(model_id, revision=revision)
     kw = {} if dtype is None else {"dtype": dtype}
@@ -172,7 +172,7 @@ def load_models(
             pair = OverFillModel(full, decoder, strategy or "shared_kv")
         elif isinstance(full, (str, os.PathLike)) and isinstance(decoder, (str, os.PathLike)):
             pair = OverFillModel.from_models(full, decoder, strategy, dtype=dtype)
-            from overfill_lib.presets import resolve_model
+            from overfill_lib.artifacts import resolve_model
 
             source = str(resolve_model(full, revision=revision))
         else:
@@ -189,7 +189,7 @@ def load_models(
     pair.to(device)
     pair.eval()
     if pair.tokenizer is None and source is None and pair.full_id and role == "overfill":
-        from overfill_lib.presets import resolve_model
+        from overfill_lib.artifacts import resolve_model
 
         source = str(resolve_model(pair.full_id, revision=revision))
     return pair, role, source
@@ -445,7 +445,7 @@ def resolve_suite_dir(suite_dir: str | os.PathLike | None = None, preset: str | 
     if not (path / "test.jsonl").is_file():
         raise ValueError(
             f"no synthetic suite at {path} (test.jsonl missing). Create it with overfill_lib.tasks.write_suite (or "
-            f"teacher.ensure_teacher), or point the tasks elsewhere: evaluate(..., suite_dir=DIR), "
+            f"pipeline.suite(preset)), or point the tasks elsewhere: evaluate(..., suite_dir=DIR), "
             f"--metadata suite_dir=DIR or preset=NAME, or ${SUITE_ENV}=DIR"
         )
     return path.resolve()
@@ -600,7 +600,7 @@ def resolve_chat_dir(data_dir: str | os.PathLike | None = None, preset: str | No
                          "data/distill-smollm2-135m) or preset=NAME, or evaluate(..., metadata={'data_dir': DIR})")
     path = _project_relative(data_dir)
     if not (path / "test.jsonl").is_file():
-        raise ValueError(f"no test.jsonl in {path}; make the data with `python -m overfill_lib.corpus --preset NAME`")
+        raise ValueError(f"no test.jsonl in {path}; make the data with `python -m overfill_lib.pipeline distill --preset NAME`")
     return path.resolve()
 
 
@@ -608,7 +608,7 @@ def _metadata_tokenizer(metadata: Mapping[str, Any]):
     """The evaluated model's tokenizer, from the model arguments lm-eval passes as task metadata."""
     from transformers import AutoTokenizer
 
-    from overfill_lib.presets import resolve_model
+    from overfill_lib.artifacts import resolve_model
 
     for key in ("tokenizer", "full", "pretrained", "decoder"):
         name = metadata.get(key)
@@ -629,7 +629,7 @@ def load_chat_dataset(data_dir: str | None = None, preset: str | None = None, **
     """
     import datasets
 
-    from overfill_lib.data import load_conversations
+    from overfill_lib.chat_data import load_conversations
 
     root = resolve_chat_dir(data_dir, preset)
     tokenizer = _metadata_tokenizer(metadata)

@@ -1,37 +1,11 @@
 """The fast decode path: one static KV cache, a compiled decode step, no host round trip per token.
 
-The plain loop (:mod:`overfill_lib.generation`) grows a ``DynamicCache`` and the attention mask by
-one column per token and runs every forward eagerly. At batch 1 on a GPU that loop is bound by
-kernel launches and Python, not by memory bandwidth, so it cannot show what OverFill's smaller
-decoder buys. This module removes that overhead the way gpt-fast and HF's compiled ``generate`` do:
-
-1. **One static cache.** A ``transformers.StaticCache`` is allocated once for prompt + new tokens
-   (reused across calls of the same shape, so CUDA graphs keep their static addresses). Under the
-   ``shared_kv`` strategy the full model's prefill fills it and the decoder then reads and extends
-   that same object: no copy, since both models' caches have one shape (same layers, KV heads,
-   head_dim).
-2. **A compiled decode step.** The per-token forward (``[batch, 1]`` ids, positions, a fixed-width
-   attention mask, the cache) has static shapes, so ``torch.compile`` can capture it whole; on CUDA
-   ``mode="reduce-overhead"`` replays it as a CUDA graph. The prefill stays eager (its shape
-   changes with every prompt and it is compute-bound anyway).
-3. **No per-token sync.** Tokens stay on the device; eos is checked every ``sync_every`` steps and
-   the output is trimmed afterwards exactly as the plain loop would have stopped.
-
-Methods, all greedy (the plain loop's greedy tokens are reproduced exactly; sampling is left to
-:func:`overfill_lib.generation.generate`):
-
-- ``overfill``: full-model prefill and first token, pruned decoder for the rest (shared cache);
-- ``full`` / ``decoder``: either model alone, the baselines OverFill is compared with;
-- ``speculative``: the decoder drafts ``num_draft_tokens`` tokens with its own cache, the full model
-  verifies them in one forward; accepted tokens are kept and both caches are rolled back to the
-  accepted length. Greedy speculative decoding returns the full model's own greedy tokens.
-
-Every output says which path made it (``fast-static-compiled`` or ``fast-static-eager``) so a
-timing never silently compares a fast path with a slow one.
-
-    gen = FastGenerator.from_pair(pair)          # compile="auto": compiled on CUDA, eager on CPU
-    out = gen.generate(input_ids, attention_mask, method="overfill", max_new_tokens=256)
-    out.new_tokens, out.timings.per_token_s, out.path
+At batch 1 on a GPU the plain loop (:mod:`overfill_lib.generation`) is bound by kernel launches and Python, not
+by memory bandwidth, so it cannot show what a smaller decoder buys. Built from the same stages, this path removes
+that overhead as gpt-fast does: a ``StaticCache`` allocated once and reused (under ``shared_kv`` the decoder reads
+and extends the full model's prefilled cache itself), a ``torch.compile``d decode step (CUDA graphs on CUDA), and
+eos checked every ``sync_every`` steps. Greedy only, reproducing the plain loop's tokens exactly. Every output
+names its path (compiled or eager), so a timing never silently compares a fast path with a slow one.
 """
 
 from __future__ import annotations
@@ -42,15 +16,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StaticCache
+from transformers import StaticCache
 
 from overfill_lib.generation import (
     cache_keyword,
     check_new_tokens,
     check_padded,
-    keep_last_logits,
-    positions_from_mask,
-    with_cache,
+    decode_n_tokens,
+    decode_one_token,
+    eos_ids,
+    greedy,
+    pad_token_for,
+    positions_from_mask,  # noqa: F401 (latency.py and tests reach it here)
+    prefill,
+    speculative_decode,
 )
 
 log = logging.getLogger(__name__)
@@ -134,41 +113,6 @@ def set_cache_length(cache: StaticCache, length: int | torch.Tensor) -> None:
         counter.fill_(length)
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
-    """``"default"``: the model's generation config, then its config (as the plain loop resolves it)."""
-    if isinstance(eos_token_id, str):
-        if eos_token_id != "default":
-            raise ValueError(f"eos_token_id={eos_token_id!r}: pass an id, a list of ids, None/[] (never stop) or 'default'")
-        gc = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-        eos_token_id = gc.eos_token_id if gc.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-
-def _pad_id(model, eos: list[int], pad_token_id) -> int:
-    if pad_token_id is not None:
-        return int(pad_token_id)
-    for source in (getattr(model, "generation_config", None), model.config):
-        pad = getattr(source, "pad_token_id", None) if source is not None else None
-        if pad is not None:
-            return int(pad)
-    return eos[0] if eos else 0
-
-
-def _greedy_forward(model, input_ids, position_ids, attention_mask, cache, cache_kw: str) -> torch.Tensor:
-    """One forward over ``input_ids`` [batch, q] on a static cache; greedy ids for each of the q positions.
-    ``cache_kw``: ``generation.cache_keyword(model)``, resolved outside the compiled region."""
-    out = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        **{cache_kw: cache},
-        use_cache=True,
-    )
-    return out.logits.argmax(-1)
-
-
 def _standard_layout(t: torch.Tensor) -> torch.Tensor:
     """``t`` with default contiguous strides (size-1 dimensions included).
 
@@ -193,9 +137,9 @@ def _raise_recompile_limit() -> None:
 
 
 class StepFn:
-    """Greedy forward of ``q`` new tokens against a static cache, compiled or eager.
+    """The decode stage, :func:`~overfill_lib.generation.decode_one_token` (greedy), on a static cache.
 
-    ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` of the forward, one graph per
+    ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` of that very function, one graph per
     (model, batch, cache length, q); ``mode`` defaults to ``"reduce-overhead"`` (CUDA graphs) on
     CUDA and inductor's default on CPU. ``fallback``: if compiling fails, log it and run eagerly
     (``compiled`` turns False so the path label stays true); otherwise the error is raised.
@@ -206,11 +150,11 @@ class StepFn:
         self.compiled = bool(compile)
         self.fallback = fallback
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
-        self._fn = _greedy_forward
+        self._fn = decode_one_token
         self._compiled_once = False
         if self.compiled:
             _raise_recompile_limit()
-            self._fn = torch.compile(_greedy_forward, mode=self.mode, fullgraph=True, dynamic=False)
+            self._fn = torch.compile(decode_one_token, mode=self.mode, fullgraph=True, dynamic=False)
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -219,20 +163,20 @@ class StepFn:
     def __call__(self, model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         kw = cache_keyword(model)
         if not self.compiled:
-            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache, kw)
+            return decode_one_token(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw)
         if self.uses_cuda_graphs:
             # Tells CUDA graph trees that the previous replay's outputs are consumed (we clone them).
             torch.compiler.cudagraph_mark_step_begin()
         input_ids, position_ids, attention_mask = map(_standard_layout, (input_ids, position_ids, attention_mask))
         try:
-            out = self._fn(model, input_ids, position_ids, attention_mask, cache, kw).clone()
+            out = self._fn(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw).clone()
         except Exception as e:
             # Only a failure to compile at all falls back; out-of-memory and later errors are real.
             if not self.fallback or self._compiled_once or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             log.warning("torch.compile of the decode step failed (%s: %s); running eagerly", type(e).__name__, e)
             self.compiled = False
-            return _greedy_forward(model, input_ids, position_ids, attention_mask, cache, kw)
+            return decode_one_token(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw)
         self._compiled_once = True
         return out
 
@@ -260,19 +204,6 @@ class _Clock:
         return [m - self.marks[0] for m in self.marks[1:]]
 
 
-def _prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    """Eager prefill into the static cache; the greedy first token [batch]."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        **with_cache(model, cache),
-        use_cache=True,
-        **keep_last_logits(model),
-    )
-    return out.logits[:, -1].argmax(-1)
-
-
 def _finish(new: torch.Tensor, eos: list[int], pad: int) -> tuple[torch.Tensor, list[str]]:
     """Pad each row after its first eos and stop where the last row ended, as the plain loop does."""
     if not eos or new.shape[1] == 0:
@@ -289,8 +220,8 @@ def _finish(new: torch.Tensor, eos: list[int], pad: int) -> tuple[torch.Tensor, 
     return new, reasons
 
 
-def _all_ended(tokens: list[torch.Tensor], eos_t: torch.Tensor) -> bool:
-    return bool(torch.isin(torch.stack(tokens, 1), eos_t).any(1).all())
+def _all_ended(tokens: list[torch.Tensor], eos_t: torch.Tensor | None) -> bool:
+    return eos_t is not None and bool(torch.isin(torch.stack(tokens, 1), eos_t).any(1).all())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,8 +338,8 @@ class FastGenerator:
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         first = self._model("decoder" if method == "decoder" else "full")
         check_padded(input_ids, attention_mask, model=first)
-        eos = _eos_ids(first, eos_token_id)
-        pad = _pad_id(first, eos, pad_token_id)
+        eos = eos_ids(first, eos_token_id)
+        pad = pad_token_for(first, eos=eos, pad_token_id=pad_token_id)
         if method == "speculative":
             if num_draft_tokens < 1:
                 raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 1")
@@ -429,69 +360,49 @@ class FastGenerator:
         cache = self.cache("main", prefill_model, batch, length)
         # Fixed-width mask: the prompt's padding, then ones; the causal mask hides unwritten positions.
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, limit)], 1)
-        positions = positions_from_mask(attention_mask)
-        last = positions[:, -1].contiguous()
-        later = [(last + i)[:, None] for i in range(1, limit)]  # each step's positions, [batch, 1]
         eos_t = torch.tensor(eos, device=self.device, dtype=torch.long) if eos else None
         clock = _Clock(self.device)
         clock.mark()
-        tokens = [_prefill(prefill_model, input_ids, attention_mask, positions, cache)]
+        first = prefill(prefill_model, input_ids, attention_mask, cache)
+        tokens = [greedy(first.logits[:, -1])]
         clock.mark()
-        for i in range(limit - 1):
-            if eos_t is not None and i % self.sync_every == 0 and _all_ended(tokens, eos_t):
-                break
-            tokens.append(self.step(step_model, tokens[-1][:, None], later[i], mask, cache)[:, 0])
+        decode_n_tokens(lambda ids, pos: self.step(step_model, ids, pos, mask, cache)[:, 0], tokens,
+                        first.position_ids[:, -1:], limit - 1,
+                        stop=lambda i, tokens: i % self.sync_every == 0 and _all_ended(tokens, eos_t))
         clock.mark()
         ttft, total = clock.seconds()
         timings = FastTimings(ttft_s=ttft, decode_s=total - ttft, batch_size=batch, prompt_length=prompt,
                               max_cache_len=length, forwards=len(tokens) - 1)
         return torch.stack(tokens, 1), timings
 
-    # -- speculative decoding on the same static caches ---------------------------------------------
-
     def _speculative(self, input_ids, attention_mask, limit: int, eos: list[int], gamma: int):
-        """Greedy draft-then-verify (Leviathan et al. 2023; Chen et al. 2023), batched.
-
-        Per round: the draft extends the last token by ``gamma`` greedy tokens on its own cache; the
-        full model runs [last, drafts] in one forward and its greedy tokens g_0..g_gamma are the
-        truth. ``n`` = the longest prefix where drafts equal g, taken as the minimum over rows so the
-        batch stays aligned (still exact: rows never emit anything but the full model's tokens).
-        The round yields g_0..g_n; both caches are rolled back to hold last, d_1..d_n.
-        """
+        """Rounds of :func:`~overfill_lib.generation.speculative_decode`, both static caches rolled back after each."""
         full, draft = self._model("full"), self._model("decoder")
         batch, prompt = input_ids.shape
         length = prompt + limit + gamma + 1  # the last round may verify past the limit
         target_cache = self.cache("target", full, batch, length)
         draft_cache = self.cache("draft", draft, batch, length)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - prompt)], 1)
-        positions = positions_from_mask(attention_mask)
-        offsets = torch.arange(gamma + 1, device=self.device)
         eos_t = torch.tensor(eos, device=self.device, dtype=torch.long) if eos else None
         timings = FastTimings(batch_size=batch, prompt_length=prompt, max_cache_len=length)
         clock = _Clock(self.device)
         clock.mark()
-        tokens = [_prefill(full, input_ids, attention_mask, positions, target_cache)]
+        first = prefill(full, input_ids, attention_mask, target_cache)
+        tokens = [greedy(first.logits[:, -1])]
         clock.mark()
-        _prefill(draft, input_ids, attention_mask, positions, draft_cache)
+        prefill(draft, input_ids, attention_mask, draft_cache)
         filled = prompt  # positions written in both caches
-        last = positions[:, -1].contiguous()[:, None] + 1  # position of tokens[-1], not yet in either cache
-        while len(tokens) < limit and not (eos_t is not None and _all_ended(tokens, eos_t)):
-            x, drafts = tokens[-1], []
-            for j in range(gamma):
-                x = self.step(draft, x[:, None], last + j, mask, draft_cache)[:, 0]
-                drafts.append(x)
-            d = torch.stack(drafts, 1)
-            g = self.step(full, torch.cat([tokens[-1][:, None], d], 1), last + offsets, mask, target_cache)
-            n = int((d == g[:, :gamma]).long().cumprod(1).sum(1).min())  # the round's one host sync
-            if n == gamma:  # the draft has not seen its own last token yet
-                self.step(draft, drafts[-1][:, None], last + gamma, mask, draft_cache)
-                timings.forwards += 1
+        last = first.position_ids[:, -1:] + 1  # position of tokens[-1], not yet in either cache
+        while len(tokens) < limit and not _all_ended(tokens, eos_t):
+            accepted, n = speculative_decode(lambda ids, pos: self.step(draft, ids, pos, mask, draft_cache),
+                                             lambda ids, pos: self.step(full, ids, pos, mask, target_cache),
+                                             tokens[-1], last, gamma)
             filled += n + 1
             set_cache_length(target_cache, filled)
             set_cache_length(draft_cache, filled)
-            tokens.extend(g[:, : n + 1].unbind(1))
+            tokens.extend(accepted.unbind(1))
             last = last + n + 1
-            timings.forwards += gamma + 1
+            timings.forwards += gamma + 1 + (n == gamma)
             timings.rounds += 1
             timings.proposed += gamma
             timings.accepted += n

@@ -1,25 +1,9 @@
-"""OverFill generation: the full model prefills and picks the first token, the decoder continues.
+"""Generation in the stages gpt-fast names: prefill, decode one token, decode n tokens, speculative decode.
 
-The loop mirrors Hugging Face ``generate`` (greedy / multinomial sampling) closely enough that an
-identity pair (decoder = the full model) reproduces ``full.generate`` token for token:
-
-1. The full model runs the (left-padded) prompt with ``position_ids`` from the attention mask's
-   cumulative sum, filling a ``DynamicCache``; its last logits give the first new token.
-2. The pairing strategy turns that cache into the decoder's (``shared_kv``: the same object).
-3. The decoder takes one token per step at the next position, the attention mask growing by one
-   column of ones per step (finished rows keep emitting ``pad``, as in HF).
-
-Sampling goes through ``transformers`` logits processors built from a ``GenerationConfig``
-(repetition penalty, temperature, top-k, top-p, ...). Stopping: eos ids, stop strings (checked on
-the decoded text; trimmed from the returned text, not from the token ids), ``max_new_tokens``.
-
-**Prefill refresh** (future work named by the authors, built here): with ``refresh_every=N`` the
-full model re-processes, every N decoder steps, the last N tokens the decoder wrote into the cache
-(one chunked forward over them with the cache cropped back by N) and its KV replaces the decoder's.
-Tokens already generated never change (no verify or rollback); the refresh's logits are discarded.
-Cost: one full-model forward of N tokens every N decoded tokens, i.e. roughly one extra read of
-the full model's weights per refresh (memory-bound for small N), plus its attention over the
-context. N=1 therefore costs more than running the full model alone; it is a quality reference.
+The stage functions are shared by the plain loop here (:func:`generate`: ``DynamicCache``, eager, sampling,
+stop strings, prefill refresh) and the fast path (:mod:`overfill_lib.fast_decode`: static cache, compiled
+step), so both compute one thing; an identity pair reproduces HF ``generate`` token for token. This module is
+also the one home of the eos, pad and position rules.
 """
 
 from __future__ import annotations
@@ -29,8 +13,9 @@ import functools
 import inspect
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import torch
 from transformers import (
@@ -47,9 +32,6 @@ from transformers import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-
-if TYPE_CHECKING:
-    from overfill_lib.pair import OverFillModel
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +128,26 @@ def pad_sequences(
     return ids, mask
 
 
-def pad_token_for(model, tokenizer=None) -> int:
-    """The pad id: generation config, then config, then tokenizer, then eos, then 0."""
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        pad = getattr(source, "pad_token_id", None) if source is not None else None
-        if pad is not None:
-            return int(pad)
-    eos = _eos_list(getattr(model, "generation_config", None)) or _eos_list(model.config)
-    return eos[0] if eos else 0
-
-
-def _eos_list(config) -> list[int]:
-    eos = getattr(config, "eos_token_id", None) if config is not None else None
-    if eos is None:
+def eos_ids(source, eos_token_id: int | Sequence[int] | str | None = "default") -> list[int]:
+    """The stop ids as a list: ``eos_token_id`` itself (None or [] never stops), or for ``"default"`` those of
+    ``source``: a model's generation config, then its config; or a (generation) config's own."""
+    if isinstance(eos_token_id, str):
+        if eos_token_id != "default":
+            raise ValueError(f"eos_token_id={eos_token_id!r}: pass an id, ids, None/[] (never stop) or 'default'")
+        configs = (getattr(source, "generation_config", None), getattr(source, "config", source))
+        eos_token_id = next((c.eos_token_id for c in configs if getattr(c, "eos_token_id", None) is not None), None)
+    if eos_token_id is None:
         return []
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def pad_token_for(model, tokenizer=None, eos: Sequence[int] = (), pad_token_id: int | None = None) -> int:
+    """The pad id (ragged prompts, rows that finished), as HF generate picks it: ``pad_token_id``, the generation
+    config's, the first of this call's stop ids ``eos``; then the config's, the tokenizer's, the model's eos, 0."""
+    gen = getattr(model, "generation_config", None)
+    ids = (pad_token_id, getattr(gen, "pad_token_id", None), *eos[:1], getattr(model.config, "pad_token_id", None),
+           getattr(tokenizer, "pad_token_id", None), *eos_ids(model)[:1], 0)
+    return int(next(i for i in ids if i is not None))
 
 
 def encode_chat(tokenizer, conversations: Sequence[Sequence[dict]], **template_kwargs) -> dict[str, torch.Tensor]:
@@ -226,7 +213,7 @@ def build_logits_processor(
     Penalties and constraints first, then any caller-given processors, then (sampling only) the
     warpers: temperature, top-k, top-p, min-p, typical-p.
     """
-    eos = _eos_list(gc)
+    eos = eos_ids(gc)
     procs = LogitsProcessorList()
     if gc.repetition_penalty not in (None, 1.0):
         procs.append(RepetitionPenaltyLogitsProcessor(penalty=float(gc.repetition_penalty)))
@@ -332,15 +319,8 @@ class OverFillOutput:
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
+# Model calls
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prefill:
-    logits: torch.Tensor  # [batch, 1, vocab]: last position only
-    cache: DynamicCache
-    position_ids: torch.Tensor  # [batch, prompt_length]
 
 
 @functools.cache
@@ -371,19 +351,103 @@ def keep_last_logits(model) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def full_prefill(full, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Prefill:
-    """Run the full model over a left-padded prompt batch, returning its last logits and its cache."""
-    cache = DynamicCache(config=full.config)
-    position_ids = positions_from_mask(attention_mask)
-    out = full(
+def crop_cache(cache: DynamicCache, tokens: int) -> None:
+    """Drop the last ``tokens`` positions of every layer of a ``DynamicCache``.
+
+    A negative argument to ``Cache.crop`` means "remove this many" both in transformers 5.17 (where a
+    positive one is an absolute length) and in later 5.x (where a positive one is refused), so this
+    is the portable call.
+    """
+    if tokens > 0:
+        cache.crop(-tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages, shared by the plain loop below and the fast path (overfill_lib.fast_decode)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # [batch, 1, vocab]: last position only
+    cache: Any  # the cache the prompt was written into
+    position_ids: torch.Tensor  # [batch, prompt_length]
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy ids [batch, q] from logits [batch, q, vocab]."""
+    return logits.argmax(-1)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None,
+            position_ids: torch.Tensor | None = None) -> Prefill:
+    """Run ``model`` over a left-padded prompt batch into ``cache`` (default: a new ``DynamicCache``; the fast path
+    passes a ``StaticCache``), computing logits at the last position only. ``position_ids`` (default: from the
+    mask) are given for a chunk on top of a filled cache, whose ``attention_mask`` then covers cache + chunk."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    position_ids = positions_from_mask(attention_mask) if position_ids is None else position_ids
+    out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        **with_cache(full, cache),
+        **with_cache(model, cache),
         use_cache=True,
-        **keep_last_logits(full),
+        **keep_last_logits(model),
     )
     return Prefill(out.logits[:, -1:], cache, position_ids)
+
+
+def decode_one_token(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     cache, choose: Callable[[torch.Tensor], torch.Tensor] = greedy,
+                     cache_kw: str | None = None) -> torch.Tensor:
+    """One decode forward on ``cache``: the newest token per row, [batch, 1] ([batch, q] to verify q drafts), at
+    ``position_ids``, the mask covering cache + new tokens; ``choose`` turns the logits [batch, q, vocab] into ids.
+    ``cache_kw``: :func:`cache_keyword`, given by a compiled caller (inspecting the model cannot be traced)."""
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                **{cache_kw or cache_keyword(model): cache}, use_cache=True)
+    return choose(out.logits)
+
+
+def decode_n_tokens(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: list[torch.Tensor],
+                    position: torch.Tensor, n: int,
+                    stop: Callable[[int, list[torch.Tensor]], bool] | None = None) -> list[torch.Tensor]:
+    """Up to ``n`` decode steps after ``tokens[-1]`` [batch], which sits at ``position`` [batch, 1]: each calls
+    ``step(newest ids [batch, 1], their position [batch, 1]) -> next ids [batch]`` (a :func:`decode_one_token`)
+    and appends its result to ``tokens``. ``stop(i, tokens)``, asked before step ``i``, ends early."""
+    for i in range(n):
+        if stop is not None and stop(i, tokens):
+            break
+        position = position + 1
+        tokens.append(step(tokens[-1][:, None], position))
+    return tokens
+
+
+def speculative_decode(draft_step: Callable, verify_step: Callable, token: torch.Tensor, position: torch.Tensor,
+                       gamma: int) -> tuple[torch.Tensor, int]:
+    """One greedy draft-then-verify round (Leviathan et al. 2023; Chen et al. 2023), batched.
+
+    ``token`` [batch] at ``position`` [batch, 1] is in neither model's cache yet. The draft extends it by ``gamma``
+    greedy tokens d_1..d_gamma; the target runs [token, drafts] in one forward, its greedy g_0..g_gamma being the
+    truth. ``n`` = the longest prefix where drafts equal g, the minimum over rows so the batch stays aligned (still
+    exact: rows emit only the target's tokens). Returns (g_0..g_n [batch, n + 1], n); the caller rolls both caches
+    back to hold token, d_1..d_n. Steps: ``(ids [batch, q], positions [batch, q]) -> greedy ids [batch, q]``.
+    Only the fast path speculates: the plain loop is OverFill's reference, HF assisted generation the eager one.
+    """
+    x, drafts = token, []
+    for j in range(gamma):
+        x = draft_step(x[:, None], position + j)[:, 0]
+        drafts.append(x)
+    d = torch.stack(drafts, 1)
+    g = verify_step(torch.cat([token[:, None], d], 1), position + torch.arange(gamma + 1, device=position.device))
+    n = int((d == g[:, :gamma]).long().cumprod(1).sum(1).min())  # the round's one host sync
+    if n == gamma:  # the draft has not seen its own last token yet
+        draft_step(drafts[-1][:, None], position + gamma)
+    return g[:, : n + 1], n
+
+
+# --------------------------------------------------------------------------------------------------
+# The plain loop
+# --------------------------------------------------------------------------------------------------
 
 
 def _sync(device: torch.device) -> None:
@@ -415,7 +479,7 @@ def _prepare_inputs(pair, input_ids, attention_mask, prompts, messages, tokenize
 
 
 def generate(
-    pair: OverFillModel,
+    pair,
     input_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -436,13 +500,14 @@ def generate(
 ) -> OverFillOutput:
     """Generate with an OverFill pair: full-model prefill + first token, decoder for the rest.
 
+    ``pair``: an :class:`overfill_lib.pair.OverFillModel` (its ``full``, ``decoder``, ``strategy``, ``tokenizer``).
     Inputs: ``input_ids`` (a left-padded tensor with ``attention_mask``, or ragged lists of ids),
     ``prompts`` (strings) or ``messages`` (a batch of conversations, via the chat template).
     Decoding settings come from the full model's ``generation_config``, then ``generation_config``,
     then keyword arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
     ``repetition_penalty``, ...). ``seed`` or ``generator`` make sampling reproducible.
     ``streamer``: an HF ``TextStreamer``-compatible object (``put``/``end``), batch size 1.
-    ``refresh_every``: prefill refresh period N (0: never); see the module docstring.
+    ``refresh_every``: prefill refresh period N (0: never); see :func:`_refresh`.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(pair, "tokenizer", None)
     full, decoder, strategy = pair.full, pair.decoder, pair.strategy
@@ -463,10 +528,9 @@ def generate(
         raise ValueError(f"nothing to generate: max_new_tokens resolves to {limit}")
     if refresh_every < 0:
         raise ValueError("refresh_every must be >= 0 (0: never refresh)")
-    eos = _eos_list(gc)
+    eos = eos_ids(gc)
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-    # Finished rows emit pad; like HF, fall back on the first eos id when no pad id is configured.
-    pad = int(gc.pad_token_id) if gc.pad_token_id is not None else (eos[0] if eos else pad_token_for(full, tokenizer))
+    pad = pad_token_for(full, tokenizer, eos, gc.pad_token_id)  # what finished rows emit
     processors = build_logits_processor(gc, prompt_length, device, logits_processor)
     stops = None
     if stop_strings:
@@ -476,7 +540,7 @@ def generate(
     if gc.do_sample and generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    def choose(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    def choose(logits: torch.Tensor) -> torch.Tensor:
         scores = processors(sequences, logits[:, -1].to(dtype=torch.float32, copy=True))
         if gc.do_sample:
             probs = torch.softmax(scores, dim=-1)
@@ -509,46 +573,39 @@ def generate(
                     unfinished[row] = False
         return next_tokens
 
+    def step(ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """A refresh when one is due, then one decoder step on a mask one column wider."""
+        nonlocal attention_mask, pending
+        if refresh_every and pending == refresh_every:
+            r0 = time.perf_counter()
+            _refresh(full, strategy, cache, full_cache, sequences, attention_mask, position - 1, pending)
+            _sync(device)
+            timings.refresh_s += time.perf_counter() - r0
+            timings.refreshes += 1
+            pending = 0
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+        pending += 1  # decoder-written positions since the last refresh
+        timings.decode_steps += 1
+        return advance(decode_one_token(decoder, ids, position, attention_mask, cache, choose))
+
     with torch.inference_mode():
         try:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             _sync(device)
             t0 = time.perf_counter()
-            prefill = full_prefill(full, input_ids, attention_mask)
-            next_tokens = advance(choose(prefill.logits, sequences))
-            cache = strategy.decoder_cache(prefill.cache)
+            first = prefill(full, input_ids, attention_mask)
+            tokens = [advance(choose(first.logits))]
+            cache = strategy.decoder_cache(first.cache)
             # Without refresh the full model's own cache is only needed when it is the decoder's.
-            full_cache = prefill.cache if refresh_every else None
-            last_pos = prefill.position_ids[:, -1:]
-            del prefill
+            full_cache = first.cache if refresh_every else None
+            position = first.position_ids[:, -1:]
+            del first
             _sync(device)
             t1 = time.perf_counter()
             timings.prefill_s = t1 - t0
-            pending = 0  # decoder-written positions since the last refresh
-            keep = keep_last_logits(decoder)
-            while sequences.shape[1] - prompt_length < limit and bool(unfinished.any()):
-                if refresh_every and pending == refresh_every:
-                    r0 = time.perf_counter()
-                    _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, pending)
-                    _sync(device)
-                    timings.refresh_s += time.perf_counter() - r0
-                    timings.refreshes += 1
-                    pending = 0
-                last_pos = last_pos + 1
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
-                out = decoder(
-                    input_ids=next_tokens[:, None],
-                    attention_mask=attention_mask,
-                    position_ids=last_pos,
-                    **with_cache(decoder, cache),
-                    use_cache=True,
-                    **keep,
-                )
-                pending += 1
-                timings.decode_steps += 1
-                next_tokens = advance(choose(out.logits, sequences))
-                del out
+            pending = 0
+            decode_n_tokens(step, tokens, position, limit - 1, stop=lambda i, tokens: not bool(unfinished.any()))
             _sync(device)
             timings.decode_s = time.perf_counter() - t1
         finally:
@@ -570,25 +627,14 @@ def generate(
     return OverFillOutput(sequences, new_tokens, texts, reasons, timings)
 
 
-def crop_cache(cache: DynamicCache, tokens: int) -> None:
-    """Drop the last ``tokens`` positions of every layer of a ``DynamicCache``.
-
-    A negative argument to ``Cache.crop`` means "remove this many" both in transformers 5.17 (where a
-    positive one is an absolute length) and in later 5.x (where a positive one is refused), so this
-    is the portable call.
-    """
-    if tokens > 0:
-        cache.crop(-tokens)
-
-
 def _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, n: int) -> None:
-    """Replace the KV of the last ``n`` decoder-written positions with the full model's.
+    """Prefill refresh: the full model re-processes the last ``n`` tokens the decoder wrote into the cache, as one
+    chunked prefill, and its KV replaces the decoder's (tokens already generated never change; logits discarded).
 
-    Those positions hold the tokens fed to the decoder since the last refresh, ``sequences[:, -n-1:-1]``
-    (the newest token has not been fed yet). The full model processes them as one chunk on top of a
-    cache holding everything before them (the mask covers exactly cache + chunk); its logits are
-    discarded. Under ``shared_kv`` the full model writes straight into the shared cache once it is
-    cropped back; otherwise it extends its own cache and the strategy maps the new entries over.
+    Those positions hold ``sequences[:, -n-1:-1]`` (the newest token has not been fed yet); the mask covers exactly
+    cache + chunk. Under ``shared_kv`` the full model writes straight into the shared cache once it is cropped back;
+    otherwise it extends its own cache and the strategy maps the new entries over. Cost: one full-model forward of
+    N tokens every N decoded ones, so N=1 costs more than the full model alone; it is a quality reference.
     """
     chunk = sequences[:, -n - 1 : -1]
     positions = last_pos + torch.arange(-n + 1, 1, device=last_pos.device)
@@ -600,14 +646,7 @@ def _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_
         expected = cache.get_seq_length() - n
         if full_cache.get_seq_length() != expected:
             raise RuntimeError(f"refresh: the full cache holds {full_cache.get_seq_length()} positions, expected {expected}")
-    full(
-        input_ids=chunk,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        **with_cache(full, target),
-        use_cache=True,
-        **keep_last_logits(full),
-    )
+    prefill(full, chunk, attention_mask, target, positions)
     if not strategy.shares_cache:
         crop_cache(cache, n)
         strategy.append_from_full(cache, full_cache, full_cache.get_seq_length() - n)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from overfill_lib.artifacts import atomic_directory, environment_record, read_json, weights_fingerprint, write_json
 from overfill_lib.config import DTYPES, check_choice, parse
-from overfill_lib.io import atomic_directory, environment_record, read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib import fast_decode, latency
-from overfill_lib.io import environment_record, write_json
+from overfill_lib import cost, fast_decode, latency
+from overfill_lib.artifacts import environment_record, write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def estimate(points: list[Point], configs: dict, device_kind: str = "cuda") -> l
         seconds = 0.0
         if p.pair not in built:
             built.add(p.pair)
-            params = sum(latency.parameter_breakdown(c)["total"] for c in (full_cfg, dec_cfg))
+            params = sum(cost.parameter_breakdown(c)["total"] for c in (full_cfg, dec_cfg))
             seconds += a["build_s_per_b"] * params / 1e9
         steps = (WARMUP + REPEATS) * p.new_tokens
         if p.kind == "fast":
@@ -100,8 +100,8 @@ def estimate(points: list[Point], configs: dict, device_kind: str = "cuda") -> l
                 graphs.add(key)
                 seconds += a["compile_s"]
             cfg = full_cfg if p.method == "full" else dec_cfg
-            step = latency.decode_step_bytes(cfg, 2, batch=p.batch, kv_positions=PROMPT + p.new_tokens,
-                                             kv_config=full_cfg)["total"]
+            step = cost.decode_step_bytes(cfg, 2, batch=p.batch, kv_positions=PROMPT + p.new_tokens,
+                                          kv_config=full_cfg)["total"]
             seconds += steps * step / a["bandwidth"]
         else:
             cfg = full_cfg if p.method == "full" else dec_cfg
@@ -161,10 +161,10 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
             loaded.update(name=name, full=full, decoder=decoder,
                           gen=fast_decode.FastGenerator(full, decoder, compile="auto"),
                           prompts=latency.random_prompts(full_cfg.vocab_size))
-            nbytes = latency.dtype_bytes(dtype)
+            nbytes = cost.dtype_bytes(dtype)
             results["pairs"][name] = {"dtype": str(dtype).removeprefix("torch."), "path": loaded["gen"].path,
-                                      "full": latency.model_summary(full_cfg, nbytes),
-                                      "decoder": latency.model_summary(dec_cfg, nbytes)}
+                                      "full": cost.model_summary(full_cfg, nbytes),
+                                      "decoder": cost.model_summary(dec_cfg, nbytes)}
         return loaded
 
     for p, est in zip(points, estimates):

@@ -39,7 +39,7 @@ they were batched or padded.
 
 From a preset: ``calibration_samples`` turns the preset's ``calibration`` section into token-id
 lists (the suite's train conversations, or wikitext read from local files only), and
-``preset_importance`` computes every criterion once per set of weights, saving the scores under
+``cached_importance`` computes every criterion once per set of weights, saving the scores under
 the preset's work directory and reusing them on the next run. ``rank_agreement`` compares criteria.
 """
 
@@ -63,8 +63,8 @@ from tqdm.auto import tqdm
 
 from overfill_lib import architectures as arch
 from overfill_lib import corpus
+from overfill_lib.artifacts import atomic_directory, read_json, weights_fingerprint, write_json
 from overfill_lib.config import AGGREGATIONS, CRITERIA, SEQ_AGGREGATIONS, CalibrationSection, check_choice, parse
-from overfill_lib.io import atomic_directory, read_json, weights_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -660,7 +660,7 @@ def _local_text_files(path, subset: str) -> list[Path]:
     if path is not None:
         root = Path(path)
         if not root.is_absolute():
-            from overfill_lib.io import PROJECT_ROOT
+            from overfill_lib.artifacts import PROJECT_ROOT
 
             root = root if root.exists() else PROJECT_ROOT / root
         if not root.exists():
@@ -699,32 +699,33 @@ def _iter_texts(files: list[Path]) -> Iterator[str]:
                 yield from f
 
 
-def preset_importance(
+def cached_importance(
     model: nn.Module,
     tokenizer,
-    preset,
+    calibration: dict,
+    directory: str | Path,
     *,
+    suite_dir: str | Path | None = None,
     criteria: Sequence[str] = CRITERIA,
-    directory: str | Path | None = None,
     layer_skip_loss: bool = True,
     seed: int = 0,
     recompute: bool = False,
     progress: bool = True,
 ) -> dict[str, Importance]:
-    """Importance of ``model`` by each criterion, calibrated as the preset's ``calibration`` section says.
+    """Importance of ``model`` by each criterion, calibrated as a ``calibration`` section says (a preset's:
+    ``pipeline.channel_importance``).
 
-    Each criterion's scores are saved under ``directory/<criterion>`` (default
-    ``<preset workdir>/importance``) and loaded instead of recomputed when they were made by the
-    same request (criterion, aggregation, calibration data, seed) on the same weights.
+    Each criterion's scores are saved under ``directory/<criterion>`` and loaded instead of recomputed when they
+    were made by the same request (criterion, aggregation, calibration data, seed) on the same weights.
     """
     for criterion in criteria:
         check_choice("criterion", criterion, CRITERIA)
-    calibration = dict(preset.get("calibration", {}))
+    calibration = dict(calibration or {})
     aggregation = calibration.get("aggregation", "l2")
     seq_aggregation = calibration.get("seq_aggregation", "mean")
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("seq_aggregation", seq_aggregation, SEQ_AGGREGATIONS)
-    directory = Path(directory) if directory is not None else preset.workdir / "importance"
+    directory = Path(directory)
     fingerprint = weights_fingerprint(model)
     data = None
     out = {}
@@ -744,7 +745,7 @@ def preset_importance(
                 out[criterion] = cached
                 continue
         if criterion == "activation" and data is None:
-            data = calibration_samples(calibration, tokenizer, suite_dir=preset.suite_dir)
+            data = calibration_samples(calibration, tokenizer, suite_dir=suite_dir)
         imp = compute_importance(
             model, data[0] if data else None, criterion=criterion, aggregation=aggregation,
             seq_aggregation=seq_aggregation, batch_size=calibration.get("batch_size", 8),

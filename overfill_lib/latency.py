@@ -9,7 +9,7 @@ same run:
 - **timings**: time to first token (prefill + first token), time per output token, end-to-end
   latency, tokens/s, peak memory (CUDA); CUDA events with warm-up and repeats on GPU,
   ``perf_counter`` on CPU; medians with p10/p90;
-- **bandwidth**: bytes one decode step reads (weights + KV cache, counted from the config) over
+- **bandwidth**: bytes one decode step reads (weights + KV cache, :mod:`overfill_lib.cost`) over
   the step time, as a fraction of the device's copy bandwidth measured here (a large tensor clone,
   bytes read + written over time);
 - **sweeps** over output length, prompt length and batch size for ``full``, ``decoder``, ``overfill``
@@ -18,13 +18,13 @@ same run:
 - **speculative decoding**: its acceptance rate measured on trained models (teacher forcing), and,
   for random-weight real-size models, its latency modelled over a range of acceptance rates from
   measured per-forward costs;
-- **roofline**: the analytic per-token lower bound beside the measurements, and the context at
-  which the KV cache (which OverFill does not shrink) outweighs the decoder's weights.
+- **roofline** (:mod:`overfill_lib.cost`): the analytic per-token lower bound beside the measurements, and
+  the context at which the KV cache (which OverFill does not shrink) outweighs the decoder's weights.
 
 Every record carries a ``path`` (``fast-static-compiled``, ``fast-static-eager``,
 ``hf-generate-eager``, ``pair-generate-eager``, ``hf-assisted``, ``modelled``) so a fast path is never
 compared with a slow one unknowingly. Results are one JSON document (device, dtype, versions,
-commit via :func:`overfill_lib.io.environment_record`), written atomically, and rewritten after
+commit via :func:`overfill_lib.artifacts.environment_record`), written atomically, and rewritten after
 every measured point so an interrupted sweep keeps what it measured.
 
 Only torch and transformers are needed (no plotting or dataframe imports here), so the GPU run is::
@@ -54,9 +54,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from overfill_lib import fast_decode
-from overfill_lib.generation import with_cache
-from overfill_lib.io import environment_record, load_causal_lm, read_json, write_json
+from overfill_lib import cost, fast_decode
+from overfill_lib.artifacts import environment_record, load_causal_lm, read_json, write_json
+from overfill_lib.generation import eos_ids, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ METHODS = fast_decode.METHODS
 PATH_HF = "hf-generate-eager"
 PATH_PAIR = "pair-generate-eager"
 PATH_ASSISTED = "hf-assisted"
-PATH_MODELLED = "modelled"
-
-# Targets of the issue (H100, real sizes): reported as reached or not, never asserted.
-TARGETS = {
-    "decode_bandwidth_fraction": (">=", 0.80),
-    "overfill_over_decoder_e2e": ("<=", 1.10),
-    "full_over_overfill_per_token": (">=", 2.3),
-    "eager_over_fast_per_token": (">=", 10.0),
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,128 +242,6 @@ def copy_bandwidth(device: str | torch.device, nbytes: int | None = None, *, war
 
 
 # --------------------------------------------------------------------------------------------------
-# Bytes: parameters, KV cache, one decode step, roofline
-# --------------------------------------------------------------------------------------------------
-
-
-def _text(config):
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def head_dim(config) -> int:
-    c = _text(config)
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
-def dtype_bytes(dtype: torch.dtype | str) -> int:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def parameter_breakdown(config) -> dict[str, int]:
-    """Parameter counts by part, from the config alone (no model is built).
-
-    Written out per family (Llama, Mistral, Qwen2, Qwen3: which projections carry biases, Qwen3's
-    per-head q/k norms) so it is an independent check on a meta-device count. A tied LM head is
-    counted once, with the embedding.
-    """
-    c = _text(config)
-    family = c.model_type
-    if family not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ValueError(f"byte counts are written for llama, mistral, qwen2 and qwen3 configs, not {family!r}")
-    h, i, v, d = c.hidden_size, c.intermediate_size, c.vocab_size, head_dim(c)
-    q, kv = c.num_attention_heads * d, (c.num_key_value_heads or c.num_attention_heads) * d
-    attention_bias = bool(getattr(c, "attention_bias", False))
-    qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias}[family]
-    o_bias = {"llama": attention_bias, "mistral": False, "qwen2": False, "qwen3": attention_bias}[family]
-    mlp_bias = bool(getattr(c, "mlp_bias", False)) if family == "llama" else False
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if qkv_bias else 0) + (h if o_bias else 0)
-    attention += 2 * d if family == "qwen3" else 0  # q_norm, k_norm
-    mlp = 3 * h * i + (2 * i + h if mlp_bias else 0)
-    norms = 2 * h
-    layers = c.num_hidden_layers
-    tied = bool(getattr(c, "tie_word_embeddings", False))
-    parts = {
-        "embedding": v * h,
-        "attention": layers * attention,
-        "mlp": layers * mlp,
-        "norms": layers * norms + h,
-        "lm_head": 0 if tied else v * h,
-    }
-    parts["total"] = sum(parts.values())
-    parts["tied_embeddings"] = int(tied)
-    return parts
-
-
-def weight_bytes_per_step(config, bytes_per_value: int) -> int:
-    """Weight bytes one decode step reads: every parameter once, except an untied input embedding.
-
-    The input embedding is a gather of ``batch`` rows, not a read of the table; a tied table is read
-    whole by the LM head, so then it counts.
-    """
-    parts = parameter_breakdown(config)
-    unread = 0 if parts["tied_embeddings"] else parts["embedding"]
-    return (parts["total"] - unread) * bytes_per_value
-
-
-def kv_bytes_per_token(config, bytes_per_value: int) -> int:
-    """K and V of one position over all layers: 2 x layers x kv_heads x head_dim x bytes."""
-    c = _text(config)
-    return 2 * c.num_hidden_layers * (c.num_key_value_heads or c.num_attention_heads) * head_dim(c) * bytes_per_value
-
-
-def decode_step_bytes(config, bytes_per_value: int, *, batch: int, kv_positions: int, kv_config=None) -> dict[str, int]:
-    """Bytes moved by one decode step: weights once, KV read for ``kv_positions`` per row, one new KV written.
-
-    ``kv_config``: the config whose cache is read (OverFill's decoder reads the full model's, which
-    has the same per-token size under shared_kv). With a static cache ``kv_positions`` is the
-    allocated length: the attention kernel reads the whole buffer under its mask.
-    """
-    per_token = kv_bytes_per_token(kv_config or config, bytes_per_value)
-    weights = weight_bytes_per_step(config, bytes_per_value)
-    kv_read = batch * kv_positions * per_token
-    kv_write = batch * per_token
-    return {"weights": weights, "kv_read": kv_read, "kv_write": kv_write, "total": weights + kv_read + kv_write}
-
-
-def roofline(config, bytes_per_value: int, bandwidth: float, *, contexts: Sequence[int], batches: Sequence[int], kv_config=None) -> list[dict]:
-    """Per-step lower bound ``bytes / bandwidth`` over context lengths and batch sizes.
-
-    ``kv_fraction`` shows where the KV cache starts to dominate a step; ``tokens_per_s`` is the
-    throughput bound at that batch.
-    """
-    rows = []
-    for batch in batches:
-        for context in contexts:
-            b = decode_step_bytes(config, bytes_per_value, batch=batch, kv_positions=context, kv_config=kv_config)
-            seconds = b["total"] / bandwidth
-            rows.append({
-                "batch": batch, "context": context, "bytes": b["total"], "weights_bytes": b["weights"],
-                "kv_bytes": b["kv_read"] + b["kv_write"], "kv_fraction": (b["kv_read"] + b["kv_write"]) / b["total"],
-                "seconds_per_step": seconds, "tokens_per_s": batch / seconds,
-            })
-    return rows
-
-
-def kv_crossover_context(config, bytes_per_value: int, batch: int = 1, kv_config=None) -> float:
-    """Context length (per row) at which reading the KV cache costs as much as reading the weights."""
-    return weight_bytes_per_step(config, bytes_per_value) / (batch * kv_bytes_per_token(kv_config or config, bytes_per_value))
-
-
-def model_summary(config, bytes_per_value: int) -> dict:
-    c = _text(config)
-    parts = parameter_breakdown(c)
-    return {
-        "model_type": c.model_type, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
-        "intermediate": c.intermediate_size, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
-        "head_dim": head_dim(c), "vocab": c.vocab_size, "parameters": parts["total"], "parameter_breakdown": parts,
-        "weight_bytes_per_step": weight_bytes_per_step(c, bytes_per_value),
-        "kv_bytes_per_token": kv_bytes_per_token(c, bytes_per_value),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
 # Real-size architectures with random weights
 # --------------------------------------------------------------------------------------------------
 
@@ -494,25 +363,6 @@ def _bandwidth_fields(step_bytes: dict | None, per_token_s: float, copy_bw: dict
     return {"bytes_per_step": step_bytes, "achieved_bytes_per_s": achieved, "bandwidth_fraction": fraction}
 
 
-def memory_estimate(method: str, full_config, decoder_config, bytes_per_value: int, batch: int, cache_len: int) -> int:
-    """Bytes a method keeps resident: its models' weights and its static caches (activations left out).
-
-    OverFill and speculative decoding hold both models; speculative decoding also holds two caches.
-    """
-    resident = {"full": [full_config], "decoder": [decoder_config]}.get(method, [full_config, decoder_config])
-    weights = sum(parameter_breakdown(c)["total"] for c in resident) * bytes_per_value
-    caches = 2 if method == "speculative" else 1
-    return weights + caches * batch * cache_len * kv_bytes_per_token(full_config, bytes_per_value)
-
-
-def _step_bytes(method: str, full_config, decoder_config, nbytes: int, batch: int, cache_len: int) -> dict | None:
-    """Bytes per decode step of a method (speculative steps differ per round: left out)."""
-    if method == "speculative":
-        return None
-    config = full_config if method == "full" else decoder_config
-    return decode_step_bytes(config, nbytes, batch=batch, kv_positions=cache_len, kv_config=full_config)
-
-
 def measure_fast(
     gen: fast_decode.FastGenerator,
     method: str,
@@ -540,7 +390,7 @@ def measure_fast(
     ttft = summarize(x.ttft_s for x in t)
     per_token = summarize(x.per_token_s for x in t) if new_tokens > 1 else None
     e2e = summarize(x.total_s for x in t)
-    nbytes = dtype_bytes(gen.dtype)
+    nbytes = cost.dtype_bytes(gen.dtype)
     full_cfg = gen.full.config if gen.full is not None else gen.decoder.config
     dec_cfg = gen.decoder.config if gen.decoder is not None else full_cfg
     record = {
@@ -552,10 +402,10 @@ def measure_fast(
         "peak_memory_bytes": _peak(gen.device),
     }
     record |= _bandwidth_fields(
-        _step_bytes(method, full_cfg, dec_cfg, nbytes, batch, t[0].max_cache_len),
+        cost.method_step_bytes(method, full_cfg, dec_cfg, nbytes, batch, t[0].max_cache_len),
         per_token["median"] if per_token else 0.0, copy_bw,
     )
-    record["memory_estimate_bytes"] = memory_estimate(method, full_cfg, dec_cfg, nbytes, batch, t[0].max_cache_len)
+    record["memory_estimate_bytes"] = cost.memory_estimate(method, full_cfg, dec_cfg, nbytes, batch, t[0].max_cache_len)
     if method == "speculative":
         record |= {"draft_tokens": draft_tokens, "acceptance": summarize(x.acceptance or 0.0 for x in t),
                    "rounds": t[0].rounds}
@@ -661,7 +511,7 @@ def measure_pair_generate(full, decoder, *, batch: int, prompt: int, new_tokens:
 
 
 # --------------------------------------------------------------------------------------------------
-# Speculative decoding: acceptance and a cost model
+# Speculative decoding: acceptance
 # --------------------------------------------------------------------------------------------------
 
 
@@ -684,7 +534,7 @@ def acceptance_rate(target, draft, input_ids: torch.Tensor, attention_mask: torc
         input_ids, attention_mask, method="full", max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
     new = out.new_tokens
     prompt = input_ids.shape[1]
-    eos = fast_decode._eos_ids(target, eos_token_id)
+    eos = eos_ids(target, eos_token_id)
     # Real generated positions: up to and including each row's eos.
     if eos:
         is_eos = torch.isin(new, torch.tensor(eos, device=device))
@@ -703,41 +553,6 @@ def acceptance_rate(target, draft, input_ids: torch.Tensor, attention_mask: torc
     n = int(real.sum())
     return {"alpha": float(hits.sum()) / n, "positions": n, "target_agreement": float(agree.sum()) / n,
             "prompts": int(new.shape[0]), "max_new_tokens": max_new_tokens}
-
-
-def expected_tokens_per_round(alpha: float, gamma: int) -> float:
-    """Expected tokens one draft/verify round yields: (1 - alpha^(gamma+1)) / (1 - alpha).
-
-    Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative Decoding"
-    (ICML 2023), Eq. (1), with per-token acceptance rate alpha treated as i.i.d.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"acceptance rate {alpha} must be in [0, 1]")
-    if alpha == 1.0:
-        return float(gamma + 1)
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
-
-
-def speculative_per_token_s(alpha: float, gamma: int, draft_step_s: float, verify_s: float) -> float:
-    """Expected seconds per output token: round cost / expected tokens per round.
-
-    A round costs gamma draft steps and one verify forward of gamma + 1 tokens (Leviathan et al.
-    2023, Sec. 3.4), plus, when all gamma drafts are accepted (probability alpha^gamma), one more
-    draft step so the draft's cache holds its last token (as :mod:`overfill_lib.fast_decode` does).
-    """
-    cost = gamma * draft_step_s + verify_s + alpha**gamma * draft_step_s
-    return cost / expected_tokens_per_round(alpha, gamma)
-
-
-def model_speculative(costs: dict[int, tuple[float, float]], alphas: Sequence[float]) -> list[dict]:
-    """Modelled per-token seconds for each acceptance rate and gamma, from ``{gamma: (draft_step_s, verify_s)}``."""
-    rows = []
-    for alpha in alphas:
-        for gamma, (draft_s, verify_s) in sorted(costs.items()):
-            rows.append({"alpha": alpha, "gamma": gamma, "draft_step_s": draft_s, "verify_s": verify_s,
-                         "expected_tokens_per_round": expected_tokens_per_round(alpha, gamma),
-                         "per_token_s": speculative_per_token_s(alpha, gamma, draft_s, verify_s), "path": PATH_MODELLED})
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -781,7 +596,7 @@ def run_suite(
     results = {
         "format": FORMAT, "version": FORMAT_VERSION, "label": label,
         "environment": environment_record(str(device), settings.seed),
-        "settings": asdict(settings), "copy_bandwidth": copy_bw, "targets": TARGETS,
+        "settings": asdict(settings), "copy_bandwidth": copy_bw,
         "pairs": {}, "records": [], "forward_costs": [], "speculative_model": [],
     }
     _save(results, out)
@@ -792,18 +607,18 @@ def run_suite(
             # change a compiled graph's guards (requires_grad) half-way through.
             model.requires_grad_(False)
         dtype = next(full.parameters()).dtype
-        nbytes = dtype_bytes(dtype)
+        nbytes = cost.dtype_bytes(dtype)
         prompt_fn = spec.prompt_fn or random_prompts(full.config.vocab_size, settings.seed)
         gen = fast_decode.FastGenerator(full, decoder, compile=compile)
         info = {
             "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
-            "full": model_summary(full.config, nbytes), "decoder": model_summary(decoder.config, nbytes),
+            "full": cost.model_summary(full.config, nbytes), "decoder": cost.model_summary(decoder.config, nbytes),
             "acceptance": spec.alpha,
-            "kv_crossover_context": {str(b): kv_crossover_context(decoder.config, nbytes, b, full.config)
+            "kv_crossover_context": {str(b): cost.kv_crossover_context(decoder.config, nbytes, b, full.config)
                                      for b in settings.batch_sizes},
         }
         info["roofline"] = {
-            role: roofline(cfg, nbytes, copy_bw["bytes_per_s"], contexts=settings.roofline_contexts,
+            role: cost.roofline(cfg, nbytes, copy_bw["bytes_per_s"], contexts=settings.roofline_contexts,
                            batches=settings.batch_sizes, kv_config=full.config)
             for role, cfg in (("full", full.config), ("decoder", decoder.config))
         }
@@ -835,10 +650,9 @@ def run_suite(
         alphas = list(settings.acceptance_grid)
         if spec.alpha:
             alphas = sorted(set(alphas) | {round(spec.alpha["alpha"], 4)})
-        for cost in _cost_pairs(results, spec.name):
-            for row in model_speculative({cost["gamma"]: (cost["draft_s"], cost["verify_s"])}, alphas):
-                results["speculative_model"].append({"pair": spec.name, **cost["point"], "source_path": cost["path"], **row})
-        results["pairs"][spec.name]["benchmarks"] = benchmarks(results, spec.name)
+        for c in _cost_pairs(results, spec.name):
+            for row in cost.model_speculative({c["gamma"]: (c["draft_s"], c["verify_s"])}, alphas):
+                results["speculative_model"].append({"pair": spec.name, **c["point"], "source_path": c["path"], **row})
         _save(results, out)
         compiled = gen.step.compiled
         gen.clear_caches()
@@ -910,53 +724,6 @@ def _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, dev
                                        warmup=settings.warmup, repeats=settings.repeats,
                                        copy_bw=results["copy_bandwidth"])
             results["records"].append(record)
-
-
-def _find(records, name, method, *, fast: bool = True, **point) -> dict | None:
-    for r in records:
-        if r.get("pair") != name or r.get("method") != method or r.get("status") != "ok":
-            continue
-        if fast != r.get("path", "").startswith("fast"):
-            continue
-        if all(r.get(k) == v for k, v in point.items()):
-            return r
-    return None
-
-
-def _target(name: str, value: float | None) -> dict:
-    op, goal = TARGETS[name]
-    met = None if value is None else (value >= goal if op == ">=" else value <= goal)
-    return {"value": value, "target": f"{op} {goal}", "met": met}
-
-
-def benchmarks(results: dict, name: str) -> dict:
-    """The issue's four targets, as reached by this run (values from the records; ``None`` when not measured)."""
-    s = results["settings"]
-    records = results["records"]
-    base = dict(batch=1, prompt=s["base_prompt"], new_tokens=s["base_new_tokens"])
-    out = {}
-    r = _find(records, name, "overfill", **base)
-    out["decode_bandwidth_fraction"] = _target("decode_bandwidth_fraction", r and r.get("bandwidth_fraction"))
-    ratios = []
-    for o in (x for x in records if x.get("pair") == name and x.get("method") == "overfill" and x.get("status") == "ok"
-              and x.get("path", "").startswith("fast") and x["batch"] == 1 and x["new_tokens"] >= 256):
-        d = _find(records, name, "decoder", batch=1, prompt=o["prompt"], new_tokens=o["new_tokens"])
-        if d:
-            ratios.append(o["e2e_s"]["median"] / d["e2e_s"]["median"])
-    out["overfill_over_decoder_e2e"] = _target("overfill_over_decoder_e2e", max(ratios) if ratios else None)
-    f = _find(records, name, "full", **base)
-    out["full_over_overfill_per_token"] = _target(
-        "full_over_overfill_per_token",
-        f["per_token_s"]["median"] / r["per_token_s"]["median"] if (f and r and r.get("per_token_s")) else None)
-    n = s.get("eager_new_tokens") or s["base_new_tokens"]
-    eager = _find(records, name, "overfill", fast=False, batch=1, prompt=s["base_prompt"], new_tokens=n)
-    fast = _find(records, name, "overfill", batch=1, prompt=s["base_prompt"], new_tokens=n)
-    value = None
-    if eager and fast and eager.get("per_token_s") and fast.get("per_token_s"):
-        value = eager["per_token_s"]["median"] / fast["per_token_s"]["median"]
-    out["eager_over_fast_per_token"] = _target("eager_over_fast_per_token", value)
-    out["eager_over_fast_per_token"]["paths"] = [eager and eager["path"], fast and fast["path"]]
-    return out
 
 
 def summary_rows(results: dict) -> list[dict]:
@@ -1069,10 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = [PairSpec("tiny", lambda: (_load_dir(args.full, device, dtype), _load_dir(args.decoder, device, dtype)),
                           weights="trained" if args.trained else "random")]
         label = "local models"
-    results = run_suite(specs, settings, device=device, compile=compile, label=label, out=args.out)
-    for name, info in results["pairs"].items():
-        for key, b in info["benchmarks"].items():
-            log.info("%s %s: %s (target %s, met=%s)", name, key, b["value"], b["target"], b["met"])
+    run_suite(specs, settings, device=device, compile=compile, label=label, out=args.out)
     log.info("results written to %s", args.out)
     return 0
 

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from overfill_lib import generation
-from overfill_lib.io import (
+from overfill_lib.artifacts import (
     atomic_directory,
     environment_record,
     load_causal_lm,
@@ -61,13 +61,6 @@ def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     return getter(decoder=True) if getter is not None else config
 
 
-def _eos_set(config: PretrainedConfig) -> frozenset[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
-
-
 @dataclass(frozen=True)
 class KVShape:
     """What decides whether a KV cache can be read by another model: per-layer shape and vocabulary."""
@@ -86,7 +79,7 @@ class KVShape:
         # hidden size shrinks); older configs derive it from hidden_size.
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        return cls(c.num_hidden_layers, kv_heads, head_dim, c.vocab_size, _eos_set(c))
+        return cls(c.num_hidden_layers, kv_heads, head_dim, c.vocab_size, frozenset(generation.eos_ids(c)))
 
     @property
     def kv_width(self) -> int:
@@ -548,7 +541,7 @@ class OverFillModel(nn.Module):
         generation.check_padded(context_ids, context_mask, side="left", what="context", model=self.full)
         generation.check_padded(continuation_ids, continuation_mask, side="right", what="continuation")
         with torch.no_grad():
-            prefill = generation.full_prefill(self.full, context_ids, context_mask)
+            prefill = generation.prefill(self.full, context_ids, context_mask)
         first = prefill.logits[:, -1:]
         if continuation_ids.shape[1] < 2:
             return ContinuationOutput(first, continuation_mask)
@@ -698,14 +691,15 @@ class OverFillModel(nn.Module):
         revision: str | None = None,
         check_full: bool = True,
     ) -> OverFillModel:
-        """Load a pair saved by :meth:`save_pretrained`; the full model is resolved via ``presets.resolve_model``.
+        """Load a pair saved by :meth:`save_pretrained`; the full model is resolved via ``artifacts.resolve_model``.
 
         Works offline (``HF_HUB_OFFLINE=1``) when the full model is a local directory or cached.
         Pass ``full`` to reuse an already loaded full model. A full model other than the one the pair was saved
         with is refused unless ``check_full=False`` (pairing on purpose).
         """
         from safetensors.torch import load_file
-        from overfill_lib.presets import resolve_model
+
+        from overfill_lib.artifacts import resolve_model
 
         directory = Path(directory)
         cfg = read_json(directory / CONFIG_NAME)
@@ -763,7 +757,7 @@ class OverFillModel(nn.Module):
         """
         from transformers import AutoTokenizer
 
-        from overfill_lib.presets import resolve_model
+        from overfill_lib.artifacts import resolve_model
 
         decoder_dir = Path(decoder_dir)
         full_path = resolve_model(full_id)

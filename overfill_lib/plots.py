@@ -14,7 +14,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from overfill_lib.io import atomic_write_text
+from overfill_lib.artifacts import atomic_write_text
 
 log = logging.getLogger(__name__)
 _static_export_ok: bool | None = None

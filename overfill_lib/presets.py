@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from overfill_lib.io import PROJECT_ROOT
+from overfill_lib.artifacts import PROJECT_ROOT
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SECTIONS = {
@@ -29,11 +29,11 @@ SECTIONS = {
     "calibration": "importance calibration data: {source (suite, wikitext, pydoc), samples, seq_len, batch_size, "
                    "aggregation, skip_loss_samples}",
     "training": "decoder training recipe (OverFill objective and baselines)",
-    "distill": "self-distilled chat data the full model writes (corpus.ensure_distilled_data): "
+    "distill": "self-distilled chat data the full model writes (pipeline.distilled_data): "
                "{dir, train, validation, test: [passage prompts, family prompts], max_new_tokens, batch_size, seed}",
     "evaluation": "evaluation settings (tasks, limits, batch size)",
     "latency": "latency profiling settings",
-    "ablation": "pruning-ratio ablation grid (ablation.AblationConfig): {keep, objectives, seeds, scratch_keep, teachers, ...}",
+    "ablation": "pruning-ratio ablation grid (config.AblationConfig): {keep, objectives, seeds, scratch_keep, teachers, ...}",
     "runtime": "{dtype, device}",
     "workdir": "where derived artifacts go (relative to the project root)",
 }
@@ -50,7 +50,7 @@ SECTION_TYPES = {
     "distill": "overfill_lib.config:DistillSection",
     "evaluation": "overfill_lib.config:EvaluationSection",
     "latency": "overfill_lib.latency:LatencySettings",
-    "ablation": "overfill_lib.ablation:AblationConfig",
+    "ablation": "overfill_lib.config:AblationConfig",
     "runtime": "overfill_lib.config:RuntimeSection",
 }
 NESTED_TYPES = {("teacher", "train"): "overfill_lib.teacher:TeacherConfig",
@@ -171,37 +171,3 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
     if not isinstance(raw.get("teacher"), dict) or not raw["teacher"].get("id"):
         raise ValueError(f"preset {raw.get('name')!r} needs teacher.id (a local directory or a hub model id)")
     return Preset(name=str(raw["name"]), raw=_checked(raw))
-
-
-def resolve_model(model_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local directory for ``model_id``: the path itself, the project-relative path, or the hub cache.
-
-    Offline (``HF_HUB_OFFLINE=1``) and not cached, this raises at once with how to provide the
-    model locally, rather than waiting on the network.
-    """
-    for candidate in (Path(model_id), PROJECT_ROOT / str(model_id)):
-        if (candidate / "config.json").is_file():
-            return candidate
-    text = str(model_id)
-    if text.startswith((".", "/")) or text.count("/") != 1:
-        raise ValueError(
-            f"model {text!r} is not a local model directory (no config.json) and does not look like a hub id "
-            "('org/name'); train it with notebook 00_teacher or point the preset at an existing directory"
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
-    try:
-        return Path(snapshot_download(text, revision=revision, local_files_only=True))
-    except Exception:
-        pass
-    how = (
-        f"download it where the hub is reachable (`hf download {text} --local-dir DIR`), copy DIR here, "
-        f"and set the preset's model id to DIR (e.g. overrides={{'teacher': {{'id': 'DIR'}}}})"
-    )
-    if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
-        raise RuntimeError(f"model {text!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1): {how}")
-    try:
-        return Path(snapshot_download(text, revision=revision, etag_timeout=10))
-    except Exception as e:  # network down, gated repo, missing repo: one clear message
-        raise RuntimeError(f"could not fetch model {text!r} from the hub ({type(e).__name__}: {e}); {how}") from e

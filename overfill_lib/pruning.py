@@ -15,8 +15,8 @@ hidden size of a pruned Llama is rounded to a multiple of lcm(round_to, kept que
 Kept indices are sorted ascending, so channel order is preserved and keeping everything
 reproduces the model exactly. Everything is saved as safetensors + JSON (never pickle).
 
-Before any training: ``decode_bytes`` / ``size_report`` give what a pruned config costs per decode
-step (meta device, no weights), ``reply_loss`` scores a model on chat records, ``sweep`` prunes by
+Before any training: ``size_report`` gives a pruned config's sizes and the weight bytes one decode
+step reads (meta device, no weights), ``reply_loss`` scores a model on chat records, ``sweep`` prunes by
 several criteria at several ratios and evaluates each, ``layer_ablation`` drops one layer at a time.
 """
 
@@ -35,9 +35,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from overfill_lib import architectures as arch
-from overfill_lib import generation
+from overfill_lib import cost, generation
+from overfill_lib.artifacts import atomic_directory, environment_record, read_json, write_json
 from overfill_lib.importance import Importance
-from overfill_lib.io import atomic_directory, environment_record, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -468,44 +468,19 @@ def save_pruned(model: nn.Module, record: PruningRecord, directory: str | Path, 
 # What a pruned decoder costs per decode step, and how good it is before any training
 
 
-def dtype_size(dtype) -> float:
-    """Bytes per parameter for a number, a torch dtype or its name ("bfloat16", "float32", ...)."""
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; give a torch dtype name such as 'bfloat16' or 'float32'.")
-        dtype = getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype):
-        return dtype.itemsize
-    if isinstance(dtype, bool) or not isinstance(dtype, numbers.Real) or dtype <= 0:
-        raise ValueError(f"dtype_bytes={dtype!r} must be a positive number of bytes or a torch dtype.")
-    return dtype
-
-
-def decode_bytes(config, dtype_bytes=2, num_parameters: int | None = None) -> int:
-    """Bytes of weights one decode step reads (batch 1): the model's parameters, each once, at ``dtype_bytes``.
-
-    Definition: ``count_parameters(config) * dtype_bytes``, except that an UNTIED input embedding
-    table is left out, because a step looks up one row of it per sequence rather than reading it.
-    A tied table is counted (once): the lm_head reads all of it every step. The KV cache is left
-    out too: its reads grow with the context and are the same for the full model and for an
-    OverFill decoder, which shares the full model's cache shape. ``num_parameters``: the count when
-    already known (saves building the model on the meta device again).
-    """
-    params = count_parameters(config) if num_parameters is None else int(num_parameters)
-    if not getattr(config, "tie_word_embeddings", False):
-        params -= config.vocab_size * config.hidden_size
-    return int(round(params * dtype_size(dtype_bytes)))
-
-
 def size_report(config, hidden=None, intermediate=None, heads=None, round_to: int = 1, dtype_bytes=2) -> dict:
-    """Sizes, parameter counts and decode bytes of ``config`` and of its width-pruned config (meta device)."""
+    """Sizes, parameter counts and decode bytes of ``config`` and of its width-pruned config (meta device).
+
+    ``decode_bytes`` is weights only (:func:`overfill_lib.cost.weight_bytes`): the KV cache a step also reads
+    grows with the context and is the same for the full model and an OverFill decoder.
+    """
     sizes = target_sizes(config, hidden=hidden, intermediate=intermediate, heads=heads, round_to=round_to)
     new = _config_for_sizes(config, sizes)
     out = {"request": {"hidden": hidden, "intermediate": intermediate, "heads": heads, "round_to": round_to},
-           "dtype_bytes": dtype_size(dtype_bytes), "notes": sizes["notes"]}
+           "dtype_bytes": cost.dtype_bytes(dtype_bytes), "notes": sizes["notes"]}
     for key, cfg in (("original", config), ("pruned", new)):
         n = count_parameters(cfg)
-        out[key] = _sizes(cfg, n) | {"decode_bytes": decode_bytes(cfg, dtype_bytes, num_parameters=n)}
+        out[key] = _sizes(cfg, n) | {"decode_bytes": cost.weight_bytes(cfg, dtype_bytes, num_parameters=n)}
     out["parameter_fraction"] = out["pruned"]["num_parameters"] / out["original"]["num_parameters"]
     return out
 
@@ -607,8 +582,8 @@ def sweep(
 
     A ratio is the fraction removed from BOTH hidden channels and MLP neurons (``heads`` as in
     prune_width, the same for every row). ``eval_fn(pruned_model) -> {metric: number}``. Returns a
-    DataFrame with one row per (criterion, ratio): the kept sizes, parameter count, decode bytes
-    (``decode_bytes``) and the metrics. Ratio 0 keeps every unit, so it reproduces the unpruned model.
+    DataFrame with one row per (criterion, ratio): the kept sizes, parameter count, ``decode_bytes`` (as in
+    :func:`size_report`) and the metrics. Ratio 0 keeps every unit, so it reproduces the unpruned model.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -632,7 +607,7 @@ def sweep(
             "criterion": name, "ratio": ratio, "heads": heads, "hidden_size": new["hidden_size"],
             "intermediate_size": new["intermediate_size"], "num_attention_heads": new["num_attention_heads"],
             "parameters": new["num_parameters"],
-            "decode_bytes": decode_bytes(pruned.config, dtype_bytes, num_parameters=new["num_parameters"]),
+            "decode_bytes": cost.weight_bytes(pruned.config, dtype_bytes, num_parameters=new["num_parameters"]),
             **metrics,
         })
         del pruned

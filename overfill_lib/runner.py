@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from overfill_lib.io import PROJECT_ROOT, atomic_write_text, read_json, write_json
+from overfill_lib.artifacts import PROJECT_ROOT, atomic_write_text, read_json, write_json
 from overfill_lib.presets import load_preset
 from overfill_lib.workbook import check_parameters, missing_sections
 

@@ -201,18 +201,13 @@ def content_hashes(cfg: SuiteConfig) -> dict[str, str]:
     return {split: _sha256(_split_text(records).encode()) for split, records in generate_suite(cfg).items()}
 
 
-def suite_fingerprint(cfg: SuiteConfig) -> str:
-    """A hash of the generated splits' contents, so a change to the generator changes it as a config change does."""
-    return _sha256(json.dumps(content_hashes(cfg), sort_keys=True).encode())
-
-
 def write_suite(cfg: SuiteConfig, directory: str | Path) -> Path:
     """Write ``{split}.jsonl`` and ``suite.json`` (config, content hashes, sizes) atomically.
 
     The splits are generated on every call (about a second for 100k records) and a file is rewritten
     only when its bytes differ: a split left by an older generator or another config is never reused.
     """
-    from overfill_lib.io import atomic_write_text, read_json
+    from overfill_lib.artifacts import atomic_write_text, read_json
 
     directory = Path(directory)
     splits = generate_suite(cfg)
@@ -225,6 +220,7 @@ def write_suite(cfg: SuiteConfig, directory: str | Path) -> Path:
         if path.exists():
             log.warning("%s is not what the generator makes from this config; rewriting it", path)
         atomic_write_text(path, text.decode())
+    # The fingerprint hashes the contents, so a change to the generator changes it as a config change does.
     meta = {"fingerprint": _sha256(json.dumps(hashes, sort_keys=True).encode()), "content_sha256": hashes,
             "config": cfg.to_dict(), "sizes": {s: len(r) for s, r in splits.items()}}
     meta_path = directory / "suite.json"

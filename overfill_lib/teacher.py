@@ -25,10 +25,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from overfill_lib import gguf_models, tasks
+from overfill_lib import tasks
+from overfill_lib.artifacts import atomic_directory, environment_record, read_json, write_json
 from overfill_lib.config import parse
 from overfill_lib.generation import returned_cache
-from overfill_lib.io import atomic_directory, environment_record, load_causal_lm, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,8 @@ def encode_examples(tokenizer, conversations: list[list[dict]]) -> list[dict]:
     ]
 
 
-def encode_example(tokenizer, messages: list[dict]) -> dict:
-    return encode_examples(tokenizer, [messages])[0]
-
-
 class _Collator:
-    """Right-padded prompt + reply with labels only on the reply (as ``data.ChatCollator``'s causal layout)."""
+    """Right-padded prompt + reply with labels only on the reply (as ``chat_data.ChatCollator``'s causal layout)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -287,52 +283,6 @@ def train_teacher(
     return record
 
 
-def load_teacher(path: str | Path, dtype=torch.float32):
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no teacher at {path}; train it with notebook 00_teacher (retrain=True)")
-    model = load_causal_lm(path, "model", dtype=dtype)
-    from transformers import AutoTokenizer
-
-    return model.eval(), AutoTokenizer.from_pretrained(path)
-
-
-def recipe(preset, which: str = "teacher") -> TeacherConfig:
-    """The local preset's training recipe for its teacher, or for its ``smaller`` sibling (the same, narrower)."""
-    cfg = preset.teacher_config()
-    if which == "smaller":
-        spec = preset["smaller"] or {}
-        cfg = cfg.narrower(spec.get("width_ratio", 0.5), heads=spec.get("heads", False))
-    return cfg
-
-
-def ensure_teacher(preset, retrain: bool = False, which: str = "teacher") -> tuple[Path, dict | None]:
-    """The preset's full model (``which="teacher"``) or its narrower sibling (``which="smaller"``).
-
-    Local presets: write the suite, train the model when its checkpoint is missing or ``retrain``
-    is set, and return the directory with its training record. GGUF presets (``gguf:`` beside the id):
-    convert the file once into the directory ``id`` and return its source record. Hub presets: resolve
-    the hub id to a local directory (clear error offline) and return no record.
-    """
-    from overfill_lib.presets import resolve_model
-
-    spec = preset[which] or {}
-    if not preset.is_offline_default:
-        if "id" not in spec:
-            raise ValueError(f"preset {preset.name!r} names no {which} model id")
-        if spec.get("gguf"):  # a GGUF file inside a wheel: converted once into the directory ``id``
-            return gguf_models.ensure_model(spec["gguf"], preset.path(spec["id"])), gguf_models.source_record(
-                preset.path(spec["id"]))
-        return resolve_model(spec["id"], revision=spec.get("revision")), None
-    cfg = recipe(preset, which)
-    path = preset.path(spec.get("id") or preset.workdir / which)
-    suite_dir = tasks.write_suite(preset.suite_config(), preset.suite_dir)
-    if retrain or not (path / "config.json").exists():
-        log.info("training the %s (%s) into %s", which, cfg, path)
-        return path, train_teacher(cfg, suite_dir, path)
-    return path, read_json(path / "training_record.json")
-
-
 def compare_checkpoints(reference: str | Path, candidate: str | Path) -> dict:
     """Test exact match of two trained checkpoints (from their training records) and their largest weight difference."""
     from safetensors.torch import load_file
@@ -347,15 +297,6 @@ def compare_checkpoints(reference: str | Path, candidate: str | Path) -> dict:
             "same_metrics": ra["test_exact_match"] == rb["test_exact_match"], "max_abs_weight_difference": diff,
             "bit_identical": diff == 0.0, "reference_train_seconds": ra["train_seconds"],
             "candidate_train_seconds": rb["train_seconds"], "candidate_environment": rb.get("environment")}
-
-
-def reproduce(preset, which: str = "teacher", out_dir: str | Path | None = None) -> dict:
-    """Retrain the preset's committed ``which`` model with its recipe and seed into ``out_dir`` (default
-    ``<workdir>/reproduce/<which>``) and compare it with the committed checkpoint (:func:`compare_checkpoints`)."""
-    committed, _ = ensure_teacher(preset, which=which)
-    out = Path(out_dir) if out_dir is not None else preset.workdir / "reproduce" / which
-    train_teacher(recipe(preset, which), tasks.write_suite(preset.suite_config(), preset.suite_dir), out)
-    return compare_checkpoints(committed, out)
 
 
 def describe(model, record: dict | None = None):

@@ -32,14 +32,15 @@ Trainer's own torch files, which ``resume_from_checkpoint`` needs) under
 Logs (loss, learning rate, tokens/s) go to ``log.json`` and ``log.csv`` beside them at every
 logging step, and the finished run writes ``model/`` and ``record.json``.
 
-    python -m overfill_lib.training --preset smoke --objective overfill
+From a preset (``pipeline.training_run``, or the command line)::
+
+    python -m overfill_lib.pipeline train --preset smoke --objective overfill
     accelerate launch --config_file overfill_lib/configs/deepspeed_zero3.yaml \\
-        -m overfill_lib.training --preset llama-3.2-3b --objective overfill pruned
+        -m overfill_lib.pipeline train --preset llama-3.2-3b --objective overfill pruned
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -49,18 +50,18 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from overfill_lib import data as chat_data
-from overfill_lib.io import (
+from overfill_lib import chat_data
+from overfill_lib.artifacts import (
     atomic_directory,
     atomic_write_text,
     environment_record,
@@ -90,6 +91,7 @@ class Objective:
     trains: str  # "decoder" (the pruned decoder), "scratch" (its architecture, random init), "full", "smaller"
     layout: str
     description: str
+    label: str  # how tables and figures name the trained model
     loss: str = "ce"
 
 
@@ -107,15 +109,17 @@ def register_objective(objective: Objective) -> Objective:
 
 
 for _o in (
-    Objective("overfill", "decoder", "pair", "pruned decoder reading the frozen full model's prompt KV (the method)"),
-    Objective("pruned", "decoder", "causal", "the same pruned decoder trained alone on prompt + response"),
-    Objective("scratch", "scratch", "causal", "the decoder's architecture trained from random initialization"),
-    Objective("full", "full", "causal", "the full model fine-tuned (upper reference)"),
-    Objective("smaller", "smaller", "causal", "a separately trained smaller model, fine-tuned"),
+    Objective("overfill", "decoder", "pair", "pruned decoder reading the frozen full model's prompt KV (the method)",
+              "OverFill"),
+    Objective("pruned", "decoder", "causal", "the same pruned decoder trained alone on prompt + response", "pruned"),
+    Objective("scratch", "scratch", "causal", "the decoder's architecture trained from random initialization",
+              "from scratch"),
+    Objective("full", "full", "causal", "the full model fine-tuned (upper reference)", "full fine-tuned"),
+    Objective("smaller", "smaller", "causal", "a separately trained smaller model, fine-tuned", "smaller fine-tuned"),
     Objective("overfill_kd", "decoder", "pair", "OverFill, distilled: KL to the full model's next-token distribution",
-              loss="kl"),
+              "OverFill, distilled", loss="kl"),
     Objective("pruned_kd", "decoder", "causal", "the pruned decoder alone, distilled from the full model (KL)",
-              loss="kl"),
+              "pruned, distilled", loss="kl"),
 ):
     register_objective(_o)
 
@@ -237,102 +241,15 @@ class Sources:
         trains = get_objective(objective).trains
         dirs = [self.full_dir] + {"decoder": [self.decoder_dir], "scratch": [self.decoder_dir],
                                   "smaller": [self.smaller_dir]}.get(trains, [])
-        return hashlib.sha256(json.dumps([_dir_signature(p) for p in dirs]).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([dir_signature(p) for p in dirs]).encode()).hexdigest()[:16]
 
 
-def _dir_signature(path: Path | None) -> list | None:
+def dir_signature(path: Path | None) -> list | None:
     """Names, sizes and modification times of a model directory's files (cheap, even for large weights)."""
     if path is None:
         return None
     path = Path(path)
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
-
-
-def _runtime(preset) -> dict:
-    rt = preset.get("runtime", {}) if preset is not None else {}
-    return {"device": rt.get("device", "cpu"), "dtype": rt.get("dtype", "float32")}
-
-
-def prune_decoder(
-    full_dir: str | Path,
-    out_dir: str | Path,
-    decoder: dict,
-    *,
-    preset=None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    importance_dir: str | Path | None = None,
-) -> Path:
-    """Width-prune the model in ``full_dir`` per a ``decoder`` section into ``out_dir`` (HF directory +
-    ``pruning.json``, written atomically).
-
-    Importance comes from ``importance.preset_importance`` (the preset's calibration section, scores
-    cached under its workdir and shared with notebook 01, or under ``importance_dir``); without a
-    preset only the data-free criteria (magnitude, random) are possible.
-    """
-    from transformers import AutoTokenizer
-
-    from overfill_lib import importance, pruning
-
-    model = load_causal_lm(full_dir, "full model", dtype=getattr(torch, dtype)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(full_dir)
-    criterion = decoder.get("criterion", "activation")
-    if preset is not None:
-        scores = importance.preset_importance(model, tokenizer, preset, criteria=[criterion],
-                                              directory=importance_dir)[criterion]
-    elif criterion == "activation":
-        raise ValueError("activation importance needs calibration data: pass preset= (its calibration section is used)")
-    else:
-        scores = importance.compute_importance(model, criterion=criterion)
-    pruned, record = pruning.prune_width(
-        model, scores, hidden=decoder.get("hidden"), intermediate=decoder.get("intermediate"),
-        heads=decoder.get("heads"), round_to=int(decoder.get("round_to", 1)),
-    )
-    return pruning.save_pruned(pruned.cpu(), record, Path(out_dir), tokenizer=tokenizer)
-
-
-def prepare_decoder(preset, retrain: bool = False, *, decoder: dict | None = None, full_dir: str | Path | None = None,
-                    out: str | Path | None = None, importance_dir: str | Path | None = None) -> Path:
-    """A pruned decoder, pruned once and reused: by default the preset's (its ``decoder`` section applied to
-    its full model) under ``<workdir>/pruned_decoder``.
-
-    ``decoder`` / ``full_dir`` / ``out`` prune another width or another full model into another directory
-    (the pruning-ratio ablation; give another full model its own ``importance_dir``). Re-pruned when the
-    decoder spec, the ``calibration`` section or the full model changes.
-    """
-    from overfill_lib import teacher
-
-    full_dir = Path(full_dir) if full_dir is not None else teacher.ensure_teacher(preset)[0]
-    out = Path(out) if out is not None else preset.workdir / "pruned_decoder"
-    spec = {"decoder": decoder if decoder is not None else preset.get("decoder", {}),
-            "calibration": preset.get("calibration", {}), "full": _dir_signature(full_dir)}
-    stamp = out / "prepared.json"
-    if not retrain and stamp.is_file() and read_json(stamp).get("spec") == json.loads(json.dumps(spec)):
-        return out
-    rt = _runtime(preset)
-    log.info("pruning %s into %s (%s)", full_dir, out, spec["decoder"])
-    prune_decoder(full_dir, out, spec["decoder"], preset=preset, device=rt["device"], dtype=rt["dtype"],
-                  importance_dir=importance_dir)
-    write_json(stamp, {"spec": spec, "full_dir": str(full_dir)})
-    return out
-
-
-def prepare_sources(preset, config: TrainingConfig | None = None, objectives: Sequence[str] | None = None) -> Sources:
-    """Resolve (and, for local presets, build) every model the objectives need."""
-    from overfill_lib import teacher
-    from overfill_lib.presets import resolve_model
-
-    config = config or TrainingConfig.from_preset(preset)
-    objectives = list(objectives or config.objectives)
-    full_dir, _ = teacher.ensure_teacher(preset)
-    decoder_dir = prepare_decoder(preset)
-    smaller_dir = None
-    if any(get_objective(o).trains == "smaller" for o in objectives):
-        if config.smaller_id:
-            smaller_dir = resolve_model(config.smaller_id)
-        else:
-            smaller_dir, _ = teacher.ensure_teacher(preset, which="smaller")
-    return Sources(Path(full_dir), Path(decoder_dir), smaller_dir and Path(smaller_dir), str(preset["teacher"]["id"]))
 
 
 def check_same_tokenizer(reference_dir: Path, other_dir: Path, what: str) -> None:
@@ -489,11 +406,11 @@ class BarOnly(ProgressCallback):
 
 
 def batch_progress(trainer) -> None:
-    """Under papermill (``workbook.in_batch``), swap the Trainer's notebook table or log printer for :class:`BarOnly`."""
+    """Under papermill (``artifacts.in_batch``), swap the Trainer's notebook table or log printer for :class:`BarOnly`."""
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils.notebook import NotebookProgressCallback
 
-    from overfill_lib.workbook import in_batch
+    from overfill_lib.artifacts import in_batch
 
     if not in_batch():
         return
@@ -548,57 +465,30 @@ class RunResult:
         return self.run_dir / "model"
 
 
-def _data_source(preset, config: TrainingConfig):
-    source = config.data
-    if preset is not None and source != "suite" and preset.path(source).exists():
-        source = preset.path(source)  # a project-relative file or directory, whatever the working directory
-    return source
-
-
-def build_dataset(preset, config: TrainingConfig, tokenizer):
-    """The preset's training data, tokenized once for every objective (returns the dataset and its stats)."""
-    return chat_data.prepare_chat_data(
-        _data_source(preset, config), tokenizer, split=config.data_split, config=config.data_config,
-        suite_dir=preset.suite_dir if preset is not None else None, max_length=config.max_length,
-        limit=config.data_limit, where=config.data_where, skip_invalid=config.skip_invalid, num_proc=config.num_proc,
-    )
-
-
-def data_records(preset, config: TrainingConfig, split: str = "validation") -> list[dict]:
-    """Chat records of another split of the training data: ``validation`` is what :class:`FidelityProbe` scores
-    during training, ``test`` what the notebooks score after it."""
-    source = _data_source(preset, config)
-    found = chat_data.load_conversations(source, split, config=config.data_config,
-                                         suite_dir=preset.suite_dir if preset is not None else None)
-    if len(found) == 0:
-        raise ValueError(f"the {split} split of {source} is empty")
-    return [dict(r) for r in found]
-
-
 def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: Sources, data_stats: dict) -> str:
     recipe = {k: v for k, v in config.to_dict().items() if k not in {"objectives", "seeds", "objective_seeds"}}
     blob = json.dumps([objective, seed, recipe, sources.fingerprint(objective), data_stats], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def _mixed_precision(runtime: dict) -> bool:
+def mixed_precision(runtime: dict) -> bool:
     """The Trainer's bf16/fp16 autocast: only on a GPU (on a CPU every run trains in fp32)."""
-    return runtime["dtype"] != "float32" and not _on_cpu(runtime)
+    return runtime["dtype"] != "float32" and not on_cpu(runtime)
 
 
-def _full_dtype(runtime: dict) -> str:
+def full_dtype(runtime: dict) -> str:
     # The frozen full model in the autocast dtype when there is one, else fp32 like the decoder it is paired with.
-    return runtime["dtype"] if _mixed_precision(runtime) else "float32"
+    return runtime["dtype"] if mixed_precision(runtime) else "float32"
 
 
-def _load_full(sources: Sources, dtype: str):
+def load_full(sources: Sources, dtype: str):
     """The frozen full model, loaded before any TrainingArguments so ZeRO-3 does not partition it."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         raise RuntimeError(
             "DeepSpeed ZeRO-3 is already active in this process, so from_pretrained would partition the frozen full "
-            "model; run each training in its own process (python -m overfill_lib.training under accelerate launch)"
+            "model; run each training in its own process (python -m overfill_lib.pipeline train under accelerate launch)"
         )
     return load_causal_lm(sources.full_dir, "full model", dtype=getattr(torch, dtype)).eval()
 
@@ -636,7 +526,7 @@ def _checkpointing() -> dict:
 
 
 def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int, runtime: dict, layout: str):
-    on_cpu = _on_cpu(runtime)
+    cpu = on_cpu(runtime)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=steps,
@@ -654,9 +544,9 @@ def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int,
         report_to=[],
         seed=seed,
         data_seed=seed,
-        bf16=runtime["dtype"] == "bfloat16" and not on_cpu,
-        fp16=runtime["dtype"] == "float16" and not on_cpu,
-        use_cpu=on_cpu,
+        bf16=runtime["dtype"] == "bfloat16" and not cpu,
+        fp16=runtime["dtype"] == "float16" and not cpu,
+        use_cpu=cpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         **(_checkpointing() if config.gradient_checkpointing and layout == "causal" else {}),
@@ -666,11 +556,11 @@ def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int,
     )
 
 
-def _on_cpu(runtime: dict) -> bool:
+def on_cpu(runtime: dict) -> bool:
     return runtime["device"] == "cpu" or not torch.cuda.is_available()
 
 
-def _world_size() -> int:
+def world_size() -> int:
     # From the launcher's environment (torchrun / accelerate launch), without initializing any distributed state.
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -719,12 +609,12 @@ def train(
         check_same_tokenizer(sources.full_dir, sources.decoder_dir, "decoder")
         if config.gradient_checkpointing:
             log.warning("gradient_checkpointing is ignored for %s: HF checkpointing drops the prompt KV", objective)
-        full = full if full is not None else _load_full(sources, _full_dtype(runtime))
+        full = full if full is not None else load_full(sources, full_dtype(runtime))
     elif obj.trains == "smaller":
         check_same_tokenizer(sources.full_dir, sources.smaller_dir, "smaller model")
     if obj.loss == "kl" and full is None:
-        full = _load_full(sources, _full_dtype(runtime))
-    steps = planned_steps(config, len(dataset), _world_size())
+        full = load_full(sources, full_dtype(runtime))
+    steps = planned_steps(config, len(dataset), world_size())
     args = _training_args(config, run_dir, seed, steps, runtime, obj.layout)
     model = _trainable_model(obj, sources, seed)
     if full is not None and (obj.layout == "pair" or obj.loss == "kl"):
@@ -734,7 +624,7 @@ def train(
         pair = OverFillModel(
             full, model, config.strategy, tokenizer=tokenizer, full_id=sources.full_id or str(sources.full_dir),
             pruning_record=read_json(pruning_path) if pruning_path.is_file() else None,
-            mixed_precision=_mixed_precision(runtime),
+            mixed_precision=mixed_precision(runtime),
         )
         if any(True for _ in pair.strategy.parameters()):
             raise ValueError(
@@ -756,13 +646,13 @@ def train(
     batch_progress(trainer)
     if config.eval_steps:
         if not probe_records:
-            raise ValueError("training.eval_steps is set: pass probe_records (training.data_records(preset, config))")
+            raise ValueError("training.eval_steps is set: pass probe_records (pipeline.data_records(preset, config))")
         trainer.add_callback(FidelityProbe(pair if pair is not None else model, tokenizer, probe_records,
                                            config.eval_steps))
     main_process = int(os.environ.get("RANK", "0")) == 0
     with RunLock(run_dir) if main_process else contextlib.nullcontext():
         checkpoint = resumable_checkpoint(Path(args.output_dir)) if resume and main_process else None
-        if _world_size() > 1:  # the main process set incomplete checkpoints aside; all resume from the same one
+        if world_size() > 1:  # the main process set incomplete checkpoints aside; all resume from the same one
             trainer.accelerator.wait_for_everyone()
             checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
         if checkpoint:
@@ -799,7 +689,7 @@ def train(
                 write_json(run_dir / "record.json", record)
     trainer.accelerator.wait_for_everyone()
     model.eval()
-    if pair is not None and _mixed_precision(runtime):  # saved in fp32; in memory, one dtype so the pair can generate
+    if pair is not None and mixed_precision(runtime):  # saved in fp32; in memory, one dtype so the pair can generate
         model.to(next(full.parameters()).dtype)
     return RunResult(objective, seed, run_dir, complete, state.global_step, record, pair if pair is not None else model)
 
@@ -946,51 +836,6 @@ def load_trained(result_or_dir: RunResult | str | Path, full=None):
     return load_causal_lm(model_dir, "trained model").eval()
 
 
-def train_objective(
-    preset,
-    objective: str,
-    *,
-    seed: int = 0,
-    config: TrainingConfig | None = None,
-    sources: Sources | None = None,
-    dataset=None,
-    data_stats: dict | None = None,
-    retrain: bool = False,
-    resume: bool = True,
-    full=None,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> RunResult:
-    """Train ``objective`` with the preset's recipe; a finished run with the same recipe and models is reused.
-
-    The run lives in ``<workdir>/training/<objective>-seed<seed>-<hash of recipe, models and data>``.
-    """
-    from transformers import AutoTokenizer
-
-    config = config or TrainingConfig.from_preset(preset)
-    get_objective(objective)
-    sources = sources or prepare_sources(preset, config, [objective])
-    if dataset is None:
-        dataset, stats = build_dataset(preset, config, AutoTokenizer.from_pretrained(sources.full_dir))
-        data_stats = stats.to_dict()
-    key = run_fingerprint(objective, seed, config, sources, data_stats or {"examples": len(dataset)})
-    run_dir = preset.workdir / "training" / f"{objective}-seed{seed}-{key}"
-    done = run_dir / "record.json"
-    if retrain:
-        if int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        if _world_size() > 1:
-            from accelerate import PartialState
-
-            PartialState().wait_for_everyone()
-    elif done.is_file() and read_json(done).get("complete"):
-        record = read_json(done)
-        log.info("%s seed %d: reusing the finished run in %s", objective, seed, run_dir)
-        return RunResult(objective, seed, run_dir, True, record["steps"], record, load_trained(run_dir, full=full))
-    probe = data_records(preset, config, "validation") if config.eval_steps else None
-    return train(objective, sources, dataset, config, run_dir, seed=seed, runtime=_runtime(preset), resume=resume,
-                 callbacks=callbacks, data_stats=data_stats, full=full, probe_records=probe)
-
-
 # --------------------------------------------------------------------------------------------------
 # Exact match and single answers (for the notebooks)
 # --------------------------------------------------------------------------------------------------
@@ -1033,65 +878,3 @@ def answer_with_latency(model, tokenizer, messages: list[dict], max_new_tokens: 
     text = teacher.greedy_answers(model, tokenizer, [record], max_new_tokens=max_new_tokens)[0]
     return {"answer": text, "ms": round(1000 * (time.perf_counter() - t0), 2), "prefill_ms": None, "decode_ms": None,
             "new_tokens": None}
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI (what ``accelerate launch -m overfill_lib.training`` runs)
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset name or path to a preset YAML")
-    parser.add_argument("--objective", nargs="+", default=None,
-                        help=f"objectives to train (default: the preset's training.objectives); from {sorted(OBJECTIVES)}")
-    parser.add_argument("--seed", type=int, nargs="+", default=None,
-                        help="seeds for every objective (default: the preset's training.seeds and objective_seeds)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (overrides training.steps)")
-    parser.add_argument("--override", default="{}", help="JSON dict merged onto the preset, e.g. '{\"training\": {\"batch_size\": 4}}'")
-    parser.add_argument("--retrain", action="store_true", help="discard earlier runs of the same recipe")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even when checkpoints exist")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
-
-    from overfill_lib.presets import load_preset
-
-    try:
-        overrides = json.loads(args.override)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--override must be a JSON object: {e}") from e
-    if args.steps is not None:
-        overrides.setdefault("training", {})["steps"] = args.steps
-    preset = load_preset(args.preset, overrides)
-    config = TrainingConfig.from_preset(preset)
-    objectives = args.objective or list(config.objectives)
-    for name in objectives:
-        get_objective(name)
-    # Created first and with the Trainer's CPU choice, so every later PartialState agrees (it is a singleton).
-    state = PartialState(cpu=_on_cpu(_runtime(preset)))
-    # The main process builds the teacher, the pruned decoder and the tokenized data first; the others reuse them.
-    with state.main_process_first():
-        sources = prepare_sources(preset, config, objectives)
-        dataset, stats = build_dataset(preset, config, AutoTokenizer.from_pretrained(sources.full_dir))
-    # Loaded once, before any TrainingArguments (see _load_full), and shared by every OverFill run.
-    full = None
-    if any(get_objective(o).layout == "pair" for o in objectives):
-        full = _load_full(sources, _full_dtype(_runtime(preset)))
-    results = []
-    for name, seed in config.runs(objectives, args.seed):
-        result = train_objective(preset, name, seed=seed, config=config, sources=sources, dataset=dataset,
-                                 data_stats=stats.to_dict(), retrain=args.retrain, resume=not args.no_resume, full=full)
-        results.append(result)
-    if state.is_main_process:
-        for r in results:
-            last = loss_history(r.log_history)[-1:] or [{}]
-            print(f"{r.objective:10s} seed {r.seed}: {'complete' if r.complete else 'stopped'} at step {r.steps}, "
-                  f"last loss {last[0].get('loss')}, {r.run_dir}")
-    return 0 if all(r.complete for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from IPython.display import display
 
-from overfill_lib.workbook import in_batch
+from overfill_lib.artifacts import in_batch
 
 
 def _text_panel(compute, controls: list, watch: list | None = None) -> None:
@@ -67,7 +67,7 @@ def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: f
     """
     import ipywidgets as w
 
-    from overfill_lib import pruning
+    from overfill_lib import cost, pruning
 
     ratios = list(ratios) if ratios is not None else [round(0.05 * i, 2) for i in range(19)]
     criterion = w.Dropdown(options=list(importances), description="criterion")
@@ -85,7 +85,7 @@ def pruning_slider(model, importances: dict, eval_fn, *, ratios=None, default: f
         return (f"{criterion.value}, {ratio.value:.0%} removed: hidden {row.hidden_size}, intermediate "
                 f"{row.intermediate_size}; {row.parameters:,} parameters ({row.parameters / full_params:.1%} of the "
                 f"full model); one decode step reads {row.decode_bytes / 1e6:.3f} MB of weights "
-                f"({pruning.dtype_size(dtype_bytes):g} B/parameter); {metrics}")
+                f"({cost.dtype_bytes(dtype_bytes):g} B/parameter); {metrics}")
 
     _text_panel(describe, [criterion, ratio])
 
@@ -209,3 +209,34 @@ def side_by_side(lineup: dict, tokenizer, records: list[dict], *, max_new_tokens
         return "\n\n".join(lines)
 
     _text_panel(replies, [prompt])
+
+
+def speculative_explorer(results: dict) -> None:
+    """Pair, acceptance rate and draft length -> speculative decoding's modelled ms per token (from the draft and
+    verify costs measured at the base point of a ``latency.run_suite`` result) beside OverFill's measured one."""
+    import ipywidgets as w
+
+    from overfill_lib import cost
+
+    settings = results["settings"]
+    base = {"batch": 1, "prompt": settings["base_prompt"], "new_tokens": settings["base_new_tokens"]}
+    at_base = [r for r in results["speculative_model"] if all(r.get(k) == v for k, v in base.items())]
+    costs = {(r["pair"], r["gamma"]): (r["draft_step_s"], r["verify_s"]) for r in at_base}
+    overfill_ms = {r["pair"]: 1000 * r["per_token_s"]["median"] for r in results["records"]
+                   if r.get("method") == "overfill" and r.get("status") == "ok" and r["path"].startswith("fast")
+                   and all(r.get(k) == v for k, v in base.items())}
+    if not costs:
+        print("no draft/verify costs were measured at the base point")
+        return
+    pair = w.Dropdown(options=sorted({p for p, _ in costs}), description="pair")
+    alpha = w.FloatSlider(value=0.7, min=0.0, max=1.0, step=0.05, description="alpha")
+    gamma = w.Dropdown(options=sorted({g for _, g in costs}), description="draft len")
+
+    def explain():
+        draft_s, verify_s = costs[(pair.value, gamma.value)]
+        spec_ms = 1000 * cost.speculative_per_token_s(alpha.value, gamma.value, draft_s, verify_s)
+        ours = overfill_ms.get(pair.value)
+        versus = "" if ours is None else f"   OverFill (measured): {ours:.3f} ms -> speculative is {ours / spec_ms:.2f}x OverFill's speed"
+        return f"speculative (modelled, alpha={alpha.value:.2f}, draft len {gamma.value}): {spec_ms:.3f} ms/token{versus}"
+
+    _text_panel(explain, [pair, alpha, gamma])

@@ -10,7 +10,6 @@ One call per notebook keeps the notebooks free of repeated set-up cells::
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import warnings
@@ -18,15 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from overfill_lib.io import PROJECT_ROOT, environment_record, write_json
+from overfill_lib.artifacts import PROJECT_ROOT, environment_record, write_json
 from overfill_lib.presets import Preset, load_preset
 
 log = logging.getLogger(__name__)
-
-
-def in_batch() -> bool:
-    """True when a notebook runs under papermill (``make run``/tests) rather than interactively."""
-    return os.environ.get("OVERFILL_BATCH") == "1" or "PAPERMILL_INPUT_PATH" in os.environ
 
 
 def seed_everything(seed: int) -> None:

@@ -1,9 +1,9 @@
 """environment.yml (conda) installs the same dependency set as pyproject.toml (pip)."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,20 +32,20 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_atomic_directory_swaps_in_one_step_and_cleans_what_a_crash_left(tmp_path, monkeypatch):
-    from overfill_lib import io
+    from overfill_lib import artifacts
 
     target = tmp_path / "model"
-    with io.atomic_directory(target) as tmp:
+    with artifacts.atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("one")
-    with io.atomic_directory(target) as tmp:
+    with artifacts.atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("two")
     assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     # A crash between the fallback's two renames left only the previous version aside: it is restored.
     target.rename(tmp_path / ".model.old")
     dead = tmp_path / ".model.tmp-999999999-x"  # a temporary folder of a writer that is gone
     dead.mkdir()
-    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # the two-rename fallback (non-Linux)
-    with io.atomic_directory(target) as tmp:
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)  # the two-rename fallback (non-Linux)
+    with artifacts.atomic_directory(target) as tmp:
         assert (target / "a.txt").read_text() == "two" and not dead.exists()
         (tmp / "a.txt").write_text("three")
     assert (target / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -244,15 +244,16 @@ def _assert_same_scores(res: dict, expected: dict):
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
+    from overfill_lib.artifacts import load_model
+    from overfill_lib.pipeline import full_model
     from overfill_lib.presets import load_preset
-    from overfill_lib.teacher import ensure_teacher, load_teacher
 
     preset = load_preset("smoke")
-    teacher_dir, _ = ensure_teacher(preset)  # reused when present (trains in seconds otherwise)
+    teacher_dir, _ = full_model(preset)  # reused when present (trains in seconds otherwise)
     out = tmp_path_factory.mktemp("suite_run") / "teacher.json"
     res = evaluation.evaluate({"full": str(teacher_dir)}, ["overfill_suite"], suite_dir=preset.suite_dir,
                               limit=20, batch_size=16, device="cpu", log_samples=True, output_path=out)
-    model, tok = load_teacher(teacher_dir)
+    model, tok = load_model(teacher_dir)
     records = tasks.first_per_family(tasks.load_split(preset.suite_dir, "test"), 20)
     return {"res": res, "path": out, "records": records, "answers": greedy_answers(model, tok, records),
             "teacher_dir": teacher_dir, "suite_dir": preset.suite_dir}
@@ -390,7 +391,7 @@ def test_chat_task_over_local_files_matches_the_project_fidelity(chat_models, ro
 def test_chat_task_errors_name_the_fix(chat_models, tmp_path):
     with pytest.raises(ValueError, match="data_dir=DIR"):
         evaluation.resolve_chat_dir()
-    with pytest.raises(ValueError, match="overfill_lib.corpus"):
+    with pytest.raises(ValueError, match="overfill_lib.pipeline distill"):
         evaluation.resolve_chat_dir(tmp_path)
     with pytest.raises(ValueError, match="pretrained= or full="):
         evaluation.load_chat_dataset(str(chat_models["data_dir"]))

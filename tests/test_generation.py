@@ -118,10 +118,10 @@ def _shared_tiny_case(arch: str):
 
 def _tiny_teacher_case():
     """The project's committed, trained teacher on suite prompts of different lengths."""
-    from overfill_lib import presets, tasks, teacher
+    from overfill_lib import artifacts, presets, tasks
 
     preset = presets.load_preset("tiny")
-    full, tok = teacher.load_teacher(preset.path(preset["teacher"]["id"]))
+    full, tok = artifacts.load_model(preset.path(preset["teacher"]["id"]))
     records = tasks.first_per_family(tasks.load_split(preset.suite_dir, "test"), 1)
     enc = encode_chat(tok, [r["messages"][:-1] for r in records])
     prompts = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from overfill_lib import corpus, gguf_models, presets, pruning, teacher, workbook
+from overfill_lib import artifacts, corpus, gguf_models, pipeline, presets, pruning, workbook
+from overfill_lib.artifacts import read_json
 from overfill_lib.importance import compute_importance
-from overfill_lib.io import read_json
 from overfill_lib.pair import OverFillModel
 from tests.gguf_files import bpe_tokenizer, wheel_with, write_llama_gguf
 from tests.tiny_models import tiny_model
@@ -60,7 +60,7 @@ def test_conversion_round_trips_config_weights_and_tokenizer(converted, tokenize
 def test_converted_model_keeps_the_invariants(converted):
     """Keep-all pruning reproduces it; the identity pair generates what its own generate does."""
     _, _, out = converted
-    model, tok = teacher.load_teacher(out)
+    model, tok = artifacts.load_model(out)
     same, _ = pruning.prune_width(model, compute_importance(model, criterion="magnitude"), hidden=0.0, intermediate=0.0)
     enc = tok.apply_chat_template(CHATS, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_notebooks_refuse_a_preset_without_the_sections_they_need():
 
 def test_pair_reply_loss_and_text_nll_match_the_model_alone(converted, tokenizer):
     _, _, out = converted
-    model, tok = teacher.load_teacher(out)
+    model, tok = artifacts.load_model(out)
     records = [{"messages": [*c, {"role": "assistant", "content": t}]} for c, t in zip(CHATS, TEXTS)]
     pair = OverFillModel(model, model, tokenizer=tok)
     assert pruning.reply_loss(pair, tok, records) == pytest.approx(pruning.reply_loss(model, tok, records), rel=1e-5)
@@ -125,9 +125,9 @@ def test_pair_reply_loss_and_text_nll_match_the_model_alone(converted, tokenizer
                     reason="opt-in: OVERFILL_REAL_MODEL_TESTS=1 downloads and converts SmolLM2-135M (93 MB)")
 def test_real_smollm2_converts_and_keeps_the_invariants():
     preset = presets.load_preset("smollm2-135m")
-    path, record = teacher.ensure_teacher(preset)
+    path, record = pipeline.full_model(preset)
     assert record["parameters"] == 134_515_008 and record["gguf"]["tensor_types"]["Q4_1"] > 0
-    model, tok = teacher.load_teacher(path)
+    model, tok = artifacts.load_model(path)
     c = model.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
         (30, 576, 9, 3, 64)

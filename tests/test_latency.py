@@ -1,5 +1,5 @@
-"""The latency profiler: byte counts against independent parameter counts, the speculative model,
-statistics, a small end-to-end sweep on CPU, and rendering a results JSON (as a committed GPU one would be)."""
+"""The latency profiler: real-size shapes, statistics, a small end-to-end sweep on CPU, and rendering a results
+JSON (as a committed GPU one would be). The byte counts and the speculative model are tested in test_cost."""
 
 import json
 import random
@@ -9,34 +9,11 @@ import sys
 import pytest
 import torch
 
-from overfill_lib import latency, plots
-from overfill_lib.io import PROJECT_ROOT
+from benchmarks import latency_targets
+from overfill_lib import cost, latency, plots
+from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.pruning import count_parameters
-from tests.tiny_models import VARIANTS, tiny_config, tiny_model, variant_id
-
-
-def meta_numel(config, skip=()) -> int:
-    """Parameters of a model built on the meta device, optionally leaving some names out (tied ones once)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for n, p in model.named_parameters() if n not in skip)
-
-
-@pytest.mark.parametrize("name", ["llama-3.2-3b", "llama-3.1-8b"])
-def test_real_size_byte_counts_match_meta_parameter_counts(name):
-    full, decoder = latency.real_size_pairs()[name]
-    for config in (full, decoder):
-        parts = latency.parameter_breakdown(config)
-        assert parts["total"] == count_parameters(config)
-        # Bytes a decode step reads: every parameter once, an untied input table excepted (a row gather).
-        untied = not config.tie_word_embeddings
-        read = meta_numel(config, skip={"model.embed_tokens.weight"} if untied else ())
-        assert latency.weight_bytes_per_step(config, 2) == 2 * read
-    # The decoder keeps the KV shape, so one cache serves both models.
-    assert latency.kv_bytes_per_token(full, 2) == latency.kv_bytes_per_token(decoder, 2)
-    assert decoder.num_hidden_layers == full.num_hidden_layers and decoder.head_dim == full.head_dim
+from tests.tiny_models import tiny_model
 
 
 def test_real_size_shapes_are_the_papers():
@@ -48,43 +25,7 @@ def test_real_size_shapes_are_the_papers():
     assert (d8.hidden_size, d8.intermediate_size) == (2432, 7680)
     # 45% removed, rounded to a multiple of lcm(round_to=8, 24 heads) = 24 (LlamaConfig needs hidden % heads == 0).
     assert d3.hidden_size % 24 == 0 and abs(d3.hidden_size - 0.55 * 3072) <= 12
-    assert latency.kv_bytes_per_token(f3, 2) == 2 * 28 * 8 * 128 * 2  # ~115 KB per token of context
-
-
-@pytest.mark.parametrize("arch,tied", VARIANTS, ids=variant_id)
-def test_breakdown_matches_meta_count_for_every_family(arch, tied):
-    config = tiny_config(arch, tied=tied)
-    assert latency.parameter_breakdown(config)["total"] == meta_numel(config)
-
-
-def test_decode_step_bytes_and_roofline():
-    full, decoder = latency.real_size_pairs()["llama-3.2-3b"]
-    one = latency.decode_step_bytes(decoder, 2, batch=1, kv_positions=1000, kv_config=full)
-    two = latency.decode_step_bytes(decoder, 2, batch=2, kv_positions=1000, kv_config=full)
-    assert one["weights"] == two["weights"] and two["kv_read"] == 2 * one["kv_read"]
-    rows = latency.roofline(decoder, 2, 3.0e12, contexts=[128, 131072], batches=[1], kv_config=full)
-    assert rows[0]["kv_fraction"] < 0.05 < 0.5 < rows[1]["kv_fraction"]  # the KV cache dominates at long context
-    crossover = latency.kv_crossover_context(decoder, 2, 1, full)
-    at = latency.decode_step_bytes(decoder, 2, batch=1, kv_positions=round(crossover), kv_config=full)
-    assert at["kv_read"] == pytest.approx(at["weights"], rel=1e-3)
-
-
-def test_expected_tokens_formula_against_simulation():
-    assert latency.expected_tokens_per_round(0.0, 4) == 1.0
-    assert latency.expected_tokens_per_round(1.0, 4) == 5.0
-    rng = random.Random(0)
-    for alpha, gamma in [(0.6, 3), (0.85, 5)]:
-        total = 0
-        for _ in range(20000):
-            accepted = 0
-            while accepted < gamma and rng.random() < alpha:
-                accepted += 1
-            total += accepted + 1  # accepted drafts + the verifier's token
-        assert total / 20000 == pytest.approx(latency.expected_tokens_per_round(alpha, gamma), rel=0.02)
-    # Perfect acceptance with free drafts: one verify per gamma + 1 tokens.
-    assert latency.speculative_per_token_s(1.0, 3, 0.0, 4.0) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="acceptance rate"):
-        latency.expected_tokens_per_round(1.5, 2)
+    assert cost.kv_bytes_per_token(f3, 2) == 2 * 28 * 8 * 128 * 2  # ~115 KB per token of context
 
 
 def test_summarize_matches_torch_quantiles():
@@ -162,7 +103,7 @@ def test_suite_records_every_point_with_its_path(suite_results):
     # The speculative model is built from measured draft/verify costs, at every modelled acceptance rate.
     rows = loaded["speculative_model"]
     assert rows and {r["alpha"] for r in rows} == {0.5, 0.7, 0.9} and all(r["path"] == "modelled" for r in rows)
-    assert set(loaded["pairs"]["tiny-test"]["benchmarks"]) == set(latency.TARGETS)
+    assert set(latency_targets.report(loaded, "tiny-test")) == set(latency_targets.TARGETS)
 
 
 def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(monkeypatch, tmp_path):

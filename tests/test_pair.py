@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from overfill_lib.artifacts import write_json
 from overfill_lib.generation import pad_sequences
-from overfill_lib.io import write_json
 from overfill_lib.pair import STRATEGIES, KVProjection, OverFillModel, default_layer_map, suggest_strategy
 
 torch.set_num_threads(1)

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from overfill_lib import config, presets, training, workbook
+from overfill_lib import artifacts, config, presets, training, workbook
 
 
 def test_every_preset_loads():
@@ -50,14 +50,14 @@ def test_hub_model_offline_fails_fast_with_a_fix(monkeypatch, tmp_path):
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="offline.*--local-dir"):
-        presets.resolve_model("meta-llama/Llama-3.2-3B-Instruct")
+        artifacts.resolve_model("meta-llama/Llama-3.2-3B-Instruct")
 
 
 def test_local_model_resolves(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert presets.resolve_model(tmp_path) == tmp_path
+    assert artifacts.resolve_model(tmp_path) == tmp_path
     with pytest.raises(ValueError, match="not a local model directory"):
-        presets.resolve_model(tmp_path / "nothing")
+        artifacts.resolve_model(tmp_path / "nothing")
 
 
 # One known key per section and a value of the wrong type for it: every section is parsed when the preset loads.

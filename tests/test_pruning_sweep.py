@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from overfill_lib import architectures as arch
-from overfill_lib import importance, presets, pruning, tasks, teacher
+from overfill_lib import importance, pipeline, presets, pruning, tasks, teacher
 
 try:
-    from tests.tiny_models import tiny_config, tiny_model
+    from tests.tiny_models import tiny_model
 except ImportError:  # tests/ itself on sys.path (plain `pytest` without the project root)
-    from tiny_models import tiny_config, tiny_model
+    from tiny_models import tiny_model
 
 SUITE = tasks.SuiteConfig(n_train=24, n_validation=10, n_test=5)
 
@@ -72,8 +72,8 @@ def test_reply_loss_is_the_mean_over_reply_tokens_whatever_the_batching(tokenize
 
 def test_sweep_one_row_per_criterion_and_ratio(tokenizer, suite_dir, validation, tmp_path):
     model = _model(tokenizer)
-    imps = importance.preset_importance(model, tokenizer, _preset(tmp_path, suite_dir), progress=False,
-                                        layer_skip_loss=False)
+    imps = pipeline.channel_importance(_preset(tmp_path, suite_dir), model, tokenizer, progress=False,
+                                       layer_skip_loss=False)
     ratios = [0.0, 0.25, 0.5]
     calls = []
 
@@ -127,22 +127,6 @@ def _llama_params(c) -> int:
     per_layer = attn + 3 * h * i + 2 * h
     head = 0 if c.tie_word_embeddings else c.vocab_size * h
     return c.vocab_size * h + c.num_hidden_layers * per_layer + h + head
-
-
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_decode_bytes_is_parameters_times_dtype_bytes(tied):
-    config = tiny_config("llama", tied=tied)
-    params = pruning.count_parameters(config)
-    assert params == _llama_params(config)
-    lookup = 0 if tied else config.vocab_size * config.hidden_size  # an untied input table is only looked up
-    for dtype, size in ((2, 2), ("bfloat16", 2), (torch.float32, 4), ("float32", 4)):
-        assert pruning.decode_bytes(config, dtype) == (params - lookup) * size
-    small = pruning.pruned_config(config, hidden=0.5, intermediate=0.5)
-    assert pruning.decode_bytes(small, 2) == (pruning.count_parameters(small) - (0 if tied else 96 * 24)) * 2
-    with pytest.raises(ValueError, match="unknown dtype"):
-        pruning.decode_bytes(config, "float33")
-    with pytest.raises(ValueError, match="positive number of bytes"):
-        pruning.decode_bytes(config, 0)
 
 
 def test_paper_decoder_sizes():
@@ -218,17 +202,17 @@ def test_text_calibration_reads_local_files_only(tokenizer, tmp_path, monkeypatc
         importance.calibration_samples({"source": "suite", "samples": 0}, tokenizer)
 
 
-def test_preset_importance_is_saved_and_reused_for_the_same_weights(tokenizer, suite_dir, tmp_path):
+def test_channel_importance_is_saved_and_reused_for_the_same_weights(tokenizer, suite_dir, tmp_path):
     model = _model(tokenizer)
     preset = _preset(tmp_path, suite_dir)
-    first = importance.preset_importance(model, tokenizer, preset, progress=False)
+    first = pipeline.channel_importance(preset, model, tokenizer, progress=False)
     act = first["activation"]
     assert act.num_samples == 12 and act.layers_skip_loss is not None
     torch.testing.assert_close(act.hidden, act.hidden_per_layer.sum(0))  # per-layer parts add up to the score
     mag = first["magnitude"]  # the embedding's share belongs to no layer, so the layers hold less than the total
     assert (mag.hidden_per_layer.square().sum(0) <= mag.hidden.square() * (1 + 1e-5)).all()
     stamp = (tmp_path / "work/importance/activation/importance.safetensors").stat().st_mtime_ns
-    again = importance.preset_importance(model, tokenizer, preset, progress=False)
+    again = pipeline.channel_importance(preset, model, tokenizer, progress=False)
     assert (tmp_path / "work/importance/activation/importance.safetensors").stat().st_mtime_ns == stamp
     for name in first:
         assert torch.equal(again[name].hidden, first[name].hidden)
@@ -236,7 +220,7 @@ def test_preset_importance_is_saved_and_reused_for_the_same_weights(tokenizer, s
 
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # other weights: scores must be recomputed, not reused
-    changed = importance.preset_importance(model, tokenizer, preset, criteria=["magnitude"], progress=False)
+    changed = pipeline.channel_importance(preset, model, tokenizer, criteria=["magnitude"], progress=False)
     assert changed["magnitude"].extra["request"]["weights"] != mag.extra["request"]["weights"]
     assert not torch.equal(changed["magnitude"].hidden, mag.hidden)
 

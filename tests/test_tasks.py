@@ -51,8 +51,8 @@ def test_train_weights_oversample_train_only():
     assert share("train", "lookup") == pytest.approx(3 / 9) and share("train", "mul") == pytest.approx(2 / 9)
     assert share("train", "sort") == pytest.approx(1 / 9)
     assert all(share(split, f) == pytest.approx(1 / 6) for split in ("test", "validation") for f in cfg.families)
-    assert tasks.suite_fingerprint(cfg) != tasks.suite_fingerprint(tasks.SuiteConfig(families=families, n_train=900,
-                                                                                    n_validation=60, n_test=60))
+    assert tasks.content_hashes(cfg) != tasks.content_hashes(tasks.SuiteConfig(families=families, n_train=900,
+                                                                              n_validation=60, n_test=60))
     # Knobs that cannot change the records stay out of the recorded config.
     assert "mul_digits" not in CFG.to_dict() and "train_weights" not in CFG.to_dict()
 
@@ -98,7 +98,6 @@ def test_committed_tiny_suite_matches_its_config():
 
     p = load_preset("tiny")
     meta = __import__("json").loads((p.suite_dir / "suite.json").read_text())
-    assert meta["fingerprint"] == tasks.suite_fingerprint(p.suite_config())
     assert meta["content_sha256"] == tasks.content_hashes(p.suite_config())
 
 
@@ -115,4 +114,4 @@ def test_a_stale_split_is_rewritten_and_a_current_one_left_alone(tmp_path, caplo
     assert tasks.load_split(tmp_path, "train") == tasks.generate_suite(cfg)["train"]
     assert test_file.stat().st_mtime_ns == before  # unchanged files are not rewritten
     meta = __import__("json").loads((tmp_path / "suite.json").read_text())
-    assert meta["content_sha256"] == tasks.content_hashes(cfg) and meta["fingerprint"] == tasks.suite_fingerprint(cfg)
+    assert meta["content_sha256"] == tasks.content_hashes(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from overfill_lib import presets, tasks, teacher
+from overfill_lib import artifacts, pipeline, presets, tasks, teacher
 
 MICRO = teacher.TeacherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=8, steps=6, batch_size=8, learning_rate=3e-3)
@@ -32,8 +32,8 @@ def test_tokenizer_roundtrip_and_chat_template(tmp_path):
 
 def test_encode_example_masks_the_prompt():
     tok = teacher.build_tokenizer()
-    ex = teacher.encode_example(tok, [{"role": "system", "content": "sort"}, {"role": "user", "content": "21"},
-                                      {"role": "assistant", "content": "12"}])
+    ex = teacher.encode_examples(tok, [[{"role": "system", "content": "sort"}, {"role": "user", "content": "21"},
+                                        {"role": "assistant", "content": "12"}]])[0]
     answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
     assert tok.decode(answer) == "12<|end|>"
 
@@ -57,7 +57,7 @@ def test_reproduce_retrains_the_committed_checkpoint_bit_for_bit(tmp_path):
     """The smoke preset's teacher, trained once as 'committed', then reproduced with the same recipe and seed."""
     p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), "suite_dir": str(tmp_path / "suite"),
                                       "teacher": {"id": str(tmp_path / "committed")}})
-    result = teacher.reproduce(p)
+    result = pipeline.reproduce(p)
     assert result["bit_identical"] and result["same_metrics"] and result["max_abs_weight_difference"] == 0.0
     assert Path(result["candidate"]) == p.workdir / "reproduce" / "teacher"
     other = teacher.compare_checkpoints(tmp_path / "committed", _perturbed(tmp_path))
@@ -104,7 +104,7 @@ def test_committed_teacher_loads_with_auto_classes_and_uses_gqa():
 
 def test_committed_teacher_reaches_target_on_a_test_sample():
     p = presets.load_preset("tiny")
-    model, tok = teacher.load_teacher(p.path(p["teacher"]["id"]))
+    model, tok = artifacts.load_model(p.path(p["teacher"]["id"]))
     test = tasks.load_split(p.suite_dir, "test")[:200]
     assert teacher.evaluate_exact_match(model, tok, test)["overall"] >= 0.85
 
@@ -117,7 +117,7 @@ def _committed_records():
 def test_committed_teacher_and_sibling_follow_the_preset_recipe():
     p, (full, half) = _committed_records()
     assert full["test_exact_match"]["overall"] >= 0.90
-    assert full["recipe"] == asdict(teacher.recipe(p)) and half["recipe"] == asdict(teacher.recipe(p, "smaller"))
+    assert full["recipe"] == asdict(pipeline.teacher_recipe(p)) and half["recipe"] == asdict(pipeline.teacher_recipe(p, "smaller"))
     assert full["suite"] == half["suite"] == json.loads((p.suite_dir / "suite.json").read_text())
     assert half["parameters"] < full["parameters"] / 2
 
@@ -131,7 +131,7 @@ def test_committed_sibling_is_clearly_weaker_than_the_teacher():
 def test_broken_files_are_named_with_their_role(tmp_path):
     """A truncated safetensors shard or JSON record is an error naming the file (and the model's role), not a bare
     'incomplete metadata' or JSONDecodeError."""
-    from overfill_lib import io
+    from overfill_lib import artifacts
     from overfill_lib.pair import OverFillModel
     from tests.tiny_models import tiny_model
 
@@ -145,4 +145,4 @@ def test_broken_files_are_named_with_their_role(tmp_path):
     record = tmp_path / "pair" / "overfill_config.json"
     record.write_text(record.read_text()[:40])
     with pytest.raises(ValueError, match=rf"{record} is not valid JSON .*written partly"):
-        io.read_json(record)
+        artifacts.read_json(record)

@@ -10,15 +10,14 @@ import json
 import os
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from overfill_lib import data, tasks, teacher, training
-from overfill_lib.io import PROJECT_ROOT
+from overfill_lib import chat_data, importance, pruning, tasks, teacher, training
+from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.generation import returned_cache, with_cache
 from overfill_lib.pair import OverFillModel
 
@@ -41,9 +40,12 @@ def setup(tmp_path_factory):
         model = teacher.build_model(cfg, tok)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    training.prune_decoder(root / "full", root / "decoder", {"hidden": 0.5, "intermediate": 0.5, "criterion": "magnitude"})
+    full = AutoModelForCausalLM.from_pretrained(root / "full")
+    pruned, record = pruning.prune_width(full, importance.compute_importance(full, criterion="magnitude"),
+                                         hidden=0.5, intermediate=0.5)
+    pruning.save_pruned(pruned, record, root / "decoder", tokenizer=tok)
     suite_dir = tasks.write_suite(tasks.SuiteConfig(n_train=8, n_validation=1, n_test=1), root / "suite")
-    dataset, stats = data.prepare_chat_data("suite", tok, suite_dir=suite_dir)
+    dataset, stats = chat_data.prepare_chat_data("suite", tok, suite_dir=suite_dir)
     sources = training.Sources(root / "full", root / "decoder", root / "smaller")
     return {"root": root, "tok": tok, "dataset": dataset, "sources": sources}
 
@@ -216,7 +218,7 @@ def test_validation_probe_logs_fidelity_at_step_0_every_n_steps_and_the_end(setu
 
     sources, ds = setup["sources"], setup["dataset"]
     full = load_full(setup)
-    held = [dict(r) for r in data.load_conversations("suite", "train", suite_dir=setup["root"] / "suite")][:4]
+    held = [dict(r) for r in chat_data.load_conversations("suite", "train", suite_dir=setup["root"] / "suite")][:4]
     decoder0 = AutoModelForCausalLM.from_pretrained(sources.decoder_dir).eval()
     untrained = fidelity.answer_fidelity(OverFillModel(full, decoder0) if objective == "overfill" else decoder0,
                                          setup["tok"], held)
@@ -301,7 +303,7 @@ def test_two_process_data_parallel_run_on_cpu(tmp_path):
     override = {"workdir": str(tmp_path / "work"), "training": {"batch_size": 4, "logging_steps": 1, "save_steps": 2}}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(training.CONFIG_DIR / "cpu_ddp.yaml"), "--num_processes", "2",
-           "-m", "overfill_lib.training", "--preset", "smoke", "--objective", "overfill", "--steps", "3",
+           "-m", "overfill_lib.pipeline", "train", "--preset", "smoke", "--objective", "overfill", "--steps", "3",
            "--override", json.dumps(override)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,5 @@
-"""Atomic writes, JSON, and the provenance every saved result carries."""
+"""Where artifacts live and how they are written and read: the project root, atomic writes, JSON, model
+directories (local or in the hub cache), and the provenance every saved result carries."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_batch() -> bool:
+    """True when a notebook runs under papermill (``make run``/tests) rather than interactively."""
+    return os.environ.get("OVERFILL_BATCH") == "1" or "PAPERMILL_INPUT_PATH" in os.environ
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -60,6 +66,18 @@ def load_causal_lm(path: str | Path, role: str, **kwargs):
         raise ValueError(f"could not load the {role} from {path} ({type(e).__name__}: {e}). A file there is "
                          "incomplete or damaged (an interrupted write?): restore it, or delete the folder to have it "
                          "made again") from e
+
+
+def load_model(path: str | Path, dtype=None, role: str = "model"):
+    """A saved causal LM (full model, decoder or sibling) in eval mode, and its tokenizer; ``dtype`` default fp32."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no {role} at {path} (no config.json); the full model of a local preset is trained by "
+                                "notebook 00_teacher, pruned decoders by notebooks 01-02 (overfill_lib.pipeline)")
+    model = load_causal_lm(path, role, dtype=dtype or "float32")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -193,3 +211,37 @@ def weights_fingerprint(model, entries: int = 65536) -> str:
             sample = flat[:: max(1, flat.numel() // entries)]
             h.update(f"{name}{tuple(param.shape)}{sample.double().sum().item():.8e}".encode())
     return h.hexdigest()[:16]
+
+
+def resolve_model(model_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local directory for ``model_id``: the path itself, the project-relative path, or the hub cache.
+
+    Offline (``HF_HUB_OFFLINE=1``) and not cached, this raises at once with how to provide the
+    model locally, rather than waiting on the network.
+    """
+    for candidate in (Path(model_id), PROJECT_ROOT / str(model_id)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    text = str(model_id)
+    if text.startswith((".", "/")) or text.count("/") != 1:
+        raise ValueError(
+            f"model {text!r} is not a local model directory (no config.json) and does not look like a hub id "
+            "('org/name'); train it with notebook 00_teacher or point the preset at an existing directory"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    try:
+        return Path(snapshot_download(text, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    how = (
+        f"download it where the hub is reachable (`hf download {text} --local-dir DIR`), copy DIR here, "
+        f"and set the preset's model id to DIR (e.g. overrides={{'teacher': {{'id': 'DIR'}}}})"
+    )
+    if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        raise RuntimeError(f"model {text!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1): {how}")
+    try:
+        return Path(snapshot_download(text, revision=revision, etag_timeout=10))
+    except Exception as e:  # network down, gated repo, missing repo: one clear message
+        raise RuntimeError(f"could not fetch model {text!r} from the hub ({type(e).__name__}: {e}); {how}") from e

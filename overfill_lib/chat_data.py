@@ -26,8 +26,8 @@ counted (``DataStats``) and logged.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
