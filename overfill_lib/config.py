@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 DEVICES = ("cpu", "cuda")
 CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
 CRITERIA = ("activation", "magnitude", "random")
@@ -138,6 +139,20 @@ def _wrong(value, hint, where: str, advice: str = "") -> ValueError:
     return ValueError(f"{where} expects {describe(hint)}, got {value!r} ({type(value).__name__}){advice}")
 
 
+def torch_dtype(dtype, where: str = "runtime.dtype"):
+    """The torch dtype a name means (None, "auto" and torch dtypes pass through); "bf16" and friends are refused with
+    the name to write, since torch has no such attribute."""
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPE_ALIASES:
+        raise ValueError(f"{where} {dtype!r}: write {DTYPE_ALIASES[dtype]!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} ({where}); use auto, {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def check_choice(what: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
@@ -244,9 +259,8 @@ class RuntimeSection:
     device: str = "cpu"
 
     def __post_init__(self):
-        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-        if self.dtype in aliases:
-            raise ValueError(f"runtime.dtype {self.dtype!r}: write {aliases[self.dtype]!r}")
+        if self.dtype in DTYPE_ALIASES:
+            raise ValueError(f"runtime.dtype {self.dtype!r}: write {DTYPE_ALIASES[self.dtype]!r}")
         check_choice("runtime.dtype", self.dtype, DTYPES)
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"runtime.device is {self.device!r}; choose from cpu, cuda or cuda:N")

@@ -53,6 +53,7 @@ from lm_eval.models.utils import Collator
 from tqdm.auto import tqdm
 
 from overfill_lib.artifacts import PROJECT_ROOT, atomic_write_text, environment_record, load_causal_lm, read_json
+from overfill_lib.config import torch_dtype
 from overfill_lib.pair import CONFIG_NAME, OverFillModel
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,6 @@ HF_PASSTHROUGH = frozenset(
 # --------------------------------------------------------------------------------------------------
 # Loading what to evaluate
 # --------------------------------------------------------------------------------------------------
-
-
-def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return value
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -147,7 +139,7 @@ def load_models(
         raise ValueError(
             "give either pretrained=... or full=.../decoder=..., not both (pretrained names a saved pair or a single model)"
         )
-    dtype = _dtype(dtype)
+    dtype = torch_dtype(dtype, "dtype")
     device = _device(device)
     source: str | None = None
 

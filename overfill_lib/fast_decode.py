@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
+from overfill_lib.architectures import head_dim_of
 from overfill_lib.generation import (
     cache_keyword,
     check_new_tokens,
@@ -27,14 +28,15 @@ from overfill_lib.generation import (
     eos_ids,
     greedy,
     pad_token_for,
-    positions_from_mask,  # noqa: F401 (latency.py and tests reach it here)
     prefill,
     speculative_decode,
+    through_first_eos,
 )
+from overfill_lib.pair import kv_mismatches
 
 log = logging.getLogger(__name__)
 
-METHODS = ("overfill", "full", "decoder", "speculative")
+DECODE_METHODS = ("overfill", "full", "decoder", "speculative")
 PATH_COMPILED = "fast-static-compiled"
 PATH_EAGER = "fast-static-eager"
 # Enough dynamo cache entries for one decode-step graph per (model, batch, cache length, query
@@ -208,15 +210,12 @@ def _finish(new: torch.Tensor, eos: list[int], pad: int) -> tuple[torch.Tensor, 
     """Pad each row after its first eos and stop where the last row ended, as the plain loop does."""
     if not eos or new.shape[1] == 0:
         return new, ["length"] * new.shape[0]
-    is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
-    seen = is_eos.long().cumsum(1)
-    after = (seen - is_eos.long()) > 0  # strictly after the first eos
-    new = new.masked_fill(after, pad)
-    ended = seen[:, -1] > 0
+    real = through_first_eos(new, eos)
+    ended = torch.isin(new, torch.tensor(eos, device=new.device)).any(1)
+    new = new.masked_fill(~real, pad)
     reasons = ["eos" if e else "length" for e in ended.tolist()]
     if bool(ended.all()):
-        first = is_eos.long().argmax(1)  # index of the first eos per row
-        new = new[:, : int(first.max()) + 1]
+        new = new[:, : int(real.sum(1).max())]  # every row ended: stop where the last one did
     return new, reasons
 
 
@@ -296,7 +295,7 @@ class FastGenerator:
         (the speculative target's and draft's).
         """
         c = model.config
-        key = (slot, batch, length, c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None))
+        key = (slot, batch, length, c.num_hidden_layers, c.num_key_value_heads, head_dim_of(c))
         cache = self._caches.get(key)
         if cache is None:
             cache = StaticCache(config=c, max_cache_len=length)
@@ -329,8 +328,8 @@ class FastGenerator:
         ``eos_token_id``: ``"default"`` (the first model's generation config), ids, or ``None`` /
         ``[]`` to always produce ``max_new_tokens`` (benchmarks).
         """
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in DECODE_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(DECODE_METHODS)}")
         check_new_tokens(max_new_tokens)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -413,15 +412,8 @@ class FastGenerator:
 
 
 def _check_shared_shape(full_config, decoder_config) -> None:
-    def shape(c):
-        c = c.get_text_config(decoder=True) if hasattr(c, "get_text_config") else c
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return c.num_hidden_layers, c.num_key_value_heads or c.num_attention_heads, head_dim, c.vocab_size
-
-    f, d = shape(full_config), shape(decoder_config)
-    if f != d:
-        names = ("layers", "KV heads", "head_dim", "vocabulary")
-        diff = "; ".join(f"{n} (full {a}, decoder {b})" for n, a, b in zip(names, f, d) if a != b)
+    if bad := kv_mismatches(full_config, decoder_config):
+        diff = "; ".join(bad)
         raise ValueError(
             f"the fast path needs the decoder's KV cache to have the full model's shape, but they differ in {diff}. "
             "Pair them with a projection strategy and use pair.generate(...) instead."

@@ -53,6 +53,14 @@ GENERATION_DEFAULTS: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------------
 
 
+def through_first_eos(tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
+    """Boolean mask of each row's generated tokens up to and including its first eos (all True without eos ids)."""
+    if not eos:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    is_eos = torch.isin(tokens, torch.tensor(list(eos), device=tokens.device)).long()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch, exactly as HF generate builds them (pads get 0)."""
     position_ids = attention_mask.long().cumsum(-1) - 1

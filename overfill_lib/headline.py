@@ -175,7 +175,7 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
                                                 f"s more would overrun the {budget_s:.0f} s budget"})
             continue
         t0 = time.perf_counter()
-        with latency._oom_guard(record, device, loaded.get("gen").clear_caches if loaded else None):
+        with latency.oom_guard(record, device, loaded.get("gen").clear_caches if loaded else None):
             if p.kind == "copy":
                 results["copy_bandwidth"] = latency.copy_bandwidth(device)
                 record |= {"status": "ok", "bytes_per_s": results["copy_bandwidth"]["bytes_per_s"]}

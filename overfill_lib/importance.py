@@ -65,6 +65,7 @@ from overfill_lib import architectures as arch
 from overfill_lib import corpus
 from overfill_lib.artifacts import atomic_directory, read_json, weights_fingerprint, write_json
 from overfill_lib.config import AGGREGATIONS, CRITERIA, SEQ_AGGREGATIONS, CalibrationSection, check_choice, parse
+from overfill_lib.generation import positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -409,11 +410,6 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tup
     return float(loss[valid.flatten()].sum()), int(valid.sum())
 
 
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    # Positions count valid tokens only, so left padding gives the same activations as no padding.
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _source_name(model: nn.Module) -> str | None:
     return getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None
 
@@ -463,7 +459,7 @@ def activation_importance(
                 raise ValueError(f"calibration token ids run from {int(ids.min())} to {int(ids.max())}, but the model's "
                                  f"vocabulary has {vocab} entries: were the samples made with another tokenizer?")
             recorder.mask, recorder.recording = mask, True
-            kwargs = dict(attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
+            kwargs = dict(attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
             logits = model(input_ids=ids, **kwargs).logits
             skip_this_batch = layer_skip_loss and (skip_loss_samples is None or num_samples < skip_loss_samples)
             num_samples += int(mask.any(1).sum())

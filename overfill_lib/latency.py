@@ -56,13 +56,12 @@ from transformers import AutoModelForCausalLM
 
 from overfill_lib import cost, fast_decode
 from overfill_lib.artifacts import environment_record, load_causal_lm, read_json, write_json
-from overfill_lib.generation import eos_ids, with_cache
+from overfill_lib.generation import eos_ids, positions_from_mask, through_first_eos, with_cache
 
 log = logging.getLogger(__name__)
 
 FORMAT = "overfill-latency"
 FORMAT_VERSION = 1
-METHODS = fast_decode.METHODS
 PATH_HF = "hf-generate-eager"
 PATH_PAIR = "pair-generate-eager"
 PATH_ASSISTED = "hf-assisted"
@@ -88,7 +87,7 @@ class LatencySettings:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     base_prompt: int = 128
     base_new_tokens: int = 128
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(fast_decode.DECODE_METHODS))
     warmup: int = 2
     repeats: int = 5
     draft_tokens: int = 4  # speculative draft length (gamma) of measured runs and sweep-wide modelling
@@ -122,9 +121,9 @@ class LatencySettings:
                 raise ValueError(f"latency setting {name}={value!r} must be a positive int")
         if self.warmup < 0:
             raise ValueError(f"latency setting warmup={self.warmup} must be >= 0")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in fast_decode.DECODE_METHODS]
         if bad:
-            raise ValueError(f"unknown latency method(s) {bad}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown latency method(s) {bad}; choose from {', '.join(fast_decode.DECODE_METHODS)}")
         if any(not 0.0 <= a <= 1.0 for a in self.acceptance_grid):
             raise ValueError(f"acceptance_grid {self.acceptance_grid} must hold rates in [0, 1]")
 
@@ -331,7 +330,7 @@ def _is_oom(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _oom_guard(record: dict, device: torch.device, cleanup: Callable[[], None] | None = None):
+def oom_guard(record: dict, device: torch.device, cleanup: Callable[[], None] | None = None):
     """Record an out-of-memory point as such (``status: "oom"``) instead of ending the sweep."""
     try:
         yield
@@ -535,15 +534,10 @@ def acceptance_rate(target, draft, input_ids: torch.Tensor, attention_mask: torc
     new = out.new_tokens
     prompt = input_ids.shape[1]
     eos = eos_ids(target, eos_token_id)
-    # Real generated positions: up to and including each row's eos.
-    if eos:
-        is_eos = torch.isin(new, torch.tensor(eos, device=device))
-        real = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    else:
-        real = torch.ones_like(new, dtype=torch.bool)
+    real = through_first_eos(new, eos)  # the generated positions, up to and including each row's eos
     seq = out.sequences
     mask = torch.cat([attention_mask, real.long()], 1)
-    pos = fast_decode.positions_from_mask(mask)
+    pos = positions_from_mask(mask)
     predictions = {}
     for name, model in (("target", target), ("draft", draft)):
         logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits
@@ -631,7 +625,7 @@ def run_suite(
             for method in methods:
                 record = {"pair": spec.name, "sweeps": point["sweeps"], "method": method, "path": gen.path,
                           "batch": b, "prompt": p, "new_tokens": n}
-                with _oom_guard(record, device, gen.clear_caches):
+                with oom_guard(record, device, gen.clear_caches):
                     record |= measure_fast(gen, method, batch=b, prompt=p, new_tokens=n, prompt_fn=prompt_fn,
                                            warmup=settings.warmup, repeats=settings.repeats,
                                            draft_tokens=settings.draft_tokens, copy_bw=copy_bw)
@@ -673,7 +667,7 @@ def _forward_costs(results, name, gen, point, gammas, prompt_fn, settings, devic
             continue
         row = {"pair": name, "sweeps": point["sweeps"], "batch": b, "prompt": p, "new_tokens": n, "role": role,
                "queries": queries, "status": "ok", "path": gen.path}
-        with _oom_guard(row, device, gen.clear_caches):
+        with oom_guard(row, device, gen.clear_caches):
             row |= measure_forward(gen, role, batch=b, context=p, queries=queries, cache_len=cache_len,
                                    prompt_fn=prompt_fn, warmup=settings.warmup, repeats=settings.repeats)
         results["forward_costs"].append(row)
@@ -708,7 +702,7 @@ def _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, dev
         jobs.append(("speculative", lambda: measure_hf_generate(full, assistant=decoder, **common)))
     for method, job in jobs:
         record = {"pair": spec.name, "sweeps": ["eager"], "method": method, "batch": 1, "prompt": p, "new_tokens": n}
-        with _oom_guard(record, device):
+        with oom_guard(record, device):
             record |= job()
             record["method"] = method
         results["records"].append(record)
@@ -719,7 +713,7 @@ def _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, dev
         if (method, 1, p, n) not in have:
             record = {"pair": spec.name, "sweeps": ["eager"], "method": method, "path": gen.path, "batch": 1,
                       "prompt": p, "new_tokens": n}
-            with _oom_guard(record, device, gen.clear_caches):
+            with oom_guard(record, device, gen.clear_caches):
                 record |= measure_fast(gen, method, batch=1, prompt=p, new_tokens=n, prompt_fn=prompt_fn,
                                        warmup=settings.warmup, repeats=settings.repeats,
                                        copy_bw=results["copy_bandwidth"])

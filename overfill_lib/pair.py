@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from overfill_lib import generation
+from overfill_lib.architectures import head_dim_of
 from overfill_lib.artifacts import (
     atomic_directory,
     environment_record,
@@ -41,6 +42,7 @@ from overfill_lib.artifacts import (
     weights_fingerprint,
     write_json,
 )
+from overfill_lib.config import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +76,8 @@ class KVShape:
     @classmethod
     def of(cls, config: PretrainedConfig) -> KVShape:
         c = _text_config(config)
-        heads = c.num_attention_heads
-        # Llama-style configs store head_dim explicitly (a width-pruned decoder keeps it while its
-        # hidden size shrinks); older configs derive it from hidden_size.
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        return cls(c.num_hidden_layers, kv_heads, head_dim, c.vocab_size, frozenset(generation.eos_ids(c)))
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(c.num_hidden_layers, kv_heads, head_dim_of(c), c.vocab_size, frozenset(generation.eos_ids(c)))
 
     @property
     def kv_width(self) -> int:
@@ -105,6 +103,14 @@ def _shape_mismatches(full: KVShape, dec: KVShape) -> list[str]:
     if full.head_dim != dec.head_dim:
         out.append(f"head_dim (full {full.head_dim}, decoder {dec.head_dim})")
     return out
+
+
+def kv_mismatches(full_config: PretrainedConfig, decoder_config: PretrainedConfig) -> list[str]:
+    """How the decoder's KV cache (and vocabulary) differ from the full model's; empty when it can read that cache
+    as it is (``shared_kv``)."""
+    full, dec = KVShape.of(full_config), KVShape.of(decoder_config)
+    vocab = [f"vocabulary size (full {full.vocab}, decoder {dec.vocab})"] if full.vocab != dec.vocab else []
+    return _shape_mismatches(full, dec) + vocab
 
 
 def suggest_strategy(full_config: PretrainedConfig, decoder_config: PretrainedConfig) -> str | None:
@@ -411,15 +417,6 @@ class ContinuationOutput:
     continuation_mask: torch.Tensor  # [batch, T], 1 on real continuation tokens
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    if isinstance(dtype, str) and dtype != "auto":
-        from overfill_lib.config import RuntimeSection
-
-        RuntimeSection(dtype=dtype)  # a clear error for "bf16" and friends
-        return getattr(torch, dtype)
-    return dtype
-
-
 def _as_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return None
@@ -705,7 +702,7 @@ class OverFillModel(nn.Module):
         cfg = read_json(directory / CONFIG_NAME)
         if cfg.get("format") != "overfill":
             raise ValueError(f"{directory / CONFIG_NAME} is not an OverFill config")
-        dtype = _as_dtype(dtype)
+        dtype = torch_dtype(dtype)
         load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             load_kw["dtype"] = dtype
@@ -766,7 +763,7 @@ class OverFillModel(nn.Module):
             strategy = "layer_subset" if layers_from_record(record) is not None else "shared_kv"
         load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
-            load_kw["dtype"] = _as_dtype(dtype)
+            load_kw["dtype"] = torch_dtype(dtype)
         tokenizer = None
         if (full_path / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(full_path, trust_remote_code=trust_remote_code)

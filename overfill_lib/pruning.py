@@ -38,10 +38,10 @@ from overfill_lib import architectures as arch
 from overfill_lib import cost, generation
 from overfill_lib.artifacts import atomic_directory, environment_record, read_json, write_json
 from overfill_lib.importance import Importance
+from overfill_lib.pair import PRUNING_NAME
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "pruning.json"
 
 
 @dataclass
@@ -79,7 +79,7 @@ class PruningRecord:
 def load_pruning_record(path: str | Path) -> PruningRecord:
     """The PruningRecord of a ``save_pruned`` directory (or of a ``pruning.json`` file)."""
     path = Path(path)
-    return PruningRecord.load(path / RECORD_FILE if path.is_dir() else path)
+    return PruningRecord.load(path / PRUNING_NAME if path.is_dir() else path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +459,7 @@ def save_pruned(model: nn.Module, record: PruningRecord, directory: str | Path, 
             tokenizer.save_pretrained(tmp)
         if any(tmp.glob("*.bin")) or any(tmp.glob("*.pt")):
             raise RuntimeError("save_pretrained wrote pickle weights; expected safetensors only")
-        record.save(tmp / RECORD_FILE)
+        record.save(tmp / PRUNING_NAME)  # where OverFillModel.from_pruned reads it
     log.info("saved pruned model to %s", directory)
     return directory
 

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from overfill_lib import tasks
+from overfill_lib.architectures import head_dim_of
 from overfill_lib.artifacts import atomic_directory, environment_record, read_json, write_json
 from overfill_lib.config import parse
 from overfill_lib.generation import returned_cache
@@ -313,7 +314,7 @@ def describe(model, record: dict | None = None):
         "intermediate": c.intermediate_size,
         "q heads": c.num_attention_heads,
         "kv heads": c.num_key_value_heads,
-        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "head_dim": head_dim_of(c),
         "vocab": c.vocab_size,
         "tied embeddings": bool(getattr(c, "tie_word_embeddings", False)),
     }

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from overfill_lib import fast_decode
+from overfill_lib import fast_decode, generation
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.generation import returned_cache
 from overfill_lib.pair import OverFillModel
@@ -71,7 +71,7 @@ def test_decoder_reads_and_extends_the_full_models_static_cache(models):
     assert int(cache.get_seq_length()) == prompt + NEW - 1  # prompt by the full model, then decoder steps
     assert cache.layers[0].keys.shape[2] == prompt + NEW  # allocated once for prompt + new tokens
     # The prompt part is the full model's own KV (the decoder did not recompute or copy it).
-    ref = full(input_ids=ids, attention_mask=mask, position_ids=fast_decode.positions_from_mask(mask), use_cache=True)
+    ref = full(input_ids=ids, attention_mask=mask, position_ids=generation.positions_from_mask(mask), use_cache=True)
     for layer, ref_layer in zip(cache.layers, returned_cache(ref).layers):
         torch.testing.assert_close(layer.keys[:, :, :prompt], ref_layer.keys)
         torch.testing.assert_close(layer.values[:, :, :prompt], ref_layer.values)
