@@ -1,16 +1,9 @@
 """The pruning-ratio ablation: how much of a full model can the decoder lose?
 
-A *point* of the grid is a full model (``teacher``: the preset's full model, its smaller sibling, or
-any model of the same family) and the fraction ``keep`` of its hidden channels and MLP neurons the
-decoder keeps (layers, KV heads and head size stay, so the decoder reads the full model's cache).
-At every point the decoder is pruned, trained as OverFill and as the pruned baseline (and from
-scratch where asked) with one recipe, scored through lm-evaluation-harness, and costed per decode
-token two ways: the bytes one step must read (the roofline bound of a memory-bound decode) and the
-measured latency on this machine. The full model and the smaller fine-tuned model are the
-reference points.
-
-Everything is cached: pruned decoders and training runs by ``training`` (so the preset's own width
-reuses notebook 02's runs), lm-eval results beside each run. A rerun only fills in what is missing.
+A point of the grid is a full model and the fraction ``keep`` of its hidden channels and MLP neurons the decoder
+keeps. At every point the decoder is pruned, trained as OverFill and as the pruned baseline with one recipe,
+scored (a registry, ``SCORERS``) and costed per decode step in bytes and in measured time. Everything is cached
+through ``pipeline``, so a rerun only fills in what is missing.
 """
 
 from __future__ import annotations

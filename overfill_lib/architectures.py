@@ -1,23 +1,9 @@
 """Which Hugging Face decoders OverFill can prune, and what every weight in them is.
 
-Every supported family (Llama, Mistral, Qwen2, Qwen3) uses the standard Hugging Face decoder
-layout::
-
-    model.embed_tokens                         [vocab, hidden]
-    model.layers[i].input_layernorm            [hidden]
-    model.layers[i].self_attn.{q,k,v}_proj     [heads*head_dim, hidden] (+ bias for Qwen2)
-    model.layers[i].self_attn.{q,k}_norm       [head_dim]               (Qwen3 only)
-    model.layers[i].self_attn.o_proj           [hidden, heads*head_dim]
-    model.layers[i].post_attention_layernorm   [hidden]
-    model.layers[i].mlp.{gate,up}_proj         [intermediate, hidden]
-    model.layers[i].mlp.down_proj              [hidden, intermediate]
-    model.norm                                 [hidden]
-    lm_head                                    [vocab, hidden] (tied to embed_tokens or not)
-
-so a single table (``GLOBAL_PARAM_AXES`` / ``LAYER_PARAM_AXES``) says, for each parameter and
-each of its tensor dimensions, which prunable dimension it indexes. Pruning slices by that table
-and refuses any parameter it does not describe, so a new family cannot be pruned half-way by
-accident. Adding a family with this layout is one entry in ``SUPPORTED``.
+Llama, Mistral, Qwen2 and Qwen3 share one decoder layout, so one table (``GLOBAL_PARAM_AXES`` /
+``LAYER_PARAM_AXES``) says which prunable dimension each tensor dimension of each parameter indexes. Pruning slices
+by that table and refuses a parameter it does not describe; a family with this layout is one entry in
+``SUPPORTED``. The published shapes of the models the paper prunes live here too (``PUBLISHED_SHAPES``).
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""Chat datasets for decoder training: schemas, the prompt/response split, length limits, collation.
+"""Chat datasets for decoder training: sources, schemas, the prompt/response split, length limits, collation.
 
-A training example is one conversation cut before its **final assistant reply**:
-
-- prompt   = every turn before that reply, rendered with the tokenizer's chat template and the
-             generation prompt (what the full model prefills at inference time);
-- response = the reply followed by the end-of-turn token (the tokenizer's eos), the tokens the
-             decoder (or a baseline) is trained to produce.
-
-Turns after the final assistant reply (e.g. a trailing user turn) are dropped. Sources:
-
-- ``"suite"``: the preset's synthetic suite (``overfill_lib.tasks``, the ``messages`` schema);
-- a local ``.jsonl`` / ``.json`` file, a directory holding ``{split}.jsonl`` (like the suite's) or a
-  dataset saved with ``Dataset.save_to_disk``;
-- a hub dataset name (``teknium/OpenHermes-2.5``, ``BAAI/Infinity-Instruct``), loaded with
-  ``datasets.load_dataset``; offline and not cached, this fails at once with how to provide it.
-
-Two record schemas are read: ``messages`` (``[{"role", "content"}]``, the usual SFT schema) and
-``conversations`` (``[{"from", "value"}]``, OpenHermes-2.5 and Infinity-Instruct), whose speakers are
-mapped ``human``/``user`` -> user, ``gpt``/``assistant`` -> assistant, ``system`` -> system.
-
-Examples longer than ``max_length`` tokens are dropped, not truncated: a cut reply would teach the
-model to stop mid-answer and a cut prompt would hide what the answer depends on. Every drop is
-counted (``DataStats``) and logged.
+An example is a conversation cut before its final assistant reply: the prompt is every turn before it through the
+chat template (what the full model prefills), the response that reply and the end-of-turn token. Sources: the
+suite, local JSONL/JSON files or saved datasets, hub names (a clear error offline); schemas ``messages`` and
+``conversations`` (from/value). Too-long examples are dropped, never truncated, and every drop is counted.
 """
 
 from __future__ import annotations

@@ -1,16 +1,5 @@
-"""``python -m overfill_lib.evaluate``: lm-eval's own command line, with the ``overfill`` model registered.
-
-Every lm-eval option works as documented (``run`` / ``ls`` / ``validate`` subcommands, or the legacy
-form without one). Two additions: the ``overfill`` model (``overfill_lib.evaluation.OverFillLM``), and
-this project's task directory (``overfill_lib/lm_tasks``: ``overfill_suite`` and its family tasks) on
-the include path when the command line names none (lm-eval takes a single ``--include_path``; pass
-ours yourself, or put your tasks beside it, when you need both).
-
-    python -m overfill_lib.evaluate --model overfill \\
-        --model_args full=meta-llama/Llama-3.2-3B-Instruct,decoder=DECODER_DIR,dtype=bfloat16 \\
-        --tasks gsm8k_cot_llama --apply_chat_template --fewshot_as_multiturn \\
-        --batch_size 16 --device cuda --output_path results/lm_eval
-"""
+"""``python -m overfill_lib.evaluate``: lm-eval's own command line, with the ``overfill`` model registered and this
+project's task directory (``overfill_lib/lm_tasks``) on the include path when the command line names none."""
 
 from __future__ import annotations
 

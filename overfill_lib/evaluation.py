@@ -1,38 +1,10 @@
-"""Evaluation through lm-evaluation-harness: the ``overfill`` model, our task files, runs and tables.
+"""Evaluation through lm-evaluation-harness: the ``overfill`` model, this project's tasks, runs and tables.
 
-One lm-eval model, registered as ``overfill``, evaluates every row of a comparison through the same
-code path: the OverFill pair (full model prefills, decoder continues), the full model alone, the
-pruned decoder alone, or any baseline checkpoint. A single model is run as an *identity pair*
-(decoder = that model, sharing its own cache), which computes exactly what the plain model computes
-(tested against lm-eval's ``hf`` model), so differences between rows come from the models, never
-from different tokenization, batching or decoding code.
-
-``OverFillLM`` subclasses lm-eval's ``HFLM`` and keeps everything that defines a request's tokens:
-encoding of (context, continuation) pairs (whole string encoded, then split; an empty context
-becomes the prefix/BOS token), chat templates (``apply_chat_template``, ``tokenizer_name``,
-``chat_template``, so ``--apply_chat_template --fewshot_as_multiturn`` work as for ``hf``),
-left-truncation to ``max_length``, the rolling windows of ``loglikelihood_rolling``, and the
-stop-sequence post-processing of ``generate_until``. It replaces only the two places where HFLM
-calls the network:
-
-- scoring (``_loglikelihood_tokens``): :meth:`OverFillModel.score`, so the full model prefills the
-  context and gives the first continuation token's log-prob, and the decoder scores the rest
-  reading the full model's KV cache;
-- generation (``_model_generate``): :meth:`OverFillModel.generate` with the task's stop sequences
-  and the optional prefill refresh.
-
-Model arguments (``--model_args`` / ``model_args=``): ``pretrained=DIR`` (a pair saved with
-``OverFillModel.save_pretrained``, or any causal LM directory / hub id, run alone), or
-``full=ID,decoder=DIR`` (``strategy=`` optional), or only one of ``full=`` / ``decoder=``;
-plus ``dtype``, ``device``, ``batch_size``, ``refresh_every`` (prefill refresh period for
-generation), ``max_length``, ``tokenizer``.
-
-Tasks: ``overfill_lib/lm_tasks`` holds lm-eval task YAMLs for the synthetic suite (group
-``overfill_suite``, tasks ``overfill_suite_<family>``) and ``overfill_chat`` (a full model's held-out
-answers, scored as ``fidelity`` scores them), found through lm-eval's include path.
-:func:`local_task` writes a YAML that reuses an upstream task's prompt, few-shot, stop and filter
-configuration over a local file in that task's own schema (offline runs of e.g. ``gsm8k_cot_llama``).
-Hub tasks pass straight through to lm-eval.
+``OverFillLM`` subclasses lm-eval's ``HFLM`` and replaces only the two calls that reach the network: scoring
+(``OverFillModel.score``: the full model prefills the context and scores the first continuation token, the decoder
+the rest) and generation (``OverFillModel.generate``). A single model runs as an identity pair, which computes what
+the plain model computes (tested against ``hf``), so the rows of a comparison share one code path. Model arguments
+and tasks are described in README ("Evaluation through lm-evaluation-harness").
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""How closely a decoder continues as the full model would, measured on the full model's own answers.
+"""How closely a model or a pair continues as the full model would, on the full model's own greedy answers.
 
-A drop-in decoder should produce what the full model produces. On held-out prompts answered greedily by
-the full model (``corpus``), three numbers per model, all by teacher forcing:
-
-- ``nll``: mean negative log-likelihood per answer token (answer + end-of-turn);
-- ``agreement``: the fraction of answer positions where the model's greedy token is the full model's, which
-  is also its per-token acceptance rate as a greedy speculative draft;
-- ``exact``: the fraction of answers it reproduces exactly (every position agrees, so greedy decoding
-  gives the full model's answer token for token).
-
-A model is scored alone, or as an OverFill pair: then the full model reads the prompt and predicts the
-first answer token, and the decoder the rest (``OverFillModel.forward_continuation``, the generation path).
-``split_perplexity`` does the same for plain text: the first part of each window read by the full model
-(the OverFill way) or by the model itself, perplexity on the rest.
+By teacher forcing: ``nll`` per answer token, ``agreement`` (the share of positions where the greedy token is the
+full model's: also the acceptance rate as a greedy speculative draft) and ``exact`` (answers reproduced token for
+token). ``split_perplexity`` does the same for plain text read in two parts.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """The GPU headline benchmark: the latency numbers that matter most, in order of importance, inside a short slot.
 
-    python -m overfill_lib.headline --device cuda --out results/gpu/headline.json      # make gpu-headline
-    python -m overfill_lib.headline --dry-run                                          # the plan, on any machine
+Points run in order (copy bandwidth, batch-1 decode of the 3B pair on the fast path, eager paths, end to end,
+throughput, the 8B pair); one whose estimate would overrun ``--budget`` is skipped and the JSON is rewritten after
+every point. Random weights on the device, nothing downloaded, only torch and transformers imported::
 
-The plan (:func:`plan`) runs point by point: the device's copy bandwidth; per-token decode at batch 1 of
-Llama-3.2-3B, its 45%-pruned decoder and OverFill on the fast path (static cache, compiled, CUDA graphs), with the
-achieved bandwidth as a fraction of the measured copy bandwidth; the eager paths the fast one replaces; OverFill end
-to end against the decoder alone at 256 and 1024 new tokens; throughput against batch; the 8B pair last. A point
-whose estimated time would overrun ``--budget`` seconds is recorded as skipped, so the run ends in time, and the JSON
-(the latency module's record format) is rewritten after every point, so a run cut off keeps what it measured.
-Models have random weights built on the device (latency does not depend on weight values); nothing is downloaded
-and nothing beyond torch and transformers is imported. ``--suite tiny`` runs the same plan on tiny models, which
-is how the code path is checked on a CPU.
+    python -m overfill_lib.headline --device cuda --out results/gpu/headline.json   # make gpu-headline
+    python -m overfill_lib.headline --dry-run                                       # the plan, on any machine
 """
 
 from __future__ import annotations

@@ -1,46 +1,10 @@
 """Importance scores for width and depth pruning (Minitron-style, as in the OverFill paper).
 
-One score per prunable unit, higher = more important:
-
-- ``hidden``       [hidden_size]              embedding / residual-stream channels
-- ``intermediate`` [layers, intermediate_size] MLP neurons, per layer
-- ``heads``        [layers, num_attention_heads] query heads, per layer (ranked within a KV group)
-- ``layers``       [layers]                    whole decoder layers (depth pruning)
-
-Criteria:
-
-``activation`` (the paper's): forward hooks over a calibration set record
-  hidden        the outputs of ``input_layernorm`` and ``post_attention_layernorm`` (the normalized
-                hidden states entering attention and MLP), each aggregated as below, summed over
-                both norms and all layers;
-  intermediate  the activation entering ``down_proj`` (act(gate) * up), per layer;
-  heads         the L2 norm over head_dim of each head's attention output entering ``o_proj``;
-  layers        1 - cosine(block input, block output) per token (Block Influence, ShortGPT);
-                optionally also the loss increase when the layer is skipped (``layer_skip_loss``).
-``magnitude``: the L2 norm of every weight-matrix entry that reads or writes the unit (e.g. a
-  hidden channel's embedding column, q/k/v/gate/up columns, o/down rows, untied lm_head column);
-  1-D gains and biases are left out. A layer's score is the norm of all its weight matrices.
-``random``: seeded uniform scores, a baseline.
-
-Aggregation (exact definitions). For an activation ``a`` of sample ``s`` with valid (unpadded)
-tokens ``t``, the per-sample statistic of channel ``c`` is (``seq_aggregation``)::
-
-    "mean": m_s[c] = mean_t |a[s, t, c]|            (the paper's / Minitron's)
-    "l2":   m_s[c] = sqrt(mean_t a[s, t, c]^2)
-
-and the score aggregates ``m_s`` over the N calibration samples (``aggregation``)::
-
-    "l2":   sqrt(sum_s m_s[c]^2)   (the authors' "batch aggregation L2")
-    "mean": (1/N) sum_s m_s[c]
-    "l1":   sum_s m_s[c]           (= N * mean: same ranking as "mean", scale grows with N)
-
-Padded positions (attention_mask == 0) never enter a statistic; samples are independent of how
-they were batched or padded.
-
-From a preset: ``calibration_samples`` turns the preset's ``calibration`` section into token-id
-lists (the suite's train conversations, or wikitext read from local files only), and
-``cached_importance`` computes every criterion once per set of weights, saving the scores under
-the preset's work directory and reusing them on the next run. ``rank_agreement`` compares criteria.
+One score per prunable unit, higher is more important: ``hidden`` channels, ``intermediate`` MLP neurons and
+query ``heads`` per layer, whole ``layers``. Criteria: ``activation`` (the paper's, from forward hooks over
+calibration data; padding never enters a statistic), ``magnitude`` and ``random``. The exact definitions and
+aggregations are in README ("Channel importance"). ``cached_importance`` computes each criterion once per set of
+weights and calibration request and reuses the saved scores.
 """
 
 from __future__ import annotations

@@ -1,42 +1,11 @@
-"""Latency profiling for OverFill: timings, sweeps, achieved bandwidth, roofline, speculative decoding.
+"""Latency measurement: timings, sweeps, achieved bandwidth and the speculative-decoding comparison.
 
-Decode is memory-bound: each step reads every weight once plus the KV cache, so a step can be no
-faster than ``bytes / memory bandwidth``. OverFill's claim is about that stage: a decoder pruned in
-width reads fewer weight bytes per token, while the KV cache (full-model shape) stays as large.
-This module measures what a decode path achieves against that bound, on the same device, in the
-same run:
-
-- **timings**: time to first token (prefill + first token), time per output token, end-to-end
-  latency, tokens/s, peak memory (CUDA); CUDA events with warm-up and repeats on GPU,
-  ``perf_counter`` on CPU; medians with p10/p90;
-- **bandwidth**: bytes one decode step reads (weights + KV cache, :mod:`overfill_lib.cost`) over
-  the step time, as a fraction of the device's copy bandwidth measured here (a large tensor clone,
-  bytes read + written over time);
-- **sweeps** over output length, prompt length and batch size for ``full``, ``decoder``, ``overfill``
-  and ``speculative`` (see :mod:`overfill_lib.fast_decode`), plus the eager paths they replace;
-  an out-of-memory point is recorded as ``status: "oom"`` and the sweep goes on;
-- **speculative decoding**: its acceptance rate measured on trained models (teacher forcing), and,
-  for random-weight real-size models, its latency modelled over a range of acceptance rates from
-  measured per-forward costs;
-- **roofline** (:mod:`overfill_lib.cost`): the analytic per-token lower bound beside the measurements, and
-  the context at which the KV cache (which OverFill does not shrink) outweighs the decoder's weights.
-
-Every record carries a ``path`` (``fast-static-compiled``, ``fast-static-eager``,
-``hf-generate-eager``, ``pair-generate-eager``, ``hf-assisted``, ``modelled``) so a fast path is never
-compared with a slow one unknowingly. Results are one JSON document (device, dtype, versions,
-commit via :func:`overfill_lib.artifacts.environment_record`), written atomically, and rewritten after
-every measured point so an interrupted sweep keeps what it measured.
-
-Only torch and transformers are needed (no plotting or dataframe imports here), so the GPU run is::
+Decode is memory-bound, so every decode timing is reported beside the bytes its step reads (``cost``) as a fraction
+of the copy bandwidth measured in the same run. Every record carries the ``path`` that made it (fast compiled or
+eager, HF ``generate``, the eager pair, HF assisted, modelled), an out-of-memory point is recorded as such, and the
+results JSON is rewritten after every point. Only torch and transformers are imported, for bare GPU machines::
 
     python -m overfill_lib.latency --suite real --device cuda --out results/gpu/h100.json
-    python -m overfill_lib.latency --suite real --device cuda --quick --out results/gpu/h100-quick.json
-
-``--suite real`` builds Llama-3.2-3B with its 45%-pruned decoder and Llama-3.1-8B with its
-hidden-2432 / intermediate-7680 decoder from configs, with random bf16 weights directly on the GPU
-(latency does not depend on weight values), compiles the decode steps (CUDA graphs) and runs the
-sweeps (about 30-45 minutes on an H100, mostly compilation; ``--quick`` about 10). ``--suite tiny``
-times two local Hugging Face directories (``--full``, ``--decoder``) on any device.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
-"""The OverFill pair: a frozen full model prefills, a smaller decoder generates from its KV cache.
+"""The OverFill pair: a frozen full model prefills and picks the first token, a smaller decoder generates from its KV.
 
-OverFill (Kim et al., COLM 2025, arXiv 2508.08446) splits inference by stage: the full model
-processes the prompt in parallel (compute-bound, cheap per token) and chooses the first new token;
-a decoder pruned in width continues token by token (memory-bound, where a smaller model pays off),
-attending to the full model's prompt KV cache.
-
-How the decoder reads that cache is a *pairing strategy* (a small registry below):
-
-- ``shared_kv`` (the paper's default, "kv_identity"): same layer count, KV heads and head dim; the
-  decoder reads the full model's cache object unchanged.
-- ``layer_subset`` ("kv_prune"): the decoder keeps some of the full model's layers (full-model
-  indices, e.g. from the decoder's ``pruning.json``) and reads those layers' KV.
-- ``kv_projection`` ("kv_proj_layer"): a learned per-layer linear map from the full model's KV to
-  the decoder's KV shape, so any two models sharing a tokenizer can be paired.
-
-The same computation serves training, scoring and generation: :meth:`OverFillModel.forward_continuation`
-(full model under ``no_grad``, decoder with grad), :meth:`OverFillModel.score` (lm-eval style
-log-likelihoods) and :meth:`OverFillModel.generate` (see ``overfill_lib.generation``).
+How the decoder reads the full model's cache is a pairing strategy, a registry: ``shared_kv`` (same layers, KV
+heads and head_dim; the paper's default), ``layer_subset`` (a depth-pruned decoder reads its layers' KV) and
+``kv_projection`` (a learned per-layer map, for any two models sharing a tokenizer). One computation serves
+training (``forward_continuation``), scoring (``score``) and generation (``generate``).
 """
 
 from __future__ import annotations

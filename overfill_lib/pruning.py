@@ -1,23 +1,10 @@
 """Width and depth pruning of a Hugging Face decoder into a smaller model of the same class.
 
-Width pruning (``prune_width``) is OverFill's decoder: hidden channels, MLP neurons and optionally
-query heads are cut by importance, while ``num_hidden_layers``, ``num_key_value_heads`` and
-``head_dim`` are kept, so the pruned model's KV cache has exactly the full model's shape and can
-continue from the full model's prefill. Depth pruning (``prune_depth``) keeps a subset of layers
-(the "layer subset" pairing).
-
-Sizes: a python ``float`` in [0, 1) is the FRACTION REMOVED (0.0 keeps everything, 0.45 removes
-45%); a python ``int`` is the number KEPT. ``round_to`` rounds each kept count to the NEAREST
-multiple (halves up), never above the original size and never below one multiple. A Llama config
-additionally requires hidden_size % num_attention_heads == 0 (transformers validates it), so the
-hidden size of a pruned Llama is rounded to a multiple of lcm(round_to, kept query heads).
-
-Kept indices are sorted ascending, so channel order is preserved and keeping everything
-reproduces the model exactly. Everything is saved as safetensors + JSON (never pickle).
-
-Before any training: ``size_report`` gives a pruned config's sizes and the weight bytes one decode
-step reads (meta device, no weights), ``reply_loss`` scores a model on chat records, ``sweep`` prunes by
-several criteria at several ratios and evaluates each, ``layer_ablation`` drops one layer at a time.
+``prune_width`` is OverFill's decoder: hidden channels, MLP neurons and optionally query heads are cut by
+importance while layers, KV heads and head_dim stay, so the decoder's KV cache has the full model's shape.
+``prune_depth`` keeps a subset of layers. A float size is the fraction removed, an int the number kept; kept
+indices stay in order, so keeping everything reproduces the model. ``size_report``, ``reply_loss``, ``sweep`` and
+``layer_ablation`` measure before any training.
 """
 
 from __future__ import annotations

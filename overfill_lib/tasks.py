@@ -1,23 +1,9 @@
 """The synthetic instruction suite: the offline default's training and test data.
 
-Every family is a chat record in the ``messages`` schema (system / user / assistant) that real
-SFT sets use. The system turn names the task, the user turn carries the data, and the answer
-depends on reading the whole prompt, so the prefill matters. Everything is deterministic from a
-seed; difficulty knobs live in the preset.
-
-Families (digits in ``add`` are written least-significant first, operands and answer alike, the
-"reversed digits" format that lets a small model propagate carries left to right):
-
-- ``reverse``: ``kqzpt`` -> ``tpzqk``
-- ``sort``:    ``83160`` -> ``01368``
-- ``lookup``:  ``?m k:17 m:03 x:55`` -> ``03`` (key-value lookup among distractors)
-- ``add``:     ``743+985`` -> ``6390`` (347 + 589 = 936, reversed: 639, with the carry digit)
-- ``count``:   ``b?abcbbdab`` -> ``4``
-- ``mul``:     ``748*6`` -> ``8805`` (847 x 6 = 5088, reversed; each digit needs a carry of 0 to 8)
-
-``mul`` is opt-in (``families``); ``train_weights`` oversamples families in the train split only, so
-validation and test stay balanced. Both were added to look for a family where width decides the score;
-what was measured with them is in the README ("The capacity gap").
+Families of chat records (``messages`` schema) whose answers depend on reading the whole prompt: ``reverse``,
+``sort``, ``lookup`` (a key among distractors), ``add`` (digits least-significant first), ``count``, and opt-in
+``mul``. Deterministic from a seed; the splits are regenerated (under a second) and compared by content on every
+write, so a file from another generator or config is never reused.
 """
 
 from __future__ import annotations

@@ -1,42 +1,11 @@
-"""Decoder training: the OverFill objective, its baselines, and one Trainer-based engine for all of them.
+"""Decoder training: the OverFill objective, its baselines (a registry, ``OBJECTIVES``), and one Trainer for all.
 
-**The OverFill objective.** The full model, frozen (no gradients, eval mode), prefills the prompt;
-the decoder is trained with cross-entropy on the response, attending to the full model's prompt KV
-and to its own KV for the response tokens. That is the inference-time computation, so the loss is
-taken from the pair's own scoring path (``OverFillModel.loss`` -> ``forward_continuation``), not
-from a second implementation. The first response token is predicted by the full model; its loss is
-constant for the decoder (no gradient) but is counted by default (``include_first_token``) so that
-OverFill and the baselines report a loss over the same tokens and their curves can be compared.
-
-**Baselines**, trained on identical data, steps and schedule (the registry ``OBJECTIVES``):
-
-- ``pruned``:  the same pruned decoder, alone, on prompt + response (loss on the response);
-- ``scratch``: the decoder's architecture from random initialization (the reviewers' clean baseline);
-- ``full``:    the full model fine-tuned (an upper reference);
-- ``smaller``: a separately trained smaller model (the preset's ``smaller`` model, or
-  ``training.smaller_id``), fine-tuned: the paper's "Finetuned" baseline.
-
-**Engine.** ``OverFillTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` calls the pair
-for OverFill and the model's own causal-LM loss for the baselines, so one code path runs on a CPU,
-one GPU or several under ``accelerate launch`` (DDP, DeepSpeed ZeRO-3 or FSDP: configs in
-``overfill_lib/configs/``). The model handed to the Trainer is the *trained* model only (the
-decoder for OverFill): the frozen full model is never wrapped, sharded, saved in checkpoints or
-seen by the optimizer. It is loaded (dense, replicated on every device, in the runtime dtype) before
-the ``TrainingArguments`` exist, because once they do, ``from_pretrained`` under ZeRO-3 partitions
-every model it loads; its forward runs under ``no_grad`` inside the pair. During a step the pair
-reads the *wrapped* decoder (DDP / DeepSpeed engine / FSDP module), so gradients are synchronised.
-
-Checkpoints are the Trainer's (weights as safetensors; optimizer, scheduler and RNG state in the
-Trainer's own torch files, which ``resume_from_checkpoint`` needs) under
-``<workdir>/training/<objective>-seed<k>-<hash>/checkpoints``; a rerun resumes from the latest.
-Logs (loss, learning rate, tokens/s) go to ``log.json`` and ``log.csv`` beside them at every
-logging step, and the finished run writes ``model/`` and ``record.json``.
-
-From a preset (``pipeline.training_run``, or the command line)::
-
-    python -m overfill_lib.pipeline train --preset smoke --objective overfill
-    accelerate launch --config_file overfill_lib/configs/deepspeed_zero3.yaml \\
-        -m overfill_lib.pipeline train --preset llama-3.2-3b --objective overfill pruned
+OverFill's loss comes from the pair's own scoring path (``OverFillModel.loss``): the frozen full model prefills the
+prompt and the decoder is trained on the response reading that cache. The Trainer is handed the trained model only,
+so under ``accelerate launch`` (DDP, DeepSpeed ZeRO-3, FSDP) the frozen full model is never wrapped, sharded or
+checkpointed; it is loaded before the ``TrainingArguments`` exist, because ZeRO-3 partitions every model loaded
+after. A run lives in its own folder (checkpoints, ``log.json``/``log.csv``, ``model/``, ``record.json``); from a
+preset: ``pipeline.training_run`` or ``python -m overfill_lib.pipeline train``.
 """
 
 from __future__ import annotations
