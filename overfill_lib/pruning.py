@@ -371,17 +371,8 @@ def prune_width(
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     new_model = _build_like(model, new_config, state)
 
-    record = PruningRecord(
-        kind="width",
-        model_type=config.model_type,
-        source_model=getattr(config, "name_or_path", None) or None,
-        original=_sizes(config, num_parameters(model)),
-        new=_sizes(new_config, num_parameters(new_model)),
-        kept=kept,
-        request={"hidden": hidden, "intermediate": intermediate, "heads": heads, "round_to": round_to},
-        importance=_importance_info(importance),
-        notes=sizes["notes"],
-    )
+    record = _record("width", model, new_model, kept=kept, importance=_importance_info(importance), notes=sizes["notes"],
+                     request={"hidden": hidden, "intermediate": intermediate, "heads": heads, "round_to": round_to})
     log.info(
         "pruned %s: hidden %d -> %d, intermediate %d -> %d, query heads %d -> %d, params %d -> %d",
         config.model_type, config.hidden_size, new_config.hidden_size, config.intermediate_size,
@@ -422,18 +413,18 @@ def prune_depth(model: nn.Module, keep_layers) -> tuple[nn.Module, PruningRecord
         elif key[0] in new_index:
             state[f"{arch.LAYER_PREFIX}{new_index[key[0]]}.{key[1]}"] = tensor
     new_model = _build_like(model, new_config, state)
-    record = PruningRecord(
-        kind="depth",
-        model_type=config.model_type,
-        source_model=getattr(config, "name_or_path", None) or None,
-        original=_sizes(config, num_parameters(model)),
-        new=_sizes(new_config, num_parameters(new_model)),
-        kept={"layers": keep},
-        request={"keep_layers": list(keep_layers)},
-    )
+    record = _record("depth", model, new_model, kept={"layers": keep}, request={"keep_layers": list(keep_layers)})
     log.info("kept layers %s of %d (params %d -> %d)", keep, n, record.original["num_parameters"],
              record.new["num_parameters"])
     return new_model, record
+
+
+def _record(kind: str, model: nn.Module, new_model: nn.Module, **fields) -> PruningRecord:
+    config = model.config
+    return PruningRecord(kind=kind, model_type=config.model_type,
+                         source_model=getattr(config, "name_or_path", None) or None,
+                         original=_sizes(config, num_parameters(model)),
+                         new=_sizes(new_model.config, num_parameters(new_model)), **fields)
 
 
 def save_pruned(model: nn.Module, record: PruningRecord, directory: str | Path, tokenizer=None) -> Path:
