@@ -9,7 +9,7 @@ JOBS   ?= 2
 # Idle OpenMP threads yield the core instead of spinning: small models on a shared 2-core box ran many times slower otherwise.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lab setup clean-runs gpu-headline
+.PHONY: run test lab setup browser clean-runs gpu-headline
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,18 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m overfill_lib.runner --preset $(PRESET) $(RUNFLAGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
 
+# The browser tests (tests/test_browser.py) drive Debian's Chromium: installed here when missing and possible.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "no Chromium: the browser tests will skip (apt-get install chromium, as root, enables them)"; fi
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-runs:
 	rm -rf runs/ artifacts/

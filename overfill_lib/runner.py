@@ -18,6 +18,7 @@ import html
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -88,14 +89,25 @@ def _fingerprint(notebook: Path, parameters: dict) -> str:
     return h.hexdigest()
 
 
+# The lab template and plotly's notebook renderer add scripts from a CDN (require.js, MathJax) that these reports do
+# not need; offline, each would be a failed load in the reader's console.
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+REMOTE_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>')
+
+
 def render_html(executed: Path) -> Path:
-    """Self-contained HTML (plotly figures embed their library through the notebook renderer)."""
+    """Self-contained HTML that needs no network (plotly figures embed their library through the notebook renderer)."""
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
+    # A widget view needs a live kernel (or JavaScript from a CDN); batch runs print each widget's default state.
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-    return atomic_write_text(executed.with_suffix(".html"), body)
+    return atomic_write_text(executed.with_suffix(".html"), REMOTE_SCRIPT.sub("", body))
 
 
 @dataclass

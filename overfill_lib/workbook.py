@@ -116,8 +116,11 @@ def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: in
 
     # On stdout: in a rendered notebook the library's log lines read as plain output, not as pink stderr blocks.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True, stream=sys.stdout)
-    for noisy in ("httpx", "urllib3", "filelock", "choreographer", "kaleido"):
+    for noisy in ("httpx", "urllib3", "filelock", "kaleido"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kaleido's browser driver logs a traceback at ERROR for a Chromium pipe message it then ignores; a PNG export
+    # that really fails raises from write_image.
+    logging.getLogger("choreographer").setLevel(logging.CRITICAL)
     p = load_preset(preset, overrides)
     missing = missing_sections(p, notebook)
     if missing:

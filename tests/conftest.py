@@ -24,3 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The notebook series on the smoke preset, run once per test process by the runner (``make run``'s path);
+    the tests that read it share the xdist group "notebooks", so one worker runs it."""
+    from overfill_lib import runner
+
+    run_dir, outcomes = runner.run_series("smoke", force=True, run_dir=tmp_path_factory.mktemp("smoke-run") / "run")
+    failed = [o for o in outcomes if o.status != "ok"]
+    assert not failed, "\n".join(f"{o.notebook}: {o.error}" for o in failed)
+    return run_dir

@@ -28,10 +28,8 @@ def test_stored_without_outputs_and_parameterized(path):
 
 @pytest.mark.notebook
 @pytest.mark.xdist_group("notebooks")
-def test_smoke_series_runs_end_to_end(tmp_path):
-    run_dir, outcomes = runner.run_series("smoke", force=True, run_dir=tmp_path / "run")
-    failed = [o for o in outcomes if o.status != "ok"]
-    assert not failed, "\n".join(f"{o.notebook}: {o.error}" for o in failed)
+def test_smoke_series_runs_end_to_end(smoke_run):
+    run_dir = smoke_run
     index = (run_dir / "index.html").read_text()
     for nb in NOTEBOOKS:
         assert (run_dir / f"{nb.stem}.html").exists()
