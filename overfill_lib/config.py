@@ -2,9 +2,9 @@
 
 A section is a dataclass whose annotations are its schema. :func:`parse` refuses an unknown key (naming the
 section, the key and the valid keys) and a value of the wrong type (naming the expected type), reads a number
-YAML left as a string (PyYAML reads ``1e-3`` without a dot as text) and turns lists into tuples. The sections
-whose dataclass lives beside the code that uses it (``training``, ``ablation``, ``latency``, ``suite``,
-``teacher.train``, ``teacher.gguf``) are parsed by the same function.
+YAML left as a string (PyYAML reads ``1e-3`` without a dot as text) and turns lists into tuples. Sections whose
+dataclass lives beside the code that uses it (``training``, ``latency``, ``suite``, ``teacher.train``,
+``teacher.gguf``; their modules never read a preset) go through the same function.
 """
 
 from __future__ import annotations

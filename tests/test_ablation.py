@@ -197,3 +197,10 @@ def test_fidelity_scorer_and_recovery_curves(tmp_path, own_models):
     assert "agreement with the full model" in ablation.conclusion(table, label=ablation.SCORERS["fidelity"].label)
     with pytest.raises(ValueError, match="fidelity"):
         ablation.AblationConfig.from_dict({"scorer": "bleu"})
+
+
+def test_the_scorer_registry_implements_every_scorer_a_preset_may_name():
+    from overfill_lib.config import ABLATION_SCORERS
+
+    assert set(ablation.SCORERS) == set(ABLATION_SCORERS)
+    assert all(ablation.SCORERS[k].description == v for k, v in ABLATION_SCORERS.items())
