@@ -557,7 +557,7 @@ def train(
     full=None,
     probe_records: list[dict] | None = None,
 ) -> RunResult:
-    """Train one objective on a tokenized dataset (``data.prepare_chat_data``) into ``run_dir``.
+    """Train one objective on a tokenized dataset (``chat_data.prepare_chat_data``) into ``run_dir``.
 
     Resumes from the latest checkpoint in ``run_dir/checkpoints`` when ``resume``. A run that stops
     before its planned steps (interrupted, or a callback stopped it) returns ``complete=False`` and
