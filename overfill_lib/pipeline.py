@@ -171,7 +171,7 @@ def training_sources(preset: Preset, config: training.TrainingConfig | None = No
     config = config or training.TrainingConfig.from_preset(preset)
     objectives = list(objectives or config.objectives)
     full_dir, _ = full_model(preset)
-    decoder_dir = pruned_decoder(preset)
+    decoder_dir = pruned_decoder(preset, full_dir=full_dir)
     smaller_dir = None
     if any(training.get_objective(o).trains == "smaller" for o in objectives):
         smaller_dir = resolve_model(config.smaller_id) if config.smaller_id else model(preset, "smaller")[0]
