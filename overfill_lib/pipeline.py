@@ -181,7 +181,9 @@ def training_sources(preset: Preset, config: training.TrainingConfig | None = No
 
 def _data_source(preset: Preset, config: training.TrainingConfig):
     source = config.data
-    if source != "suite" and preset.path(source).exists():
+    if source == "suite":
+        suite(preset)  # written (or rewritten when stale) before anything reads it
+    elif preset.path(source).exists():
         source = preset.path(source)  # a project-relative file or directory, whatever the working directory
     return source
 
