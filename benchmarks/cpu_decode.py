@@ -54,11 +54,13 @@ def main() -> None:
         same: dict[str, bool] = {}
         for _ in range(args.repeats):  # interleaved, so a noisy moment hits every case alike
             for method, (first, second) in cases.items():
-                plain = OverFillModel(first, second).generate(ids, mask, max_new_tokens=args.new_tokens, do_sample=False)
+                plain = OverFillModel(first, second).generate(ids, mask, max_new_tokens=args.new_tokens,
+                                                              do_sample=False)
                 out = fast.generate(ids, mask, method=method, max_new_tokens=args.new_tokens)
                 n = min(out.new_tokens.shape[1], plain.new_tokens.shape[1])
                 same[method] = same.get(method, True) and torch.equal(out.new_tokens[:, :n], plain.new_tokens[:, :n])
-                times.setdefault((method, "plain"), []).append(plain.timings.decode_s / max(1, plain.timings.decode_steps))
+                per_token = plain.timings.decode_s / max(1, plain.timings.decode_steps)
+                times.setdefault((method, "plain"), []).append(per_token)
                 times.setdefault((method, "fast"), []).append(out.timings.per_token_s)
         for method, (first, second) in cases.items():
             step = cost.weight_bytes(second.config, cost.dtype_bytes(dtype))
