@@ -1,4 +1,4 @@
-"""CPU decode against the memory roofline: per-token time and achieved read bandwidth, plain ``generate`` vs the fast path.
+"""CPU decode against the memory roofline: per-token time and read bandwidth, plain ``generate`` vs the fast path.
 
 Prints, for the full model, the decoder and OverFill, in fp32 and bf16: median ms per generated token over
 interleaved repetitions, the weight bytes one step reads (``cost``), and that as a fraction of the read bandwidth
