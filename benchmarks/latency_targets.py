@@ -38,7 +38,7 @@ def _target(name: str, value: float | None) -> dict:
 
 
 def report(results: dict, name: str) -> dict:
-    """The four targets as reached by pair ``name`` of ``results`` (values from its records; ``None`` when not measured)."""
+    """The four targets as reached by pair ``name`` of ``results`` (from its records; ``None`` when not measured)."""
     s = results["settings"]
     records = results["records"]
     base = dict(batch=1, prompt=s["base_prompt"], new_tokens=s["base_new_tokens"])
