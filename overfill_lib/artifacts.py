@@ -199,6 +199,11 @@ def environment_record(device: str | None = None, seed: int | None = None) -> di
     }
 
 
+def content_sha256(data: bytes) -> str:
+    """The first 16 hex digits of ``data``'s sha256: how the suite's splits and training data files are identified."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def weights_fingerprint(model, entries: int = 65536) -> str:
     """A cheap digest of a model's weights: every parameter's name, shape and the sum of up to ``entries``
     evenly spaced values (a strided view, so no copy of a large matrix). Changes when the model is retrained."""

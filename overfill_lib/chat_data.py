@@ -111,8 +111,8 @@ def _load_json_file(path: Path):
 
 
 def _content_sha256(source, split: str, suite_dir) -> str | None:
-    """The first 16 hex digits of the sha256 of the local file ``load_conversations`` reads, if it reads one."""
-    import hashlib
+    """The ``artifacts.content_sha256`` of the local file ``load_conversations`` reads, if it reads one."""
+    from overfill_lib.artifacts import content_sha256
 
     if str(source) == "suite":
         path = Path(suite_dir) / f"{split}.jsonl"
@@ -120,7 +120,7 @@ def _content_sha256(source, split: str, suite_dir) -> str | None:
         path = Path(source)
         if path.is_dir():
             path = path / f"{split}.jsonl"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    return content_sha256(path.read_bytes()) if path.is_file() else None
 
 
 def load_conversations(

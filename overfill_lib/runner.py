@@ -89,9 +89,9 @@ def _fingerprint(notebook: Path, parameters: dict) -> str:
     return h.hexdigest()
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # The lab template and plotly's notebook renderer add scripts from a CDN (require.js, MathJax) that these reports do
 # not need; offline, each would be a failed load in the reader's console.
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 REMOTE_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>')
 
 

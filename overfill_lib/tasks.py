@@ -8,7 +8,6 @@ write, so a file from another generator or config is never reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -174,17 +173,17 @@ def generate_suite(cfg: SuiteConfig) -> dict[str, list[dict]]:
     return splits
 
 
-def _split_text(records: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def _split_files(cfg: SuiteConfig) -> dict[str, bytes]:
+    """Each split as the bytes of its JSONL file."""
+    return {split: "".join(json.dumps(r) + "\n" for r in records).encode()
+            for split, records in generate_suite(cfg).items()}
 
 
 def content_hashes(cfg: SuiteConfig) -> dict[str, str]:
-    """The sha256 (16 hex digits) of each split file the generator writes for ``cfg``."""
-    return {split: _sha256(_split_text(records).encode()) for split, records in generate_suite(cfg).items()}
+    """The ``artifacts.content_sha256`` of each split file the generator writes for ``cfg``."""
+    from overfill_lib.artifacts import content_sha256
+
+    return {split: content_sha256(data) for split, data in _split_files(cfg).items()}
 
 
 def write_suite(cfg: SuiteConfig, directory: str | Path) -> Path:
@@ -193,22 +192,21 @@ def write_suite(cfg: SuiteConfig, directory: str | Path) -> Path:
     The splits are generated on every call (about a second for 100k records) and a file is rewritten
     only when its bytes differ: a split left by an older generator or another config is never reused.
     """
-    from overfill_lib.artifacts import atomic_write_text, read_json
+    from overfill_lib.artifacts import atomic_write_text, content_sha256, read_json
 
     directory = Path(directory)
-    splits = generate_suite(cfg)
-    texts = {split: _split_text(records).encode() for split, records in splits.items()}
-    hashes = {split: _sha256(text) for split, text in texts.items()}
-    for split, text in texts.items():
+    files = _split_files(cfg)
+    hashes = {split: content_sha256(data) for split, data in files.items()}
+    for split, data in files.items():
         path = directory / f"{split}.jsonl"
-        if path.exists() and _sha256(path.read_bytes()) == hashes[split]:
+        if path.exists() and content_sha256(path.read_bytes()) == hashes[split]:
             continue
         if path.exists():
             log.warning("%s is not what the generator makes from this config; rewriting it", path)
-        atomic_write_text(path, text.decode())
+        atomic_write_text(path, data.decode())
     # The fingerprint hashes the contents, so a change to the generator changes it as a config change does.
-    meta = {"fingerprint": _sha256(json.dumps(hashes, sort_keys=True).encode()), "content_sha256": hashes,
-            "config": cfg.to_dict(), "sizes": {s: len(r) for s, r in splits.items()}}
+    meta = {"fingerprint": content_sha256(json.dumps(hashes, sort_keys=True).encode()), "content_sha256": hashes,
+            "config": cfg.to_dict(), "sizes": {s: data.count(b"\n") for s, data in files.items()}}
     meta_path = directory / "suite.json"
     if not meta_path.exists() or read_json(meta_path) != meta:
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
