@@ -6,8 +6,6 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PRESET ?= tiny
 JOBS   ?= 2
-# Idle OpenMP threads yield the core instead of spinning: small models on a shared 2-core box ran many times slower otherwise.
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test lab setup browser clean-runs gpu-headline
 
@@ -24,6 +22,10 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m overfill_lib.runner --preset $(PRESET) $(RUNFLAGS)
 
+# Under pytest-xdist two workers share the cores: idle OpenMP threads must yield them instead of spinning (small models
+# ran many times slower otherwise). Not for `make run` or benchmarks: there a sleeping thread's wake-up at each of a
+# decode step's few hundred parallel kernels about doubles the step (benchmarks/cpu_decode.py).
+test: export OMP_WAIT_POLICY ?= PASSIVE
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
 

@@ -1,75 +1,170 @@
-"""CPU decode against the memory roofline: per-token time and read bandwidth, plain ``generate`` vs the fast path.
+"""CPU decode against the memory roofline: plain ``generate``, the eager fast path and the compiled one, side by side.
 
-Prints, for the full model, the decoder and OverFill, in fp32 and bf16: median ms per generated token over
-interleaved repetitions, the weight bytes one step reads (``cost``), and that as a fraction of the read bandwidth
-measured in the same run (a large tensor sum). Greedy tokens of the fast path are checked against the plain loop in
-the same dtype (a difference is printed). Not a test: figures for the latency issue's CPU targets.
+For each preset (its full model and pruned decoder, as :mod:`overfill_lib.pipeline` builds them) and each dtype, the
+full model, the decoder and OverFill generate greedily from one chat prompt, batch 1, every path in turn within each
+repetition (interleaved, so a noisy moment hits all alike). Printed and written to ``--out``: median ms per generated
+token, the bytes one decode step reads (:mod:`overfill_lib.cost`: weights and static KV cache) over that time as a
+fraction of the read bandwidth measured in the same run (a large tensor sum, once per repetition), the compiled fast
+path against plain ``generate``, OverFill against the decoder alone, and whether each fast path's greedy tokens equal
+the plain path's in the same dtype. Figures, not a test: the latency issue's CPU targets.
 
-    python -m benchmarks.cpu_decode --full artifacts/smollm2-135m/full --decoder artifacts/smollm2-135m/pruned_decoder
+    python -m benchmarks.cpu_decode --preset tiny --preset smollm2-135m --out results/cpu/decode.json
+
+Run it on a quiet machine and not under ``OMP_WAIT_POLICY=PASSIVE`` (``make test`` sets that): sleeping OpenMP
+threads add a wake-up to each of the step's few hundred parallel kernels and about double its time.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from overfill_lib import cost
-from overfill_lib.artifacts import load_model
+from overfill_lib import cost, pipeline
+from overfill_lib.artifacts import PROJECT_ROOT, environment_record, load_model, weights_fingerprint, write_json
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
+from overfill_lib.presets import load_preset
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Explain why the sky is blue, briefly."
+METHODS = ("full", "decoder", "overfill")
+PATHS = ("plain", "eager", "compiled")  # plain: HF generate (full, decoder) or the pair's plain loop (OverFill)
 
 
-def read_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a tensor sum reads from a buffer far larger than the last-level cache (best of ``repeats``)."""
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
-    t = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        t = time.perf_counter()
         x.sum()
-    return repeats * x.numel() * 4 / (time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", required=True)
-    parser.add_argument("--decoder", required=True)
-    parser.add_argument("--prompt", type=int, default=40)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    ids = torch.randint(100, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+def _plain(first, second, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds per token after the first, and the tokens: HF ``generate`` for one model, the plain loop for a pair."""
     mask = torch.ones_like(ids)
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} thread(s)")
-    for dtype in (torch.float32, torch.bfloat16):
-        full, _ = load_model(args.full, dtype=dtype)
-        decoder, _ = load_model(args.decoder, dtype=dtype)
-        fast = FastGenerator(full, decoder, compile=False)
-        cases = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
-        times: dict[tuple[str, str], list[float]] = {}
-        same: dict[str, bool] = {}
-        for _ in range(args.repeats):  # interleaved, so a noisy moment hits every case alike
-            for method, (first, second) in cases.items():
-                plain = OverFillModel(first, second).generate(ids, mask, max_new_tokens=args.new_tokens,
-                                                              do_sample=False)
-                out = fast.generate(ids, mask, method=method, max_new_tokens=args.new_tokens)
-                n = min(out.new_tokens.shape[1], plain.new_tokens.shape[1])
-                same[method] = same.get(method, True) and torch.equal(out.new_tokens[:, :n], plain.new_tokens[:, :n])
-                per_token = plain.timings.decode_s / max(1, plain.timings.decode_steps)
-                times.setdefault((method, "plain"), []).append(per_token)
-                times.setdefault((method, "fast"), []).append(out.timings.per_token_s)
-        for method, (first, second) in cases.items():
-            step = cost.weight_bytes(second.config, cost.dtype_bytes(dtype))
-            for path in ("plain", "fast"):
-                ms = statistics.median(times[method, path])
-                print(f"{str(dtype).removeprefix('torch.'):9s} {method:9s} {path:6s} {1e3 * ms:7.2f} ms/token  "
-                      f"{step / 1e6:6.1f} MB/step  {step / ms / bandwidth:5.1%} of read bandwidth"
-                      + ("" if same[method] else "  (fast and plain greedy tokens differ)"))
+    if first is second:
+        seconds = []
+        for n in (1, new_tokens):
+            t = time.perf_counter()
+            # eos_token_id=None as an argument (not in a GenerationConfig, which the model's own eos would fill in)
+            out = first.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, eos_token_id=None)
+            seconds.append(time.perf_counter() - t)
+        return (seconds[1] - seconds[0]) / (new_tokens - 1), out[:, ids.shape[1]:]
+    out = OverFillModel(first, second).generate(ids, mask, max_new_tokens=new_tokens, do_sample=False,
+                                                eos_token_id=[])
+    return out.timings.per_token_decode_s, out.new_tokens
+
+
+def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Every method on every path, ``repeats`` interleaved rounds, for one pair already in the dtype to time."""
+    dtype = next(full.parameters()).dtype
+    models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
+    fast = {"eager": FastGenerator(full, decoder, compile=False), "compiled": FastGenerator(full, decoder, compile=True)}
+    compile_s = {}
+    for method in METHODS:  # compile (and warm) every step before anything is timed
+        t = time.perf_counter()
+        for gen in fast.values():
+            gen.generate(ids, method=method, max_new_tokens=new_tokens, eos_token_id=None)
+        compile_s[method] = round(time.perf_counter() - t, 1)
+    seconds: dict[tuple[str, str], list[float]] = {}
+    same = {(m, p): True for m in METHODS for p in fast}
+    bandwidth = []
+    for _ in range(repeats):
+        bandwidth.append(read_bandwidth())
+        for method in METHODS:
+            per_token, tokens = _plain(*models[method], ids, new_tokens)
+            seconds.setdefault((method, "plain"), []).append(per_token)
+            for path, gen in fast.items():
+                out = gen.generate(ids, method=method, max_new_tokens=new_tokens, eos_token_id=None)
+                seconds.setdefault((method, path), []).append(out.timings.per_token_s)
+                same[method, path] &= torch.equal(out.new_tokens, tokens)
+    read_bw = statistics.median(bandwidth)
+    nbytes = cost.dtype_bytes(dtype)
+    result = {"dtype": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
+              "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "methods": {}}
+    for method in METHODS:
+        step_model = full if method == "full" else decoder
+        step = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
+                                      kv_config=full.config)["total"]
+        row = {"step_bytes": step}
+        for path in PATHS:
+            s = statistics.median(seconds[method, path])
+            row[path] = {"ms_per_token": 1e3 * s, "samples_ms": [1e3 * x for x in seconds[method, path]],
+                         "bytes_per_s": step / s, "fraction_of_read_bandwidth": step / s / read_bw}
+            if path != "plain":
+                row[path]["tokens_equal_plain"] = same[method, path]
+        row["compiled_over_plain"] = row["compiled"]["ms_per_token"] / row["plain"]["ms_per_token"]
+        result["methods"][method] = row
+    m = result["methods"]
+    result["overfill_over_decoder"] = {p: m["overfill"][p]["ms_per_token"] / m["decoder"][p]["ms_per_token"]
+                                       for p in PATHS}
+    return result
+
+
+def report(name: str, r: dict) -> None:
+    print(f"\n{name}, {r['dtype']}: read bandwidth {r['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (median of the run)")
+    print(f"{'':9s} {'MB/step':>8s} " + " ".join(f"{p + ' ms':>11s}" for p in PATHS)
+          + f" {'compiled/plain':>15s} {'compiled GB/s':>14s} {'of read bw':>11s}  fast tokens == plain")
+    for method, row in r["methods"].items():
+        c = row["compiled"]
+        tokens = ", ".join(f"{p} {'yes' if row[p]['tokens_equal_plain'] else 'NO'}" for p in ("eager", "compiled"))
+        print(f"{method:9s} {row['step_bytes'] / 1e6:8.1f} " + " ".join(f"{row[p]['ms_per_token']:11.2f}" for p in PATHS)
+              + f" {row['compiled_over_plain']:15.2f} {c['bytes_per_s'] / 1e9:14.1f} {c['fraction_of_read_bandwidth']:11.0%}"
+              + f"  {tokens}")
+    o = r["overfill_over_decoder"]
+    print("OverFill / decoder alone: " + ", ".join(f"{p} {o[p]:.2f}x" for p in PATHS))
+
+
+def _relative(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", action="append", help="repeatable; default: tiny and smollm2-135m")
+    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"), help="repeatable; default: both")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="results JSON, rewritten after every preset and dtype")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    if (policy or "").upper() == "PASSIVE":
+        log.warning("OMP_WAIT_POLICY=PASSIVE: every parallel kernel pays a thread wake-up; unset it for figures")
+    results = {"benchmark": "cpu_decode", "environment": environment_record("cpu"), "omp_wait_policy": policy,
+               "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": 1, "presets": {}}
+    for name in args.preset or ["tiny", "smollm2-135m"]:
+        preset = load_preset(name)
+        full_dir, decoder_dir = pipeline.full_model(preset)[0], pipeline.pruned_decoder(preset)
+        full, tokenizer = load_model(full_dir, role="full model")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        results["presets"][name] = {
+            "prompt_tokens": ids.shape[1], "full_dir": _relative(full_dir), "decoder_dir": _relative(decoder_dir),
+            "full_weights": weights_fingerprint(full),
+            "decoder_weights": weights_fingerprint(load_model(decoder_dir, role="decoder")[0]), "dtypes": {}}
+        for dtype in args.dtype or ["float32", "bfloat16"]:
+            full, _ = load_model(full_dir, dtype=getattr(torch, dtype), role="full model")
+            decoder, _ = load_model(decoder_dir, dtype=getattr(torch, dtype), role="decoder")
+            r = measure(full, decoder, ids, args.new_tokens, args.repeats)
+            results["presets"][name]["dtypes"][dtype] = r
+            report(name, r)
+            if args.out:
+                write_json(args.out, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -216,8 +216,9 @@ def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, byt
     nbytes = bytes_per_value or cost.dtype_bytes(next(model.parameters()).dtype)
     positions = settings.base_prompt + settings.base_new_tokens
     step = cost.decode_step_bytes(model.config, nbytes, batch=1, kv_positions=positions)
-    # Compiled (CUDA graphs) on a GPU, where eager per-layer launches would hide the bytes; eager on a CPU.
-    gen = FastGenerator(full, decoder, compile="auto")
+    # Compiled (CUDA graphs) on a GPU, where eager per-layer launches would hide the bytes. Eager on a CPU: a
+    # compile per grid width would outlast the timings, and the committed CPU grids were timed eagerly.
+    gen = FastGenerator(full, decoder, compile=next(full.parameters()).device.type == "cuda")
     with _threads(threads if gen.device.type == "cpu" else None):
         timed = latency.measure_fast(gen, "overfill" if decoder is not None else "full", batch=1,
                                      prompt=settings.base_prompt, new_tokens=settings.base_new_tokens,

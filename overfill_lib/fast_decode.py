@@ -3,9 +3,11 @@
 At batch 1 on a GPU the plain loop (:mod:`overfill_lib.generation`) is bound by kernel launches and Python, not
 by memory bandwidth, so it cannot show what a smaller decoder buys. Built from the same stages, this path removes
 that overhead as gpt-fast does: a ``StaticCache`` allocated once and reused (under ``shared_kv`` the decoder reads
-and extends the full model's prefilled cache itself), a ``torch.compile``d decode step (CUDA graphs on CUDA), and
-eos checked every ``sync_every`` steps. Greedy only, reproducing the plain loop's tokens exactly. Every output
-names its path (compiled or eager), so a timing never silently compares a fast path with a slow one.
+and extends the full model's prefilled cache itself), a ``torch.compile``d decode step (CUDA graphs on CUDA; on CPU
+its matrix-vector products become fused reductions, :class:`MatVecAsReduction`), and eos checked every
+``sync_every`` steps. Greedy only, reproducing the plain loop's tokens exactly (in fp32; in bf16 a different
+summation order can break a near-tie the other way). Every output names its path (compiled or eager), so a timing
+never silently compares a fast path with a slow one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import StaticCache
 
 from overfill_lib.architectures import head_dim_of
@@ -138,13 +141,41 @@ def _raise_recompile_limit() -> None:
         setattr(config, name, RECOMPILE_LIMIT)
 
 
+class MatVecAsReduction(torch.overrides.TorchFunctionMode):
+    """Inside the compiled CPU decode step, a linear layer applied to one row is ``(x * W).sum(-1)``, not a GEMM.
+
+    At batch 1 every projection is a matrix-vector product. Through ``aten.mm`` (MKL / oneDNN) they ran at about
+    11 GB/s on this project's 2-core machine, on one core and a third of its read bandwidth; as a multiply-and-sum,
+    inductor fuses each into one vectorized reduction over all cores that reads the weight once (about 25 GB/s for
+    SmolLM2's 113 MB lm_head). The sum accumulates in fp32, as the GEMM does; linears on several rows are left alone.
+    Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
+    only under ``torch.compile``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and args[0].numel() == args[0].shape[-1]:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32)
+            return (y if bias is None else y + bias).to(x.dtype)
+        return func(*args, **kwargs)
+
+
+def decode_one_token_cpu(*args, **kwargs) -> torch.Tensor:
+    """:func:`~overfill_lib.generation.decode_one_token` with one-row linears as reductions (the CPU compile target)."""
+    with MatVecAsReduction():
+        return decode_one_token(*args, **kwargs)
+
+
 class StepFn:
     """The decode stage, :func:`~overfill_lib.generation.decode_one_token` (greedy), on a static cache.
 
-    ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` of that very function, one graph per
-    (model, batch, cache length, q); ``mode`` defaults to ``"reduce-overhead"`` (CUDA graphs) on
-    CUDA and inductor's default on CPU. ``fallback``: if compiling fails, log it and run eagerly
-    (``compiled`` turns False so the path label stays true); otherwise the error is raised.
+    ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` of that very function (on CPU of
+    :func:`decode_one_token_cpu`), one graph per (model, batch, cache length, q); ``mode`` defaults to
+    ``"reduce-overhead"`` (CUDA graphs) on CUDA and inductor's default on CPU. ``fallback``: if compiling
+    fails, log it and run eagerly (``compiled`` turns False so the path label stays true); otherwise the
+    error is raised.
     """
 
     def __init__(self, compile: bool, device: torch.device, mode: str | None = None, fallback: bool = False):
@@ -156,7 +187,8 @@ class StepFn:
         self._compiled_once = False
         if self.compiled:
             _raise_recompile_limit()
-            self._fn = torch.compile(decode_one_token, mode=self.mode, fullgraph=True, dynamic=False)
+            target = decode_one_token_cpu if self.device.type == "cpu" else decode_one_token
+            self._fn = torch.compile(target, mode=self.mode, fullgraph=True, dynamic=False)
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -234,8 +266,10 @@ class FastGenerator:
     Args:
         full: the full model (prefill for ``overfill``; alone for ``full``; target for ``speculative``).
         decoder: the pruned decoder (decode for ``overfill``; alone for ``decoder``; draft for ``speculative``).
-        compile: ``True``, ``False`` or ``"auto"`` (compiled on CUDA, eager on CPU; on CUDA a compile
-            failure falls back to eager with a warning and the ``path`` label says so).
+        compile: ``True``, ``False`` or ``"auto"`` (compiled, and if compiling fails, eager with a warning and
+            the ``path`` label saying so). Eager is the reference; it is no faster than plain ``generate``
+            (on CPU compiled steps were 3-4x faster, see ``benchmarks/cpu_decode.py``), and a first compile
+            costs seconds per (model, batch, cache length) on a GPU, 10-50 s on a 2-core CPU.
         mode: ``torch.compile`` mode (default ``"reduce-overhead"`` on CUDA, inductor's default on CPU).
         sync_every: decode steps between eos checks (each check is one host sync).
     """
@@ -260,8 +294,7 @@ class FastGenerator:
         self.dtype = dtypes.pop()
         if full is not None and decoder is not None:
             _check_shared_shape(full.config, decoder.config)
-        auto = compile == "auto"
-        self.step = StepFn(self.device.type == "cuda" if auto else compile, self.device, mode, fallback=auto)
+        self.step = StepFn(bool(compile), self.device, mode, fallback=compile == "auto")
         self.sync_every = sync_every
         self._caches: dict[tuple, StaticCache] = {}
         for m in models:

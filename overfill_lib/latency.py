@@ -68,6 +68,9 @@ class LatencySettings:
     copy_bytes: int | None = None  # copy-benchmark tensor size (default 1 GiB on GPU, 256 MiB on CPU)
     roofline_contexts: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192, 32768, 131072])
     seed: int = 0
+    # The fast path's decode step: "auto" compiles it (a CPU too; eager if compiling fails), false runs it eagerly.
+    # One compile per (model, batch, cache length) costs seconds on a GPU and 5-50 s on a 2-core CPU.
+    compile: bool | str = "auto"
 
     @classmethod
     def from_dict(cls, data: dict | None, base: LatencySettings | None = None) -> LatencySettings:
@@ -93,6 +96,8 @@ class LatencySettings:
         bad = [m for m in self.methods if m not in fast_decode.DECODE_METHODS]
         if bad:
             raise ValueError(f"unknown latency method(s) {bad}; choose from {', '.join(fast_decode.DECODE_METHODS)}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"latency setting compile={self.compile!r}: use auto, true or false")
         if any(not 0.0 <= a <= 1.0 for a in self.acceptance_grid):
             raise ValueError(f"acceptance_grid {self.acceptance_grid} must hold rates in [0, 1]")
 
@@ -544,12 +549,13 @@ def run_suite(
     settings: LatencySettings,
     *,
     device: str | torch.device,
-    compile: bool | str = "auto",
+    compile: bool | str | None = None,
     label: str = "",
     out: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Profile every pair over the settings' sweeps; returns (and keeps writing to ``out``) the results."""
+    """Profile every pair over the settings' sweeps; returns (and keeps writing to ``out``) the results.
+    ``compile``: the fast path's (``True``, ``False``, ``"auto"``); default ``settings.compile``."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -572,7 +578,7 @@ def run_suite(
         dtype = next(full.parameters()).dtype
         nbytes = cost.dtype_bytes(dtype)
         prompt_fn = spec.prompt_fn or random_prompts(full.config.vocab_size, settings.seed)
-        gen = fast_decode.FastGenerator(full, decoder, compile=compile)
+        gen = fast_decode.FastGenerator(full, decoder, compile=settings.compile if compile is None else compile)
         info = {
             "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
             "full": cost.model_summary(full.config, nbytes), "decoder": cost.model_summary(decoder.config, nbytes),
@@ -708,6 +714,24 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
+def cpu_decode_rows(results: dict) -> list[dict]:
+    """One row per (preset, dtype, method) of a ``benchmarks/cpu_decode.py`` results JSON, for a table."""
+    rows = []
+    for preset, by_dtype in results["presets"].items():
+        for dtype, r in by_dtype["dtypes"].items():
+            for method, m in r["methods"].items():
+                rows.append({
+                    "preset": preset, "dtype": dtype, "method": method, "MB per step": round(m["step_bytes"] / 1e6, 1),
+                    **{f"{path} ms": round(m[path]["ms_per_token"], 2) for path in ("plain", "eager", "compiled")},
+                    "compiled / plain": round(m["compiled_over_plain"], 2),
+                    "compiled GB/s": round(m["compiled"]["bytes_per_s"] / 1e9, 1),
+                    "of read bandwidth": round(m["compiled"]["fraction_of_read_bandwidth"], 3),
+                    "read GB/s": round(r["read_bandwidth_bytes_per_s"] / 1e9, 1),
+                    "tokens == plain": all(m[p]["tokens_equal_plain"] for p in ("eager", "compiled")),
+                })
+    return rows
+
+
 def load_results(path: str | Path) -> dict:
     """A results JSON written by :func:`run_suite`; ValueError if it is not one."""
     data = read_json(path)
@@ -770,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoder", help="tiny suite: decoder directory")
     parser.add_argument("--trained", action="store_true", help="tiny suite: weights are trained (time speculative runs)")
     parser.add_argument("--quick", action="store_true", help="a few points per sweep (minutes, not an hour)")
-    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), help="default: the settings' (auto)")
     parser.add_argument("--settings", default=None, help="JSON/YAML mapping of LatencySettings keys to override")
     parser.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU timing (default: torch's)")
     args = parser.parse_args(argv)
@@ -787,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import yaml
 
         settings = LatencySettings.from_dict(yaml.safe_load(Path(args.settings).read_text()), settings)
-    compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    compile = {"auto": "auto", "true": True, "false": False, None: None}[args.compile]
     if args.suite == "real":
         if device.type != "cuda":
             parser.error("--suite real builds 3B and 8B models: it needs --device cuda (tens of GB on a CPU)")

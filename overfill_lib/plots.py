@@ -388,6 +388,32 @@ def latency_figures(results: dict) -> dict:
 # -- decoder training (notebook 02) ----------------------------------------------------------------
 
 
+def cpu_decode_figure(results: dict):
+    """Per-token decode time by path (plain ``generate``, fast eager, fast compiled) for the full model, the decoder
+    and OverFill, one panel per preset and dtype, from a ``benchmarks/cpu_decode.py`` results JSON; the compiled
+    bars are labelled with their achieved fraction of the read bandwidth measured in the same run."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = [(preset, dtype, r) for preset, p in results["presets"].items() for dtype, r in p["dtypes"].items()]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{p} · {d}" for p, d, _ in panels])
+    colors = {"plain": "#9e9e9e", "eager": "#6baed6", "compiled": "#08519c"}
+    for col, (_, _, r) in enumerate(panels, start=1):
+        methods = list(r["methods"])
+        for path, color in colors.items():
+            ms = [r["methods"][m][path]["ms_per_token"] for m in methods]
+            text = ([f"{r['methods'][m][path]['fraction_of_read_bandwidth']:.0%}" for m in methods]
+                    if path == "compiled" else None)
+            fig.add_trace(go.Bar(x=methods, y=ms, name=path, marker_color=color, text=text, textposition="outside",
+                                 legendgroup=path, showlegend=col == 1), row=1, col=col)
+    env = results.get("environment", {})
+    fig.update_layout(barmode="group", yaxis_title="ms per token (median)",
+                      title=f"CPU decode, batch 1: plain generate vs the fast path (compiled bars: share of read "
+                            f"bandwidth)<br><sup>{env.get('device_name')} · {env.get('cpu_threads')} threads · torch "
+                            f"{env.get('torch')} · commit {env.get('commit')}</sup>")
+    return fig
+
+
 def bar_by_family_spread(mean: dict[str, dict[str, float]], spread: dict[str, dict[str, float]], title: str,
                          yaxis: str = "exact match", note: str = "error bars: std over seeds"):
     """Grouped bars per task family (plus overall), one bar per model: the mean, with ``spread`` as error bars."""

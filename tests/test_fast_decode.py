@@ -1,7 +1,6 @@
 """The fast decode path (static cache, compiled step) reproduces the plain loop's greedy tokens exactly."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -128,16 +127,65 @@ def test_errors_name_the_problem(models):
         FastGenerator.from_pair(pair)
 
 
-@pytest.mark.skipif(
-    os.environ.get("OVERFILL_COMPILE_TESTS") != "1",
-    reason="a cold torch.compile of the decode steps takes ~30 s of CPU, ~50 s on a busy 2-core machine (over this file's budget); "
-    "set OVERFILL_COMPILE_TESTS=1 to run it",
-)
+def test_matvec_as_reduction_rewrites_only_one_row_linears():
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
+    one, rows = torch.randn(1, 1, 40, generator=g), torch.randn(2, 3, 40, generator=g)
+    calls = []
+
+    class Counting(fast_decode.MatVecAsReduction):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                calls.append(args[0].shape)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    with Counting():
+        y1 = torch.nn.functional.linear(one, weight, bias)
+        y2 = torch.nn.functional.linear(rows, weight)
+        y3 = torch.nn.functional.linear(one.bfloat16(), weight.bfloat16())
+    assert len(calls) == 3
+    # One row: a multiply-and-sum, equal up to summation order; several rows: the GEMM itself, bit for bit.
+    torch.testing.assert_close(y1, torch.nn.functional.linear(one, weight, bias))
+    assert not torch.equal(y1, y1.new_zeros(y1.shape)) and y1.shape == (1, 1, 48)
+    assert torch.equal(y2, torch.nn.functional.linear(rows, weight))
+    assert y3.dtype == torch.bfloat16
+    torch.testing.assert_close(y3.float(), torch.nn.functional.linear(one, weight), atol=0.15, rtol=0.02)
+
+
+def test_cpu_compile_target_is_the_reduction_step():
+    step = fast_decode.StepFn(compile=True, device=torch.device("cpu"))
+    assert step._fn._torchdynamo_orig_callable is fast_decode.decode_one_token_cpu
+    assert fast_decode.StepFn(compile=False, device=torch.device("cpu"))._fn is generation.decode_one_token
+
+
 def test_compiled_step_matches_plain_loop_on_cpu(models):
+    """Compiled on CPU: at batch 1 the one-row linears are reductions (MatVecAsReduction), at batch 2 GEMMs."""
     full, decoder = models
-    ids, mask = left_padded(full, batch=2)
-    gen = FastGenerator(full, decoder, compile=True)
-    for method, (a, b) in {"overfill": (full, decoder), "full": (full, full)}.items():
-        out = gen.generate(ids, mask, method=method, max_new_tokens=NEW)
-        assert out.path == fast_decode.PATH_COMPILED
-        assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens)
+    gen = FastGenerator(full, decoder)  # compile="auto": compiled on CPU too
+    for batch in (1, 2):
+        ids, mask = left_padded(full, batch=batch)
+        for method, (a, b) in {"overfill": (full, decoder), "full": (full, full)}.items():
+            out = gen.generate(ids, mask, method=method, max_new_tokens=NEW)
+            assert out.path == fast_decode.PATH_COMPILED
+            assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens)
+
+
+def test_cpu_decode_benchmark_feeds_notebook_03(models):
+    """benchmarks/cpu_decode.py on the tiny test pair, one round: every method on every path, tokens checked, and
+    its JSON read by the table and figure notebook 03 shows."""
+    from benchmarks import cpu_decode
+    from overfill_lib import latency, plots
+
+    full, decoder = models
+    ids = random_batch(full, 1, 8, seed=5)
+    r = cpu_decode.measure(full, decoder, ids, new_tokens=6, repeats=1)
+    assert set(r["methods"]) == set(cpu_decode.METHODS)
+    for row in r["methods"].values():
+        assert row["eager"]["tokens_equal_plain"] and row["compiled"]["tokens_equal_plain"]
+        assert all(row[p]["ms_per_token"] > 0 for p in cpu_decode.PATHS)
+        assert row["compiled"]["fraction_of_read_bandwidth"] == pytest.approx(
+            row["step_bytes"] / (row["compiled"]["ms_per_token"] / 1e3) / r["read_bandwidth_bytes_per_s"])
+    results = {"environment": {}, "presets": {"test": {"dtypes": {"float32": r}}}}
+    rows = latency.cpu_decode_rows(results)
+    assert [row["method"] for row in rows] == list(cpu_decode.METHODS) and all(row["tokens == plain"] for row in rows)
+    assert len(plots.cpu_decode_figure(results).data) == len(cpu_decode.PATHS)

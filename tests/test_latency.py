@@ -43,6 +43,9 @@ def test_settings_validate_and_merge_points():
         latency.LatencySettings.from_dict({"output_length": [8]})
     with pytest.raises(ValueError, match="positive ints"):
         latency.LatencySettings.from_dict({"batch_sizes": [0]})
+    with pytest.raises(ValueError, match="compile='yes'"):
+        latency.LatencySettings.from_dict({"compile": "yes"})
+    assert latency.LatencySettings.from_dict({"compile": False}).compile is False
     s = latency.LatencySettings.from_dict({"output_lengths": [8, 16], "prompt_lengths": [4, 8], "batch_sizes": [1, 2],
                                            "base_prompt": 8, "base_new_tokens": 16})
     points = {(p["batch"], p["prompt"], p["new_tokens"]): p["sweeps"] for p in s.points()}
@@ -66,7 +69,7 @@ def test_acceptance_rate_by_teacher_forcing():
 
 SMALL = dict(output_lengths=[4, 8], prompt_lengths=[6, 12], batch_sizes=[1, 3], base_prompt=6, base_new_tokens=8,
              warmup=1, repeats=2, draft_token_grid=[1, 2], draft_tokens=2, eager_new_tokens=4,
-             acceptance_grid=[0.5, 0.9], roofline_contexts=[16, 64])
+             acceptance_grid=[0.5, 0.9], roofline_contexts=[16, 64], compile=False)  # compiled: test_fast_decode
 
 
 @pytest.fixture(scope="module")
