@@ -64,3 +64,22 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
     graph = import_graph()
     assert "pair" in graph["training"]  # imported inside functions only
     assert "training" in graph["presets"]  # the string "overfill_lib.training:TrainingConfig"
+
+
+def test_gpu_headline_needs_only_torch_and_transformers():
+    """`make gpu-headline` runs on a bare GPU machine (torch, transformers and what they pull in): the headline
+    module and what it imports must load, and its dry run work, with the project's other dependencies absent."""
+    import subprocess
+    import sys
+
+    absent = ["datasets", "accelerate", "lm_eval", "papermill", "nbconvert", "nbformat", "ipykernel", "ipywidgets",
+              "IPython", "plotly", "pandas", "gguf", "kaleido", "jupyterlab"]
+    # A None in sys.modules makes `import x` fail and importlib.util.find_spec("x") report it missing.
+    code = f"""
+import sys
+sys.modules.update(dict.fromkeys({absent!r}))
+from overfill_lib import headline
+assert headline.run(dry_run=True)["plan"]
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=LIBRARY.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
