@@ -69,6 +69,8 @@ def _plain(first, second, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
 def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     """Every method on every path, ``repeats`` interleaved rounds, for one pair already in the dtype to time."""
     dtype = next(full.parameters()).dtype
+    for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
+        model.requires_grad_(False)
     models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
     fast = {"eager": FastGenerator(full, decoder, compile=False), "compiled": FastGenerator(full, decoder, compile=True)}
     compile_s = {}
