@@ -77,7 +77,7 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
     for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
         model.requires_grad_(False)
     models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
-    fast = {"eager": FastGenerator(full, decoder, compile=False), "compiled": FastGenerator(full, decoder, compile=True)}
+    fast = {path: FastGenerator(full, decoder, compile=path == "compiled") for path in ("eager", "compiled")}
     compile_s = {}
     for method in METHODS:  # compile (and warm) every step before anything is timed
         t = time.perf_counter()
@@ -120,15 +120,16 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
 
 
 def report(name: str, r: dict) -> None:
-    print(f"\n{name}, {r['dtype']}: read bandwidth {r['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (median of the run)")
+    bandwidth = r["read_bandwidth_bytes_per_s"] / 1e9
+    print(f"\n{name}, {r['dtype']}: read bandwidth {bandwidth:.1f} GB/s (median of the run)")
     print(f"{'':9s} {'MB/step':>8s} " + " ".join(f"{p + ' ms':>11s}" for p in PATHS)
           + f" {'compiled/plain':>15s} {'compiled GB/s':>14s} {'of read bw':>11s}  fast tokens == plain")
     for method, row in r["methods"].items():
         c = row["compiled"]
         tokens = ", ".join(f"{p} {'yes' if row[p]['tokens_equal_plain'] else 'NO'}" for p in ("eager", "compiled"))
-        print(f"{method:9s} {row['step_bytes'] / 1e6:8.1f} " + " ".join(f"{row[p]['ms_per_token']:11.2f}" for p in PATHS)
-              + f" {row['compiled_over_plain']:15.2f} {c['bytes_per_s'] / 1e9:14.1f} {c['fraction_of_read_bandwidth']:11.0%}"
-              + f"  {tokens}")
+        times = " ".join(f"{row[p]['ms_per_token']:11.2f}" for p in PATHS)
+        print(f"{method:9s} {row['step_bytes'] / 1e6:8.1f} {times} {row['compiled_over_plain']:15.2f} "
+              f"{c['bytes_per_s'] / 1e9:14.1f} {c['fraction_of_read_bandwidth']:11.0%}  {tokens}")
     o = r["overfill_over_decoder"]
     print("OverFill / decoder alone: " + ", ".join(f"{p} {o[p]:.2f}x" for p in PATHS))
 

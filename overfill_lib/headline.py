@@ -152,9 +152,10 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
             full_cfg, dec_cfg = configs[name]
             full = latency.build_random_model(full_cfg, device, dtype).requires_grad_(False)
             decoder = latency.build_random_model(dec_cfg, device, dtype).requires_grad_(False)
+            # On a CPU this only checks the machinery (tiny models): no compile there.
+            compile_step = "auto" if device.type == "cuda" else False
             loaded.update(name=name, full=full, decoder=decoder,
-                          # on a CPU this only checks the machinery (tiny models), so no compile there
-                          gen=fast_decode.FastGenerator(full, decoder, compile="auto" if device.type == "cuda" else False),
+                          gen=fast_decode.FastGenerator(full, decoder, compile=compile_step),
                           prompts=latency.random_prompts(full_cfg.vocab_size))
             nbytes = cost.dtype_bytes(dtype)
             results["pairs"][name] = {"dtype": str(dtype).removeprefix("torch."), "path": loaded["gen"].path,
