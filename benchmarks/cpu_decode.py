@@ -1,8 +1,9 @@
 """CPU decode against the memory roofline: plain ``generate``, the eager fast path and the compiled one, side by side.
 
-For each preset (its full model and pruned decoder, as :mod:`overfill_lib.pipeline` builds them) and each dtype, the
-full model, the decoder and OverFill generate greedily from one chat prompt, batch 1, every path in turn within each
-repetition (interleaved, so a noisy moment hits all alike). Printed and written to ``--out``: median ms per generated
+For each preset (its full model and pruned decoder, as :mod:`overfill_lib.pipeline` builds them) and each dtype (fp32,
+bf16, and int8 weights with fp32 activations, :mod:`overfill_lib.quantize`), the full model, the decoder and OverFill
+generate greedily from one chat prompt, batch 1, every path in turn within each repetition (interleaved, so a noisy
+moment hits all alike). Printed and written to ``--out``: median ms per generated
 token, the bytes one decode step reads (:mod:`overfill_lib.cost`: weights and static KV cache) over that time as a
 fraction of the read bandwidth measured in the same run (a large tensor sum, once per repetition), the compiled fast
 path against plain ``generate``, OverFill against the decoder alone, and whether each fast path's greedy tokens equal
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib import cost, pipeline
+from overfill_lib import cost, pipeline, quantize
 from overfill_lib.artifacts import PROJECT_ROOT, environment_record, load_model, weights_fingerprint, write_json
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 PROMPT = "Explain why the sky is blue, briefly."
 METHODS = ("full", "decoder", "overfill")
-PATHS = ("plain", "eager", "compiled")  # plain: HF generate (full, decoder) or the pair's plain loop (OverFill)
+PATHS = ("plain", "eager", "compiled")
+DTYPES = ("float32", "bfloat16", "int8")  # plain: HF generate (full, decoder) or the pair's plain loop (OverFill)
 
 
 @functools.cache
@@ -72,8 +74,10 @@ def _plain(first, second, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
 
 
 def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    """Every method on every path, ``repeats`` interleaved rounds, for one pair already in the dtype to time."""
-    dtype = next(full.parameters()).dtype
+    """Every method on every path, ``repeats`` interleaved rounds, for one pair already in the dtype to time
+    (int8 weights: both models through :func:`overfill_lib.quantize.quantize_int8`)."""
+    dtype = next(full.parameters()).dtype  # of the activations and the KV cache
+    int8 = getattr(full, "quantization", None) == quantize.QUANTIZATION
     for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
         model.requires_grad_(False)
     models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
@@ -98,12 +102,15 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
                 same[method, path] &= torch.equal(out.new_tokens, tokens)
     read_bw = statistics.median(bandwidth)
     nbytes = cost.dtype_bytes(dtype)
-    result = {"dtype": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
+    result = {"dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
+              "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "methods": {}}
     for method in METHODS:
         step_model = full if method == "full" else decoder
-        step = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
-                                      kv_config=full.config)["total"]
+        moved = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
+                                       kv_config=full.config)
+        # int8 weights (per-row scales and norms, under 0.1%, left out); the KV cache stays in the activations' dtype
+        step = moved["total"] - moved["weights"] + cost.weight_bytes(step_model.config, 1) if int8 else moved["total"]
         row = {"step_bytes": step}
         for path in PATHS:
             s = statistics.median(seconds[method, path])
@@ -142,7 +149,8 @@ def _relative(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", help="repeatable; default: tiny and smollm2-135m")
-    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"), help="repeatable; default: both")
+    parser.add_argument("--dtype", action="append", choices=DTYPES,
+                        help="repeatable; int8: int8 weights, fp32 activations (overfill_lib.quantize); default: all")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every preset and dtype")
@@ -163,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_tokens": ids.shape[1], "full_dir": _relative(full_dir), "decoder_dir": _relative(decoder_dir),
             "full_weights": weights_fingerprint(full),
             "decoder_weights": weights_fingerprint(load_model(decoder_dir, role="decoder")[0]), "dtypes": {}}
-        for dtype in args.dtype or ["float32", "bfloat16"]:
-            full, _ = load_model(full_dir, dtype=getattr(torch, dtype), role="full model")
-            decoder, _ = load_model(decoder_dir, dtype=getattr(torch, dtype), role="decoder")
+        for dtype in args.dtype or DTYPES:
+            load_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+            full, _ = load_model(full_dir, dtype=load_dtype, role="full model")
+            decoder, _ = load_model(decoder_dir, dtype=load_dtype, role="decoder")
+            if dtype == "int8":
+                full, decoder = quantize.quantize_int8(full), quantize.quantize_int8(decoder)
             r = measure(full, decoder, ids, args.new_tokens, args.repeats)
             results["presets"][name]["dtypes"][dtype] = r
             report(name, r)

@@ -1,0 +1,67 @@
+"""Weight-only int8 for CPU decoding: symmetric per-output-channel int8 weights, activations in the model's dtype.
+
+A batch-1 decode step on a CPU is bound by the bytes it reads. With int8 weights the compiled CPU step
+(:class:`overfill_lib.fast_decode.MatVecAsReduction`) fuses the int8-to-float conversion into its multiply-and-sum
+and reads one byte per weight instead of four. torch's own int8 matrix-vector kernel (``_weight_int8pack_mm``, which
+int8 weight-only layouts call on a CPU) ran SmolLM2's LM head at 1.9 GB/s with fp32 activations on this project's
+machine, so the product is left to inductor. Run eagerly, an :class:`Int8Linear` converts its whole weight on every
+call: correct (the plain reference for the fast path's tokens) but slow. Inference only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION = "int8-weight-only"
+
+
+class Int8Linear(nn.Module):
+    """``y = (x @ q.T) * scale + bias`` with ``q`` int8 [out, in] and one fp ``scale`` per output channel."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if qweight.dtype != torch.int8 or scale.shape != qweight.shape[:1]:
+            raise ValueError(f"Int8Linear wants an int8 [out, in] weight and [out] scales; got {qweight.dtype} "
+                             f"{tuple(qweight.shape)} and {tuple(scale.shape)}")
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Round each output row of ``linear.weight`` to 127 levels of its largest magnitude."""
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scale.to(linear.weight.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.qweight.to(x.dtype)) * self.scale
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (the LM head included) by an :class:`Int8Linear`, in place.
+
+    A head tied to the input embedding is untied first: the embedding keeps its floating-point table (a decode step
+    gathers one row of it) and only the head is quantized. ``model.quantization`` records what was done.
+    """
+    if getattr(model, "quantization", None) == QUANTIZATION:
+        return model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear.from_linear(child))
+    model.quantization = QUANTIZATION
+    return model

@@ -1,0 +1,56 @@
+"""Weight-only int8: close to the float layer, the tied head untied, and the compiled CPU fast path exact on it."""
+
+import pytest
+import torch
+from torch import nn
+
+from overfill_lib import fast_decode
+from overfill_lib.fast_decode import FastGenerator
+from overfill_lib.pair import OverFillModel
+from overfill_lib.quantize import Int8Linear, quantize_int8
+from tests.tiny_models import random_batch, tiny_model
+
+
+def test_int8_linear_is_within_rounding_of_the_float_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    q = Int8Linear.from_linear(linear)
+    assert q.qweight.dtype == torch.int8 and q.scale.shape == (40,)
+    assert int(q.qweight.abs().amax(1).min()) == 127  # every row uses its full range
+    x = torch.randn(5, 64)
+    # Each weight is off by at most half a step (scale / 2): the output by at most |x| . scale / 2 per row.
+    bound = x.abs().sum(1, keepdim=True) * q.scale / 2
+    assert torch.all((q(x) - linear(x)).abs() <= bound + 1e-5)
+    assert not torch.allclose(q(x), linear(x), atol=1e-7)  # it really is quantized
+    with pytest.raises(ValueError, match="int8"):
+        Int8Linear(linear.weight.detach(), q.scale)
+
+
+def test_quantize_int8_unties_the_head_and_keeps_the_model_close():
+    model = tiny_model("llama", seed=0, tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = random_batch(model, 2, 7, seed=1)
+    ref = model(input_ids=ids).logits
+    table = model.model.embed_tokens.weight.detach().clone()
+    quantize_int8(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Int8Linear) and model.config.tie_word_embeddings is False
+    assert torch.equal(model.model.embed_tokens.weight, table)  # the input table stays float
+    out = model(input_ids=ids).logits
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert 0.99 < cos < 1.0
+    assert quantize_int8(model) is model  # idempotent
+
+
+def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop():
+    """At batch 1 the reductions read the int8 weights; the tokens must be the plain (eager, dynamic cache) loop's."""
+    full = quantize_int8(tiny_model("llama", seed=0))
+    decoder = quantize_int8(tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40))
+    ids = random_batch(full, 1, 9, seed=3)
+    mask = torch.ones_like(ids)
+    gen = FastGenerator(full, decoder, compile=True)
+    for method, (a, b) in {"overfill": (full, decoder), "full": (full, full)}.items():
+        out = gen.generate(ids, mask, method=method, max_new_tokens=12, eos_token_id=[])
+        ref = OverFillModel(a, b, "shared_kv").generate(ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
+        assert out.path == fast_decode.PATH_COMPILED
+        assert torch.equal(out.new_tokens, ref.new_tokens)
