@@ -395,19 +395,26 @@ def cpu_decode_figure(results: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    panels = [(preset, dtype, r) for preset, p in results["presets"].items() for dtype, r in p["dtypes"].items()]
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{p} · {d}" for p, d, _ in panels])
+    presets = list(results["presets"])
+    dtypes = list(dict.fromkeys(d for p in results["presets"].values() for d in p["dtypes"]))
+    fig = make_subplots(rows=len(presets), cols=len(dtypes), vertical_spacing=0.12,
+                        subplot_titles=[f"{p} · {d}" for p in presets for d in dtypes])
     colors = {"plain": "#9e9e9e", "eager": "#6baed6", "compiled": "#08519c"}
-    for col, (_, _, r) in enumerate(panels, start=1):
-        methods = list(r["methods"])
-        for path, color in colors.items():
-            ms = [r["methods"][m][path]["ms_per_token"] for m in methods]
-            text = ([f"{r['methods'][m][path]['fraction_of_read_bandwidth']:.0%}" for m in methods]
-                    if path == "compiled" else None)
-            fig.add_trace(go.Bar(x=methods, y=ms, name=path, marker_color=color, text=text, textposition="outside",
-                                 legendgroup=path, showlegend=col == 1), row=1, col=col)
+    for row, preset in enumerate(presets, start=1):
+        for col, dtype in enumerate(dtypes, start=1):
+            r = results["presets"][preset]["dtypes"].get(dtype)
+            if r is None:
+                continue
+            methods = list(r["methods"])
+            for path, color in colors.items():
+                ms = [r["methods"][m][path]["ms_per_token"] for m in methods]
+                text = ([f"{r['methods'][m][path]['fraction_of_read_bandwidth']:.0%}" for m in methods]
+                        if path == "compiled" else None)
+                fig.add_trace(go.Bar(x=methods, y=ms, name=path, marker_color=color, text=text, textposition="outside",
+                                     legendgroup=path, showlegend=row == col == 1), row=row, col=col)
+            fig.update_yaxes(title_text="ms per token" if col == 1 else None, row=row, col=col)
     env = results.get("environment", {})
-    fig.update_layout(barmode="group", yaxis_title="ms per token (median)",
+    fig.update_layout(barmode="group", height=380 * len(presets) + 120,
                       title=f"CPU decode, batch 1: plain generate vs the fast path (compiled bars: share of read "
                             f"bandwidth)<br><sup>{env.get('device_name')} · {env.get('cpu_threads')} threads · torch "
                             f"{env.get('torch')} · commit {env.get('commit')}</sup>")
