@@ -269,7 +269,7 @@ class FastGenerator:
         compile: ``True``, ``False`` or ``"auto"`` (compiled, and if compiling fails, eager with a warning and
             the ``path`` label saying so). Eager is the reference; it is no faster than plain ``generate``
             (on CPU compiled steps were 3-4x faster, see ``benchmarks/cpu_decode.py``), and a first compile
-            costs seconds per (model, batch, cache length) on a GPU, 10-50 s on a 2-core CPU.
+            costs seconds per (model, batch, cache length) on a GPU, 2-50 s on a 2-core CPU.
         mode: ``torch.compile`` mode (default ``"reduce-overhead"`` on CUDA, inductor's default on CPU).
         sync_every: decode steps between eos checks (each check is one host sync).
     """

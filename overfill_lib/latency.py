@@ -69,7 +69,7 @@ class LatencySettings:
     roofline_contexts: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192, 32768, 131072])
     seed: int = 0
     # The fast path's decode step: "auto" compiles it (a CPU too; eager if compiling fails), false runs it eagerly.
-    # One compile per (model, batch, cache length) costs seconds on a GPU and 5-50 s on a 2-core CPU.
+    # One compile per (model, batch, cache length) costs seconds on a GPU and 2-50 s on a 2-core CPU.
     compile: bool | str = "auto"
 
     @classmethod
