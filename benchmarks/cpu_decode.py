@@ -107,10 +107,8 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "methods": {}}
     for method in METHODS:
         step_model = full if method == "full" else decoder
-        moved = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
-                                       kv_config=full.config)
-        # int8 weights (per-row scales and norms, under 0.1%, left out); the KV cache stays in the activations' dtype
-        step = moved["total"] - moved["weights"] + cost.weight_bytes(step_model.config, 1) if int8 else moved["total"]
+        step = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
+                                      kv_config=full.config, weight_bytes_per_value=1 if int8 else None)["total"]
         row = {"step_bytes": step}
         for path in PATHS:
             s = statistics.median(seconds[method, path])

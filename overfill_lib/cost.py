@@ -89,16 +89,19 @@ def kv_bytes_per_token(config, bytes_per_value: int) -> int:
     return 2 * c.num_hidden_layers * (c.num_key_value_heads or c.num_attention_heads) * head_dim_of(c) * bytes_per_value
 
 
-def decode_step_bytes(config, bytes_per_value: int, *, batch: int, kv_positions: int, kv_config=None) -> dict[str, int]:
+def decode_step_bytes(config, bytes_per_value: int, *, batch: int, kv_positions: int, kv_config=None,
+                      weight_bytes_per_value: float | None = None) -> dict[str, int]:
     """Bytes moved by one decode step: ``weights`` once, ``kv_read`` for ``kv_positions`` per row, one new
     position written (``kv_write``), and their ``total``.
 
     ``kv_config``: the config whose cache is read (OverFill's decoder reads the full model's, which
     has the same per-token size under shared_kv). With a static cache ``kv_positions`` is the
     allocated length: the attention kernel reads the whole buffer under its mask.
+    ``weight_bytes_per_value``: when the weights are stored narrower than the activations and KV cache
+    (int8 weights, :mod:`overfill_lib.quantize`: 1; their per-row scales and the norms are left out).
     """
     per_token = kv_bytes_per_token(kv_config or config, bytes_per_value)
-    weights = weight_bytes(config, bytes_per_value)
+    weights = weight_bytes(config, bytes_per_value if weight_bytes_per_value is None else weight_bytes_per_value)
     kv_read = batch * kv_positions * per_token
     kv_write = batch * per_token
     return {"weights": weights, "kv_read": kv_read, "kv_write": kv_write, "total": weights + kv_read + kv_write}

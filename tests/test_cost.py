@@ -62,6 +62,10 @@ def test_decode_step_bytes_and_roofline():
     one = cost.decode_step_bytes(decoder, 2, batch=1, kv_positions=1000, kv_config=full)
     two = cost.decode_step_bytes(decoder, 2, batch=2, kv_positions=1000, kv_config=full)
     assert one["weights"] == two["weights"] and two["kv_read"] == 2 * one["kv_read"]
+    # int8 weights beside a bf16 cache: the weights shrink, the KV cache does not
+    narrow = cost.decode_step_bytes(decoder, 2, batch=1, kv_positions=1000, kv_config=full, weight_bytes_per_value=1)
+    assert narrow["weights"] == cost.weight_bytes(decoder, 1) == one["weights"] // 2
+    assert (narrow["kv_read"], narrow["kv_write"]) == (one["kv_read"], one["kv_write"])
     rows = cost.roofline(decoder, 2, 3.0e12, contexts=[128, 131072], batches=[1], kv_config=full)
     assert rows[0]["kv_fraction"] < 0.05 < 0.5 < rows[1]["kv_fraction"]  # the KV cache dominates at long context
     crossover = cost.kv_crossover_context(decoder, 2, 1, full)
