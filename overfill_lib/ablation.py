@@ -55,9 +55,9 @@ def teacher_id(preset, name: str, full_dir: Path) -> str:
 
 def decoder_section(preset, keep: float) -> dict:
     """The preset's ``decoder`` section with hidden and intermediate pruned to keep ``keep`` of the channels."""
-    section = dict(preset.get("decoder", {}))
-    section["hidden"] = section["intermediate"] = round(1.0 - keep, 6)
-    return section
+    from overfill_lib.config import keeping
+
+    return keeping(preset.get("decoder", {}), keep)
 
 
 def prepare_point(preset, point: Point, full_dir: Path) -> Path:

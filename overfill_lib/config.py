@@ -268,7 +268,10 @@ class RuntimeSection:
 
 @dataclass(frozen=True)
 class DistillSection:
-    """Self-distilled chat data (``pipeline.distilled_data``): per split ``[passage prompts, family prompts]``."""
+    """Self-distilled chat data (``pipeline.distilled_data``, ``corpus.build_distilled_data``): per split
+    ``[passage prompts, family prompts]`` (passage prompts beyond the split's passages ask for a passage again under
+    another instruction); answers longer than ``max_new_tokens`` are dropped; ``batch_size`` prompts of similar
+    length are answered together."""
 
     dir: str
     train: tuple[int, int]
@@ -282,6 +285,9 @@ class DistillSection:
         for split in ("train", "validation", "test"):
             if any(n < 0 for n in getattr(self, split)):
                 raise ValueError(f"distill.{split} counts must be >= 0, got {getattr(self, split)!r}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"distill.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -383,3 +389,104 @@ def _check_keep(k, where: str) -> None:
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Long runs on text windows (recovery.py, windows.py)
+
+PRECISIONS = ("auto", "fp32", "bf16")  # training.precision
+RECOVERY_OBJECTIVES = ("overfill_kd", "pruned_kd")  # the window objective in OverFill's layout, and the decoder alone
+
+
+def keeping(decoder: Mapping, keep: float) -> dict:
+    """A ``decoder`` section pruned to keep ``keep`` of the hidden and intermediate channels (the section counts what
+    is removed: ``hidden: 0.25`` keeps 75%)."""
+    return {**dict(decoder), "hidden": round(1.0 - keep, 6), "intermediate": round(1.0 - keep, 6)}
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How text is cut into windows (windows.py): ``window`` tokens, of which the full model prefills the first
+    ``context``; the decoder continues over the rest, and its KL is taken over the teacher's ``teacher_topk`` tokens."""
+
+    window: int = 256
+    context: int = 128
+    teacher_topk: int = 64
+
+    def __post_init__(self):
+        if not 1 <= self.context <= self.window - 2:
+            raise ValueError(f"a window needs context >= 1 and at least 2 continuation tokens: window={self.window}, "
+                             f"context={self.context}")
+        if self.teacher_topk < 1:
+            raise ValueError(f"teacher_topk must be >= 1, got {self.teacher_topk}")
+
+    @property
+    def continuation(self) -> int:
+        return self.window - self.context
+
+    @property
+    def scored(self) -> int:
+        """Positions per window the loss and the scores cover (continuation tokens 1..T-1)."""
+        return self.continuation - 1
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """A preset's ``recovery`` section: the grid of long runs, their recipe and their scoring (recovery.py)."""
+
+    keep: tuple[float, ...] = (0.5, 0.75)
+    objectives: tuple[str, ...] = RECOVERY_OBJECTIVES
+    seeds: tuple[int, ...] = (0,)
+    tokens: int = 1_000_000  # scored continuation tokens per run, at most
+    eval_every: int = 25_000  # tokens between validations (and checkpoints)
+    flat: float = 0.01  # stop once validation KL improved by less than this fraction over the last flat_evals
+    flat_evals: int = 4
+    spread_seeds: tuple[int, ...] = (1, 2)  # extra seeds at spread_tokens, for the seed spread
+    spread_tokens: int = 100_000
+    # the windows and the teacher
+    window: int = 256
+    context: int = 128
+    teacher_topk: int = 64
+    validation_windows: int = 64
+    test_windows: int = 192  # held-out text scored at the end: 192 x 127 = 24,384 positions
+    test_answers: str = "data/distill-smollm2-135m/test.jsonl"  # held-out chat answers (the full model's own)
+    # the recipe
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    warmup_tokens: int = 20_000
+    weight_decay: float = 0.0
+    ce_weight: float = 0.0
+    precision: str = "fp32"  # training.precision: "bf16" autocasts (several times faster on CPUs with AMX)
+
+    def __post_init__(self):
+        for name in self.objectives:
+            if name not in RECOVERY_OBJECTIVES:
+                raise ValueError(f"recovery.objectives: {name!r} is not a window objective; choose from "
+                                 f"{RECOVERY_OBJECTIVES}")
+        for k in self.keep:
+            _check_keep(k, "recovery.keep")
+        for what in ("keep", "seeds", "spread_seeds", "objectives"):
+            values = getattr(self, what)
+            if len(set(values)) != len(values):
+                raise ValueError(f"recovery.{what} lists a value twice ({list(values)}): each run would count twice")
+        if min(self.tokens, self.eval_every, self.spread_tokens, self.batch_size, self.test_windows) < 1:
+            raise ValueError("recovery.tokens, eval_every, spread_tokens, batch_size and test_windows must be positive")
+        check_choice("recovery.precision", self.precision, PRECISIONS)
+        if self.test_windows * self.spec.scored < 20_000:
+            raise ValueError(f"recovery.test_windows: {self.test_windows} windows score "
+                             f"{self.test_windows * self.spec.scored} positions; held-out text needs at least 20k")
+
+    @property
+    def spec(self) -> WindowSpec:
+        return WindowSpec(self.window, self.context, self.teacher_topk)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.spec.scored
+
+    def steps(self, tokens: int) -> int:
+        return max(1, -(-tokens // self.tokens_per_step))
+
+    @property
+    def eval_steps(self) -> int:
+        return self.steps(self.eval_every)

@@ -29,10 +29,26 @@ def split_records(tokenizer, records) -> tuple[list[list[int]], list[list[int]]]
     return [r["input_ids"][:k] for r, k in zip(rows, starts)], [r["input_ids"][k:] for r, k in zip(rows, starts)]
 
 
+def bootstrap_ratio(numerators, denominators, *, resamples: int = 10_000, seed: int = 0,
+                    level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)``, resampling the units (answers,
+    windows, questions) whole: positions within one unit are not independent, so they are never resampled apart."""
+    num = torch.as_tensor(numerators, dtype=torch.float64)
+    den = torch.as_tensor(denominators, dtype=torch.float64)
+    if num.numel() == 0 or num.shape != den.shape:
+        raise ValueError(f"bootstrap needs one numerator per denominator, got {num.numel()} and {den.numel()}")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, num.numel(), (resamples, num.numel()), generator=gen)
+    ratios = num[pick].sum(1) / den[pick].sum(1)
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return [lo, hi]
+
+
 @torch.inference_mode()
-def answer_fidelity(model, tokenizer, records, batch_size: int = 8) -> dict:
+def answer_fidelity(model, tokenizer, records, batch_size: int = 8, intervals: bool = False) -> dict:
     """``nll``, ``agreement`` and ``exact`` of ``model`` (a causal LM or an OverFill pair) on chat ``records``
-    whose last turn is the full model's answer (see the module docstring)."""
+    whose last turn is the full model's answer (see the module docstring); with ``intervals``, a 95% bootstrap
+    interval of each over answers (``nll_ci``, ...)."""
     if not records:
         raise ValueError("answer_fidelity needs at least one record; got none.")
     pair = _as_pair(model, tokenizer)
@@ -40,7 +56,8 @@ def answer_fidelity(model, tokenizer, records, batch_size: int = 8) -> dict:
     pair.eval()
     contexts, answers = split_records(tokenizer, records)
     pad = generation.pad_token_for(pair.full, tokenizer)
-    nll = hits = tokens = exact = 0.0
+    per = {"nll": [0.0] * len(records), "hits": [0.0] * len(records), "tokens": [0] * len(records),
+           "exact": [0.0] * len(records)}
     order = sorted(range(len(answers)), key=lambda i: len(contexts[i]) + len(answers[i]))  # less padding
     try:
         for start in range(0, len(order), batch_size):
@@ -50,15 +67,24 @@ def answer_fidelity(model, tokenizer, records, batch_size: int = 8) -> dict:
             out = pair.forward_continuation(ctx, ans, ctx_mask, ans_mask)
             logprobs = torch.log_softmax(out.logits.float(), -1)
             ans, mask = ans.to(logprobs.device), out.continuation_mask.bool()
-            nll -= float(logprobs.gather(-1, ans[..., None]).squeeze(-1).masked_fill(~mask, 0).sum())
+            nll = -logprobs.gather(-1, ans[..., None]).squeeze(-1).masked_fill(~mask, 0).sum(-1)
             agree = (logprobs.argmax(-1) == ans) & mask
-            hits += float(agree.sum())
-            tokens += float(mask.sum())
-            exact += float((agree | ~mask).all(-1).sum())
+            for j, i in enumerate(idx):
+                per["nll"][i] = float(nll[j])
+                per["hits"][i] = float(agree[j].sum())
+                per["tokens"][i] = int(mask[j].sum())
+                per["exact"][i] = float((agree[j] | ~mask[j]).all())
     finally:
         pair.train(was_training)
-    return {"nll": nll / tokens, "agreement": hits / tokens, "exact": exact / len(records),
-            "answers": len(records), "tokens": int(tokens)}
+    tokens = sum(per["tokens"])
+    out = {"nll": sum(per["nll"]) / tokens, "agreement": sum(per["hits"]) / tokens,
+           "exact": sum(per["exact"]) / len(records), "answers": len(records), "tokens": tokens}
+    if intervals:
+        ones = [1] * len(records)
+        out |= {"nll_ci": bootstrap_ratio(per["nll"], per["tokens"]),
+                "agreement_ci": bootstrap_ratio(per["hits"], per["tokens"]),
+                "exact_ci": bootstrap_ratio(per["exact"], ones)}
+    return out
 
 
 @torch.inference_mode()

@@ -586,3 +586,30 @@ def retention_by_teacher(table, title: str, method: str = "OverFill", score: str
     fig.update_yaxes(title_text=f"{method} {score} / its full model's", row=1, col=1)
     fig.update_layout(title=title, height=420)
     return fig
+
+
+def window_recovery(curves, title: str):
+    """Validation KL to the full model (left) and agreement with its greedy token (right) against scored training
+    tokens, from ``recovery.curves_frame``: a line per (method, kept fraction) and seed; colour = method, dash =
+    width; the extra seeds thinner. The full model itself sits at KL 0 and agreement 1."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["KL to the full model per token (lower is better)",
+                                                        "agreement with the full model's greedy token"])
+    keeps = sorted(curves["keep"].unique(), reverse=True)
+    first_seed = curves["seed"].min()
+    for (method, keep, seed), rows in curves.groupby(["method", "keep", "seed"], sort=False):
+        name = f"{method}, keep {keep:.0%}"
+        main = bool(seed == first_seed)
+        for col, y in enumerate(("val_kl", "val_agreement"), start=1):
+            fig.add_scatter(x=rows["tokens"], y=rows[y], mode="lines+markers" if main else "lines",
+                            name=name if main else f"{name}, seed {seed}", legendgroup=name,
+                            showlegend=col == 1 and main, row=1, col=col, opacity=1.0 if main else 0.45,
+                            line={"color": METHOD_COLORS.get(method), "width": 2 if main else 1,
+                                  "dash": TEACHER_DASH[keeps.index(keep) % len(TEACHER_DASH)]})
+    fig.add_hline(y=1.0, line_dash="dot", line_color=METHOD_COLORS["full model"], row=1, col=2,
+                  annotation_text="full model", annotation_position="bottom right")
+    fig.update_xaxes(title_text="scored continuation tokens trained on")
+    fig.update_layout(title=f"{title}<br><sup>validation modules; token 0 is the untrained decoder; thin lines: other "
+                            "seeds</sup>", height=440)
+    return fig

@@ -34,6 +34,8 @@ SECTIONS = {
     "evaluation": "evaluation settings (tasks, limits, batch size)",
     "latency": "latency profiling settings",
     "ablation": "pruning-ratio ablation grid (config.AblationConfig): {keep, objectives, seeds, scratch_keep, teachers, ...}",
+    "recovery": "long runs on text windows to a plateau (config.RecoveryConfig): {keep, objectives, seeds, tokens, "
+                "eval_every, window, context, teacher_topk, batch_size, learning_rate, ...}",
     "runtime": "{dtype, device}",
     "workdir": "where derived artifacts go (relative to the project root)",
 }
@@ -52,6 +54,7 @@ SECTION_TYPES = {
     "latency": "overfill_lib.latency:LatencySettings",
     "ablation": "overfill_lib.config:AblationConfig",
     "runtime": "overfill_lib.config:RuntimeSection",
+    "recovery": "overfill_lib.config:RecoveryConfig",
 }
 NESTED_TYPES = {("teacher", "train"): "overfill_lib.teacher:TeacherConfig",
                 ("teacher", "gguf"): "overfill_lib.gguf_models:GGUFSource"}

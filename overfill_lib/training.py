@@ -39,6 +39,7 @@ from overfill_lib.artifacts import (
     read_json,
     write_json,
 )
+from overfill_lib.config import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class TrainingConfig:
     learning_rate: float = 2e-5
     scheduler: str = "cosine"
     warmup_ratio: float = 0.01
+    warmup_steps: int | None = None  # wins over warmup_ratio: a warmup that does not move with the token budget
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     group_by_length: bool = False
@@ -139,6 +141,11 @@ class TrainingConfig:
     eval_steps: int | None = None
     save_steps: int = 500
     save_total_limit: int = 2
+    # "auto": autocast to runtime.dtype on a GPU, fp32 on a CPU; "bf16": bf16 autocast on any device (fp32 weights
+    # and optimizer; on CPUs with AMX, bf16 products run several times faster than fp32); "fp32": never autocast
+    precision: str = "auto"
+    # text windows (windows.py): cross-entropy on the text, weighted, beside the KL to the full model
+    ce_weight: float = 0.0
     # the OverFill objective
     strategy: str = "shared_kv"
     include_first_token: bool = True
@@ -162,6 +169,12 @@ class TrainingConfig:
                                  f"{list(self.objectives)}")
             if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(x, int) for x in seeds):
                 raise ValueError(f"training.objective_seeds.{name} must be a non-empty list of integer seeds, got {seeds!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"training.warmup_steps must be >= 0 (or null: warmup_ratio), got {self.warmup_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.ce_weight < 0:
+            raise ValueError(f"training.ce_weight must be >= 0, got {self.ce_weight}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"training.eval_steps must be >= 1 (or null: no validation during training), got {self.eval_steps}")
 
@@ -268,8 +281,10 @@ class OverFillTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, pair=None, include_first_token: bool = True, distill_from=None, **kwargs):
+    def __init__(self, *args, pair=None, include_first_token: bool = True, distill_from=None, ce_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.ce_weight = ce_weight
         self.pair = pair
         self.include_first_token = include_first_token
         self.distill_from = distill_from  # the frozen full model whose distribution a "kl" objective matches
@@ -280,7 +295,16 @@ class OverFillTrainer(Trainer):
         self._last_log_time: float | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.pair is not None:
+        if "teacher_ids" in inputs:  # text windows with the full model's distributions cached (windows.py)
+            from overfill_lib.windows import window_loss
+
+            with _decoder_as(self.pair, model) if self.pair is not None else contextlib.nullcontext(model) as m:
+                loss, response = window_loss(m, inputs, "pair" if self.pair is not None else "causal",
+                                             ce_weight=self.ce_weight)
+            outputs = None
+            ids = ("context_ids", "continuation_ids") if self.pair is not None else ("input_ids",)
+            tokens = sum(inputs[k].numel() for k in ids)
+        elif self.pair is not None:
             with _decoder_as(self.pair, model) as pair:
                 loss = pair.loss(
                     inputs["context_ids"], inputs["continuation_ids"], inputs["context_mask"],
@@ -445,6 +469,15 @@ def mixed_precision(runtime: dict) -> bool:
     return runtime["dtype"] != "float32" and not on_cpu(runtime)
 
 
+def autocast_dtype(config: TrainingConfig, runtime: dict) -> str | None:
+    """The dtype the Trainer autocasts to (None: fp32 throughout), by ``config.precision``."""
+    if config.precision == "fp32":
+        return None
+    if config.precision == "bf16":
+        return "bfloat16"
+    return runtime["dtype"] if mixed_precision(runtime) else None
+
+
 def full_dtype(runtime: dict) -> str:
     # The frozen full model in the autocast dtype when there is one, else fp32 like the decoder it is paired with.
     return runtime["dtype"] if mixed_precision(runtime) else "float32"
@@ -503,7 +536,7 @@ def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.scheduler,
-        warmup_steps=math.ceil(config.warmup_ratio * steps),
+        warmup_steps=config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * steps),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
@@ -513,8 +546,8 @@ def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int,
         report_to=[],
         seed=seed,
         data_seed=seed,
-        bf16=runtime["dtype"] == "bfloat16" and not cpu,
-        fp16=runtime["dtype"] == "float16" and not cpu,
+        bf16=autocast_dtype(config, runtime) == "bfloat16",
+        fp16=autocast_dtype(config, runtime) == "float16",
         use_cpu=cpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -556,6 +589,8 @@ def train(
     data_stats: dict | None = None,
     full=None,
     probe_records: list[dict] | None = None,
+    collator=None,
+    probe=None,
 ) -> RunResult:
     """Train one objective on a tokenized dataset (``chat_data.prepare_chat_data``) into ``run_dir``.
 
@@ -563,6 +598,9 @@ def train(
     before its planned steps (interrupted, or a callback stopped it) returns ``complete=False`` and
     writes no final model. ``full``: an already loaded full model to reuse (OverFill and the ``kl`` objectives).
     ``probe_records``: the held-out chat records :class:`FidelityProbe` scores when ``config.eval_steps`` is set.
+    ``collator``: for data other than tokenized chat (``windows.WindowCollator`` for text windows).
+    ``probe``: a function of the trained model (the pair for OverFill) that returns a callback validating it
+    (``recovery.TextProbe``), for data that :class:`FidelityProbe` cannot score.
     """
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -605,12 +643,13 @@ def train(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=chat_data.ChatCollator(tokenizer.pad_token_id, obj.layout),
+        data_collator=collator or chat_data.ChatCollator(tokenizer.pad_token_id, obj.layout),
         processing_class=tokenizer,
         callbacks=[LogWriter(run_dir), *callbacks],
         pair=pair,
         include_first_token=config.include_first_token,
         distill_from=full if obj.loss == "kl" else None,
+        ce_weight=config.ce_weight,
     )
     batch_progress(trainer)
     if config.eval_steps:
@@ -618,6 +657,8 @@ def train(
             raise ValueError("training.eval_steps is set: pass probe_records (pipeline.data_records(preset, config))")
         trainer.add_callback(FidelityProbe(pair if pair is not None else model, tokenizer, probe_records,
                                            config.eval_steps))
+    if probe is not None:
+        trainer.add_callback(probe(pair if pair is not None else model))
     main_process = int(os.environ.get("RANK", "0")) == 0
     with RunLock(run_dir) if main_process else contextlib.nullcontext():
         checkpoint = resumable_checkpoint(Path(args.output_dir)) if resume and main_process else None

@@ -66,8 +66,9 @@ WRONG_TYPES = {
     "decoder": ("round_to", 1.5), "calibration": ("samples", "all"), "training": ("steps", 2.5),
     "distill": ("max_new_tokens", [96]), "evaluation": ("apply_chat_template", "false"),
     "latency": ("repeats", "3"), "ablation": ("keep", "half"), "runtime": ("device", 0),
+    "recovery": ("tokens", "a million"),
 }
-BASES = {"suite": "tiny", "distill": "smollm2-135m"}
+BASES = {"suite": "tiny", "distill": "smollm2-135m", "recovery": "smollm2-135m"}
 
 
 @pytest.mark.parametrize("section", sorted(presets.SECTION_TYPES))
