@@ -31,7 +31,8 @@ import torch
 from transformers import TrainerCallback
 
 from overfill_lib import fidelity, pipeline, stdlib_corpus, training, windows
-from overfill_lib.artifacts import PROJECT_ROOT, environment_record, read_json, weights_fingerprint, write_json
+from overfill_lib.artifacts import (PROJECT_ROOT, content_sha256, environment_record, read_json, weights_fingerprint,
+                                   write_json)
 from overfill_lib.config import RECOVERY_OBJECTIVES as METHODS
 from overfill_lib.config import RecoveryConfig, keeping, parse
 from overfill_lib.presets import Preset, load_preset
@@ -240,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [(o, k, s) for s in seeds for k in (args.keep or config.keep) for o in (args.objective or config.objectives)]
     budget = args.tokens or (config.spread_tokens if args.spread else config.tokens)
     # In rounds of one validation segment, so that a run stopped at any time leaves every run at the same budget.
-    for target in range(config.eval_every, budget + config.eval_every, config.eval_every):
+    segment = config.eval_steps * config.tokens_per_step
+    for target in range(segment, budget + segment, segment):
         for objective, keep, seed in runs:
             s = train_run(res, objective, keep, seed, min(target, budget), until_flat=not args.no_flat_stop)
             print(f"{objective} keep {keep:g} seed {seed}: {s['stopped']} at {s['tokens']} tokens, "
@@ -302,8 +304,9 @@ def score_runs(res: Resources, out: str | Path | None = None, *, test: windows.T
                 "windows; scored on held-out text (test modules) and held-out chat answers, 95% bootstrap intervals",
         "config": asdict(config), "runs": runs, "scores": scored,
         "data": {"corpus": stdlib_corpus.record(), "train_teacher": res.train.summary(),
-                 "test_teacher": test.summary(), "test_answers": {"file": config.test_answers,
-                                                                  "answers": len(answers)}},
+                 "test_teacher": test.summary(), "test_answers": {
+                     "file": config.test_answers, "answers": len(answers),
+                     "sha256": content_sha256(res.preset.path(config.test_answers).read_bytes())}},
         "score_seconds": round(time.perf_counter() - t0, 1),
         "environment": environment_record("cpu"),
     })

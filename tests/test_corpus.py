@@ -31,17 +31,53 @@ def test_topic_splits_are_disjoint_and_prompts_come_from_held_out_topics(tokeniz
     assert [len(w) for w in windows] == [64, 64, 64]
 
 
-def test_distill_prompts_split_by_topic_and_are_unique():
+def test_distill_prompts_split_by_topic_and_module_and_are_unique():
+    from overfill_lib import stdlib_corpus
+
     train, validation, test = (corpus.distill_prompts(s, 400, 20) for s in corpus.DATA_SPLITS)
     texts = [[r["messages"][0]["content"] for r in split] for split in (train, validation, test)]
     assert all(len(t) == len(set(t)) for t in texts) and not set(texts[0]) & set(texts[1])
-    assert {r["topic"] for r in test if r["topic"]} <= set(corpus.topic_names("heldout"))
-    assert {r["topic"] for r in train + validation if r["topic"]} <= set(corpus.topic_names("calibration"))
+    by_source = lambda rows, source: {r["topic"] for r in rows if r["source"] == source}  # noqa: E731
+    assert by_source(test, "help") <= set(corpus.topic_names("heldout"))
+    assert by_source(train + validation, "help") <= set(corpus.topic_names("calibration"))
+    for split, rows in zip(corpus.DATA_SPLITS, (train, validation, test)):
+        assert by_source(rows, "stdlib") and {stdlib_corpus.split_of(m) for m in by_source(rows, "stdlib")} == {split}
+    assert {r["source"] for r in train} == {"help", "stdlib", "family"}
     kinds = {r["kind"] for r in train}
     assert set(corpus.INSTRUCTIONS) <= kinds and {"family:lookup", "family:add"} <= kinds
     assert corpus.distill_prompts("train", 5, 5, seed=1) != corpus.distill_prompts("train", 5, 5, seed=0)
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         corpus.distill_prompts("dev", 1, 1)
+
+
+def test_test_passages_share_no_text_with_train_or_validation():
+    """Held out means held out: no paragraph of a test passage occurs in a train or validation passage, and asked
+    for more prompts than passages, a passage comes back under another instruction, never the same one."""
+    pools = {s: corpus.distill_passages(s) for s in corpus.DATA_SPLITS}
+    seen = {" ".join(para.split()) for s in ("train", "validation") for p in pools[s] for para in p["text"].split("\n\n")}
+    test_paragraphs = [" ".join(para.split()) for p in pools["test"] for para in p["text"].split("\n\n")]
+    assert len(test_paragraphs) > 500 and not [t for t in test_paragraphs if len(t) >= 80 and t in seen]
+    assert all(400 <= len(p["text"]) <= 1200 for pool in pools.values() for p in pool)
+    assert all(corpus.prose_share(p["text"]) >= corpus.MIN_PROSE_SHARE for p in pools["test"] if p["source"] == "stdlib")
+    n = len(pools["test"]) + 20
+    prompts = corpus.distill_prompts("test", n, 0)
+    assert len(prompts) == n
+    pairs = [(r["kind"], next(p["text"] for p in pools["test"] if p["text"] in r["messages"][0]["content"]))
+             for r in prompts]
+    assert len(set(pairs)) == n and len({text for _, text in pairs}) == n - 20
+    with pytest.raises(ValueError, match="at most"):
+        corpus.distill_prompts("test", len(pools["test"]) * len(corpus.INSTRUCTIONS) + 1, 0)
+
+
+def test_stdlib_passages_are_prose_without_pydoc_layout():
+    text = ("Help on module spam:\n\nNAME\n    spam\n\nDESCRIPTION\n    Spam does eggs.\n\nCLASSES\n"
+            "    class Can(size)\n     |  A can of spam.\n     |\n     |  open(self, key=None)\n"
+            "     |      Open the can with the key.\n     |\n")
+    assert corpus.stdlib_paragraphs(text, "spam") == ["Spam does eggs.", "class Can(size)\nA can of spam.",
+                                                      "open(self, key=None)\nOpen the can with the key."]
+    code = "spam(a, b=1)\n>>> spam(1, 2)\n3\nham(x) -> int\neggs(*args, **kw)"
+    prose = "The can is opened with the key that came with it, and the spam is served cold."
+    assert corpus.prose_share(code) == 0.0 and corpus.prose_share(prose) == 1.0
 
 
 def test_answers_are_the_models_greedy_tokens_and_say_whether_they_ended(tokenizer):
@@ -63,8 +99,8 @@ def test_distilled_data_keeps_finished_answers_records_how_and_resumes(tmp_path,
 
     def fake_answer(model, tokenizer, conversations, **kw):  # every third answer runs out of tokens
         calls.append(len(conversations))
-        return [{"messages": [*c, {"role": "assistant", "content": f"answer {i}"}], "ended": i % 3 != 2}
-                for i, c in enumerate(conversations)]
+        return [{"messages": [*c, {"role": "assistant", "content": f"answer {i}"}], "ended": i % 3 != 2,
+                 "new_tokens": 3, "seconds": 0.5} for i, c in enumerate(conversations)]
 
     monkeypatch.setattr(corpus, "answer", fake_answer)
     sizes = {"train": (6, 3), "validation": (2, 1), "test": (3, 0)}
@@ -78,9 +114,86 @@ def test_distilled_data_keeps_finished_answers_records_how_and_resumes(tmp_path,
         assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][0]["role"] == "user" for r in rows)
     assert record["model_fingerprint"] and record["decoding"]["max_new_tokens"] == 8
     assert record["corpus"]["heldout"]["fingerprint"] == corpus.fingerprint("heldout")
+    assert record["splits"]["test"]["request"]["text"] == corpus.fingerprint_of_split("test")
+    assert record["stdlib_corpus"]["splits"]["test"]["fingerprint"] == corpus.fingerprint_of_split("test")["stdlib"]
     stamp = (out / "train.jsonl").stat().st_mtime_ns
     corpus.build_distilled_data(model, tokenizer, out, sizes={**sizes, "test": (2, 0)}, max_new_tokens=8)
     assert calls[3:] == [2] and (out / "train.jsonl").stat().st_mtime_ns == stamp  # only the changed split reran
+
+
+def _small_prompts(split, n_passage, n_family, seed=0, max_chars=1200):
+    """Short prompts of several lengths, so the tiny model answers them in a blink."""
+    return [{"kind": "summarize" if i < n_passage else "family:add", "source": "help", "topic": f"{split}-{i}",
+             "messages": [{"role": "user", "content": f"Name a fox of {split}, number {i}." + " Now." * (i % 4)}]}
+            for i in range(n_passage + n_family)]
+
+
+def _ending_model(tokenizer):
+    """A tiny model (untied: the tied one repeats one token) that ends some answers within a few tokens and not
+    others: every sixth token id is an eos."""
+    model = tiny_model("llama", vocab_size=len(tokenizer)).eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(3, len(tokenizer), 6)]
+    return model
+
+
+def _files(out):
+    return {p.name: p.read_text() for p in sorted(out.iterdir()) if p.name != "record.json"}
+
+
+def test_distilled_data_resumes_an_interrupted_split_to_the_same_file(tmp_path, tokenizer, monkeypatch):
+    """Killed after two batches of train (simulated by raising), a rerun answers only the batches left and writes
+    the same files as an uninterrupted run; the partial file is gone when the split is written."""
+    monkeypatch.setattr(corpus, "distill_prompts", _small_prompts)
+    model = _ending_model(tokenizer)
+    kw = dict(sizes={"train": (7, 2), "validation": (2, 1), "test": (3, 1)}, max_new_tokens=6, batch_size=2,
+              compile=False)
+    whole = corpus.build_distilled_data(model, tokenizer, tmp_path / "whole", **kw)
+    record = json.loads((whole / "record.json").read_text())
+    assert 0 < record["splits"]["train"]["kept"] < 9 and record["splits"]["train"]["generation"]["resumed_answers"] == 0
+
+    real, calls = FastGenerator.generate, []
+
+    def dies_after_two(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        if len(calls) > 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastGenerator, "generate", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build_distilled_data(model, tokenizer, tmp_path / "cut", **kw)
+    partial = tmp_path / "cut" / "train.partial.jsonl"
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 4 and not (tmp_path / "cut" / "train.jsonl").exists()
+    with partial.open("a") as f:  # a kill mid-write leaves half a line
+        f.write(lines[0][: len(lines[0]) // 2])
+    calls.clear()
+    monkeypatch.setattr(FastGenerator, "generate", lambda self, *a, **k: (calls.append(a[0].shape[0]), real(self, *a, **k))[1])
+    corpus.build_distilled_data(model, tokenizer, tmp_path / "cut", **kw)
+    assert sum(calls) == 9 - 4 + 3 + 4  # train's last five, then validation and test
+    assert _files(tmp_path / "cut") == _files(whole) and not partial.exists()
+    resumed = json.loads((tmp_path / "cut" / "record.json").read_text())
+    assert resumed["splits"]["train"]["generation"]["resumed_answers"] == 4
+    strip = lambda s: {k: v for k, v in s.items() if k != "generation"}  # noqa: E731
+    assert all(strip(resumed["splits"][s]) == strip(record["splits"][s]) for s in corpus.DATA_SPLITS)
+
+
+def test_a_partial_file_of_another_request_is_discarded(tmp_path, tokenizer, monkeypatch, caplog):
+    monkeypatch.setattr(corpus, "distill_prompts", _small_prompts)
+    model = _ending_model(tokenizer)
+    out = tmp_path / "d"
+    out.mkdir()
+    foreign = {"fingerprint": "0123456789abcdef", "index": 0, "ended": True, "new_tokens": 1, "seconds": 0.1,
+               "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "FOREIGN"}]}
+    for split in corpus.DATA_SPLITS:
+        (out / f"{split}.partial.jsonl").write_text(json.dumps(foreign) + "\n")
+    with caplog.at_level("WARNING", logger="overfill_lib.corpus"):
+        corpus.build_distilled_data(model, tokenizer, out, sizes={"train": (3, 1), "validation": (1, 0),
+                                    "test": (2, 0)}, max_new_tokens=6, batch_size=2, compile=False)
+    assert sum("another request" in r.message for r in caplog.records) == 3
+    assert not list(out.glob("*.partial.jsonl")) and "FOREIGN" not in "".join(_files(out).values())
+    record = json.loads((out / "record.json").read_text())
+    assert all(record["splits"][s]["generation"]["resumed_answers"] == 0 for s in corpus.DATA_SPLITS)
 
 
 def test_fidelity_of_a_model_on_its_own_greedy_answers(tokenizer):
