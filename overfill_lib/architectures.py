@@ -105,7 +105,8 @@ def check_config(config) -> ArchSpec:
 
 
 def check_model(model: nn.Module) -> ArchSpec:
-    """Check that ``model`` is a supported *ForCausalLM with the standard layout; return its ArchSpec."""
+    """Check that ``model`` is a supported *ForCausalLM with the standard layout and float (not quantized) weights;
+    return its ArchSpec."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"expected a Hugging Face PreTrainedModel, got {type(model).__name__}")
@@ -115,6 +116,15 @@ def check_model(model: nn.Module) -> ArchSpec:
         raise ValueError(
             f"{type(model).__name__} is not a causal LM with a language-model head (expected model.model.layers and "
             "model.lm_head); load it with AutoModelForCausalLM.from_pretrained(...)."
+        )
+    from overfill_lib.quantize import is_quantized
+
+    if is_quantized(model) or getattr(config, "quantization_config", None) is not None:
+        # Importance and pruning read float weight matrices; int8 layers have none (their scores would be zeros).
+        raise ValueError(
+            f"this {type(model).__name__} has quantized weights (int8 layers or a quantization_config): importance "
+            "and pruning need the float model. Compute importance and prune the float model, then quantize the "
+            "pruned decoder (quantize_int8(decoder))."
         )
     return spec
 

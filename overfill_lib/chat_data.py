@@ -3,7 +3,7 @@
 An example is a conversation cut before its final assistant reply: the prompt is every turn before it through the
 chat template (what the full model prefills), the response that reply and the end-of-turn token. Sources: the
 suite, local JSONL/JSON files or saved datasets, hub names (a clear error offline); schemas ``messages`` and
-``conversations`` (from/value). Too-long examples are dropped, never truncated, and every drop is counted.
+``conversations`` (from/value), each turn's content a string or a list of text parts (:func:`message_text`). Too-long examples are dropped, never truncated, and every drop is counted.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import reprlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ SCHEMAS = ("messages", "conversations")
 # Speaker names of the ``conversations`` schema (ShareGPT style) -> chat-template roles.
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 LAYOUTS = ("pair", "causal")
+RECORD = "_record"  # each row's record number in the source, carried through `where` for errors naming the line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,23 +41,35 @@ class InvalidConversation(ValueError):
         self.reason = reason
 
 
+def message_text(content: Any, turn: str = "a turn") -> str:
+    """A turn's content as text, by the one rule of :func:`overfill_lib.generation.message_text` (text parts joined;
+    None, numbers and non-text parts refused), refused here as an ``InvalidConversation`` that ``skip_invalid`` counts."""
+    from overfill_lib import generation
+
+    try:
+        return generation.message_text(content, turn)
+    except generation.ContentNotText as e:
+        raise InvalidConversation("content_not_text", str(e)) from None
+
+
 def to_messages(record: dict) -> list[dict]:
-    """The record's turns as ``[{"role", "content"}]``, from either schema."""
+    """The record's turns as ``[{"role", "content"}]``, from either schema; contents by :func:`message_text`."""
     if "messages" in record and record["messages"] is not None:
         turns = record["messages"]
         if not all(isinstance(t, dict) and "role" in t for t in turns):
             raise InvalidConversation("turn_without_role", "a turn without a 'role' (each turn: {role, content})")
-        return [{"role": str(t["role"]), "content": str(t.get("content") or "")} for t in turns]
+        return [{"role": str(t["role"]), "content": message_text(t.get("content"), f"turn {i} ({t['role']!r})")}
+                for i, t in enumerate(turns)]
     if "conversations" in record and record["conversations"] is not None:
         out = []
-        for t in record["conversations"]:
+        for i, t in enumerate(record["conversations"]):
             speaker = str(t.get("from", "")).lower()
             if speaker not in ROLE_MAP:
                 raise InvalidConversation(
                     "unknown_role",
                     f"unknown speaker {t.get('from')!r} in a 'conversations' record; known speakers: {sorted(ROLE_MAP)}",
                 )
-            out.append({"role": ROLE_MAP[speaker], "content": str(t.get("value") or "")})
+            out.append({"role": ROLE_MAP[speaker], "content": message_text(t.get("value"), f"turn {i} ({speaker!r})")})
         return out
     raise ValueError(f"record has neither of the chat schemas {SCHEMAS}; its keys: {sorted(record)}")
 
@@ -90,11 +104,18 @@ def _offline() -> bool:
 
 
 def _load_json_file(path: Path):
-    """A local JSON / JSONL file through the ``json`` builder; a file it cannot read gets an error naming the line."""
+    """A local JSON / JSONL file through the ``json`` builder; a file it cannot read gets an error naming the line.
+
+    A JSONL file is checked around the builder, whose own errors name no line: bytes that are not UTF-8 (it takes them
+    in and fails later, while tokenizing) and a record per line (a record with a key twice becomes two rows).
+    """
     import datasets
 
+    records = _scan_jsonl(path) if path.suffix == ".jsonl" else None
+    if records == 0:
+        raise ValueError(f"{path} is empty: it needs one JSON chat record per line")
     try:
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # the builder says "An error occurred while generating the dataset", or StopIteration
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         if not any(line.strip() for line in lines):
@@ -107,20 +128,128 @@ def _load_json_file(path: Path):
                     except json.JSONDecodeError as bad:
                         raise ValueError(f"{path} line {number}: not valid JSON ({bad.msg} at column {bad.colno}); "
                                          "each line must be one complete JSON record") from e
+            _refuse_duplicate_keys(path)
+            blank = next((n for n, line in enumerate(lines[:-1], start=1) if not line.strip()), None)
+            if blank is not None:
+                raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); line {blank} is blank, which "
+                                 "the json reader fails on when records mix types (e.g. string and list content): "
+                                 "remove the blank lines") from e
         raise ValueError(f"{path} could not be read as JSON chat records ({type(e).__name__}: {e})") from e
+    if records is not None and len(dataset) != records:
+        _refuse_duplicate_keys(path)
+        raise ValueError(f"{path}: {len(dataset)} records read from {records} non-blank lines; each line must hold "
+                         "exactly one JSON record")
+    return dataset
 
 
-def _content_sha256(source, split: str, suite_dir) -> str | None:
-    """The ``artifacts.content_sha256`` of the local file ``load_conversations`` reads, if it reads one."""
-    from overfill_lib.artifacts import content_sha256
+def _scan_jsonl(path: Path) -> int:
+    """The records (non-blank lines) of a JSONL file, refusing one that is not UTF-8 by line and byte."""
+    records = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.isascii():  # ASCII, the common case, is UTF-8 and fast to tell
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{path} line {number}: not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of "
+                        f"the line); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8.jsonl"
+                    ) from None
+            records += not _blank(line)  # the builder skips blank lines
+    return records
 
+
+def _blank(line: bytes) -> bool:
+    return not line or line.isspace()  # not strip(): it copies a 30 MB line
+
+
+def _refuse_duplicate_keys(path: Path) -> None:
+    """Raise naming the first line whose JSON object repeats a key (JSON keeps one value, the Arrow reader two rows)."""
+
+    def pairs(items):
+        seen = set()
+        for key, _ in items:
+            if key in seen:
+                raise ValueError(f"{path} line {number}: key {key!r} appears twice in one record; the reader would "
+                                 "make two conversations of it: remove or rename one")
+            seen.add(key)
+        return dict(items)
+
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line, object_pairs_hook=pairs)
+                except json.JSONDecodeError:
+                    continue  # read by the Arrow reader all the same; not what made the extra rows
+
+
+def _json_typed(feature) -> bool:
+    """Whether ``feature`` holds values that datasets stored as JSON text (a column whose values mix types)."""
+    import datasets
+
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_json_typed(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    return inner is not None and _json_typed(inner)
+
+
+def _exact_chat_columns(dataset, path: Path | None) -> tuple[Any, set[str]]:
+    """The dataset with its chat columns of mixed types re-read from the JSONL file ``path``, as exact JSON text
+    (decoded by ``_encode_batch``), and the names of the columns re-read.
+
+    datasets stores a column whose values mix types (content a string in one turn and a list of text parts in
+    another) as JSON text, but keeps a string that itself parses as JSON as it is: "31" would come back as 31 and
+    "null" as None. The rows are the file's non-blank lines, one each (``_load_json_file`` checks it).
+    """
+    mixed = [c for c in SCHEMAS if c in dataset.column_names and _json_typed(dataset.features[c])]
+    if not mixed or path is None or path.suffix != ".jsonl":
+        return dataset, set()
+    values: dict[str, list[str | None]] = {c: [] for c in mixed}
+    with path.open("rb") as f:
+        for line in f:
+            if not _blank(line):
+                record = json.loads(line)
+                for c in mixed:
+                    value = record.get(c)
+                    values[c].append(None if value is None else json.dumps(value))
+    for c in mixed:  # added before the old one goes: a table left with no column has no rows either
+        dataset = dataset.add_column(f"{c}.exact", values[c]).remove_columns(c).rename_column(f"{c}.exact", c)
+    return dataset, set(mixed)
+
+
+def _source_file(source, split: str, suite_dir) -> Path | None:
+    """The local file ``load_conversations`` reads ``source`` from, if it reads one."""
     if str(source) == "suite":
         path = Path(suite_dir) / f"{split}.jsonl"
     else:
         path = Path(source)
         if path.is_dir():
             path = path / f"{split}.jsonl"
-    return content_sha256(path.read_bytes()) if path.is_file() else None
+    return path if path.is_file() else None
+
+
+def _line_of(path: Path | None, record: int) -> str:
+    """Where record ``record`` (from 0) of a JSONL file is, as ``PATH line N``; '' for other sources."""
+    if path is None or path.suffix != ".jsonl":
+        return ""
+    with path.open("rb") as f:
+        seen = -1
+        for number, line in enumerate(f, start=1):
+            seen += not _blank(line)
+            if seen == record:
+                return f"{path} line {number}"
+    return ""
+
+
+def _content_sha256(source, split: str, suite_dir) -> str | None:
+    """The ``artifacts.content_sha256`` of the local file ``load_conversations`` reads, if it reads one."""
+    from overfill_lib.artifacts import content_sha256
+
+    path = _source_file(source, split, suite_dir)
+    return content_sha256(path.read_bytes()) if path is not None else None
 
 
 def load_conversations(
@@ -171,7 +300,7 @@ def load_conversations(
 
 
 def detect_schema(dataset) -> str:
-    cols = set(dataset.column_names)
+    cols = set(dataset.column_names) - {RECORD}
     if set(SCHEMAS) <= cols:  # a JSONL file whose rows use both: each row has one of the columns empty
         uses = {s: [i for i, v in enumerate(dataset[s]) if v is not None] for s in SCHEMAS}
         if all(uses.values()):
@@ -212,36 +341,58 @@ class DataStats:
                 f"{self.prompt_tokens} prompt + {self.response_tokens} response tokens")
 
 
-def _encode_batch(batch: dict, tokenizer, schema: str) -> dict:
+def max_token_chars(tokenizer) -> int:
+    """At least as many characters as any one token covers: twice the longest vocabulary entry. An entry spells the
+    text it covers (byte-level BPE one character per byte, SentencePiece and character vocabularies the text itself);
+    the factor 2 leaves room for a normalizer that composes characters."""
+    return 2 * max(len(token) for token in tokenizer.get_vocab())
+
+
+def _encode_batch(batch: dict, tokenizer, schema: str, max_length: int | None = None,
+                  token_chars: int | None = None, json_text: bool = False) -> dict:
     from overfill_lib.teacher import encode_examples
 
     n = len(batch[schema])
     convs: list[list[dict] | None] = []
-    reasons = []
+    reasons, details = [""] * n, [""] * n
+    at_least: dict[int, int] = {}  # row -> a lower bound on its tokens, for rows certainly over max_length
     for i in range(n):
+        value = batch[schema][i]
+        if json_text and value is not None:  # re-read by _exact_chat_columns
+            value = json.loads(value)
         try:
-            convs.append(split_final_reply(to_messages({schema: batch[schema][i]})))
-            reasons.append("")
+            conv = split_final_reply(to_messages({schema: value}))
         except InvalidConversation as e:
             convs.append(None)
-            reasons.append(e.reason)
+            reasons[i], details[i] = e.reason, str(e)
+            continue
+        if max_length is not None and token_chars:
+            # Counting characters is cheap; tokenizing a 30 MB line only to drop it took minutes.
+            tokens = -(-sum(len(m["content"]) for m in conv) // token_chars)
+            if tokens > max_length:
+                at_least[i] = tokens
+                conv = None
+        convs.append(conv)
     valid = [c for c in convs if c is not None]
     encoded = iter(encode_examples(tokenizer, valid) if valid else [])
-    prompt_ids, response_ids = [], []
-    for c in convs:
+    prompt_ids, response_ids, lengths = [], [], []
+    for i, c in enumerate(convs):
         if c is None:
             prompt_ids.append([])
             response_ids.append([])
+            lengths.append(at_least.get(i, 0))
             continue
         ex = next(encoded)
         n_prompt = sum(1 for label in ex["labels"] if label == -100)
         prompt_ids.append(ex["input_ids"][:n_prompt])
         response_ids.append(ex["input_ids"][n_prompt:])
+        lengths.append(len(ex["input_ids"]))
     return {
         "prompt_ids": prompt_ids,
         "response_ids": response_ids,
-        "length": [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)],
+        "length": lengths,
         "invalid": reasons,
+        "detail": details,
     }
 
 
@@ -262,9 +413,11 @@ def prepare_chat_data(
 
     ``where`` keeps records whose columns equal the given values (e.g. ``{"langdetect": "en"}`` for
     Infinity-Instruct's English part); ``limit`` keeps the first N records before anything else.
-    A conversation with no assistant turn (or an empty final reply, or an unknown speaker) is an
-    error unless ``skip_invalid``, in which case it is dropped and counted. Returns the dataset and
-    its ``DataStats``; an empty result is an error naming what removed the records.
+    A conversation with no assistant turn (or an empty final reply, an unknown speaker, content that is
+    not text: :func:`message_text`) is an error naming its file and line unless ``skip_invalid``, in
+    which case it is dropped and counted. One over ``max_length`` is dropped and counted as too long,
+    without tokenizing it when its characters alone prove it (:func:`max_token_chars`). Returns the
+    dataset and its ``DataStats``; an empty result is an error naming what removed the records.
     """
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; pass a chat model's tokenizer (or set tokenizer.chat_template)")
@@ -275,6 +428,8 @@ def prepare_chat_data(
     dataset = load_conversations(source, split, config=config, suite_dir=suite_dir)
     if len(dataset) == 0:
         raise ValueError(f"{source!r} ({split} split) holds no records")
+    path = _source_file(source, split, suite_dir)
+    dataset, json_text = _exact_chat_columns(dataset, path)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit={limit} keeps no records; give a positive number (or none for all)")
@@ -285,6 +440,8 @@ def prepare_chat_data(
         missing = sorted(set(where) - set(dataset.column_names))
         if missing:
             raise ValueError(f"'where' names columns {missing} the dataset lacks; its columns: {dataset.column_names}")
+    dataset = dataset.add_column(RECORD, list(range(records)))
+    if where:
         before = len(dataset)
         dataset = dataset.filter(lambda row: all(row[k] == v for k, v in where.items()), num_proc=num_proc)
         dropped["filtered_by_where"] = before - len(dataset)
@@ -294,20 +451,24 @@ def prepare_chat_data(
     schema = detect_schema(dataset)
     dataset = dataset.map(
         _encode_batch,
-        fn_kwargs={"tokenizer": tokenizer, "schema": schema},
+        fn_kwargs={"tokenizer": tokenizer, "schema": schema, "max_length": max_length,
+                   "token_chars": max_token_chars(tokenizer) if max_length is not None else None,
+                   "json_text": schema in json_text},
         batched=True,
         batch_size=1000,
-        remove_columns=dataset.column_names,
+        remove_columns=[c for c in dataset.column_names if c != RECORD],
         num_proc=num_proc,
         desc="tokenizing conversations",
     )
     invalid = Counter(r for r in dataset["invalid"] if r)
     if invalid and not skip_invalid:
-        first = next(i for i, r in enumerate(dataset["invalid"]) if r)
+        first = dataset[next(i for i, r in enumerate(dataset["invalid"]) if r)]
+        line = _line_of(path, first[RECORD])
         raise ValueError(
             f"{sum(invalid.values())} conversation(s) of {source!r} cannot be used ({dict(invalid)}; first at index "
-            f"{first}): each needs turns with a role and a final, non-empty assistant reply. Fix the data or pass "
-            "skip_invalid=True (training.skip_invalid) to drop and count them."
+            f"{first[RECORD]}{', ' + line if line else ''}: {first['detail']}). Each needs turns with a role and text "
+            "content, and a final, non-empty assistant reply: fix the data or pass skip_invalid=True "
+            "(training.skip_invalid) to drop and count them."
         )
     dropped.update(invalid)
     if invalid:
@@ -316,7 +477,7 @@ def prepare_chat_data(
         before = len(dataset)
         dataset = dataset.filter(lambda row: row["length"] <= max_length, num_proc=num_proc)
         dropped["too_long"] = before - len(dataset)
-    dataset = dataset.remove_columns("invalid")
+    dataset = dataset.remove_columns(["invalid", "detail", RECORD])
     stats = DataStats(
         source=str(source), records=records, kept=len(dataset), dropped=dict(dropped), max_length=max_length,
         prompt_tokens=sum(len(p) for p in dataset["prompt_ids"]) if len(dataset) else 0,

@@ -10,6 +10,7 @@ dataclass lives beside the code that uses it (``training``, ``latency``, ``suite
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -324,6 +325,8 @@ class AblationConfig:
         for name in ("keep", "scratch_keep"):
             for k in getattr(self, name):
                 _check_keep(k, f"ablation.{name}")
+        for name in ("keep", "scratch_keep", "seeds", "objectives"):
+            check_distinct(getattr(self, name), f"ablation.{name}")
         for other, spec in self.teachers.items():
             bad = sorted(set(spec or {}) - {"keep", "seeds", "objectives"})
             if bad:
@@ -331,6 +334,8 @@ class AblationConfig:
                     f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
             for k in (spec or {}).get("keep", self.keep):
                 _check_keep(k, f"ablation.teachers.{other}.keep")
+            for name in ("keep", "seeds", "objectives"):
+                check_distinct((spec or {}).get(name, ()), f"ablation.teachers.{other}.{name}")
         for p in self.points():
             if bad := [o for o in p.objectives if o not in ABLATION_OBJECTIVES]:
                 raise ValueError(
@@ -380,6 +385,45 @@ class Point:
     @property
     def slug(self) -> str:
         return f"{slug(self.teacher)}-keep{self.keep:g}"
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 1 (``--tokens 0`` or ``--batch-size -1`` fail at the command line,
+    not after the models load)."""
+    import argparse
+
+    try:
+        number = float(text)  # 1e6 is a fine way to write a token budget
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    value = int(number)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def keep_fraction(text: str) -> float:
+    """An argparse ``type``: a fraction of channels kept, in (0, 1]."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a kept fraction is in (0, 1] (0.5 keeps half the channels)")
+    return value
+
+
+def check_distinct(values, where: str) -> None:
+    """Refuse a list that names a value twice (seeds, widths, objectives): the run would be counted twice, and two
+    copies of one run make a seed spread of zero."""
+    twice = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+    if twice:
+        raise ValueError(f"{where} lists {', '.join(map(repr, twice))} more than once ({list(values)}): each run would "
+                         f"count twice; list each value once")
 
 
 def _check_keep(k, where: str) -> None:
@@ -466,9 +510,7 @@ class RecoveryConfig:
         for k in self.keep:
             _check_keep(k, "recovery.keep")
         for what in ("keep", "seeds", "spread_seeds", "objectives"):
-            values = getattr(self, what)
-            if len(set(values)) != len(values):
-                raise ValueError(f"recovery.{what} lists a value twice ({list(values)}): each run would count twice")
+            check_distinct(getattr(self, what), f"recovery.{what}")
         if min(self.tokens, self.eval_every, self.spread_tokens, self.batch_size, self.test_windows) < 1:
             raise ValueError("recovery.tokens, eval_every, spread_tokens, batch_size and test_windows must be positive")
         check_choice("recovery.precision", self.precision, PRECISIONS)

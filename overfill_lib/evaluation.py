@@ -4,7 +4,7 @@
 (``OverFillModel.score``: the full model prefills the context and scores the first continuation token, the decoder
 the rest) and generation (``OverFillModel.generate``). A single model runs as an identity pair, which computes what
 the plain model computes (tested against ``hf``), so the rows of a comparison share one code path. Model arguments
-and tasks are described in README ("Evaluation through lm-evaluation-harness").
+and tasks are described in docs/evaluation.md.
 """
 
 from __future__ import annotations

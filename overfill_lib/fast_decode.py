@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,12 +27,14 @@ from overfill_lib.generation import (
     cache_keyword,
     check_new_tokens,
     check_padded,
+    check_positions,
     decode_n_tokens,
     decode_one_token,
     eos_ids,
     greedy,
     pad_token_for,
     prefill,
+    prompt_batch,
     speculative_decode,
     through_first_eos,
 )
@@ -346,7 +349,7 @@ class FastGenerator:
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[Sequence[int]] | Sequence[int],
         attention_mask: torch.Tensor | None = None,
         *,
         method: str = "overfill",
@@ -357,21 +360,21 @@ class FastGenerator:
     ) -> FastOutput:
         """Greedy generation by ``method`` (``overfill``, ``full``, ``decoder``, ``speculative``).
 
-        ``input_ids`` [batch, prompt] left-padded, with ``attention_mask`` (default all ones).
-        ``eos_token_id``: ``"default"`` (the first model's generation config), ids, or ``None`` /
-        ``[]`` to always produce ``max_new_tokens`` (benchmarks).
+        ``input_ids`` [batch, prompt] left-padded, with ``attention_mask`` (default all ones), or ragged lists of
+        ids, as ``pair.generate`` takes them (:func:`~overfill_lib.generation.prompt_batch`).
+        ``eos_token_id``: as in ``pair.generate`` (:func:`~overfill_lib.generation.eos_ids`): ``"default"`` (the
+        first model's generation config), ids, or ``None`` / ``[]`` to always produce ``max_new_tokens`` (benchmarks).
         """
         if method not in DECODE_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(DECODE_METHODS)}")
-        check_new_tokens(max_new_tokens)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        input_ids = input_ids.to(self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        max_new_tokens = check_new_tokens(max_new_tokens)
         first = self._model("decoder" if method == "decoder" else "full")
-        check_padded(input_ids, attention_mask, model=first)
         eos = eos_ids(first, eos_token_id)
         pad = pad_token_for(first, eos=eos, pad_token_id=pad_token_id)
+        input_ids, attention_mask = prompt_batch(input_ids, attention_mask, pad, first)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        check_padded(input_ids, attention_mask, model=first)
+        check_positions(first, attention_mask, max_new_tokens)
         if method == "speculative":
             if num_draft_tokens < 1:
                 raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 1")

@@ -12,6 +12,8 @@ import copy
 import functools
 import inspect
 import logging
+import numbers
+import reprlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -81,14 +83,15 @@ def check_pairable(full, decoder, strategy, *, mixed_precision: bool = False) ->
                          f"(decoder.to({p_full.dtype}))")
 
 
-_warned_positions: set[int] = set()
+# (position limit, "prompt" or "generation") pairs already warned about: once each per process.
+_warned_positions: set[tuple[int, str]] = set()
 
 
 def check_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, side: str = "left", what: str = "prompt",
                  model=None) -> None:
     """Refuse a batch the decode paths would get silently wrong: empty, a row with no real token, or padding on the
     other ``side`` (prompts are left-padded so every row's last token sits at the end; continuations right-padded).
-    With ``model``: warn once when the rows are longer than its position table."""
+    With ``model``: warn once when the rows are longer than its position table (:func:`check_positions`)."""
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"no {what}s to run: expected a non-empty [batch, length] batch of token ids, got shape "
                          f"{tuple(input_ids.shape)}")
@@ -106,17 +109,127 @@ def check_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, side:
     if rows:
         raise ValueError(f"{what} row(s) {rows} are not {side}-padded: pad {what}s on the {side} "
                          f"(tokenizer.padding_side = {side!r}, or generation.pad_sequences(..., side={side!r}))")
+    if model is not None:
+        check_positions(model, attention_mask, what=what)
+
+
+def check_positions(model, attention_mask: torch.Tensor, new_tokens: int = 0, what: str = "prompt") -> None:
+    """Warn once per position limit when the longest row, plus ``new_tokens`` generated after it, needs more positions
+    than ``model``'s table (``max_position_embeddings``). Rotary models run on past it, so this warns rather than
+    refuses, for an over-long prompt and for a generation that runs past the end alike; the last new token is never
+    fed back, so ``new_tokens`` need ``new_tokens - 1`` positions."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit and input_ids.shape[1] > limit and limit not in _warned_positions:
-        _warned_positions.add(limit)
+    if not limit:
+        return
+    longest = int(attention_mask.sum(-1).max())  # positions follow the mask, not the padded width
+    needed = longest + max(new_tokens - 1, 0)
+    if needed <= limit:
+        return
+    kind = "prompt" if longest > limit else "generation"
+    if (limit, kind) in _warned_positions:
+        return
+    _warned_positions.add((limit, kind))
+    if kind == "prompt":
         log.warning("%ss of %d tokens exceed the model's %d positions; its outputs there are not to be trusted",
-                    what, input_ids.shape[1], limit)
+                    what, longest, limit)
+    else:
+        log.warning("%ss of up to %d tokens plus max_new_tokens=%d need %d positions, more than the model's %d "
+                    "(max_position_embeddings); tokens generated past position %d are not to be trusted: lower "
+                    "max_new_tokens or shorten the %ss", what, longest, new_tokens, needed, limit, limit - 1, what)
+
+
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an ``int`` when it is a positive integer, a Python or a numpy one; bools, floats and strings are
+    refused rather than read as 1/0, rounded or parsed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def check_new_tokens(max_new_tokens) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    return max_new_tokens
+    return check_positive_int(max_new_tokens, "max_new_tokens")
+
+
+def vocab_size_of(model) -> int | None:
+    """The number of token ids ``model`` embeds: its input embedding's rows (what an id indexes), else its config's."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows) if rows is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_token_ids(ids, model, what: str = "input_ids") -> None:
+    """Refuse token ids that the embedding would fail on cryptically (``IndexError: index out of range in self``) or
+    that padding would silently truncate (``2.5`` -> 2): each must be an integer in [0, vocabulary size of ``model``).
+
+    ``ids``: a tensor, or rows of ids (lists, tuples, numpy arrays or 1-d tensors), as the generation and scoring
+    paths take them; ``what`` names them in the message.
+    """
+    if torch.is_tensor(ids):
+        if not _integer_dtype(ids.dtype):
+            raise ValueError(f"{what} is a {ids.dtype} tensor: token ids are integers; build it with dtype=torch.long "
+                             "(as the tokenizer's return_tensors='pt' does)")
+        rows = ids if ids.dim() > 1 else ids[None]
+    else:
+        rows = []
+        for r, row in enumerate(ids):
+            try:
+                t = torch.as_tensor(row if torch.is_tensor(row) else list(row))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{what} row {r} is {reprlib.repr(row)}, not a list of token ids ({e}); text goes "
+                                 "through the tokenizer (prompts= or messages= in generate)") from e
+            if t.numel() and not _integer_dtype(t.dtype):
+                items = t.flatten().tolist() if torch.is_tensor(row) else list(row)
+                bad = next(x for x in items if isinstance(x, bool) or not isinstance(x, numbers.Integral))
+                raise ValueError(f"{what} row {r} holds {bad!r} ({type(bad).__name__}): token ids are integers; "
+                                 "convert them with int() where they are whole numbers, else fix what made them")
+            rows.append(t)
+    if torch.is_tensor(rows):
+        flat = rows.flatten()
+    else:
+        flat = torch.cat([t.flatten().long() for t in rows]) if rows else torch.zeros(0, dtype=torch.long)
+    if not flat.numel():
+        return
+    vocab = vocab_size_of(model)
+    low, high = int(flat.min()), int(flat.max())  # one host sync each, whatever the batch
+    bad = low if low < 0 else high if vocab is not None and high >= vocab else None
+    if bad is None:
+        return
+    r, row = next((r, row) for r, row in enumerate(rows) if bool((row == bad).any()))
+    where = f"row {r}, position {int((row.flatten() == bad).nonzero()[0, 0])}"
+    if bad < 0:
+        raise ValueError(f"{what} hold token id {bad} ({where}): ids are >= 0. To pad, use the tokenizer's "
+                         "pad_token_id and mark padding 0 in attention_mask (or pass ragged lists of ids)")
+    raise ValueError(f"{what} hold token id {bad} ({where}), outside this model's vocabulary of {vocab} ids "
+                     f"(0..{vocab - 1}): encode the text with the model's own tokenizer")
+
+
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def prompt_batch(input_ids, attention_mask: torch.Tensor | None, pad_id: int,
+                 model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as a left-padded ``[batch, length]`` id tensor and its mask, as both generation paths take them:
+    a tensor (``[length]`` is one prompt; the mask defaults to all ones) or lists of ids (ragged rows, left-padded
+    here with ``pad_id``; one flat list of ints is one prompt). The ids are checked by :func:`check_token_ids`."""
+    if torch.is_tensor(input_ids):
+        check_token_ids(input_ids, model)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
+        return input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if attention_mask is not None:
+        # A mask beside ragged lists would be silently replaced by the one padding builds.
+        raise ValueError("attention_mask is built here from the lengths of ragged lists of ids: pass it only with a "
+                         "tensor of ids")
+    rows = list(input_ids)
+    if not rows:
+        raise ValueError("no prompts to run: input_ids is an empty list")
+    if isinstance(rows[0], numbers.Number):
+        rows = [rows]  # one prompt as a flat list, like a 1-d tensor
+    check_token_ids(rows, model)
+    return pad_sequences(rows, pad_id, side="left")
 
 
 def pad_sequences(
@@ -137,16 +250,38 @@ def pad_sequences(
 
 
 def eos_ids(source, eos_token_id: int | Sequence[int] | str | None = "default") -> list[int]:
-    """The stop ids as a list: ``eos_token_id`` itself (None or [] never stops), or for ``"default"`` those of
-    ``source``: a model's generation config, then its config; or a (generation) config's own."""
+    """The stop ids of a generation, by the one rule that ``pair.generate``, ``FastGenerator.generate`` and through
+    them the lm-eval model follow:
+
+    - ``"default"`` (what every path uses when ``eos_token_id`` is not given): ``source``'s own, from a model's
+      generation config, then its config; or a (generation) config's own;
+    - ``None`` or ``[]``: never stop, always produce ``max_new_tokens`` (as ``eos_token_id=None`` given to Hugging
+      Face ``generate``; benchmarks time fixed lengths this way);
+    - an id (a Python or numpy integer) or a list, tuple or set of ids: those (an integer tensor counts as its list).
+
+    Anything else is refused: another string (``"60"`` is neither the id 60 nor the ids 6 and 0), a bool, a float or a
+    negative number. Returns a list of ints (empty: never stop).
+    """
+    given, origin = eos_token_id, ""
     if isinstance(eos_token_id, str):
         if eos_token_id != "default":
-            raise ValueError(f"eos_token_id={eos_token_id!r}: pass an id, ids, None/[] (never stop) or 'default'")
+            hint = f" (the id {int(eos_token_id)}?)" if eos_token_id.strip().isdigit() else ""
+            raise ValueError(f"eos_token_id={eos_token_id!r} is a string{hint}: pass an integer id, a list of ids, "
+                             "'default' (the model's own) or None / [] (never stop)")
         configs = (getattr(source, "generation_config", None), getattr(source, "config", source))
         eos_token_id = next((c.eos_token_id for c in configs if getattr(c, "eos_token_id", None) is not None), None)
+        origin = f" (the default of {type(source).__name__})"
     if eos_token_id is None:
         return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    if torch.is_tensor(eos_token_id):
+        eos_token_id = eos_token_id.tolist()
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set, frozenset)) else [eos_token_id]
+    bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 0]
+    if bad:
+        raise ValueError(f"eos_token_id={eos_token_id if origin else given!r}{origin}: {bad[0]!r} is not a token "
+                         "id (a non-negative integer); pass an integer id, a list of ids, 'default' (the model's own) "
+                         "or None / [] (never stop)")
+    return [int(e) for e in ids]
 
 
 def pad_token_for(model, tokenizer=None, eos: Sequence[int] = (), pad_token_id: int | None = None) -> int:
@@ -158,15 +293,54 @@ def pad_token_for(model, tokenizer=None, eos: Sequence[int] = (), pad_token_id: 
     return int(next(i for i in ids if i is not None))
 
 
+class ContentNotText(ValueError):
+    """A chat turn whose content is not text (see :func:`message_text`)."""
+
+
+def message_text(content: Any, turn: str = "a turn") -> str:
+    """A turn's content as the text a text-only chat template renders, by one rule for training data and generation.
+
+    A string is itself. A list of parts (the OpenAI / Hugging Face multimodal shape, ``[{"type": "text", "text":
+    "hi"}]``) is its text parts joined, as multimodal templates concatenate them. Anything else would otherwise be
+    trained on as its Python repr, or become an empty turn (``0``, ``None``), so :class:`ContentNotText` names
+    ``turn`` and the fix: a non-text part (an image), ``None``, a number, a dict.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = (f"a part of type {kind!r}" if isinstance(part, dict)
+                        else f"the {type(part).__name__} {reprlib.repr(part)}")
+                raise ContentNotText(
+                    f"{turn}: content part {i} is {what}, not a text part ({{'type': 'text', 'text': ...}}); a text "
+                    "model trains on text only: drop that part, or the conversation",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    shown = "None (or missing)" if content is None else f"{reprlib.repr(content)} ({type(content).__name__})"
+    raise ContentNotText(
+        f"{turn}: content is {shown}, not text: give each turn's text as a string (\"0\", not 0) or a list of text "
+        "parts",
+    )
+
+
 def encode_chat(tokenizer, conversations: Sequence[Sequence[dict]], **template_kwargs) -> dict[str, torch.Tensor]:
     """Apply the tokenizer's chat template (with the generation prompt) to a batch of conversations.
 
     Returns left-padded ``input_ids`` and ``attention_mask``. The template text already holds any
     BOS, so it is tokenized without adding special tokens again (as ``apply_chat_template`` does).
+    Contents follow the training data's rule (:func:`message_text`): text parts are joined,
+    and content that is not text (None, a number, an image part) is refused by conversation and turn.
     """
     texts = [
-        tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **template_kwargs)
-        for messages in conversations
+        tokenizer.apply_chat_template(
+            [{**m, "content": message_text(m.get("content"), f"conversation {c}, turn {t} ({m.get('role')!r})")}
+             for t, m in enumerate(messages)],
+            add_generation_prompt=True, tokenize=False, **template_kwargs)
+        for c, messages in enumerate(conversations)
     ]
     return encode_prompts(tokenizer, texts, add_special_tokens=False)
 
@@ -203,6 +377,11 @@ def resolve_generation_config(
     for name, value in GENERATION_DEFAULTS.items():
         if getattr(gc, name, None) is None:
             setattr(gc, name, value)
+    for name in ("top_p", "typical_p"):  # above 1 the warper is skipped: top_p=1.5 would silently mean 1.0
+        value = getattr(gc, name, None)
+        if value is not None and not (isinstance(value, numbers.Real) and 0 < value <= 1):
+            raise ValueError(f"{name}={value!r} is outside (0, 1]: it is the probability mass sampling keeps "
+                             "(1 keeps every token)")
     if gc.eos_token_id is None:
         gc.eos_token_id = getattr(model.config, "eos_token_id", None)
     if gc.num_beams != 1 or gc.num_return_sequences != 1:
@@ -474,16 +653,8 @@ def _prepare_inputs(pair, input_ids, attention_mask, prompts, messages, tokenize
             enc = encode_chat(tokenizer, messages, **(chat_template_kwargs or {}))
         else:
             enc = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else prompts)
-        return enc["input_ids"], enc["attention_mask"]
-    if not torch.is_tensor(input_ids):
-        if len(input_ids) == 0:
-            raise ValueError("no prompts to run: input_ids is an empty list")
-        return pad_sequences(input_ids, pad_token_for(pair.full, tokenizer), side="left")
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    return input_ids, attention_mask
+        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]  # checked too: a mismatched tokenizer
+    return prompt_batch(input_ids, attention_mask, pad_token_for(pair.full, tokenizer), pair.full)
 
 
 def generate(
@@ -509,11 +680,12 @@ def generate(
     """Generate with an OverFill pair: full-model prefill + first token, decoder for the rest.
 
     ``pair``: an :class:`overfill_lib.pair.OverFillModel` (its ``full``, ``decoder``, ``strategy``, ``tokenizer``).
-    Inputs: ``input_ids`` (a left-padded tensor with ``attention_mask``, or ragged lists of ids),
-    ``prompts`` (strings) or ``messages`` (a batch of conversations, via the chat template).
+    Inputs: ``input_ids`` (a left-padded tensor with ``attention_mask``, or ragged lists of ids; see
+    :func:`prompt_batch`), ``prompts`` (strings) or ``messages`` (a batch of conversations, via the chat template).
     Decoding settings come from the full model's ``generation_config``, then ``generation_config``,
-    then keyword arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-    ``repetition_penalty``, ...). ``seed`` or ``generator`` make sampling reproducible.
+    then keyword arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ...).
+    ``eos_token_id`` follows :func:`eos_ids`, as in ``FastGenerator``: not given or ``"default"``, the model's own;
+    ``None`` or ``[]``, never stop. ``seed`` or ``generator`` make sampling reproducible.
     ``streamer``: an HF ``TextStreamer``-compatible object (``put``/``end``), batch size 1.
     ``refresh_every``: prefill refresh period N (0: never); see :func:`_refresh`.
     """
@@ -528,15 +700,19 @@ def generate(
     check_padded(input_ids, attention_mask, model=full)
     batch, prompt_length = input_ids.shape
     if max_new_tokens is not None:
-        check_new_tokens(max_new_tokens)
+        max_new_tokens = check_new_tokens(max_new_tokens)
 
+    # Taken out of the config update so that None means never stop, as in FastGenerator (eos_ids has the rule).
+    eos_token_id = generation_kwargs.pop("eos_token_id", "default")
     gc = resolve_generation_config(full, generation_config, max_new_tokens=max_new_tokens, **generation_kwargs)
     limit = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt_length
     if limit < 1:
         raise ValueError(f"nothing to generate: max_new_tokens resolves to {limit}")
+    check_positions(full, attention_mask, limit)
     if refresh_every < 0:
         raise ValueError("refresh_every must be >= 0 (0: never refresh)")
-    eos = eos_ids(gc)
+    eos = eos_ids(gc, eos_token_id)
+    gc.eos_token_id = eos  # what the logits processors (min_new_tokens) stop on
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     pad = pad_token_for(full, tokenizer, eos, gc.pad_token_id)  # what finished rows emit
     processors = build_logits_processor(gc, prompt_length, device, logits_processor)

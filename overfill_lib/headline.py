@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,9 +124,25 @@ def _configs(suite: str) -> dict:
             "llama-3.1-8b": (small, pruned_config(small, hidden=0.5, intermediate=0.5))}
 
 
+def check_args(device: str, budget_s: float, dry_run: bool = False) -> None:
+    """Refuse a budget that no point can be held to (NaN compares false, so ``nan`` would enforce nothing) and a
+    CUDA device this torch cannot use (torch's own error is an assertion about how it was compiled)."""
+    if not math.isfinite(budget_s) or budget_s < 0:
+        raise ValueError(f"--budget {budget_s}: the budget must be a finite number of seconds >= 0 (default 330)")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device ({e}); use cuda, cuda:N or cpu") from None
+    if kind == "cuda" and not dry_run and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) {why}. Run it on a GPU machine, or "
+                         "use --device cpu --suite tiny (a check of the machinery) or --dry-run (the plan only)")
+
+
 def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, out: str | Path | None = None,
         dry_run: bool = False, points: list[Point] | None = None) -> dict:
     """Measure ``points`` (default :func:`plan`) in order within ``budget_s`` seconds; the results dict."""
+    check_args(device, budget_s, dry_run)
     started = time.perf_counter()
     configs = _configs(suite)
     points = points or plan()
@@ -207,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every point")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated times only")
     args = parser.parse_args(argv)
+    try:
+        check_args(args.device, args.budget, args.dry_run)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     results = run(device=args.device, suite=args.suite, budget_s=args.budget, out=args.out, dry_run=args.dry_run)
     for row in results["plan"] if args.dry_run else results["records"]:

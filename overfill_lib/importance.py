@@ -3,8 +3,8 @@
 One score per prunable unit, higher is more important: ``hidden`` channels, ``intermediate`` MLP neurons and
 query ``heads`` per layer, whole ``layers``. Criteria: ``activation`` (the paper's, from forward hooks over
 calibration data; padding never enters a statistic), ``magnitude`` and ``random``. The exact definitions and
-aggregations are in README ("Channel importance"). ``cached_importance`` computes each criterion once per set of
-weights and calibration request and reuses the saved scores.
+aggregations are in docs/training.md ("Channel importance and pruning"). ``cached_importance`` computes each
+criterion once per set of weights and calibration request and reuses the saved scores.
 """
 
 from __future__ import annotations

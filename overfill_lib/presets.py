@@ -12,9 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from overfill_lib.artifacts import PROJECT_ROOT
+from overfill_lib.artifacts import PROJECT_ROOT, read_mapping, short_repr
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SECTIONS = {
@@ -159,12 +158,15 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
         if text.endswith((".yaml", ".yml")) or candidate.is_file():
             if not candidate.is_file():
                 raise ValueError(f"preset file {text!r} does not exist")
-            raw = yaml.safe_load(candidate.read_text()) or {}
+            raw = read_mapping(candidate.read_text(), f"preset file {text}", "a mapping of preset sections")
             raw.setdefault("name", candidate.stem)
         elif (PRESET_DIR / f"{text}.yaml").is_file():
-            raw = yaml.safe_load((PRESET_DIR / f"{text}.yaml").read_text())
+            raw = read_mapping((PRESET_DIR / f"{text}.yaml").read_text(), f"preset {text}")
         else:
             raise ValueError(f"unknown preset {text!r}; valid presets: {', '.join(available())} (or a path to a .yaml file)")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a mapping of preset sections (e.g. {{'training': {{'steps': 5}}}}), got "
+                         f"{type(overrides).__name__} {short_repr(overrides)}")
     if overrides:
         raw = _deep_merge(raw, overrides)
     unknown = sorted(set(raw) - set(SECTIONS))

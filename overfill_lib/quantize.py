@@ -6,15 +6,22 @@ and reads one byte per weight instead of four. torch's own int8 matrix-vector ke
 int8 weight-only layouts call on a CPU) ran SmolLM2's LM head at 1.9 GB/s with fp32 activations on this project's
 machine, so the product is left to inductor. Run eagerly, an :class:`Int8Linear` converts its whole weight on every
 call: correct (the plain reference for the fast path's tokens) but slow. Inference only.
+
+A quantized model saves with ``save_pretrained`` (its config.json says ``overfill_quantization``) and loads back
+through ``artifacts.load_causal_lm`` (:func:`load_int8`) with the same int8 weights and the same logits.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 QUANTIZATION = "int8-weight-only"
+CONFIG_KEY = "overfill_quantization"  # in config.json: how the saved weights were quantized
 
 
 class Int8Linear(nn.Module):
@@ -51,7 +58,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (the LM head included) by an :class:`Int8Linear`, in place.
 
     A head tied to the input embedding is untied first: the embedding keeps its floating-point table (a decode step
-    gathers one row of it) and only the head is quantized. ``model.quantization`` records what was done.
+    gathers one row of it) and only the head is quantized. ``model.quantization`` records what was done, and
+    ``model.config`` too, so that a saved copy loads back quantized (:func:`load_int8`).
     """
     if getattr(model, "quantization", None) == QUANTIZATION:
         return model
@@ -64,4 +72,66 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear.from_linear(child))
     model.quantization = QUANTIZATION
+    setattr(model.config, CONFIG_KEY, QUANTIZATION)
     return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def saved_quantization(directory: str | Path) -> str | None:
+    """What the ``config.json`` of a saved model says its weights are quantized as (None: plain weights)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # the loader that follows names the broken file
+    return config.get(CONFIG_KEY) if isinstance(config, dict) else None
+
+
+def _state_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"no model.safetensors (or its index) in {directory}")
+    return [single]
+
+
+def load_int8(directory: str | Path, *, dtype=None, trust_remote_code: bool = False):
+    """A model saved after :func:`quantize_int8`, and what loading it left unset or unused (the keys of
+    ``from_pretrained(..., output_loading_info=True)``).
+
+    transformers would build the float architecture and load none of the int8 layers (their keys differ); here the
+    float architecture is built from the saved config, quantized (its random weights replaced by int8 layers of the
+    same shapes), and the saved int8 weights, scales and float tensors loaded into it.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from overfill_lib.config import torch_dtype
+
+    directory = Path(directory)
+    found = saved_quantization(directory)
+    if found != QUANTIZATION:
+        raise ValueError(f"{directory / 'config.json'} says {CONFIG_KEY}={found!r}; this version reads "
+                         f"{QUANTIZATION!r} only: load it with the version that saved it, or quantize and save the "
+                         "float model again")
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    dtype = torch_dtype(dtype, "dtype")
+    kwargs = {} if dtype in (None, "auto") else {"dtype": dtype}  # default: the saved dtype, as from_pretrained does
+    model = quantize_int8(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs))
+    state = {}
+    for path in _state_files(directory):
+        state.update(load_file(str(path)))
+    result = model.load_state_dict(state, strict=False)
+    model.config.name_or_path = str(directory)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    info = {"missing_keys": set(result.missing_keys), "unexpected_keys": set(result.unexpected_keys),
+            "mismatched_keys": set(), "error_msgs": []}
+    return model.eval(), info

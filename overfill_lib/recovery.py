@@ -34,7 +34,7 @@ from overfill_lib import fidelity, pipeline, stdlib_corpus, training, windows
 from overfill_lib.artifacts import (PROJECT_ROOT, content_sha256, environment_record, read_json, weights_fingerprint,
                                    write_json)
 from overfill_lib.config import RECOVERY_OBJECTIVES as METHODS
-from overfill_lib.config import RecoveryConfig, keeping, parse
+from overfill_lib.config import RecoveryConfig, keep_fraction, keeping, parse, positive_int
 from overfill_lib.presets import Preset, load_preset
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = commands.add_parser("train", help="train one run (or the preset's whole grid) to a token budget")
     train.add_argument("--preset", default="smollm2-135m")
     train.add_argument("--objective", choices=METHODS, nargs="+", help="default: the preset's recovery.objectives")
-    train.add_argument("--keep", type=float, nargs="+", help="decoder widths (default: the preset's recovery.keep)")
+    train.add_argument("--keep", type=keep_fraction, nargs="+", help="decoder widths (default: the preset's recovery.keep)")
     train.add_argument("--seed", type=int, nargs="+", help="default: the preset's recovery.seeds")
-    train.add_argument("--tokens", type=int, help="scored continuation tokens per run (default: recovery.tokens)")
+    train.add_argument("--tokens", type=positive_int, help="scored continuation tokens per run (default: recovery.tokens)")
     train.add_argument("--no-flat-stop", action="store_true", help="train to the budget even on a flat curve")
     train.add_argument("--spread", action="store_true",
                        help="the spread runs: recovery.spread_seeds at recovery.spread_tokens")

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from overfill_lib.artifacts import PROJECT_ROOT, atomic_write_text, read_json, write_json
+from overfill_lib.artifacts import read_mapping, read_yaml
 from overfill_lib.presets import load_preset
 from overfill_lib.workbook import check_parameters, missing_sections
 
@@ -218,6 +219,21 @@ def run_series(
     return run_dir, outcomes
 
 
+def parameters_of(args) -> dict:
+    """The notebook parameters of the command line: ``-f`` file, then ``-y`` mapping, then each ``-p`` (read as YAML,
+    so "false" is False: papermill's -p keeps it a string, which Python takes as true)."""
+    params = {}
+    if args.parameters_file:
+        path = Path(args.parameters_file)
+        if not path.is_file():
+            raise ValueError(f"-f {path}: no such file")
+        params = read_mapping(path.read_text(), f"-f {path}", "a YAML mapping of notebook parameters")
+    if args.yaml:
+        params |= read_mapping(args.yaml, f"-y {args.yaml!r}", "a YAML mapping of notebook parameters")
+    params |= {name: read_yaml(value, f"-p {name}") for name, value in args.parameter}
+    return params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="preset name or path to a preset YAML")
@@ -231,20 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-y", "--yaml", help="notebook parameters as a YAML mapping, as papermill -y")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import yaml
-
-    params = {}
-    if args.parameters_file:
-        params = yaml.safe_load(Path(args.parameters_file).read_text()) or {}
-    if args.yaml:
-        given = yaml.safe_load(args.yaml)
-        if not isinstance(given, dict):
-            raise SystemExit(f"-y needs a YAML mapping of parameters, got {args.yaml!r}")
-        params |= given
-    # YAML reads "false" as False (papermill's -p keeps it a string, which Python takes as true).
-    params |= {name: yaml.safe_load(value) for name, value in args.parameter}
-    preset = params.pop("preset", args.preset)
-    load_preset(preset)  # fail fast on a bad preset, before any kernel starts
+    try:
+        params = parameters_of(args)
+        preset = params.pop("preset", args.preset)
+        load_preset(preset, params.get("overrides"))  # fail fast on a bad preset or overrides, before any kernel starts
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     run_dir, outcomes = run_series(preset, params, args.only, args.force, args.run_dir, log_output=not args.quiet)
     print(f"run folder: {run_dir}\nindex: {run_dir / 'index.html'}")
     for o in outcomes:

@@ -39,7 +39,7 @@ from overfill_lib.artifacts import (
     read_json,
     write_json,
 )
-from overfill_lib.config import PRECISIONS
+from overfill_lib.config import PRECISIONS, check_distinct
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,15 @@ class TrainingConfig:
             raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.seeds:
             raise ValueError("training.seeds needs at least one seed")
+        check_distinct(self.objectives, "training.objectives")
+        check_distinct(self.seeds, "training.seeds")
         for name, seeds in (self.objective_seeds or {}).items():
             if name not in self.objectives:
                 raise ValueError(f"training.objective_seeds names {name!r}, which is not in training.objectives "
                                  f"{list(self.objectives)}")
             if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(x, int) for x in seeds):
                 raise ValueError(f"training.objective_seeds.{name} must be a non-empty list of integer seeds, got {seeds!r}")
+            check_distinct(seeds, f"training.objective_seeds.{name}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"training.warmup_steps must be >= 0 (or null: warmup_ratio), got {self.warmup_steps}")
         if self.precision not in PRECISIONS:
@@ -458,6 +461,55 @@ class RunResult:
         return self.run_dir / "model"
 
 
+# What a run may change between a kill and its resume: the budget and the bookkeeping. Anything else (learning rate,
+# schedule, batch, objective, models, data) would make one run of two recipes while its record claims the last one.
+RESUMABLE_CHANGES = frozenset({"objectives", "seeds", "objective_seeds", "steps", "epochs", "logging_steps",
+                               "eval_steps", "save_steps", "save_total_limit", "num_proc"})
+
+
+def data_fingerprint(dataset, data_stats: dict | None) -> dict:
+    """What identifies a run's training data: the caller's ``data_stats`` (the pipeline's carry the source file's
+    sha256) and a hash of the examples' size and of up to 64 of them, evenly spaced (cheap for any size)."""
+    n = len(dataset)
+    picks = sorted({i * n // 64 for i in range(min(n, 64))})
+    digest = hashlib.sha256(str(n).encode())
+    for i in picks:
+        item = dataset[i]
+        item = ({k: v.tolist() if hasattr(v, "tolist") else v for k, v in item.items()} if isinstance(item, dict)
+                else item.tolist() if hasattr(item, "tolist") else item)
+        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return {"stats": data_stats, "examples": n, "sample_sha256": digest.hexdigest()[:16]}
+
+
+def run_identity(objective: str, seed: int, config: TrainingConfig, sources: Sources, data: dict) -> dict:
+    """What a run's checkpoints may be resumed under (``run_dir/identity.json``): all but :data:`RESUMABLE_CHANGES`."""
+    return {"objective": objective, "seed": seed,
+            "recipe": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
+            "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()}, "data": data}
+
+
+def _differences(old, new, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{where}{k}.")]
+    return [] if old == new else [f"{where.rstrip('.')}: was {old!r}, now {new!r}"]
+
+
+def check_resume(run_dir: Path, identity: dict, checkpoint: str | None) -> None:
+    """Refuse to resume ``checkpoint`` under another recipe, models or data than the run started with; record the
+    identity when the run starts (or, for a run made before identities were kept, when it first resumes)."""
+    path = Path(run_dir) / "identity.json"
+    recorded = read_json(path) if path.is_file() and checkpoint else None
+    if recorded is not None and (changes := _differences(recorded, json.loads(json.dumps(identity, default=str)))):
+        raise ValueError(
+            f"{run_dir} was started under another recipe or data than this resume asks for:\n  "
+            + "\n  ".join(changes)
+            + "\nResume with the recorded settings, train into another run folder, or start this one over "
+              "(resume=False; --no-resume / --retrain on the command line).")
+    if recorded is None:
+        write_json(path, identity)
+
+
 def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: Sources, data_stats: dict) -> str:
     recipe = {k: v for k, v in config.to_dict().items() if k not in {"objectives", "seeds", "objective_seeds"}}
     blob = json.dumps([objective, seed, recipe, sources.fingerprint(objective), data_stats], sort_keys=True, default=str)
@@ -662,6 +714,9 @@ def train(
     main_process = int(os.environ.get("RANK", "0")) == 0
     with RunLock(run_dir) if main_process else contextlib.nullcontext():
         checkpoint = resumable_checkpoint(Path(args.output_dir)) if resume and main_process else None
+        if main_process:
+            check_resume(run_dir, run_identity(objective, seed, config, sources, data_fingerprint(dataset, data_stats)),
+                         checkpoint)
         if world_size() > 1:  # the main process set incomplete checkpoints aside; all resume from the same one
             trainer.accelerator.wait_for_everyone()
             checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
@@ -783,7 +838,15 @@ class RunLock:
                 try:
                     holder = json.loads(self.path.read_text())
                 except (OSError, ValueError):
-                    holder = {}
+                    holder = None
+                if not isinstance(holder, dict) or not holder.get("pid"):
+                    # Empty or garbled: the holder was killed between creating the lock and writing it (or is writing
+                    # it this instant). Who holds it cannot be told, so it is not taken over.
+                    raise RuntimeError(
+                        f"{self.path} names no holder (empty or not a JSON object with a pid): left by a training "
+                        f"killed while it took the lock? If no training of {self.path.parent} is running, delete "
+                        f"{self.path} and start again"
+                    ) from None
                 if holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
                     log.warning("taking over %s: its holder (pid %s) is gone", self.path, holder.get("pid"))
                     self.path.unlink(missing_ok=True)

@@ -157,3 +157,93 @@ def test_bad_data_files_get_an_error_naming_the_file_the_row_and_the_fix(tok, tm
     path.write_text("".join(line + "\n" for line in lines))
     with pytest.raises(ValueError, match=message):
         chat_data.prepare_chat_data(path, tok, **kwargs)
+
+
+USER, REPLY = {"role": "user", "content": "31"}, {"role": "assistant", "content": "13"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "look: "}, {"type": "image_url",
+                                                 "image_url": {"url": "cat.png"}}]}, REPLY]},
+     r"turn 0 \('user'\): content part 1 is a part of type 'image_url', not a text part"),
+    ({"messages": [{"role": "user", "content": 0}, REPLY]}, r"turn 0 \('user'\): content is 0 \(int\), not text"),
+    ({"messages": [{"role": "user", "content": None}, REPLY]}, r"turn 0 \('user'\): content is None \(or missing\)"),
+    ({"messages": [USER, {"role": "assistant", "content": 0}]}, r"turn 1 \('assistant'\): content is 0 \(int\)"),
+    ({"messages": [USER, {"role": "assistant", "content": {"text": "13"}}]},
+     r"turn 1 \('assistant'\): content is \{'text': '13'\} \(dict\)"),
+    ({"conversations": [{"from": "human", "value": 31}, {"from": "gpt", "value": "13"}]},
+     r"turn 0 \('human'\): content is 31 \(int\)"),
+])
+def test_content_that_is_not_text_is_refused_naming_file_and_line(tmp_path, tok, bad, message):
+    """Content as parts with an image, a number, None or a dict was trained on as its repr or as an empty turn."""
+    good = GOOD if "messages" in bad else as_sharegpt(GOOD["messages"])
+    path = write_jsonl(tmp_path / "chats.jsonl", [good, good, bad])
+    with pytest.raises(ValueError, match=rf"content_not_text.*first at index 2, {path} line 3: " + message):
+        chat_data.prepare_chat_data(path, tok)
+    ds, stats = chat_data.prepare_chat_data(path, tok, skip_invalid=True)
+    assert len(ds) == 2 and stats.dropped["content_not_text"] == 1
+
+
+def test_text_parts_are_joined_as_the_string_would_be(tmp_path, tok):
+    """In a file mixing string and list content, strings that read as JSON ("31", "null") stay strings (datasets alone
+    would return 31 and None)."""
+    text = lambda s: {"type": "text", "text": s}
+    parts = {"messages": [SYSTEM, {"role": "user", "content": [text("3"), text("1")]},
+                          {"role": "assistant", "content": [text("13")]}]}
+    plain = {"messages": [SYSTEM, USER, REPLY]}
+    null = {"messages": [SYSTEM, {"role": "user", "content": "null"}, REPLY]}
+    a, _ = chat_data.prepare_chat_data(write_jsonl(tmp_path / "parts.jsonl", [parts, plain, null]), tok)
+    assert a[0]["prompt_ids"] == a[1]["prompt_ids"] and a[0]["response_ids"] == a[1]["response_ids"]
+    assert tok.decode(a[0]["response_ids"]) == "13<|end|>" and "null" in tok.decode(a[2]["prompt_ids"])
+
+
+def test_generation_chat_follows_the_same_content_rule(tok):
+    from overfill_lib.generation import encode_chat
+
+    parts = [[{"role": "user", "content": [{"type": "text", "text": "3"}, {"type": "text", "text": "1"}]}]]
+    assert torch.equal(encode_chat(tok, parts)["input_ids"], encode_chat(tok, [[USER]])["input_ids"])
+    with pytest.raises(ValueError, match=r"conversation 1, turn 0 \('user'\): content is None \(or missing\)"):
+        encode_chat(tok, [[USER], [{"role": "user", "content": None}]])
+
+
+def test_file_errors_name_the_line_not_utf8_and_duplicate_keys(tmp_path, tok):
+    good = json.dumps(GOOD).encode()
+    latin1 = json.dumps({"messages": [{"role": "user", "content": "caf\u00e9"}, REPLY]}, ensure_ascii=False)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + latin1.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2: not valid UTF-8 \(byte 0xe9 at byte \d+ of the line\); "
+                                         r"save the file as UTF-8, e.g. iconv"):
+        chat_data.prepare_chat_data(path, tok)
+    path = tmp_path / "twice.jsonl"
+    twice = '{"messages": [{"role": "user", "content": "1"}], "messages": [{"role": "user", "content": "2"}]}'
+    path.write_bytes(good + b"\n" + twice.encode() + b"\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2: key 'messages' appears twice in one record.*remove or"):
+        chat_data.prepare_chat_data(path, tok)
+    path = write_jsonl(tmp_path / "twice2.jsonl", [GOOD, GOOD])
+    path.write_text(path.read_text().replace('"lang"', '"lang": "de", "lang"', 1))
+    with pytest.raises(ValueError, match=rf"{path} line 1: key 'lang' appears twice"):
+        chat_data.prepare_chat_data(path, tok)
+    # Blank lines: the line is counted from the file, not from the records.
+    path = tmp_path / "blank.jsonl"
+    path.write_text(f"{json.dumps(GOOD)}\n\n{json.dumps({'messages': [USER]})}\n")
+    with pytest.raises(ValueError, match=rf"no_assistant_turn.*first at index 1, {path} line 3: conversation has no"):
+        chat_data.prepare_chat_data(path, tok)
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}, REPLY]}
+    path.write_text(f"{json.dumps(GOOD)}\n\n{json.dumps(parts)}\n")
+    with pytest.raises(ValueError, match=rf"{path} could not be read .*line 2 is blank.*remove the blank lines"):
+        chat_data.prepare_chat_data(path, tok)
+
+
+def test_a_conversation_too_long_by_its_characters_is_dropped_without_tokenizing(tmp_path, tok, monkeypatch):
+    """A 30 MB line took minutes to tokenize only to be dropped: characters bound the tokens from below."""
+    encoded = []
+    real = teacher.encode_examples
+    monkeypatch.setattr(teacher, "encode_examples", lambda t, convs: encoded.extend(convs) or real(t, convs))
+    huge = {"messages": [SYSTEM, {"role": "user", "content": "7" * 5_000}, REPLY]}  # 64 tokens cover <= 1664 chars
+    src = write_jsonl(tmp_path / "huge.jsonl", [{"messages": [SYSTEM, USER, REPLY]}, huge])
+    ds, stats = chat_data.prepare_chat_data(src, tok, max_length=64)
+    assert len(ds) == 1 and stats.dropped["too_long"] == 1
+    assert encoded and max(len(m["content"]) for c in encoded for m in c) < 100  # the huge one never reached it
+    # Without max_length nothing can be dropped, so it is tokenized (and counted) as before.
+    ds, stats = chat_data.prepare_chat_data(src, tok)
+    assert len(ds) == 2 and max(ds["length"]) > 5_000

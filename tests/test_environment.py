@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -50,6 +51,18 @@ def test_atomic_directory_swaps_in_one_step_and_cleans_what_a_crash_left(tmp_pat
         (tmp / "a.txt").write_text("three")
     assert (target / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
+
+
+def test_atomic_directory_refuses_a_path_that_is_a_file(tmp_path):
+    """The swap would set the file aside as a hidden temporary and put the folder in its place, silently."""
+    from overfill_lib import artifacts
+
+    target = tmp_path / "model"
+    target.write_text("a file the user keeps")
+    with pytest.raises(FileExistsError, match=f"{target} is a file, not a folder.*Move or delete"):
+        with artifacts.atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("one")
+    assert target.read_text() == "a file the user keeps" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 def test_figures_write_their_shared_plotly_js_whole(tmp_path):
     import plotly.graph_objects as go

@@ -156,6 +156,27 @@ def test_pair_scores_first_token_with_full_model_and_rest_with_decoder(models):
     assert info["decoder_parameters"] < info["full_parameters"] and info["role"] == "overfill"
 
 
+def test_generation_kwargs_eos_token_id_follows_the_one_rule(models):
+    """A task's eos_token_id means what it means in pair.generate and FastGenerator (generation.eos_ids): None never
+    stops, as in lm-eval's hf model; 'default' (or none given) is the model's own eos; a string id is refused."""
+    alone = OverFillLM(full=str(models["full_dir"]), batch_size=2, max_length=MAX_LENGTH, device="cpu")
+    hf = _hf(models)
+
+    def run(lm, **gen_kwargs):
+        args = [(c, {"until": [], "max_gen_toks": 8, **gen_kwargs}) for c in ("hello", "The answer is")]
+        return lm.generate_until(_requests("generate_until", args))
+
+    free = run(alone, eos_token_id=None)
+    assert free == run(hf, eos_token_id=None) == run(alone, eos_token_id=[])
+    (eos,) = models["tok"](free[0][3], add_special_tokens=False)["input_ids"]  # a token the model does emit
+    stopped = run(hf, eos_token_id=eos)
+    assert run(alone, eos_token_id=eos) == stopped and len(stopped[0]) < len(free[0])
+    alone.pair.full.generation_config.eos_token_id = eos  # now the model's own
+    assert run(alone) == run(alone, eos_token_id="default") == stopped
+    with pytest.raises(ValueError, match=r"eos_token_id='60' is a string \(the id 60\?\)"):
+        run(alone, eos_token_id="60")
+
+
 def test_model_arguments_are_validated_before_loading():
     cases = [
         ({}, "nothing to evaluate"),

@@ -189,3 +189,25 @@ def test_cpu_decode_benchmark_feeds_notebook_03(models):
     rows = latency.cpu_decode_rows(results)
     assert [row["method"] for row in rows] == list(cpu_decode.METHODS) and all(row["tokens == plain"] for row in rows)
     assert len(plots.cpu_decode_figure(results).data) == len(cpu_decode.PATHS)
+
+
+def test_lists_of_ids_are_accepted_as_pair_generate_accepts_them(models):
+    """Ragged lists are left-padded (as pair.generate pads them), one flat list is one prompt, numpy integers count
+    as integers; an attention_mask with lists is refused, not silently ignored."""
+    import numpy as np
+
+    full, decoder = models
+    gen = FastGenerator(full, decoder, compile=False)
+    rows = [[5, 17, 33, 9, 41], [7, 8], [70, 3, 22]]
+    ids, mask = generation.pad_sequences(rows, 0, side="left")
+    kw = {"method": "overfill", "max_new_tokens": 5, "eos_token_id": []}
+    padded = gen.generate(ids, mask, **kw)
+    assert torch.equal(gen.generate(rows, **kw).new_tokens, padded.new_tokens)
+    reference = plain(full, decoder, rows, None, eos_token_id=[]).new_tokens[:, :5]
+    assert torch.equal(gen.generate(rows, **kw).new_tokens, reference)
+    assert torch.equal(gen.generate(rows[0], **kw).new_tokens, gen.generate(torch.tensor(rows[0]), **kw).new_tokens)
+    assert torch.equal(gen.generate(rows, **{**kw, "max_new_tokens": np.int64(5)}).new_tokens, padded.new_tokens)
+    with pytest.raises(ValueError, match="attention_mask.*only with a tensor of ids"):
+        gen.generate(rows, mask, **kw)
+    with pytest.raises(ValueError, match="no prompts to run"):
+        gen.generate([], **kw)

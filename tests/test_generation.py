@@ -366,3 +366,118 @@ def test_refresh_runs_for_layer_subset():
     pair = OverFillModel(full, subset_decoder(full, [0, 2]), "layer_subset", layers=[0, 2])
     out = pair.generate(IDS, max_new_tokens=7, refresh_every=2)
     assert out.timings.refreshes >= 1 and out.new_tokens.shape[1] >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: one rule for both generation paths, clear errors instead of cryptic or silent ones
+# ----------------------------------------------------------------------------------------------
+
+
+def _emitting_eos_pair():
+    """A pair and its fast generator whose models' own eos is a token they emit within 8 steps (so stopping shows)."""
+    from overfill_lib.fast_decode import FastGenerator
+
+    full = tiny_llama()
+    pair = OverFillModel(full, pruned_like(full))
+    free = pair.generate(IDS, max_new_tokens=8, eos_token_id=[]).new_tokens
+    for model in (full, pair.decoder):
+        model.generation_config.eos_token_id = int(free[0, 2])
+    return pair, FastGenerator(full, pair.decoder, compile=False)
+
+
+def test_eos_token_id_means_the_same_on_both_generation_paths():
+    """None and [] never stop (as eos_token_id=None given to HF generate), 'default' and no argument stop at the model's
+    own eos; both paths agree token for token. A string id or a float is refused, never split into digits or rounded."""
+    pair, fast = _emitting_eos_pair()
+    left, mask = pad_sequences(IDS, 0, side="left")
+    runs = {"plain": lambda **kw: pair.generate(left, mask, max_new_tokens=8, **kw),
+            "fast": lambda **kw: fast.generate(left, mask, max_new_tokens=8, **kw)}
+    out = {(path, str(eos)): run(**({} if eos == "absent" else {"eos_token_id": eos}))
+           for path, run in runs.items() for eos in ("absent", "default", None, [])}
+    for path in runs:
+        never, default = out[path, "[]"], out[path, "default"]
+        assert torch.equal(out[path, "None"].new_tokens, never.new_tokens)
+        assert never.finish_reasons == ["length"] * 3 and never.new_tokens.shape[1] == 8
+        assert torch.equal(out[path, "absent"].new_tokens, default.new_tokens) and default.finish_reasons[0] == "eos"
+    for eos in ("absent", "default", "None", "[]"):
+        assert torch.equal(out["plain", eos].new_tokens, out["fast", eos].new_tokens)
+    for run in runs.values():
+        with pytest.raises(ValueError, match=r"eos_token_id='60' is a string \(the id 60\?\).*integer id"):
+            run(eos_token_id="60")
+        for bad in (2.0, True, [1, -3]):
+            with pytest.raises(ValueError, match=r"eos_token_id=.*is not a token id"):
+                run(eos_token_id=bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[5, 17, VOCAB]], (rf"input_ids hold token id {VOCAB} \(row 0, position 2\), outside this model's vocabulary "
+                        rf"of {VOCAB} ids.*tokenizer")),
+    ([[5, -1, 9]], r"input_ids hold token id -1 \(row 0, position 1\).*pad_token_id.*attention_mask"),
+    ([[5, 2.5, 9]], r"input_ids row 0 holds 2.5 \(float\): token ids are integers"),
+    (torch.tensor([[5.0, 7.0]]), r"input_ids is a torch.float32 tensor: token ids are integers.*torch.long"),
+])
+def test_bad_token_ids_are_refused_by_name_in_every_path(bad, message):
+    from overfill_lib.fast_decode import FastGenerator
+
+    full = tiny_llama()
+    pair = OverFillModel(full, pruned_like(full))
+    fast = FastGenerator(full, pair.decoder, compile=False)
+    with pytest.raises(ValueError, match=message):
+        pair.generate(bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match=message):
+        fast.generate(bad, max_new_tokens=2)
+    if not torch.is_tensor(bad):
+        with pytest.raises(ValueError, match=message.replace("input_ids", "contexts")):
+            pair.score(bad, [[4]])
+        with pytest.raises(ValueError, match=message.replace("input_ids", "continuations")):
+            pair.score([[4]], bad)
+
+
+def test_score_batch_size_and_numpy_integers():
+    import numpy as np
+
+    full = tiny_llama()
+    pair = OverFillModel(full, pruned_like(full))
+    contexts, continuations = IDS, [[4, 5], [6], [7, 8, 9]]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {bad!r}"):
+            pair.score(contexts, continuations, batch_size=bad)
+    by_two = pair.score(contexts, continuations, batch_size=2)
+    assert pair.score(contexts, continuations, batch_size=np.int64(2)) == by_two
+    numpy_ids = [np.array(c, dtype=np.int64) for c in contexts]
+    assert pair.score(numpy_ids, continuations) == pair.score(contexts, continuations)
+    # numpy integers count as integers (as Python ints do); bools and floats stay refused (the test above)
+    assert torch.equal(pair.generate(IDS, max_new_tokens=np.int64(3)).sequences,
+                       pair.generate(IDS, max_new_tokens=3).sequences)
+
+
+def test_top_p_outside_0_1_is_refused():
+    full = tiny_llama()
+    pair = OverFillModel(full, pruned_like(full))
+    for bad in (1.5, 0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"top_p={bad} is outside \(0, 1\]"):
+            pair.generate(IDS, max_new_tokens=2, do_sample=True, top_p=bad, seed=0)
+    pair.generate(IDS, max_new_tokens=2, do_sample=True, top_p=1.0, seed=0)
+
+
+def test_generation_past_the_position_table_is_warned_about_in_both_paths(monkeypatch, caplog):
+    """An over-long prompt is warned about (test above); so is a prompt that fits but whose new tokens run past."""
+    from overfill_lib import generation
+    from overfill_lib.fast_decode import FastGenerator
+
+    monkeypatch.setattr(generation, "_warned_positions", set())
+    full = tiny_llama(max_position_embeddings=12)
+    pair = OverFillModel(full, pruned_like(full))
+    fast = FastGenerator(full, pair.decoder, compile=False)
+    with caplog.at_level("WARNING", logger="overfill_lib.generation"):
+        pair.generate(IDS, max_new_tokens=6, eos_token_id=[])  # the last new token is never fed: 7 + 6 - 1 = 12 fit
+        assert not caplog.records
+        pair.generate(IDS, max_new_tokens=8, eos_token_id=[])
+        fast.generate(IDS, max_new_tokens=8, eos_token_id=[])
+    (record,) = caplog.records  # once per position table, as for over-long prompts
+    assert ("prompts of up to 7 tokens plus max_new_tokens=8 need 14 positions, more than the model's 12 "
+            "(max_position_embeddings)" in record.getMessage())
+    monkeypatch.setattr(generation, "_warned_positions", set())
+    with caplog.at_level("WARNING", logger="overfill_lib.generation"):
+        fast.generate(IDS, max_new_tokens=8, eos_token_id=[])
+    assert len(caplog.records) == 2

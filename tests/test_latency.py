@@ -162,6 +162,32 @@ def test_module_runs_with_only_torch_and_transformers():
     assert "--suite" in proc.stdout and "--device" in proc.stdout
 
 
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-1"])
+def test_headline_refuses_a_budget_it_cannot_enforce(budget, capsys):
+    """NaN compares false with everything: ``--budget nan`` skipped no point, however long the run."""
+    from overfill_lib import headline
+
+    with pytest.raises(SystemExit):
+        headline.main(["--budget", budget, "--dry-run"])
+    assert f"--budget {float(budget)}: the budget must be a finite number of seconds >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        headline.run(budget_s=float(budget), dry_run=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_headline_on_cuda_without_cuda_says_what_to_run_instead(capsys):
+    """torch's own error was ``AssertionError: Torch not compiled with CUDA enabled``."""
+    from overfill_lib import headline
+
+    with pytest.raises(ValueError, match=r"--device cuda: this torch .*(built without CUDA|sees no GPU).*--device cpu "
+                                         r"--suite tiny"):
+        headline.run(device="cuda", suite="tiny", points=[headline.Point("copy", "device copy bandwidth")])
+    with pytest.raises(SystemExit):
+        headline.main(["--device", "cuda", "--suite", "tiny"])
+    assert "--device cuda: this torch" in capsys.readouterr().err
+    assert headline.run(device="cuda", dry_run=True)["plan"]  # the plan needs no GPU
+
 def test_headline_plan_fits_its_budget_and_a_cut_run_keeps_what_it_measured(tmp_path):
     """The GPU headline benchmark: the dry run lists the plan in the issue's order with estimates inside the
     budget; on a CPU the tiny suite runs the same plan, writes the JSON after every point, and skips the points a

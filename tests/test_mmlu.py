@@ -290,6 +290,7 @@ def test_decoders_are_scored_only_where_the_full_model_is_above_chance(monkeypat
                               "above_chance": accs[t] - 0.03 > 0.25} for t in tasks}, "elapsed_s": 0.0}
 
     monkeypatch.setattr(pipeline, "full_model", lambda preset: (tmp_path, None))
+    (tmp_path / "subset.jsonl").write_text(json.dumps({"id": 0, "choices": ["a", "bb", "c", "d"], "answer": 1}) + "\n")
     monkeypatch.setattr(mmlu, "prepare", lambda *a, **k: (tmp_path / "subset.jsonl", {
         "file": "x", "file_sha256": "0" * 64, "questions": 8, "subjects": 3, "per_subject": 20, "seed": 0, "n": 8,
         "fingerprint": "f"}))
@@ -306,3 +307,23 @@ def test_decoders_are_scored_only_where_the_full_model_is_above_chance(monkeypat
         assert calls[1] == ("pair:runs/x/model", (mmlu.CLOZE_TASK,))
         assert record["decoders"]["runs/x/model"]["skipped_tasks"] == {
             mmlu.LETTER_TASK: "the full model is not above chance on this format"}
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--per-subject", "--batch-size", "--resamples", "--threads"])
+def test_the_command_refuses_counts_below_one_before_loading_anything(flag, capsys):
+    with pytest.raises(SystemExit):
+        mmlu.main([flag, "0"])
+    assert "0 must be >= 1" in capsys.readouterr().err
+
+
+def test_length_baselines_pick_by_length_alone(tmp_path):
+    rows = [{"choices": ["a", "bbb", "cc", "d"], "answer": 1},   # longest right
+            {"choices": ["aaaa", "b", "cc", "ddd"], "answer": 1},  # shortest right
+            {"choices": ["aa", "b", "cccc", "d"], "answer": 0}]   # neither
+    path = tmp_path / "subset.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = mmlu.length_baselines(path, resamples=200)
+    assert base["longest_answer"]["acc"] == pytest.approx(1 / 3) and base["shortest_answer"]["acc"] == pytest.approx(1 / 3)
+    assert mmlu.length_baselines(path, limit=1, resamples=200)["longest_answer"]["acc"] == 1.0
+    lo, hi = base["longest_answer"]["ci95"]
+    assert 0 <= lo <= 1 / 3 <= hi <= 1

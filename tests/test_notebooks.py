@@ -44,8 +44,24 @@ def test_runner_refuses_unknown_parameters(tmp_path):
 
 
 def test_runner_refuses_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(SystemExit, match="unknown preset"):
         runner.main(["--preset", "nope", "--only", "00"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-p", "overrides", "[1]"], "overrides must be a mapping of preset sections .*got list"),
+    (["-f", "LIST"], "LIST.yaml must be a YAML mapping of notebook parameters, got list"),
+    (["-f", "missing.yaml"], "-f missing.yaml: no such file"),
+    (["-y", "[1, 2]"], "-y .* must be a YAML mapping of notebook parameters, got list"),
+    (["-y", "{a: &x 1, b: *x}"], "YAML alias \\*x refused"),
+])
+def test_runner_refuses_parameters_of_the_wrong_shape_before_any_kernel(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "LIST.yaml").write_text("- 1\n- 2\n")
+    monkeypatch.setattr(runner, "run_series", lambda *a, **k: pytest.fail("a bad parameter reached the notebooks"))
+    with pytest.raises(SystemExit, match=message):
+        runner.main(["--preset", "smoke", "--only", "00", *[a.replace("LIST", "LIST.yaml") if a == "LIST" else a
+                                                             for a in argv]])
 
 
 def test_kernel_waits_poll_with_a_timeout():

@@ -266,6 +266,19 @@ def test_a_saved_pair_refuses_a_different_full_model_and_a_record_of_another_dec
         OverFillModel(full, decoder, pruning_record={"kind": "width", "kept": {"layers": [0, 1]}})
 
 
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], r"is not an OverFill config \(a JSON list; expected an object with format 'overfill'"),
+    ({"format": "overfill", "full_model": "x"}, r"lacks strategy: restore it, or save the pair again"),
+    ({"format": "overfill", "strategy": "shared_kv", "full_model": "x", "strategy_args": [0]},
+     r"strategy_args should be a JSON object, not \[0\]"),
+], ids=["a list", "no strategy", "strategy_args a list"])
+def test_a_damaged_pair_config_is_named_with_what_is_wrong(tmp_path, config, message):
+    """A JSON list or a config without its strategy gave AttributeError / KeyError."""
+    write_json(tmp_path / "overfill_config.json", config)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'overfill_config.json'}:? .*{message}"):
+        OverFillModel.from_pretrained(tmp_path)
+
 def test_dtype_and_device_are_checked_when_the_pair_is_built(tmp_path):
     full = tiny_llama()
     with pytest.raises(ValueError, match="full model is torch.float32 and the decoder torch.bfloat16.*decoder.to"):

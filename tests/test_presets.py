@@ -95,6 +95,41 @@ def test_the_silent_mistakes_are_refused_with_the_fix():
         presets.load_preset("tiny", {"decoder": {"hidden": 1.5}})
 
 
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A 'billion laughs' under a free-form dict: nine levels of aliases are ~30 GB once fingerprinted."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("teacher: {id: some/dir}\ntraining:\n  data_where:\n" + "".join(f"    {line}\n" for line in levels))
+    with pytest.raises(ValueError, match=r"bomb.yaml, line 5: YAML alias \*a0 refused .*write the value out"):
+        presets.load_preset(bomb)
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        artifacts.read_yaml("a: [1, 2", "-p x")
+
+
+@pytest.mark.parametrize("text,kind", [("- teacher\n- training\n", "list"), ("3\n", "int")])
+def test_a_preset_file_that_is_not_a_mapping_is_refused(tmp_path, text, kind):
+    f = tmp_path / "odd.yaml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=f"preset file .*odd.yaml must be a mapping of preset sections, got {kind}"):
+        presets.load_preset(f)
+
+
+@pytest.mark.parametrize("overrides", [[1], "training", 0, []])
+def test_overrides_that_are_not_a_mapping_are_refused(overrides):
+    with pytest.raises(ValueError, match="overrides must be a mapping of preset sections"):
+        presets.load_preset("tiny", overrides)
+
+
+@pytest.mark.parametrize("section,key", [("ablation", "seeds"), ("ablation", "keep"), ("ablation", "objectives"),
+                                         ("recovery", "seeds"), ("recovery", "keep"), ("training", "seeds")])
+def test_a_seed_or_width_listed_twice_is_refused_at_load(section, key):
+    """Two copies of one run count it twice: a seed spread of 0, and any difference 'beyond the spread'."""
+    value = {"seeds": [0, 0], "keep": [0.5, 0.5], "objectives": ["pruned", "pruned"]}[key]
+    with pytest.raises(ValueError, match=rf"{section}.{key} lists .* more than once .*count twice"):
+        presets.load_preset("smollm2-135m", {section: {key: value}})
+
+
 def test_yaml_reads_1e_3_as_text_and_the_preset_trains_at_0_001(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("teacher: {id: some/dir}\ntraining: {learning_rate: 1e-3, seeds: 3}\n")

@@ -343,3 +343,16 @@ def test_rounding_that_moves_a_size_is_noted_in_the_record_and_the_log(caplog):
     assert sum("after rounding to a multiple of 48" in r.message for r in caplog.records) == 2
     _, exact = prune_width(model, scores, hidden=0.5, intermediate=0.5, round_to=1)
     assert exact.notes == []
+
+
+def test_pruning_an_int8_model_is_refused():
+    """Importance computed on the float model, applied to its int8 copy: prune_width died in an AttributeError."""
+    from overfill_lib.quantize import quantize_int8
+
+    model = tiny_model("llama")
+    imp = magnitude_importance(model)
+    quantize_int8(model)
+    with pytest.raises(ValueError, match="quantized weights .*prune the float model, then quantize the pruned decoder"):
+        prune_width(model, imp, hidden=0.5)
+    with pytest.raises(ValueError, match="quantized weights"):
+        prune_depth(model, [0])

@@ -54,3 +54,42 @@ def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop():
         ref = OverFillModel(a, b, "shared_kv").generate(ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
         assert out.path == fast_decode.PATH_COMPILED
         assert torch.equal(out.new_tokens, ref.new_tokens)
+
+
+def test_an_int8_model_saves_and_loads_back_with_its_int8_weights_and_logits(tmp_path):
+    """save_pretrained writes int8 tensors under new keys: a plain from_pretrained loaded a float model with random
+    Linear weights (a load report, no error). load_causal_lm rebuilds the int8 layers; the pair reloads them too."""
+    from overfill_lib.artifacts import load_causal_lm
+
+    full = tiny_model("llama", seed=0)
+    full.save_pretrained(tmp_path / "full")
+    decoder = quantize_int8(tiny_model("llama", seed=1, tied=True))
+    ids = random_batch(decoder, 2, 7, seed=1)
+    decoder.save_pretrained(tmp_path / "decoder")
+    again = load_causal_lm(tmp_path / "decoder", "decoder")
+    assert isinstance(again.lm_head, Int8Linear) and again.quantization == "int8-weight-only"
+    assert not any(isinstance(m, nn.Linear) for m in again.modules())
+    for name, tensor in decoder.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, decoder(input_ids=ids).logits)
+    OverFillModel(full, decoder, full_id=str(tmp_path / "full")).save_pretrained(tmp_path / "pair")
+    pair = OverFillModel.from_pretrained(tmp_path / "pair")
+    assert isinstance(pair.decoder.lm_head, Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(pair.decoder(input_ids=ids).logits, decoder(input_ids=ids).logits)
+
+
+def test_int8_weights_in_a_folder_that_does_not_say_so_are_refused_by_name(tmp_path):
+    """Saved before config.json recorded the quantization: the load names the keys it could not place."""
+    import json
+
+    from overfill_lib.artifacts import load_causal_lm
+
+    quantize_int8(tiny_model("llama", seed=1)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("overfill_quantization", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the decoder in .* does not fit LlamaForCausalLM: missing keys .*lm_head"
+                                         r"\.weight.*unexpected keys .*lm_head\.qweight.*int8 weights"):
+        load_causal_lm(tmp_path, "decoder")

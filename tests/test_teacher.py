@@ -146,3 +146,45 @@ def test_broken_files_are_named_with_their_role(tmp_path):
     record.write_text(record.read_text()[:40])
     with pytest.raises(ValueError, match=rf"{record} is not valid JSON .*written partly"):
         artifacts.read_json(record)
+
+
+def test_a_load_that_leaves_weights_unset_or_unused_names_them(tmp_path):
+    """transformers fills a missing weight with a random init and only logs it; load_causal_lm refuses by name."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.weight_renamed"] = state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the full model in .* does not fit LlamaForCausalLM: missing keys \(1\): "
+                                         r"model\.layers\.0\.mlp\.up_proj\.weight; unexpected keys \(1\): .*_renamed"):
+        artifacts.load_causal_lm(tmp_path, "full model")
+
+
+def test_saved_weights_carry_a_digest_that_a_flipped_bit_fails(tmp_path):
+    """safetensors has no checksum: a model directory written through atomic_directory records each weight file's
+    sha256, and load_causal_lm checks it (a folder without the record, e.g. saved by another tool, loads unchecked)."""
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    with artifacts.atomic_directory(tmp_path / "m") as tmp:
+        model.save_pretrained(tmp)
+    weights = tmp_path / "m" / "model.safetensors"
+    record = artifacts.read_json(tmp_path / "m" / artifacts.WEIGHT_DIGESTS)
+    assert record["files"] == {"model.safetensors": artifacts.sha256_of(weights)}
+    artifacts.load_causal_lm(tmp_path / "m", "decoder")  # intact: loads
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x10  # one bit of one weight, past the header: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{weights} has sha256 [0-9a-f]{{64}}, not the {record['files']['model.safetensors']}"
+                                         r" recorded .*damaged or changed"):
+        artifacts.load_causal_lm(tmp_path / "m", "decoder")
+
+
+def test_read_json_of_a_binary_file_names_the_file(tmp_path):
+    path = tmp_path / "training_record.json"
+    path.write_bytes(b"\x89\xff\x00binary")
+    with pytest.raises(ValueError, match=rf"{path} is not a JSON text file"):
+        artifacts.read_json(path)

@@ -210,6 +210,36 @@ def test_interrupted_run_resumes_to_the_same_curve(setup, tmp_path):
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
 
 
+def test_a_run_resumes_only_under_its_own_recipe_and_data(setup, tmp_path):
+    """A checkpoint resumed after the learning rate (or the data) changed would make one run of two recipes while
+    its record claims the last: refused, naming both values. A longer budget is a legitimate resume."""
+    sources, ds = setup["sources"], setup["dataset"]
+    full = load_full(setup)
+    cfg = recipe(steps=4, save_steps=2, batch_size=4, learning_rate=1e-3)
+    cut = training.train("pruned", sources, ds, cfg, tmp_path / "run", full=full, callbacks=[StopAt(2)])
+    assert not cut.complete and (tmp_path / "run" / "identity.json").is_file()
+    with pytest.raises(ValueError, match=r"(?s)another recipe.*learning_rate: was 0\.001, now 0\.5.*resume=False"):
+        training.train("pruned", sources, ds, recipe(steps=4, save_steps=2, batch_size=4, learning_rate=0.5),
+                       tmp_path / "run", full=full)
+    with pytest.raises(ValueError, match=r"(?s)another recipe.*data\.(examples|sample_sha256)"):
+        training.train("pruned", sources, ds.select(range(6)), cfg, tmp_path / "run", full=full)
+    longer = training.train("pruned", sources, ds, recipe(steps=6, save_steps=2, batch_size=4, learning_rate=1e-3),
+                            tmp_path / "run", full=full)
+    assert longer.complete and longer.steps == 6 and longer.record["resumed_from"].endswith("checkpoint-2")
+    fresh = training.train("pruned", sources, ds, recipe(steps=2, batch_size=4, learning_rate=0.5), tmp_path / "run",
+                           full=full, resume=False)  # starting over is always allowed, and re-records the identity
+    assert fresh.complete and json.loads((tmp_path / "run" / "identity.json").read_text())["recipe"]["learning_rate"] == 0.5
+
+
+def test_a_seed_or_objective_listed_twice_is_refused():
+    with pytest.raises(ValueError, match=r"training.seeds lists 0 more than once \(\[0, 0\]\).*count twice"):
+        training.TrainingConfig.from_dict({"seeds": [0, 0]})
+    with pytest.raises(ValueError, match="training.objectives lists 'pruned' more than once"):
+        training.TrainingConfig.from_dict({"objectives": ["overfill", "pruned", "pruned"]})
+    with pytest.raises(ValueError, match=r"training.objective_seeds.pruned lists 1 more than once"):
+        training.TrainingConfig.from_dict({"objectives": ["pruned"], "objective_seeds": {"pruned": [1, 1]}})
+
+
 @pytest.mark.parametrize("objective", ["overfill", "pruned"])
 def test_validation_probe_logs_fidelity_at_step_0_every_n_steps_and_the_end(setup, tmp_path, objective):
     """``eval_steps``: the probe's step-0 entry is the untrained model's fidelity on the held-out records, later
@@ -277,6 +307,17 @@ def test_a_second_training_of_the_same_run_folder_is_refused(setup, tmp_path):
     (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": "then"}))
     assert training.train("pruned", sources, ds, recipe(steps=1), run).complete and not (run / ".lock").exists()
 
+
+
+@pytest.mark.parametrize("content", ["", "{\"host\": ", "[]"], ids=["empty", "cut", "a list"])
+def test_a_lock_that_names_no_holder_says_so(tmp_path, content):
+    """A training killed between creating its lock and writing it: the message said 'pid None on None'."""
+    (tmp_path / ".lock").write_text(content)
+    with pytest.raises(RuntimeError, match=rf"{tmp_path / '.lock'} names no holder .*If no training of {tmp_path} "
+                                           rf"is running, delete {tmp_path / '.lock'}"):
+        with training.RunLock(tmp_path):
+            pass
+    assert (tmp_path / ".lock").read_text() == content  # not taken over: who holds it cannot be told
 
 def test_tokenizer_mismatch_and_trainable_strategy_are_refused(setup, tmp_path):
     sources, ds = setup["sources"], setup["dataset"]

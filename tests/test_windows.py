@@ -160,7 +160,7 @@ def test_flat_curve_detection_and_config_checks():
     curve = [{"val_kl": v} for v in (2.0, 1.5, 1.2, 1.19, 1.189)]
     assert recovery.is_flat(curve, flat=0.01, evals=2) and not recovery.is_flat(curve, flat=0.01, evals=3)
     assert not recovery.is_flat(curve[:2], flat=0.01, evals=2)
-    with pytest.raises(ValueError, match="lists a value twice"):
+    with pytest.raises(ValueError, match="lists .* more than once"):
         recovery.RecoveryConfig(seeds=(0, 0))
     with pytest.raises(ValueError, match="not a window objective"):
         recovery.RecoveryConfig(objectives=("overfill",))
@@ -227,3 +227,21 @@ def test_scores_of_every_run_with_intervals_and_the_untrained_starting_points(mo
     table = recovery.scores_frame(results)
     assert table.loc[table["method"] == "OverFill", "recovered"].notna().all()
     assert [row["keep"] for row in recovery.lead(results)] == [0.5]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--tokens", "0"], "0 must be >= 1"),
+    (["train", "--tokens", "2.5e4x"], "'2.5e4x' is not a whole number"),
+    (["train", "--keep", "1.5"], "a kept fraction is in (0, 1]"),
+    (["train", "--keep", "half"], "a kept fraction is in (0, 1]"),
+])
+def test_the_long_run_command_refuses_a_bad_budget_or_width_before_loading_anything(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        recovery.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_token_budget_may_be_written_in_scientific_notation():
+    from overfill_lib.config import positive_int
+
+    assert positive_int("1e6") == 1_000_000 and positive_int("25000") == 25_000
