@@ -373,7 +373,7 @@ class FastGenerator:
         pad = pad_token_for(first, eos=eos, pad_token_id=pad_token_id)
         input_ids, attention_mask = prompt_batch(input_ids, attention_mask, pad, first)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        check_padded(input_ids, attention_mask, model=first)
+        check_padded(input_ids, attention_mask)  # positions: check_positions below, with the new tokens
         check_positions(first, attention_mask, max_new_tokens)
         if method == "speculative":
             if num_draft_tokens < 1:

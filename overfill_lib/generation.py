@@ -697,7 +697,7 @@ def generate(
         pair, input_ids, attention_mask, prompts, messages, tokenizer, chat_template_kwargs
     )
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    check_padded(input_ids, attention_mask, model=full)
+    check_padded(input_ids, attention_mask)  # positions: check_positions below, with the new tokens
     batch, prompt_length = input_ids.shape
     if max_new_tokens is not None:
         max_new_tokens = check_new_tokens(max_new_tokens)
