@@ -38,7 +38,7 @@ from overfill_lib.generation import (
     speculative_decode,
     through_first_eos,
 )
-from overfill_lib.pair import kv_mismatches
+from overfill_lib.pairing import kv_mismatches
 
 log = logging.getLogger(__name__)
 

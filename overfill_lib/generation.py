@@ -2,8 +2,10 @@
 
 The stage functions are shared by the plain loop here (:func:`generate`: ``DynamicCache``, eager, sampling,
 stop strings, prefill refresh) and the fast path (:mod:`overfill_lib.fast_decode`: static cache, compiled
-step), so both compute one thing; an identity pair reproduces HF ``generate`` token for token. This module is
-also the one home of the eos, pad and position rules.
+step), so both compute one thing; an identity pair reproduces HF ``generate`` token for token. The plain loop
+reads top to bottom as its stages: settle every rule once (:func:`plan`), prefill (:func:`prefill_first`), decode
+n tokens (:func:`decode_step` each), finish (:func:`finish`). This module is also the home of the position rules;
+token ids, padding, chat encoding and the eos and pad ids are :mod:`overfill_lib.tokens`' (re-exported here).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import functools
 import inspect
 import logging
 import numbers
-import reprlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,24 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
+# Re-exported: notebooks, the lm-eval model, the data builders and tests import these from here, where they lived
+# before the token rules became their own module.
+from overfill_lib.tokens import (  # noqa: F401
+    ContentNotText,
+    check_new_tokens,
+    check_positive_int,
+    check_token_ids,
+    encode_chat,
+    encode_prompts,
+    eos_ids,
+    message_text,
+    pad_sequences,
+    pad_token_for,
+    prompt_batch,
+    through_first_eos,
+    vocab_size_of,
+)
+
 log = logging.getLogger(__name__)
 
 # Values HF generate falls back on when neither the model nor the caller sets them.
@@ -51,16 +70,8 @@ GENERATION_DEFAULTS: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Inputs
+# Positions and pairs
 # --------------------------------------------------------------------------------------------------
-
-
-def through_first_eos(tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
-    """Boolean mask of each row's generated tokens up to and including its first eos (all True without eos ids)."""
-    if not eos:
-        return torch.ones_like(tokens, dtype=torch.bool)
-    is_eos = torch.isin(tokens, torch.tensor(list(eos), device=tokens.device)).long()
-    return (is_eos.cumsum(1) - is_eos) == 0
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,221 +147,6 @@ def check_positions(model, attention_mask: torch.Tensor, new_tokens: int = 0, wh
         log.warning("%ss of up to %d tokens plus max_new_tokens=%d need %d positions, more than the model's %d "
                     "(max_position_embeddings); tokens generated past position %d are not to be trusted: lower "
                     "max_new_tokens or shorten the %ss", what, longest, new_tokens, needed, limit, limit - 1, what)
-
-
-def check_positive_int(value, name: str) -> int:
-    """``value`` as an ``int`` when it is a positive integer, a Python or a numpy one; bools, floats and strings are
-    refused rather than read as 1/0, rounded or parsed."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_new_tokens(max_new_tokens) -> int:
-    return check_positive_int(max_new_tokens, "max_new_tokens")
-
-
-def vocab_size_of(model) -> int | None:
-    """The number of token ids ``model`` embeds: its input embedding's rows (what an id indexes), else its config's."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embedding, "num_embeddings", None)
-    return int(rows) if rows is not None else getattr(getattr(model, "config", None), "vocab_size", None)
-
-
-def check_token_ids(ids, model, what: str = "input_ids") -> None:
-    """Refuse token ids that the embedding would fail on cryptically (``IndexError: index out of range in self``) or
-    that padding would silently truncate (``2.5`` -> 2): each must be an integer in [0, vocabulary size of ``model``).
-
-    ``ids``: a tensor, or rows of ids (lists, tuples, numpy arrays or 1-d tensors), as the generation and scoring
-    paths take them; ``what`` names them in the message.
-    """
-    if torch.is_tensor(ids):
-        if not _integer_dtype(ids.dtype):
-            raise ValueError(f"{what} is a {ids.dtype} tensor: token ids are integers; build it with dtype=torch.long "
-                             "(as the tokenizer's return_tensors='pt' does)")
-        rows = ids if ids.dim() > 1 else ids[None]
-    else:
-        rows = []
-        for r, row in enumerate(ids):
-            try:
-                t = torch.as_tensor(row if torch.is_tensor(row) else list(row))
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise ValueError(f"{what} row {r} is {reprlib.repr(row)}, not a list of token ids ({e}); text goes "
-                                 "through the tokenizer (prompts= or messages= in generate)") from e
-            if t.numel() and not _integer_dtype(t.dtype):
-                items = t.flatten().tolist() if torch.is_tensor(row) else list(row)
-                bad = next(x for x in items if isinstance(x, bool) or not isinstance(x, numbers.Integral))
-                raise ValueError(f"{what} row {r} holds {bad!r} ({type(bad).__name__}): token ids are integers; "
-                                 "convert them with int() where they are whole numbers, else fix what made them")
-            rows.append(t)
-    if torch.is_tensor(rows):
-        flat = rows.flatten()
-    else:
-        flat = torch.cat([t.flatten().long() for t in rows]) if rows else torch.zeros(0, dtype=torch.long)
-    if not flat.numel():
-        return
-    vocab = vocab_size_of(model)
-    low, high = int(flat.min()), int(flat.max())  # one host sync each, whatever the batch
-    bad = low if low < 0 else high if vocab is not None and high >= vocab else None
-    if bad is None:
-        return
-    r, row = next((r, row) for r, row in enumerate(rows) if bool((row == bad).any()))
-    where = f"row {r}, position {int((row.flatten() == bad).nonzero()[0, 0])}"
-    if bad < 0:
-        raise ValueError(f"{what} hold token id {bad} ({where}): ids are >= 0. To pad, use the tokenizer's "
-                         "pad_token_id and mark padding 0 in attention_mask (or pass ragged lists of ids)")
-    raise ValueError(f"{what} hold token id {bad} ({where}), outside this model's vocabulary of {vocab} ids "
-                     f"(0..{vocab - 1}): encode the text with the model's own tokenizer")
-
-
-def _integer_dtype(dtype: torch.dtype) -> bool:
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def prompt_batch(input_ids, attention_mask: torch.Tensor | None, pad_id: int,
-                 model) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts as a left-padded ``[batch, length]`` id tensor and its mask, as both generation paths take them:
-    a tensor (``[length]`` is one prompt; the mask defaults to all ones) or lists of ids (ragged rows, left-padded
-    here with ``pad_id``; one flat list of ints is one prompt). The ids are checked by :func:`check_token_ids`."""
-    if torch.is_tensor(input_ids):
-        check_token_ids(input_ids, model)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-            if attention_mask is not None and attention_mask.dim() == 1:
-                attention_mask = attention_mask[None]
-        return input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    if attention_mask is not None:
-        # A mask beside ragged lists would be silently replaced by the one padding builds.
-        raise ValueError("attention_mask is built here from the lengths of ragged lists of ids: pass it only with a "
-                         "tensor of ids")
-    rows = list(input_ids)
-    if not rows:
-        raise ValueError("no prompts to run: input_ids is an empty list")
-    if isinstance(rows[0], numbers.Number):
-        rows = [rows]  # one prompt as a flat list, like a 1-d tensor
-    check_token_ids(rows, model)
-    return pad_sequences(rows, pad_id, side="left")
-
-
-def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad ragged token lists into (ids, attention_mask) tensors on the given side."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        n = len(seq)
-        if n == 0:
-            continue
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[i, cols] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def eos_ids(source, eos_token_id: int | Sequence[int] | str | None = "default") -> list[int]:
-    """The stop ids of a generation, by the one rule that ``pair.generate``, ``FastGenerator.generate`` and through
-    them the lm-eval model follow:
-
-    - ``"default"`` (what every path uses when ``eos_token_id`` is not given): ``source``'s own, from a model's
-      generation config, then its config; or a (generation) config's own;
-    - ``None`` or ``[]``: never stop, always produce ``max_new_tokens`` (as ``eos_token_id=None`` given to Hugging
-      Face ``generate``; benchmarks time fixed lengths this way);
-    - an id (a Python or numpy integer) or a list, tuple or set of ids: those (an integer tensor counts as its list).
-
-    Anything else is refused: another string (``"60"`` is neither the id 60 nor the ids 6 and 0), a bool, a float or a
-    negative number. Returns a list of ints (empty: never stop).
-    """
-    given, origin = eos_token_id, ""
-    if isinstance(eos_token_id, str):
-        if eos_token_id != "default":
-            hint = f" (the id {int(eos_token_id)}?)" if eos_token_id.strip().isdigit() else ""
-            raise ValueError(f"eos_token_id={eos_token_id!r} is a string{hint}: pass an integer id, a list of ids, "
-                             "'default' (the model's own) or None / [] (never stop)")
-        configs = (getattr(source, "generation_config", None), getattr(source, "config", source))
-        eos_token_id = next((c.eos_token_id for c in configs if getattr(c, "eos_token_id", None) is not None), None)
-        origin = f" (the default of {type(source).__name__})"
-    if eos_token_id is None:
-        return []
-    if torch.is_tensor(eos_token_id):
-        eos_token_id = eos_token_id.tolist()
-    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set, frozenset)) else [eos_token_id]
-    bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 0]
-    if bad:
-        raise ValueError(f"eos_token_id={eos_token_id if origin else given!r}{origin}: {bad[0]!r} is not a token "
-                         "id (a non-negative integer); pass an integer id, a list of ids, 'default' (the model's own) "
-                         "or None / [] (never stop)")
-    return [int(e) for e in ids]
-
-
-def pad_token_for(model, tokenizer=None, eos: Sequence[int] = (), pad_token_id: int | None = None) -> int:
-    """The pad id (ragged prompts, rows that finished), as HF generate picks it: ``pad_token_id``, the generation
-    config's, the first of this call's stop ids ``eos``; then the config's, the tokenizer's, the model's eos, 0."""
-    gen = getattr(model, "generation_config", None)
-    ids = (pad_token_id, getattr(gen, "pad_token_id", None), *eos[:1], getattr(model.config, "pad_token_id", None),
-           getattr(tokenizer, "pad_token_id", None), *eos_ids(model)[:1], 0)
-    return int(next(i for i in ids if i is not None))
-
-
-class ContentNotText(ValueError):
-    """A chat turn whose content is not text (see :func:`message_text`)."""
-
-
-def message_text(content: Any, turn: str = "a turn") -> str:
-    """A turn's content as the text a text-only chat template renders, by one rule for training data and generation.
-
-    A string is itself. A list of parts (the OpenAI / Hugging Face multimodal shape, ``[{"type": "text", "text":
-    "hi"}]``) is its text parts joined, as multimodal templates concatenate them. Anything else would otherwise be
-    trained on as its Python repr, or become an empty turn (``0``, ``None``), so :class:`ContentNotText` names
-    ``turn`` and the fix: a non-text part (an image), ``None``, a number, a dict.
-    """
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        texts = []
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
-                what = (f"a part of type {kind!r}" if isinstance(part, dict)
-                        else f"the {type(part).__name__} {reprlib.repr(part)}")
-                raise ContentNotText(
-                    f"{turn}: content part {i} is {what}, not a text part ({{'type': 'text', 'text': ...}}); a text "
-                    "model trains on text only: drop that part, or the conversation",
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    shown = "None (or missing)" if content is None else f"{reprlib.repr(content)} ({type(content).__name__})"
-    raise ContentNotText(
-        f"{turn}: content is {shown}, not text: give each turn's text as a string (\"0\", not 0) or a list of text "
-        "parts",
-    )
-
-
-def encode_chat(tokenizer, conversations: Sequence[Sequence[dict]], **template_kwargs) -> dict[str, torch.Tensor]:
-    """Apply the tokenizer's chat template (with the generation prompt) to a batch of conversations.
-
-    Returns left-padded ``input_ids`` and ``attention_mask``. The template text already holds any
-    BOS, so it is tokenized without adding special tokens again (as ``apply_chat_template`` does).
-    Contents follow the training data's rule (:func:`message_text`): text parts are joined,
-    and content that is not text (None, a number, an image part) is refused by conversation and turn.
-    """
-    texts = [
-        tokenizer.apply_chat_template(
-            [{**m, "content": message_text(m.get("content"), f"conversation {c}, turn {t} ({m.get('role')!r})")}
-             for t, m in enumerate(messages)],
-            add_generation_prompt=True, tokenize=False, **template_kwargs)
-        for c, messages in enumerate(conversations)
-    ]
-    return encode_prompts(tokenizer, texts, add_special_tokens=False)
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
-    """Tokenize plain-text prompts into a left-padded batch."""
-    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids, attention_mask = pad_sequences(ids, pad, side="left")
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,11 +429,54 @@ def speculative_decode(draft_step: Callable, verify_step: Callable, token: torch
 
 
 # --------------------------------------------------------------------------------------------------
-# The plain loop
+# The plain loop: plan, prefill and first token, decode n tokens, finish
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class GenerationPlan:
+    """Every rule of one :func:`generate` call, settled (and any bad setting refused) before a model runs."""
+
+    limit: int  # new positions per row at most, the full model's first token included
+    eos: list[int]  # stop ids (empty: never stop)
+    eos_t: torch.Tensor  # the same on the device, made once rather than every step
+    pad: int  # what a row emits once it has finished
+    processors: LogitsProcessorList  # HF's, in HF's order (build_logits_processor)
+    do_sample: bool
+    generator: torch.Generator | None  # seeded: sampling is reproducible
+    stops: StopStrings | None
+    streamer: Any  # TextStreamer-like (put / end), or None
+    refresh_every: int  # 0: never
+    skip_special_tokens: bool
+
+
+@dataclass
+class LoopState:
+    """What the plain loop changes as it runs: the rows so far and why each stopped, the caches, the timings."""
+
+    sequences: torch.Tensor  # [batch, prompt + generated so far]; pad after a row finished
+    attention_mask: torch.Tensor  # over the prompt and every token fed to a model so far
+    prompt_length: int
+    unfinished: torch.Tensor  # [batch] bool
+    produced: torch.Tensor  # [batch]: tokens generated before each row finished, its eos included
+    reasons: list[str]  # per row: "length", unless it ended by "eos" or "stop"
+    timings: GenerationTimings
+    cache: Any = None  # what the decoder reads and extends
+    full_cache: Any = None  # the full model's own, kept only for prefill refresh
+    pending: int = 0  # decoder-written positions since the last refresh
+
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LoopState:
+        batch, prompt_length = input_ids.shape
+        timings = GenerationTimings(batch_size=batch, prompt_length=prompt_length,
+                                    prompt_tokens=int(attention_mask.sum()))
+        device = input_ids.device
+        return cls(input_ids, attention_mask, prompt_length, torch.ones(batch, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device), ["length"] * batch, timings)
+
+
 def _sync(device: torch.device) -> None:
+    # Stage timings on CUDA would otherwise measure kernel launches, not the work.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -655,6 +494,123 @@ def _prepare_inputs(pair, input_ids, attention_mask, prompts, messages, tokenize
             enc = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else prompts)
         input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]  # checked too: a mismatched tokenizer
     return prompt_batch(input_ids, attention_mask, pad_token_for(pair.full, tokenizer), pair.full)
+
+
+def plan_generation(full, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    generation_config: GenerationConfig | None, max_new_tokens: int | None, *, stop_strings,
+                    streamer, refresh_every: int, generator, seed, logits_processor, skip_special_tokens: bool,
+                    **generation_kwargs: Any) -> GenerationPlan:
+    """Settle the rules of one call before anything runs, so that a bad setting fails before a forward: how many
+    tokens, which ids end a row and which pad it, how a token is chosen, the stop strings, the refresh period."""
+    batch, prompt_length = input_ids.shape
+    device = input_ids.device
+    if max_new_tokens is not None:
+        max_new_tokens = check_new_tokens(max_new_tokens)
+    # Taken out of the config update so that None means never stop, as in FastGenerator (eos_ids has the rule).
+    eos_token_id = generation_kwargs.pop("eos_token_id", "default")
+    gc = resolve_generation_config(full, generation_config, max_new_tokens=max_new_tokens, **generation_kwargs)
+    limit = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt_length
+    if limit < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens resolves to {limit}")
+    check_positions(full, attention_mask, limit)
+    if refresh_every < 0:
+        raise ValueError("refresh_every must be >= 0 (0: never refresh)")
+    eos = eos_ids(gc, eos_token_id)
+    gc.eos_token_id = eos  # what the logits processors (min_new_tokens) stop on
+    pad = pad_token_for(full, tokenizer, eos, gc.pad_token_id)
+    processors = build_logits_processor(gc, prompt_length, device, logits_processor)
+    stops = None
+    if stop_strings:
+        stops = StopStrings(tokenizer, [stop_strings] if isinstance(stop_strings, str) else stop_strings,
+                            skip_special_tokens)
+    if streamer is not None and batch != 1:
+        raise ValueError("streaming supports batch size 1 only (as in HF generate)")
+    if gc.do_sample and generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    return GenerationPlan(limit, eos, torch.tensor(eos, device=device, dtype=torch.long), pad, processors,
+                          gc.do_sample, generator, stops, streamer, refresh_every, skip_special_tokens)
+
+
+def sample(logits: torch.Tensor, sequences: torch.Tensor, plan: GenerationPlan) -> torch.Tensor:
+    """Ids [batch] from the last position of ``logits`` [batch, q, vocab]: HF's processors, which read the
+    ``sequences`` so far (repetition penalty, n-grams, min_new_tokens), then the argmax, or a draw when sampling."""
+    # A float32 copy, as HF takes it: processors edit the scores in place, and a bf16 argmax could break ties otherwise.
+    scores = plan.processors(sequences, logits[:, -1].to(dtype=torch.float32, copy=True))
+    if plan.do_sample:
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=plan.generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
+def append_tokens(state: LoopState, next_tokens: torch.Tensor, plan: GenerationPlan) -> torch.Tensor:
+    """Append one token per row, ``plan.pad`` for a row that has finished, then finish the rows that reached an eos
+    or a stop string. Returns what was appended: the decoder reads it next."""
+    next_tokens = torch.where(state.unfinished, next_tokens, torch.full_like(next_tokens, plan.pad))
+    state.sequences = torch.cat([state.sequences, next_tokens[:, None]], dim=-1)
+    state.produced.add_(state.unfinished.long())
+    if plan.streamer is not None:
+        plan.streamer.put(next_tokens.cpu())
+    if plan.eos:
+        ended = state.unfinished & torch.isin(next_tokens, plan.eos_t)
+        for row in ended.nonzero().flatten().tolist():
+            state.reasons[row] = "eos"
+        state.unfinished = state.unfinished & ~ended
+    if plan.stops is not None:
+        # Decoding text costs a host round trip per row, so only the rows still running are asked.
+        for row in state.unfinished.nonzero().flatten().tolist():
+            if plan.stops.hit(state.sequences[row, state.prompt_length :].tolist()):
+                state.reasons[row] = "stop"
+                state.unfinished[row] = False
+    return next_tokens
+
+
+def prefill_first(pair, input_ids: torch.Tensor, state: LoopState,
+                  plan: GenerationPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: the full model prefills the prompts and chooses every row's first token; the pairing strategy turns
+    its cache into the one the decoder reads. Returns the first tokens [batch] and the position of each prompt's
+    last token [batch, 1] (:func:`decode_n_tokens` feeds the first token one position later)."""
+    first = prefill(pair.full, input_ids, state.attention_mask)
+    token = append_tokens(state, sample(first.logits, state.sequences, plan), plan)
+    state.cache = pair.strategy.decoder_cache(first.cache)
+    # Without refresh the full model's own cache is only needed when it is the decoder's (shared_kv: one object).
+    state.full_cache = first.cache if plan.refresh_every else None
+    return token, first.position_ids[:, -1:]
+
+
+def decode_step(pair, state: LoopState, plan: GenerationPlan, ids: torch.Tensor,
+                position: torch.Tensor) -> torch.Tensor:
+    """Stage 2, one token per row (the step :func:`decode_n_tokens` repeats): a prefill refresh when one is due,
+    then one decoder forward of the newest ``ids`` [batch, 1] at ``position`` on a mask one column wider."""
+    if plan.refresh_every and state.pending == plan.refresh_every:
+        r0 = time.perf_counter()
+        prefill_refresh(pair.full, pair.strategy, state.cache, state.full_cache, state.sequences,
+                        state.attention_mask, position - 1, state.pending)
+        _sync(position.device)
+        state.timings.refresh_s += time.perf_counter() - r0
+        state.timings.refreshes += 1
+        state.pending = 0
+    state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((len(ids), 1))], dim=-1)
+    state.pending += 1
+    state.timings.decode_steps += 1
+    choose = functools.partial(sample, sequences=state.sequences, plan=plan)
+    next_tokens = decode_one_token(pair.decoder, ids, position, state.attention_mask, state.cache, choose)
+    return append_tokens(state, next_tokens, plan)
+
+
+def finish(state: LoopState, plan: GenerationPlan, tokenizer) -> OverFillOutput:
+    """Stage 3: the output. A row's text ends before its eos (later positions hold pad), a stop string trimmed."""
+    new_tokens = state.sequences[:, state.prompt_length :]
+    state.timings.steps = new_tokens.shape[1]
+    state.timings.new_tokens = int(state.produced.sum())
+    texts = None
+    if tokenizer is not None:
+        texts = []
+        for row in range(new_tokens.shape[0]):
+            toks = new_tokens[row, : int(state.produced[row]) - (state.reasons[row] == "eos")].tolist()
+            text = tokenizer.decode(toks, skip_special_tokens=plan.skip_special_tokens)
+            texts.append(plan.stops.trim(text) if plan.stops is not None else text)
+    log.debug("overfill generate: %s", state.timings.to_dict())
+    return OverFillOutput(state.sequences, new_tokens, texts, state.reasons, state.timings)
 
 
 def generate(
@@ -687,131 +643,41 @@ def generate(
     ``eos_token_id`` follows :func:`eos_ids`, as in ``FastGenerator``: not given or ``"default"``, the model's own;
     ``None`` or ``[]``, never stop. ``seed`` or ``generator`` make sampling reproducible.
     ``streamer``: an HF ``TextStreamer``-compatible object (``put``/``end``), batch size 1.
-    ``refresh_every``: prefill refresh period N (0: never); see :func:`_refresh`.
+    ``refresh_every``: prefill refresh period N (0: never); see :func:`prefill_refresh`.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(pair, "tokenizer", None)
-    full, decoder, strategy = pair.full, pair.decoder, pair.strategy
-    device = next(full.parameters()).device
-    check_pairable(full, decoder, strategy)  # again: either may have been moved or cast since the pair was built
-    input_ids, attention_mask = _prepare_inputs(
-        pair, input_ids, attention_mask, prompts, messages, tokenizer, chat_template_kwargs
-    )
+    device = next(pair.full.parameters()).device
+    check_pairable(pair.full, pair.decoder, pair.strategy)  # again: either may have been moved or cast since
+    input_ids, attention_mask = _prepare_inputs(pair, input_ids, attention_mask, prompts, messages, tokenizer,
+                                                chat_template_kwargs)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    check_padded(input_ids, attention_mask)  # positions: check_positions below, with the new tokens
-    batch, prompt_length = input_ids.shape
-    if max_new_tokens is not None:
-        max_new_tokens = check_new_tokens(max_new_tokens)
-
-    # Taken out of the config update so that None means never stop, as in FastGenerator (eos_ids has the rule).
-    eos_token_id = generation_kwargs.pop("eos_token_id", "default")
-    gc = resolve_generation_config(full, generation_config, max_new_tokens=max_new_tokens, **generation_kwargs)
-    limit = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt_length
-    if limit < 1:
-        raise ValueError(f"nothing to generate: max_new_tokens resolves to {limit}")
-    check_positions(full, attention_mask, limit)
-    if refresh_every < 0:
-        raise ValueError("refresh_every must be >= 0 (0: never refresh)")
-    eos = eos_ids(gc, eos_token_id)
-    gc.eos_token_id = eos  # what the logits processors (min_new_tokens) stop on
-    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-    pad = pad_token_for(full, tokenizer, eos, gc.pad_token_id)  # what finished rows emit
-    processors = build_logits_processor(gc, prompt_length, device, logits_processor)
-    stops = None
-    if stop_strings:
-        stops = StopStrings(tokenizer, [stop_strings] if isinstance(stop_strings, str) else stop_strings, skip_special_tokens)
-    if streamer is not None and batch != 1:
-        raise ValueError("streaming supports batch size 1 only (as in HF generate)")
-    if gc.do_sample and generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        scores = processors(sequences, logits[:, -1].to(dtype=torch.float32, copy=True))
-        if gc.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-        return scores.argmax(dim=-1)
-
-    timings = GenerationTimings(batch_size=batch, prompt_length=prompt_length, prompt_tokens=int(attention_mask.sum()))
-    reasons = ["length"] * batch
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    sequences = input_ids
-    produced = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def advance(next_tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (pad for finished rows) and update which rows are finished."""
-        nonlocal sequences, unfinished
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-        produced.add_(unfinished.long())
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        if eos:
-            ended = unfinished & torch.isin(next_tokens, eos_t)
-            for row in ended.nonzero().flatten().tolist():
-                reasons[row] = "eos"
-            unfinished = unfinished & ~ended
-        if stops is not None:
-            for row in unfinished.nonzero().flatten().tolist():
-                if stops.hit(sequences[row, prompt_length:].tolist()):
-                    reasons[row] = "stop"
-                    unfinished[row] = False
-        return next_tokens
-
-    def step(ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """A refresh when one is due, then one decoder step on a mask one column wider."""
-        nonlocal attention_mask, pending
-        if refresh_every and pending == refresh_every:
-            r0 = time.perf_counter()
-            _refresh(full, strategy, cache, full_cache, sequences, attention_mask, position - 1, pending)
-            _sync(device)
-            timings.refresh_s += time.perf_counter() - r0
-            timings.refreshes += 1
-            pending = 0
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
-        pending += 1  # decoder-written positions since the last refresh
-        timings.decode_steps += 1
-        return advance(decode_one_token(decoder, ids, position, attention_mask, cache, choose))
-
+    check_padded(input_ids, attention_mask)  # positions: plan_generation checks them with the new tokens
+    plan = plan_generation(pair.full, tokenizer, input_ids, attention_mask, generation_config, max_new_tokens,
+                           stop_strings=stop_strings, streamer=streamer, refresh_every=refresh_every,
+                           generator=generator, seed=seed, logits_processor=logits_processor,
+                           skip_special_tokens=skip_special_tokens, **generation_kwargs)
+    state = LoopState.start(input_ids, attention_mask)
     with torch.inference_mode():
         try:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             _sync(device)
             t0 = time.perf_counter()
-            first = prefill(full, input_ids, attention_mask)
-            tokens = [advance(choose(first.logits))]
-            cache = strategy.decoder_cache(first.cache)
-            # Without refresh the full model's own cache is only needed when it is the decoder's.
-            full_cache = first.cache if refresh_every else None
-            position = first.position_ids[:, -1:]
-            del first
+            token, position = prefill_first(pair, input_ids, state, plan)
             _sync(device)
             t1 = time.perf_counter()
-            timings.prefill_s = t1 - t0
-            pending = 0
-            decode_n_tokens(step, tokens, position, limit - 1, stop=lambda i, tokens: not bool(unfinished.any()))
+            state.timings.prefill_s = t1 - t0
+            decode_n_tokens(functools.partial(decode_step, pair, state, plan), [token], position, plan.limit - 1,
+                            stop=lambda i, tokens: not bool(state.unfinished.any()))
             _sync(device)
-            timings.decode_s = time.perf_counter() - t1
+            state.timings.decode_s = time.perf_counter() - t1
         finally:
             if streamer is not None:
                 streamer.end()
-
-    new_tokens = sequences[:, prompt_length:]
-    timings.steps = new_tokens.shape[1]
-    timings.new_tokens = int(produced.sum())
-    texts = None
-    if tokenizer is not None:
-        texts = []
-        for row in range(batch):
-            # A row's text ends before its eos; later positions hold pad.
-            toks = new_tokens[row, : int(produced[row]) - (reasons[row] == "eos")].tolist()
-            text = tokenizer.decode(toks, skip_special_tokens=skip_special_tokens)
-            texts.append(stops.trim(text) if stops is not None else text)
-    log.debug("overfill generate: %s", timings.to_dict())
-    return OverFillOutput(sequences, new_tokens, texts, reasons, timings)
+    return finish(state, plan, tokenizer)
 
 
-def _refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, n: int) -> None:
+def prefill_refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, n: int) -> None:
     """Prefill refresh: the full model re-processes the last ``n`` tokens the decoder wrote into the cache, as one
     chunked prefill, and its KV replaces the decoder's (tokens already generated never change; logits discarded).
 
