@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from overfill_lib import cost, evaluation, fidelity, latency, pipeline, training
 from overfill_lib.artifacts import load_model, read_json, resolve_model, write_json
-from overfill_lib.config import ABLATION_SCORERS, MAIN_TEACHER, AblationConfig, Point, slug
+from overfill_lib.config import ABLATION_SCORERS, MAIN_TEACHER, AblationConfig, Point, slug, torch_dtype
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
 
@@ -49,21 +49,22 @@ def teacher_dir(preset, name: str) -> Path:
 
 def teacher_id(preset, name: str, full_dir: Path) -> str:
     """How a saved pair names its full model: the preset's id for its own models, else the directory."""
-    spec = preset[name] if name in pipeline.MODELS else None
-    return str((spec or {}).get("id") or full_dir)
+    spec = getattr(preset, name) if name in pipeline.MODELS else None
+    return str(spec.id if spec is not None and spec.id else full_dir)
 
 
 def decoder_section(preset, keep: float) -> dict:
-    """The preset's ``decoder`` section with hidden and intermediate pruned to keep ``keep`` of the channels."""
+    """The preset's ``decoder`` section with hidden and intermediate pruned to keep ``keep`` of the channels, in
+    the plain form a pruned decoder's stamp records (``pipeline.pruned_decoder``)."""
     from overfill_lib.config import keeping
 
-    return keeping(preset.get("decoder", {}), keep)
+    return keeping(preset.plain("decoder"), keep)
 
 
 def prepare_point(preset, point: Point, full_dir: Path) -> Path:
     """The pruned decoder of ``point``; the preset's own width of its own teacher is notebook 02's decoder."""
     section = decoder_section(preset, point.keep)
-    if point.teacher == MAIN_TEACHER and section == dict(preset.get("decoder", {})):
+    if point.teacher == MAIN_TEACHER and section == preset.plain("decoder"):
         return pipeline.pruned_decoder(preset)
     root = preset.workdir / "ablation"
     own_importance = None if point.teacher == MAIN_TEACHER else root / slug(point.teacher) / "importance"
@@ -102,8 +103,12 @@ def task_scores(results: dict, prefix: str = evaluation.SUITE_TASKS + "_") -> di
     return scores | {"overall": overall}
 
 
+def _eval_tasks(preset) -> list[str]:
+    return list(preset.evaluation.tasks or [evaluation.SUITE_TASKS])
+
+
 def _lm_eval_key(preset, limit: int | None) -> str:
-    tasks = list((preset.get("evaluation") or {}).get("tasks") or [evaluation.SUITE_TASKS])
+    tasks = _eval_tasks(preset)
     suite = preset.suite_dir / "suite.json" if preset.suite_dir is not None else None
     blob = json.dumps([tasks, limit, suite.read_text() if suite is not None and suite.is_file() else None])
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -113,19 +118,19 @@ def _lm_eval_scores(model, tokenizer, preset, limit: int | None, cache: Path | N
     """The preset's evaluation tasks through lm-eval; the results JSON is written atomically to ``cache``."""
     if cache is not None and cache.is_file():
         return task_scores(read_json(cache))
-    ev = preset.get("evaluation") or {}
+    ev = preset.evaluation
     with _quiet_harness():
-        lm = evaluation.OverFillLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.get("batch_size", 16))
+        lm = evaluation.OverFillLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
         results = evaluation.evaluate(
-            lm, list(ev.get("tasks") or [evaluation.SUITE_TASKS]), suite_dir=preset.suite_dir, limit=limit,
-            num_fewshot=ev.get("num_fewshot"), apply_chat_template=ev.get("apply_chat_template", True),
-            fewshot_as_multiturn=ev.get("fewshot_as_multiturn"), output_path=cache,
+            lm, _eval_tasks(preset), suite_dir=preset.suite_dir, limit=limit, num_fewshot=ev.num_fewshot,
+            apply_chat_template=ev.apply_chat_template, fewshot_as_multiturn=ev.fewshot_as_multiturn,
+            output_path=cache,
         )
     return task_scores(results)
 
 
 def _test_records(preset, limit: int | None) -> list[dict]:
-    return pipeline.data_records(preset, training.TrainingConfig.from_preset(preset), "test")[:limit]
+    return pipeline.data_records(preset, preset.training, "test")[:limit]
 
 
 def _fidelity_key(preset, limit: int | None) -> str:
@@ -145,10 +150,14 @@ def _fidelity_scores(model, tokenizer, preset, limit: int | None, cache: Path | 
     return scores
 
 
-SCORERS = {  # the names and descriptions are config.ABLATION_SCORERS', so a preset's scorer is checked at load
-    "lm_eval": Scorer(_lm_eval_scores, ABLATION_SCORERS["lm_eval"], "exact match", _lm_eval_key),
-    "fidelity": Scorer(_fidelity_scores, ABLATION_SCORERS["fidelity"], "agreement with the full model", _fidelity_key),
+# The implementations of config.ABLATION_SCORERS (the registry a preset's ablation.scorer is checked against at
+# load): SCORERS is built from it, so a scorer named there without an implementation here fails at import.
+_IMPLEMENTATIONS = {
+    "lm_eval": (_lm_eval_scores, "exact match", _lm_eval_key),
+    "fidelity": (_fidelity_scores, "agreement with the full model", _fidelity_key),
 }
+SCORERS = {name: Scorer(_IMPLEMENTATIONS[name][0], description, *_IMPLEMENTATIONS[name][1:])
+           for name, description in ABLATION_SCORERS.items()}
 
 
 def score(model, tokenizer, preset, *, scorer: str = "lm_eval", limit: int | None = None,
@@ -248,14 +257,14 @@ def run(
     models), ``parameters``, ``decode_bytes``, ``per_token_ms``, one score per task family and ``overall``,
     ``train_seconds``, ``run_dir``.
     """
-    config = config or AblationConfig.from_preset(preset)
-    cfg = train_config or training.TrainingConfig.from_preset(preset)
-    settings = latency.LatencySettings.from_dict(preset.get("latency", {}))
-    rt = pipeline.runtime(preset)
-    device = rt["device"] if rt["device"] != "cuda" or torch.cuda.is_available() else "cpu"
+    config = config or preset.ablation
+    cfg = train_config or preset.training
+    settings = preset.latency
+    rt = preset.runtime
+    device = rt.device if rt.device != "cuda" or torch.cuda.is_available() else "cpu"
 
     def load(path: Path):
-        return load_model(path, dtype=getattr(torch, rt["dtype"]))[0].to(device)
+        return load_model(path, dtype=torch_dtype(rt.dtype))[0].to(device)
 
     main_dir = teacher_dir(preset, MAIN_TEACHER)
     tokenizer = AutoTokenizer.from_pretrained(main_dir)
@@ -266,7 +275,7 @@ def run(
     def cost_of(full, decoder=None) -> dict:
         return decode_cost(full, decoder, settings, prompt_fn, threads=timing_threads)
 
-    limit = config.eval_limit if config.eval_limit is not None else (preset.get("evaluation") or {}).get("limit")
+    limit = config.eval_limit if config.eval_limit is not None else preset.evaluation.limit
     key = f"{config.scorer}-{SCORERS[config.scorer].key(preset, limit)}"
     cache_root = preset.workdir / "ablation" / "scores"
 
@@ -312,7 +321,7 @@ def run(
                     log.info("ablation %d/%d: %s %s seed %d, overall %.3f (trained in %.0f s)", bar.n, bar.total,
                              point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
     bar.close()
-    if preset.get("smaller"):  # the smaller model fine-tuned with the same recipe (notebook 02's run when finished)
+    if preset.has("smaller"):  # the smaller model fine-tuned with the same recipe (notebook 02's run when finished)
         sources = pipeline.training_sources(preset, cfg, ["smaller"])
         cost = cost_of(load(sources.smaller_dir))
         for seed in config.seeds:

@@ -1,10 +1,14 @@
-"""Preset sections as typed data, and the one parser that checks them when a preset loads.
+"""Every preset section as typed data, the one parser that checks them when a preset loads, and the registries a
+preset's values are checked against (objectives, ablation scorers).
 
-A section is a dataclass whose annotations are its schema. :func:`parse` refuses an unknown key (naming the
-section, the key and the valid keys) and a value of the wrong type (naming the expected type), reads a number
-YAML left as a string (PyYAML reads ``1e-3`` without a dot as text) and turns lists into tuples. Sections whose
-dataclass lives beside the code that uses it (``training``, ``latency``, ``suite``, ``teacher.train``,
-``teacher.gguf``; their modules never read a preset) go through the same function.
+A section is a frozen dataclass whose annotations are its schema and whose field defaults are the only place a
+default is written. :func:`parse` refuses an unknown key (naming the section, the key and the valid keys) and a value
+of the wrong type (naming the expected type), reads a number YAML left as a string (PyYAML reads ``1e-3`` without a
+dot as text) and turns lists into tuples. ``presets.load_preset`` turns a preset file into a tree of these objects
+(``preset.decoder.hidden``, ``preset.training.learning_rate``). Four sections keep their class beside the code whose
+registry checks them (``suite``: ``tasks.SuiteConfig``, ``latency``: ``latency.LatencySettings``,
+``teacher.train``: ``teacher.TeacherConfig``, ``teacher.gguf``: ``gguf_models.GGUFSource``); ``presets.SECTION_TYPES``
+lists every section's class in one table.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ CRITERIA = ("activation", "magnitude", "random")
 AGGREGATIONS = ("l2", "mean", "l1")
 SEQ_AGGREGATIONS = ("mean", "l2")
 MAIN_TEACHER = "teacher"  # the ablation grid's name for the preset's own full model
-ABLATION_OBJECTIVES = ("overfill", "pruned", "scratch")  # what the grid can train at every width
-ABLATION_SCORERS = {  # how the grid scores a model (ablation.SCORERS implements each)
+PRECISIONS = ("auto", "fp32", "bf16")  # training.precision
+ABLATION_SCORERS = {  # how the grid scores a model (ablation.SCORERS implements each, by these names)
     "lm_eval": "the preset's evaluation tasks through lm-evaluation-harness (the synthetic suite by default; "
                "overall: the group's exact match)",
     "fidelity": "how closely the model continues the full model's held-out answers (the training data's test split; "
@@ -56,14 +60,17 @@ def values(cls, data: Mapping | None, where: str) -> dict:
     """The keys ``data`` gives, with the values :func:`parse` reads (lists for tuples, as YAML and JSON write them):
     what a preset keeps in place of its raw section, so readers of the dict see checked values."""
     parsed = parse(cls, data, where)
-    return {key: _plain(getattr(parsed, key)) for key in (data or {})}
+    return {key: plain(getattr(parsed, key)) for key in (data or {})}
 
 
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+def plain(value):
+    """A parsed value as YAML and JSON write it: tuples as lists, nested dicts copied, dataclasses as dicts."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 
@@ -168,6 +175,171 @@ def _check_width(where: str, value) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The registry of objectives (what a ``training`` or ``ablation`` section may name; training.py trains them)
+# --------------------------------------------------------------------------------------------------
+
+OBJECTIVE_LAYOUTS = ("pair", "causal")  # how a batch is collated (chat_data.LAYOUTS; a test keeps them equal)
+LOSSES = ("ce", "kl")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is trained (``trains``), how its batches look (``layout``: ``pair`` or ``causal``) and its loss
+    (``loss``: ``ce``, cross-entropy on the response tokens, or ``kl``, KL from the frozen full model's
+    next-token distribution on the same tokens). ``per_width``: the pruning-ratio ablation may train it at every
+    width (it trains the pruned decoder, or its architecture, on the chat data)."""
+
+    name: str
+    trains: str  # "decoder" (the pruned decoder), "scratch" (its architecture, random init), "full", "smaller"
+    layout: str
+    description: str
+    label: str  # how tables and figures name the trained model
+    loss: str = "ce"
+    per_width: bool = False
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(objective: Objective) -> Objective:
+    if objective.layout not in OBJECTIVE_LAYOUTS:
+        raise ValueError(f"objective layout must be one of {OBJECTIVE_LAYOUTS}, got {objective.layout!r}")
+    if objective.loss not in LOSSES:
+        raise ValueError(f"objective loss must be one of {LOSSES}, got {objective.loss!r}")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+for _o in (
+    Objective("overfill", "decoder", "pair", "pruned decoder reading the frozen full model's prompt KV (the method)",
+              "OverFill", per_width=True),
+    Objective("pruned", "decoder", "causal", "the same pruned decoder trained alone on prompt + response", "pruned",
+              per_width=True),
+    Objective("scratch", "scratch", "causal", "the decoder's architecture trained from random initialization",
+              "from scratch", per_width=True),
+    Objective("full", "full", "causal", "the full model fine-tuned (upper reference)", "full fine-tuned"),
+    Objective("smaller", "smaller", "causal", "a separately trained smaller model, fine-tuned", "smaller fine-tuned"),
+    Objective("overfill_kd", "decoder", "pair", "OverFill, distilled: KL to the full model's next-token distribution",
+              "OverFill, distilled", loss="kl"),
+    Objective("pruned_kd", "decoder", "causal", "the pruned decoder alone, distilled from the full model (KL)",
+              "pruned, distilled", loss="kl"),
+):
+    register_objective(_o)
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        valid = ", ".join(f"{k} ({v.description})" for k, v in OBJECTIVES.items())
+        raise ValueError(f"unknown objective or baseline {name!r}; valid names: {valid}")
+    return OBJECTIVES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder training recipe (a preset's ``training`` section)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One recipe for every objective. ``steps`` (optimizer steps) wins over ``epochs`` when set."""
+
+    objectives: tuple[str, ...] = ("overfill", "pruned", "scratch", "full", "smaller")
+    seeds: tuple[int, ...] = (0,)
+    objective_seeds: dict | None = None  # {objective: [seeds]} where an objective gets other seeds than `seeds`
+    # data
+    data: str = "suite"  # "suite", a .jsonl/.json path or directory, or a hub dataset name
+    data_config: str | None = None
+    data_split: str = "train"
+    data_where: dict | None = None  # column == value filters, e.g. {langdetect: en}
+    data_limit: int | None = None
+    skip_invalid: bool = False
+    max_length: int = 2048
+    num_proc: int | None = None
+    # schedule
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.01
+    warmup_steps: int | None = None  # wins over warmup_ratio: a warmup that does not move with the token budget
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    group_by_length: bool = False
+    gradient_checkpointing: bool = False  # baselines only: HF checkpointing drops the pair's prompt KV
+    # logging and checkpoints
+    logging_steps: int = 10
+    # every N steps (and at step 0), fidelity on the data's validation split: eval_nll, eval_agreement in the log
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int = 2
+    # "auto": autocast to runtime.dtype on a GPU, fp32 on a CPU; "bf16": bf16 autocast on any device (fp32 weights
+    # and optimizer; on CPUs with AMX, bf16 products run several times faster than fp32); "fp32": never autocast
+    precision: str = "auto"
+    # text windows (windows.py): cross-entropy on the text, weighted, beside the KL to the full model
+    ce_weight: float = 0.0
+    # the OverFill objective
+    strategy: str = "shared_kv"
+    include_first_token: bool = True
+    # the "smaller" baseline: a model id or directory (default: the preset's smaller model)
+    smaller_id: str | None = None
+
+    def __post_init__(self):
+        for name in self.objectives:
+            get_objective(name)
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"training.steps must be >= 1 (or null to train for training.epochs), got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("training.batch_size and training.grad_accum must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.seeds:
+            raise ValueError("training.seeds needs at least one seed")
+        check_distinct(self.objectives, "training.objectives")
+        check_distinct(self.seeds, "training.seeds")
+        for name, seeds in (self.objective_seeds or {}).items():
+            if name not in self.objectives:
+                raise ValueError(f"training.objective_seeds names {name!r}, which is not in training.objectives "
+                                 f"{list(self.objectives)}")
+            if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(x, int) for x in seeds):
+                raise ValueError(f"training.objective_seeds.{name} must be a non-empty list of integer seeds, got {seeds!r}")
+            check_distinct(seeds, f"training.objective_seeds.{name}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"training.warmup_steps must be >= 0 (or null: warmup_ratio), got {self.warmup_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.ce_weight < 0:
+            raise ValueError(f"training.ce_weight must be >= 0, got {self.ce_weight}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"training.eval_steps must be >= 1 (or null: no validation during training), got {self.eval_steps}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainingConfig:
+        return parse(cls, d, "training")
+
+    @classmethod
+    def from_preset(cls, preset) -> TrainingConfig:
+        """The preset's recipe (``preset.training``; kept for callers written before presets were typed)."""
+        return preset.training
+
+    def to_dict(self) -> dict:
+        """Every field (what a run's fingerprint hashes, less objectives and seeds)."""
+        return asdict(self)
+
+    def seeds_for(self, objective: str) -> tuple[int, ...]:
+        """The seeds ``objective`` is trained with: its ``objective_seeds`` entry, else ``seeds``."""
+        return tuple((self.objective_seeds or {}).get(objective, self.seeds))
+
+    def runs(self, objectives=None, seeds=None) -> list[tuple[str, int]]:
+        """(objective, seed) in training order, seed-major: every objective's first seed before any second seed.
+        ``seeds`` given: those for every objective."""
+        names = list(objectives or self.objectives)
+        order = list(dict.fromkeys(s for n in names for s in (seeds or self.seeds_for(n))))
+        return [(n, s) for s in order for n in names if s in (seeds or self.seeds_for(n))]
+
+
+# --------------------------------------------------------------------------------------------------
 # Sections without a home of their own
 # --------------------------------------------------------------------------------------------------
 
@@ -175,11 +347,13 @@ def _check_width(where: str, value) -> None:
 @dataclass(frozen=True)
 class TeacherSection:
     """The full model: ``id`` (a local directory or hub id), and how it is made when it is missing: ``train``
-    (a local recipe, ``teacher.TeacherConfig``) or ``gguf`` (a GGUF file in a wheel, ``gguf_models.GGUFSource``)."""
+    (a local recipe, ``teacher.TeacherConfig``) or ``gguf`` (a GGUF file in a wheel, ``gguf_models.GGUFSource``);
+    a loaded preset holds those two typed (``presets.NESTED_TYPES`` parses them; their classes live beside the
+    code that checks them)."""
 
     id: str
-    train: dict | None = None
-    gguf: dict | None = None
+    train: typing.Any = None  # teacher.TeacherConfig
+    gguf: typing.Any = None  # gguf_models.GGUFSource
     revision: str | None = None
 
 
@@ -337,9 +511,9 @@ class AblationConfig:
             for name in ("keep", "seeds", "objectives"):
                 check_distinct((spec or {}).get(name, ()), f"ablation.teachers.{other}.{name}")
         for p in self.points():
-            if bad := [o for o in p.objectives if o not in ABLATION_OBJECTIVES]:
-                raise ValueError(
-                    f"ablation objectives {bad} cannot be trained per width; choose from {sorted(ABLATION_OBJECTIVES)}")
+            if bad := [o for o in p.objectives if not get_objective(o).per_width]:
+                per_width = sorted(n for n, o in OBJECTIVES.items() if o.per_width)
+                raise ValueError(f"ablation objectives {bad} cannot be trained per width; choose from {per_width}")
         if not self.seeds:
             raise ValueError("ablation.seeds needs at least one seed")
         if not 0 < self.retention <= 1:
@@ -354,7 +528,8 @@ class AblationConfig:
 
     @classmethod
     def from_preset(cls, preset) -> AblationConfig:
-        return cls.from_dict(preset.get("ablation", {}))
+        """The preset's grid (``preset.ablation``; kept for callers written before presets were typed)."""
+        return preset.ablation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -385,6 +560,23 @@ class Point:
     @property
     def slug(self) -> str:
         return f"{slug(self.teacher)}-keep{self.keep:g}"
+
+
+def check_seed(seed, where: str) -> int:
+    """A seed numpy and torch both take: an integer in [0, 2**32) (numpy refuses others when the run starts)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"{where}: a seed is an integer from 0 to 2**32 - 1, got {seed!r}")
+    return seed
+
+
+def seed_arg(text: str) -> int:
+    """An argparse ``type`` for a seed (:func:`check_seed`)."""
+    import argparse
+
+    try:
+        return check_seed(int(text), "seed")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an integer from 0 to 2**32 - 1") from e
 
 
 def positive_int(text: str) -> int:
@@ -438,7 +630,6 @@ def slug(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Long runs on text windows (recovery.py, windows.py)
 
-PRECISIONS = ("auto", "fp32", "bf16")  # training.precision
 RECOVERY_OBJECTIVES = ("overfill_kd", "pruned_kd")  # the window objective in OverFill's layout, and the decoder alone
 
 
@@ -458,6 +649,9 @@ class WindowSpec:
     teacher_topk: int = 64
 
     def __post_init__(self):
+        for name in ("window", "context", "teacher_topk"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be a whole number of tokens, got {getattr(self, name)!r}")
         if not 1 <= self.context <= self.window - 2:
             raise ValueError(f"a window needs context >= 1 and at least 2 continuation tokens: window={self.window}, "
                              f"context={self.context}")
@@ -511,8 +705,23 @@ class RecoveryConfig:
             _check_keep(k, "recovery.keep")
         for what in ("keep", "seeds", "spread_seeds", "objectives"):
             check_distinct(getattr(self, what), f"recovery.{what}")
-        if min(self.tokens, self.eval_every, self.spread_tokens, self.batch_size, self.test_windows) < 1:
-            raise ValueError("recovery.tokens, eval_every, spread_tokens, batch_size and test_windows must be positive")
+        for what in ("keep", "seeds", "objectives"):
+            if not getattr(self, what):
+                raise ValueError(f"recovery.{what} is empty: the grid would train nothing; list at least one")
+        for seed in (*self.seeds, *self.spread_seeds):
+            check_seed(seed, "recovery seeds")
+        if min(self.tokens, self.eval_every, self.spread_tokens, self.batch_size, self.test_windows,
+               self.validation_windows, self.flat_evals) < 1:
+            raise ValueError("recovery.tokens, eval_every, spread_tokens, batch_size, test_windows, validation_windows "
+                             "and flat_evals must be positive")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"recovery.learning_rate must be a positive number, got {self.learning_rate}")
+        for name in ("weight_decay", "ce_weight", "warmup_tokens"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"recovery.{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.flat) and 0 <= self.flat < 1):
+            raise ValueError(f"recovery.flat is a fraction of the validation KL in [0, 1) (0.01: stop below 1% "
+                             f"improvement), got {self.flat}")
         check_choice("recovery.precision", self.precision, PRECISIONS)
         if self.test_windows * self.spec.scored < 20_000:
             raise ValueError(f"recovery.test_windows: {self.test_windows} windows score "

@@ -390,21 +390,24 @@ def _project_relative(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+def _preset(name: str):
+    """The named preset (the lm-eval tasks' ``preset=NAME`` metadata), loaded through the one preset loader."""
+    from overfill_lib.presets import load_preset
+
+    return load_preset(name)
+
+
 def resolve_suite_dir(suite_dir: str | os.PathLike | None = None, preset: str | None = None) -> Path:
     """Where the suite's JSONL splits are: ``suite_dir``, else the ``preset``'s, else ``$OVERFILL_SUITE_DIR``,
     else the offline default preset's. Relative paths are taken from the project root (any cwd works)."""
     if suite_dir is None and preset is not None:
-        from overfill_lib.presets import load_preset
-
-        suite_dir = load_preset(preset).suite_dir
+        suite_dir = _preset(preset).suite_dir
         if suite_dir is None:
             raise ValueError(f"preset {preset!r} has no synthetic suite (suite_dir is null)")
     if suite_dir is None:
         suite_dir = os.environ.get(SUITE_ENV) or None
     if suite_dir is None:
-        from overfill_lib.presets import load_preset
-
-        suite_dir = load_preset(DEFAULT_SUITE_PRESET).suite_dir
+        suite_dir = _preset(DEFAULT_SUITE_PRESET).suite_dir
     path = _project_relative(suite_dir)
     if not (path / "test.jsonl").is_file():
         raise ValueError(
@@ -555,10 +558,11 @@ def resolve_chat_dir(data_dir: str | os.PathLike | None = None, preset: str | No
     """Where the chat task's ``test.jsonl`` is: ``data_dir``, else the ``preset``'s self-distilled data
     (its ``distill.dir``, else ``training.data``). Relative paths are taken from the project root."""
     if data_dir is None and preset is not None:
-        from overfill_lib.presets import load_preset
-
-        p = load_preset(preset)
-        data_dir = (p.get("distill") or {}).get("dir") or (p.get("training") or {}).get("data")
+        p = _preset(preset)
+        if p.distill is not None:
+            data_dir = p.distill.dir
+        elif p.training.data != "suite":  # the suite is no chat folder; its own tasks are overfill_suite
+            data_dir = p.training.data
     if data_dir is None:
         raise ValueError(f"task {CHAT_TASK} needs its data: --metadata data_dir=DIR (a folder with test.jsonl, e.g. "
                          "data/distill-smollm2-135m) or preset=NAME, or evaluate(..., metadata={'data_dir': DIR})")

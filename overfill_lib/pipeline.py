@@ -3,8 +3,9 @@
     suite -> full model (and its narrower sibling) -> distilled data -> importance -> pruned decoder -> training runs
 
 One function per artifact: each builds it when it is missing or stale and returns where it lives, so a preset
-reaches any artifact in at most three calls. This is the one module that reads a preset to drive the modules
-that do the work (tasks, teacher, gguf_models, corpus, importance, pruning, training), which take plain arguments.
+reaches any artifact in at most three calls. This is the one module that reads a preset's sections to drive the
+modules that do the work (tasks, teacher, gguf_models, corpus, importance, pruning, training), which take plain
+arguments or the sections' typed objects.
 
     python -m overfill_lib.pipeline train --preset tiny --objective overfill --seed 0
     python -m overfill_lib.pipeline distill --preset smollm2-135m
@@ -21,10 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from overfill_lib import corpus, gguf_models, importance, pruning, tasks, teacher, training
 from overfill_lib.artifacts import load_causal_lm, load_model, read_json, resolve_model, write_json
+from overfill_lib.config import DecoderSection, SmallerSection, parse, torch_dtype
 from overfill_lib.presets import Preset, load_preset
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,8 @@ MODELS = ("teacher", "smaller")  # the preset sections that name a full model an
 
 
 def runtime(preset: Preset) -> dict:
-    """The preset's ``runtime`` section with its defaults: ``{"device": "cpu", "dtype": "float32"}``."""
-    rt = preset.get("runtime", {})
-    return {"device": rt.get("device", "cpu"), "dtype": rt.get("dtype", "float32")}
+    """The preset's ``runtime`` as the plain ``{"device", "dtype"}`` mapping ``training.train`` takes."""
+    return {"device": preset.runtime.device, "dtype": preset.runtime.dtype}
 
 
 def suite(preset: Preset) -> Path:
@@ -52,30 +51,31 @@ def teacher_recipe(preset: Preset, which: str = "teacher") -> teacher.TeacherCon
     """The local preset's training recipe for its full model, or for its ``smaller`` sibling (the same, narrower)."""
     cfg = preset.teacher_config()
     if which == "smaller":
-        spec = preset["smaller"] or {}
-        cfg = cfg.narrower(spec.get("width_ratio", 0.5), heads=spec.get("heads", False))
+        spec = preset.smaller or SmallerSection()
+        cfg = cfg.narrower(spec.width_ratio, heads=spec.heads)
     return cfg
 
 
 def model(preset: Preset, which: str = "teacher", retrain: bool = False) -> tuple[Path, dict | None]:
     """The directory of the preset's full model (``which="teacher"``) or its sibling (``"smaller"``), with its record.
 
-    Local presets: train it on the suite when its checkpoint is missing or ``retrain``, and return its training
-    record. GGUF presets (``gguf:`` beside the id): convert the file once into the directory ``id`` and return its
-    source record. Hub presets: resolve the id to a local directory (a clear error offline), no record.
+    Presets with a local recipe (``teacher.train``): train it on the suite when its checkpoint is missing or
+    ``retrain``, and return its training record. GGUF presets (``gguf:`` beside the id): convert the file once into
+    the directory ``id`` and return its source record. Hub presets: resolve the id to a local directory (a clear
+    error offline), no record.
     """
     if which not in MODELS:
         raise ValueError(f"unknown model {which!r}; choose from {MODELS}")
-    spec = preset[which] or {}
-    if not preset.is_offline_default:
-        if "id" not in spec:
+    spec = getattr(preset, which)
+    if preset.teacher.train is None:  # a pretrained full model (and sibling): found, not trained
+        if spec is None or spec.id is None:
             raise ValueError(f"preset {preset.name!r} names no {which} model id")
-        if spec.get("gguf"):
-            path = preset.path(spec["id"])
-            return gguf_models.ensure_model(spec["gguf"], path), gguf_models.source_record(path)
-        return resolve_model(spec["id"], revision=spec.get("revision")), None
+        if getattr(spec, "gguf", None) is not None:
+            path = preset.path(spec.id)
+            return gguf_models.ensure_model(spec.gguf, path), gguf_models.source_record(path)
+        return resolve_model(spec.id, revision=spec.revision), None
     cfg = teacher_recipe(preset, which)
-    path = preset.path(spec.get("id") or preset.workdir / which)
+    path = preset.path(spec.id if spec is not None and spec.id else preset.workdir / which)
     suite_dir = suite(preset)
     if retrain or not (path / "config.json").exists():
         log.info("training the %s (%s) into %s", which, cfg, path)
@@ -99,16 +99,18 @@ def reproduce(preset: Preset, which: str = "teacher", out_dir: str | Path | None
 def distilled_data(preset: Preset, full=None, tokenizer=None, splits: Sequence[str] = corpus.DATA_SPLITS) -> Path:
     """The preset's self-distilled chat data (``distill.dir``), written or completed by its full model when a split
     (of ``splits``) is missing or was made by another request (another model, size, instructions or decoding)."""
-    section = corpus.check_distill_section(dict(preset["distill"] or {}))
+    section = preset.distill
+    if section is None:
+        raise ValueError(f"preset {preset.name!r} has no distill section (the smollm2-135m preset has one)")
     source = None
     if full is None:
         model_dir, _ = full_model(preset)
         full, tokenizer = load_model(model_dir)
         source = gguf_models.source_record(model_dir)
     return corpus.build_distilled_data(
-        full, tokenizer, preset.path(section["dir"]), sizes={s: tuple(section[s]) for s in corpus.DATA_SPLITS},
-        max_new_tokens=section.get("max_new_tokens", 96), batch_size=section.get("batch_size", 16),
-        seed=section.get("seed", 0), source=source and {k: source[k] for k in ("source", "gguf_sha256")},
+        full, tokenizer, preset.path(section.dir), sizes={s: tuple(getattr(section, s)) for s in corpus.DATA_SPLITS},
+        max_new_tokens=section.max_new_tokens, batch_size=section.batch_size, seed=section.seed,
+        source=source and {k: source[k] for k in ("source", "gguf_sha256")},
         splits=splits)
 
 
@@ -120,9 +122,10 @@ def distilled_data(preset: Preset, full=None, tokenizer=None, splits: Sequence[s
 def channel_importance(preset: Preset, full, tokenizer, *, directory: str | Path | None = None,
                        **kwargs) -> dict[str, importance.Importance]:
     """Importance of ``full`` by each criterion, calibrated as the preset's ``calibration`` section says and cached
-    under ``directory`` (default ``<workdir>/importance``); ``kwargs`` as :func:`importance.cached_importance`."""
+    under ``directory`` (default ``<workdir>/importance``); ``kwargs`` as :func:`importance.cached_importance`
+    (given the section as the preset wrote it, which is what its cache key has always recorded)."""
     return importance.cached_importance(
-        full, tokenizer, preset.get("calibration", {}),
+        full, tokenizer, preset.plain("calibration"),
         Path(directory) if directory is not None else preset.workdir / "importance",
         suite_dir=preset.suite_dir, **kwargs)
 
@@ -141,21 +144,22 @@ def pruned_decoder(preset: Preset, retrain: bool = False, *, decoder: dict | Non
 
     full_dir = Path(full_dir) if full_dir is not None else full_model(preset)[0]
     out = Path(out) if out is not None else preset.workdir / "pruned_decoder"
-    spec = {"decoder": decoder if decoder is not None else preset.get("decoder", {}),
-            "calibration": preset.get("calibration", {}), "full": training.dir_signature(full_dir)}
+    # The stamp records the sections as the preset wrote them (as every earlier stamp did), so a decoder pruned
+    # before presets were typed is still found.
+    spec = {"decoder": decoder if decoder is not None else preset.plain("decoder"),
+            "calibration": preset.plain("calibration"), "full": training.dir_signature(full_dir)}
     stamp = out / "prepared.json"
     if not retrain and stamp.is_file() and read_json(stamp).get("spec") == json.loads(json.dumps(spec)):
         return out
-    rt = runtime(preset)
-    log.info("pruning %s into %s (%s)", full_dir, out, spec["decoder"])
-    section = spec["decoder"]
-    full = load_causal_lm(full_dir, "full model", dtype=getattr(torch, rt["dtype"])).to(rt["device"]).eval()
+    section: DecoderSection = parse(DecoderSection, spec["decoder"], "decoder")
+    log.info("pruning %s into %s (%s)", full_dir, out, section)
+    full = load_causal_lm(full_dir, "full model", dtype=torch_dtype(preset.runtime.dtype))
+    full = full.to(preset.runtime.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(full_dir)
-    criterion = section.get("criterion", "activation")
-    scores = channel_importance(preset, full, tokenizer, directory=importance_dir, criteria=[criterion])[criterion]
-    pruned, record = pruning.prune_width(
-        full, scores, hidden=section.get("hidden"), intermediate=section.get("intermediate"),
-        heads=section.get("heads"), round_to=int(section.get("round_to", 1)))
+    scores = channel_importance(preset, full, tokenizer, directory=importance_dir,
+                                criteria=[section.criterion])[section.criterion]
+    pruned, record = pruning.prune_width(full, scores, hidden=section.hidden, intermediate=section.intermediate,
+                                         heads=section.heads, round_to=section.round_to)
     pruning.save_pruned(pruned.cpu(), record, out, tokenizer=tokenizer)
     write_json(stamp, {"spec": spec, "full_dir": str(full_dir)})
     return out
@@ -169,7 +173,7 @@ def pruned_decoder(preset: Preset, retrain: bool = False, *, decoder: dict | Non
 def training_sources(preset: Preset, config: training.TrainingConfig | None = None,
             objectives: Sequence[str] | None = None) -> training.Sources:
     """Every model the objectives read, built first for local presets."""
-    config = config or training.TrainingConfig.from_preset(preset)
+    config = config or preset.training
     objectives = list(objectives or config.objectives)
     full_dir, _ = full_model(preset)
     decoder_dir = pruned_decoder(preset, full_dir=full_dir)
@@ -177,7 +181,7 @@ def training_sources(preset: Preset, config: training.TrainingConfig | None = No
     if any(training.get_objective(o).trains == "smaller" for o in objectives):
         smaller_dir = resolve_model(config.smaller_id) if config.smaller_id else model(preset, "smaller")[0]
     return training.Sources(Path(full_dir), Path(decoder_dir), smaller_dir and Path(smaller_dir),
-                            str(preset["teacher"]["id"]))
+                            str(preset.teacher.id))
 
 
 def _data_source(preset: Preset, config: training.TrainingConfig):
@@ -231,7 +235,7 @@ def training_run(
     """
     from transformers import AutoTokenizer
 
-    config = config or training.TrainingConfig.from_preset(preset)
+    config = config or preset.training
     training.get_objective(objective)
     sources = sources or training_sources(preset, config, [objective])
     if dataset is None:
@@ -280,7 +284,7 @@ def _train(args) -> int:
     if args.steps is not None:
         overrides.setdefault("training", {})["steps"] = args.steps
     preset = load_preset(args.preset, overrides)
-    config = training.TrainingConfig.from_preset(preset)
+    config = preset.training
     objectives = args.objective or list(config.objectives)
     for name in objectives:
         training.get_objective(name)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-
 
 from overfill_lib.artifacts import PROJECT_ROOT, read_mapping, short_repr
 
@@ -27,7 +27,7 @@ SECTIONS = {
     "decoder": "width pruning of the decoder: {hidden, intermediate, heads, round_to, criterion}",
     "calibration": "importance calibration data: {source (suite, wikitext, pydoc), samples, seq_len, batch_size, "
                    "aggregation, skip_loss_samples}",
-    "training": "decoder training recipe (OverFill objective and baselines)",
+    "training": "decoder training recipe (config.TrainingConfig: OverFill objective and baselines)",
     "distill": "self-distilled chat data the full model writes (pipeline.distilled_data): "
                "{dir, train, validation, test: [passage prompts, family prompts], max_new_tokens, batch_size, seed}",
     "evaluation": "evaluation settings (tasks, limits, batch size)",
@@ -40,14 +40,14 @@ SECTIONS = {
 }
 
 
-# The dataclass that parses each section (``config.parse``), imported when a preset gives the section.
+# The dataclass that parses each section (``config.parse``), imported when a preset loads: the preset's schema.
 SECTION_TYPES = {
     "suite": "overfill_lib.tasks:SuiteConfig",
     "teacher": "overfill_lib.config:TeacherSection",
     "smaller": "overfill_lib.config:SmallerSection",
     "decoder": "overfill_lib.config:DecoderSection",
     "calibration": "overfill_lib.config:CalibrationSection",
-    "training": "overfill_lib.training:TrainingConfig",
+    "training": "overfill_lib.config:TrainingConfig",
     "distill": "overfill_lib.config:DistillSection",
     "evaluation": "overfill_lib.config:EvaluationSection",
     "latency": "overfill_lib.latency:LatencySettings",
@@ -58,6 +58,9 @@ SECTION_TYPES = {
 NESTED_TYPES = {("teacher", "train"): "overfill_lib.teacher:TeacherConfig",
                 ("teacher", "gguf"): "overfill_lib.gguf_models:GGUFSource"}
 TEXT_SECTIONS = ("name", "description", "suite_dir", "workdir")
+# Sections a preset may leave out: None (no such thing: a pretrained model has no synthetic suite), else the
+# section's defaults (its dataclass with no keys given).
+OPTIONAL = ("suite", "teacher", "smaller", "distill", "recovery")
 
 
 def _section_type(spec: str):
@@ -67,23 +70,36 @@ def _section_type(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _checked(raw: dict) -> dict:
-    """Every section parsed by its dataclass, so a wrong key or type fails here, not an hour into a run; the
-    values read (numbers YAML left as strings, single values for lists) replace the raw ones."""
-    from overfill_lib.config import values
+def _parse_section(spec: str, data, where: str):
+    """``(typed, plain)``: the section's dataclass, and the keys the preset gave with the values read (lists for
+    tuples, as YAML and JSON write them): the plain form records and run fingerprints keep."""
+    from overfill_lib.config import parse, plain
 
-    out = dict(raw)
+    typed = parse(_section_type(spec), data, where)
+    if hasattr(typed, "validate"):  # latency.LatencySettings checks its values after construction
+        typed.validate()
+    return typed, {key: plain(getattr(typed, key)) for key in (data or {})}
+
+
+def _checked(raw: dict) -> tuple[dict, dict]:
+    """``(plain, typed)``: every section parsed by its dataclass, so a wrong key or type fails here, not an hour
+    into a run; ``plain`` is the preset with the values read (numbers YAML left as strings, single values for
+    lists) in place of the raw ones, ``typed`` maps each given section to its dataclass."""
+    from dataclasses import replace
+
+    out, typed = dict(raw), {}
     for key in TEXT_SECTIONS:
         if out.get(key) is not None and not isinstance(out[key], str):
             raise ValueError(f"preset {key} must be a string, got {out[key]!r}")
     for section, spec in SECTION_TYPES.items():
         if out.get(section) is None:
             continue
-        out[section] = values(_section_type(spec), out[section], section)
+        typed[section], out[section] = _parse_section(spec, out[section], section)
         for (parent, key), nested in NESTED_TYPES.items():
             if parent == section and out[section].get(key) is not None:
-                out[section][key] = values(_section_type(nested), out[section][key], f"{section}.{key}")
-    return out
+                value, out[section][key] = _parse_section(nested, out[section][key], f"{section}.{key}")
+                typed[section] = replace(typed[section], **{key: value})
+    return out, typed
 
 
 def available() -> list[str]:
@@ -102,13 +118,59 @@ def _deep_merge(base: dict, override: dict, where: str = "") -> dict:
 
 @dataclass(frozen=True)
 class Preset:
+    """A loaded preset: a tree of typed sections (``preset.decoder.hidden``, ``preset.training.learning_rate``,
+    ``preset.recovery.keep``), each default written once in its dataclass (``config``, ``SECTION_TYPES``).
+
+    ``raw`` is the preset as written, every value checked (what ``to_dict`` returns, what notebook results record
+    and what run fingerprints hash); read sections through the attributes, and ``plain(section)`` where a record
+    needs the keys the preset gave.
+    """
+
     name: str
     raw: dict = field(repr=False)
 
+    @cached_property
+    def _typed(self) -> dict:
+        return _checked(self.raw)[1]
+
+    def _section(self, section: str):
+        if section in self._typed:
+            return self._typed[section]
+        return None if section in OPTIONAL else _section_type(SECTION_TYPES[section])()
+
+    # The sections, typed (None where an optional section is left out).
+    suite = property(lambda self: self._section("suite"), doc="tasks.SuiteConfig, or None: no synthetic suite")
+    teacher = property(lambda self: self._section("teacher"), doc="config.TeacherSection: the full model")
+    smaller = property(lambda self: self._section("smaller"), doc="config.SmallerSection, or None")
+    decoder = property(lambda self: self._section("decoder"), doc="config.DecoderSection")
+    calibration = property(lambda self: self._section("calibration"), doc="config.CalibrationSection")
+    training = property(lambda self: self._section("training"), doc="config.TrainingConfig")
+    distill = property(lambda self: self._section("distill"), doc="config.DistillSection, or None")
+    evaluation = property(lambda self: self._section("evaluation"), doc="config.EvaluationSection")
+    latency = property(lambda self: self._section("latency"), doc="latency.LatencySettings")
+    ablation = property(lambda self: self._section("ablation"), doc="config.AblationConfig")
+    recovery = property(lambda self: self._section("recovery"), doc="config.RecoveryConfig, or None")
+    runtime = property(lambda self: self._section("runtime"), doc="config.RuntimeSection")
+
+    @property
+    def description(self) -> str:
+        return self.raw.get("description") or ""
+
+    def has(self, section: str) -> bool:
+        """Whether the preset gives ``section`` (not left out, null or empty)."""
+        return bool(self.raw.get(section))
+
+    def plain(self, section: str) -> dict:
+        """``section`` as the preset wrote it, values checked (``{}`` when left out): the form a pruned decoder's
+        stamp and the importance cache key record, so they match what earlier runs recorded."""
+        return copy.deepcopy(self.raw.get(section) or {})
+
     def __getitem__(self, section: str):
+        """The plain form of ``section`` (None when left out), for callers written before presets were typed."""
         return self.raw.get(section)
 
     def get(self, section: str, default=None):
+        """Like ``__getitem__``, with a default; prefer the typed attributes."""
         value = self.raw.get(section)
         return default if value is None else value
 
@@ -126,23 +188,26 @@ class Preset:
         return self.path(self.raw["suite_dir"]) if self.raw.get("suite_dir") else None
 
     @property
+    def workload(self) -> str:
+        """``synthetic`` (a synthetic suite and models trained on it here) or ``pretrained`` (a pretrained full
+        model, scored by fidelity to its own answers): the name of the ``workloads.WORKLOADS`` entry that says what
+        data, scorer, quality measure and figures the notebooks use."""
+        return "synthetic" if self.suite is not None else "pretrained"
+
+    @property
     def is_offline_default(self) -> bool:
-        return self.raw.get("suite") is not None
+        """``workload == "synthetic"`` (the older name, still read by notebook 00)."""
+        return self.workload == "synthetic"
 
     def suite_config(self):
-        from overfill_lib.tasks import SuiteConfig
-
-        if self.raw.get("suite") is None:
+        if self.suite is None:
             raise ValueError(f"preset {self.name!r} has no synthetic suite; it evaluates real tasks through lm-eval")
-        return SuiteConfig.from_dict(self.raw["suite"])
+        return self.suite
 
     def teacher_config(self):
-        from overfill_lib.teacher import TeacherConfig
-
-        train = (self.raw.get("teacher") or {}).get("train")
-        if train is None:
+        if self.teacher is None or self.teacher.train is None:
             raise ValueError(f"preset {self.name!r} uses a pretrained teacher; there is no local recipe to train")
-        return TeacherConfig.from_dict(train)
+        return self.teacher.train
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
@@ -175,4 +240,7 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
         raise ValueError(f"unknown preset section(s) {unknown}; valid sections:\n{valid}")
     if not isinstance(raw.get("teacher"), dict) or not raw["teacher"].get("id"):
         raise ValueError(f"preset {raw.get('name')!r} needs teacher.id (a local directory or a hub model id)")
-    return Preset(name=str(raw["name"]), raw=_checked(raw))
+    plain, typed = _checked(raw)
+    preset = Preset(name=str(raw["name"]), raw=plain)
+    preset.__dict__["_typed"] = typed  # parsed once, here (cached_property's slot)
+    return preset

@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from overfill_lib import chat_data
+from overfill_lib import chat_data, config
 from overfill_lib.artifacts import (
     atomic_directory,
     atomic_write_text,
@@ -39,171 +39,16 @@ from overfill_lib.artifacts import (
     read_json,
     write_json,
 )
-from overfill_lib.config import PRECISIONS, check_distinct
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-# --------------------------------------------------------------------------------------------------
-# The registry of objectives
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What is trained (``trains``), how its batches look (``layout``: ``pair`` or ``causal``) and its loss
-    (``loss``: ``ce``, cross-entropy on the response tokens, or ``kl``, KL from the frozen full model's
-    next-token distribution on the same tokens)."""
-
-    name: str
-    trains: str  # "decoder" (the pruned decoder), "scratch" (its architecture, random init), "full", "smaller"
-    layout: str
-    description: str
-    label: str  # how tables and figures name the trained model
-    loss: str = "ce"
-
-
-OBJECTIVES: dict[str, Objective] = {}
-LOSSES = ("ce", "kl")
-
-
-def register_objective(objective: Objective) -> Objective:
-    if objective.layout not in chat_data.LAYOUTS:
-        raise ValueError(f"objective layout must be one of {chat_data.LAYOUTS}, got {objective.layout!r}")
-    if objective.loss not in LOSSES:
-        raise ValueError(f"objective loss must be one of {LOSSES}, got {objective.loss!r}")
-    OBJECTIVES[objective.name] = objective
-    return objective
-
-
-for _o in (
-    Objective("overfill", "decoder", "pair", "pruned decoder reading the frozen full model's prompt KV (the method)",
-              "OverFill"),
-    Objective("pruned", "decoder", "causal", "the same pruned decoder trained alone on prompt + response", "pruned"),
-    Objective("scratch", "scratch", "causal", "the decoder's architecture trained from random initialization",
-              "from scratch"),
-    Objective("full", "full", "causal", "the full model fine-tuned (upper reference)", "full fine-tuned"),
-    Objective("smaller", "smaller", "causal", "a separately trained smaller model, fine-tuned", "smaller fine-tuned"),
-    Objective("overfill_kd", "decoder", "pair", "OverFill, distilled: KL to the full model's next-token distribution",
-              "OverFill, distilled", loss="kl"),
-    Objective("pruned_kd", "decoder", "causal", "the pruned decoder alone, distilled from the full model (KL)",
-              "pruned, distilled", loss="kl"),
-):
-    register_objective(_o)
-
-
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        valid = ", ".join(f"{k} ({v.description})" for k, v in OBJECTIVES.items())
-        raise ValueError(f"unknown objective or baseline {name!r}; valid names: {valid}")
-    return OBJECTIVES[name]
-
-
-# --------------------------------------------------------------------------------------------------
-# The recipe (a preset's ``training`` section)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """One recipe for every objective. ``steps`` (optimizer steps) wins over ``epochs`` when set."""
-
-    objectives: tuple[str, ...] = ("overfill", "pruned", "scratch", "full", "smaller")
-    seeds: tuple[int, ...] = (0,)
-    objective_seeds: dict | None = None  # {objective: [seeds]} where an objective gets other seeds than `seeds`
-    # data
-    data: str = "suite"  # "suite", a .jsonl/.json path or directory, or a hub dataset name
-    data_config: str | None = None
-    data_split: str = "train"
-    data_where: dict | None = None  # column == value filters, e.g. {langdetect: en}
-    data_limit: int | None = None
-    skip_invalid: bool = False
-    max_length: int = 2048
-    num_proc: int | None = None
-    # schedule
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 8  # per device
-    grad_accum: int = 1
-    learning_rate: float = 2e-5
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.01
-    warmup_steps: int | None = None  # wins over warmup_ratio: a warmup that does not move with the token budget
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    group_by_length: bool = False
-    gradient_checkpointing: bool = False  # baselines only: HF checkpointing drops the pair's prompt KV
-    # logging and checkpoints
-    logging_steps: int = 10
-    # every N steps (and at step 0), fidelity on the data's validation split: eval_nll, eval_agreement in the log
-    eval_steps: int | None = None
-    save_steps: int = 500
-    save_total_limit: int = 2
-    # "auto": autocast to runtime.dtype on a GPU, fp32 on a CPU; "bf16": bf16 autocast on any device (fp32 weights
-    # and optimizer; on CPUs with AMX, bf16 products run several times faster than fp32); "fp32": never autocast
-    precision: str = "auto"
-    # text windows (windows.py): cross-entropy on the text, weighted, beside the KL to the full model
-    ce_weight: float = 0.0
-    # the OverFill objective
-    strategy: str = "shared_kv"
-    include_first_token: bool = True
-    # the "smaller" baseline: a model id or directory (default: the preset's smaller model)
-    smaller_id: str | None = None
-
-    def __post_init__(self):
-        for name in self.objectives:
-            get_objective(name)
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"training.steps must be >= 1 (or null to train for training.epochs), got {self.steps}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("training.batch_size and training.grad_accum must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.seeds:
-            raise ValueError("training.seeds needs at least one seed")
-        check_distinct(self.objectives, "training.objectives")
-        check_distinct(self.seeds, "training.seeds")
-        for name, seeds in (self.objective_seeds or {}).items():
-            if name not in self.objectives:
-                raise ValueError(f"training.objective_seeds names {name!r}, which is not in training.objectives "
-                                 f"{list(self.objectives)}")
-            if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(x, int) for x in seeds):
-                raise ValueError(f"training.objective_seeds.{name} must be a non-empty list of integer seeds, got {seeds!r}")
-            check_distinct(seeds, f"training.objective_seeds.{name}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"training.warmup_steps must be >= 0 (or null: warmup_ratio), got {self.warmup_steps}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.ce_weight < 0:
-            raise ValueError(f"training.ce_weight must be >= 0, got {self.ce_weight}")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise ValueError(f"training.eval_steps must be >= 1 (or null: no validation during training), got {self.eval_steps}")
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> TrainingConfig:
-        from overfill_lib.config import parse
-
-        return parse(cls, d, "training")
-
-    @classmethod
-    def from_preset(cls, preset) -> TrainingConfig:
-        return cls.from_dict(preset.get("training", {}))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def seeds_for(self, objective: str) -> tuple[int, ...]:
-        """The seeds ``objective`` is trained with: its ``objective_seeds`` entry, else ``seeds``."""
-        return tuple((self.objective_seeds or {}).get(objective, self.seeds))
-
-    def runs(self, objectives: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[tuple[str, int]]:
-        """(objective, seed) in training order, seed-major: every objective's first seed before any second seed.
-        ``seeds`` given: those for every objective."""
-        names = list(objectives or self.objectives)
-        order = list(dict.fromkeys(s for n in names for s in (seeds or self.seeds_for(n))))
-        return [(n, s) for s in order for n in names if s in (seeds or self.seeds_for(n))]
+# The registry of objectives and the recipe (a preset's ``training`` section) live in config.py, where a preset is
+# checked against them when it loads; they are this module's vocabulary, so they are named here too.
+OBJECTIVES, Objective, TrainingConfig = config.OBJECTIVES, config.Objective, config.TrainingConfig
+get_objective, register_objective = config.get_objective, config.register_objective
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,6 +452,8 @@ def _training_args(config: TrainingConfig, run_dir: Path, seed: int, steps: int,
         label_names=["labels"] if layout == "causal" else [],
         disable_tqdm=False,
         **(_length_grouping() if config.group_by_length else {}),
+        # FSDP on a CPU (distributed.enable_cpu_fsdp) configures accelerate's state before the Trainer: keep it
+        **({"accelerator_config": {"use_configured_state": True}} if os.environ.get("OVERFILL_CPU_FSDP") else {}),
     )
 
 
@@ -769,6 +616,11 @@ def checkpoint_problem(path: Path) -> str | None:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as e:
         return f"trainer_state.json unreadable ({type(e).__name__})"
+    if (path / "pytorch_model_fsdp_0").is_dir():  # FSDP SHARDED_STATE_DICT: torch.distributed.checkpoint folders,
+        for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # whose .metadata is written once every shard is
+            if not (path / part / ".metadata").is_file():
+                return f"{part}/.metadata missing"
+        return None if (path / "scheduler.pt").is_file() else "scheduler.pt missing"
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         return "no weights (*.safetensors)"
@@ -873,8 +725,7 @@ def _save_final(trainer: Trainer, pair, out: Path, sources: Sources) -> None:
     """The trained model as an HF directory (safetensors); for OverFill the pair's format (decoder + overfill_config.json).
 
     Sharded engines (ZeRO-3, FSDP) gather the weights in ``trainer.save_model``, which every process must
-    call; the pair's config needs unsharded weights, so there the decoder is saved with its ``pruning.json``
-    and loads with ``OverFillModel.from_models(full_id, out)``.
+    call (FSDP with sharded checkpoints gathers a full state dict for it); the main process then writes the pair.
     """
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if not sharded:
@@ -887,10 +738,21 @@ def _save_final(trainer: Trainer, pair, out: Path, sources: Sources) -> None:
                     trainer.processing_class.save_pretrained(tmp)
         return
     staging = out.with_name(f".{out.name}.staging")
-    trainer.save_model(str(staging))
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    kept = plugin.state_dict_type if plugin is not None else None
+    if plugin is not None and "FULL_STATE_DICT" not in str(kept):  # sharded checkpoints; the final weights gathered
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        trainer.save_model(str(staging))
+    finally:
+        if plugin is not None:
+            plugin.set_state_dict_type(kept)
     if trainer.is_world_process_zero():
-        if pair is not None and (sources.decoder_dir / "pruning.json").is_file():
-            shutil.copy(sources.decoder_dir / "pruning.json", staging / "pruning.json")
+        if pair is not None:  # the gathered decoder in the pair's format, as a single-process run saves it
+            with _decoder_as(pair, load_causal_lm(staging, "trained decoder", dtype=torch.float32)) as gathered:
+                gathered.save_pretrained(out)
+            shutil.rmtree(staging)
+            return
         shutil.rmtree(out, ignore_errors=True)
         os.replace(staging, out)
 

@@ -52,7 +52,7 @@ class Workbook:
         record = {
             "notebook": self.notebook,
             "preset": self.preset.to_dict(),
-            "environment": environment_record(self.preset.get("runtime", {}).get("device", "cpu"), seed),
+            "environment": environment_record(self.preset.runtime.device, seed),
             **results,
         }
         write_json(path, record)
@@ -102,7 +102,7 @@ def check_parameters(notebook: str | Path, parameters: Mapping, *, known_only: b
 
 def missing_sections(preset: Preset, notebook: str) -> list[str]:
     """The sections ``notebook`` needs that ``preset`` leaves empty (the runner skips such notebooks)."""
-    return [s for s in NOTEBOOK_NEEDS.get(notebook, ()) if not preset.get(s)]
+    return [s for s in NOTEBOOK_NEEDS.get(notebook, ()) if not preset.has(s)]
 
 
 def setup(preset: str, overrides: dict | None = None, *, notebook: str, seed: int = 0,

