@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                   f"after {row['after_tokens_per_s']:7.1f} tok/s ({row['speedup']:.2f}x), "
                   f"after with bf16 autocast {row['after_bf16_tokens_per_s']:7.1f} tok/s ({row['speedup_bf16']:.2f}x)",
                   flush=True)
-    out = Path(args.out) if args.out else PROJECT_ROOT / "results" / preset["name"] / "train_throughput.json"
+    out = Path(args.out) if args.out else PROJECT_ROOT / "results" / preset.name / "train_throughput.json"
     import platform
 
     cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""

@@ -63,7 +63,7 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
     assert find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1, "b": 2}}) is None
     graph = import_graph()
     assert "pair" in graph["training"]  # imported inside functions only
-    assert "training" in graph["presets"]  # the string "overfill_lib.training:TrainingConfig"
+    assert "latency" in graph["presets"]  # the string "overfill_lib.latency:LatencySettings"
 
 
 def test_gpu_headline_needs_only_torch_and_transformers():
