@@ -1,6 +1,6 @@
 """The OverFill pair: strategies and their validation, scoring, the training path, persistence.
 
-Tiny random fp32 Llama models built inline (hidden 32); the whole file runs in seconds on CPU.
+Tiny random fp32 Llama models (hidden 32), built by the helpers of test_generation; the file runs in seconds on CPU.
 """
 
 from __future__ import annotations
@@ -9,45 +9,14 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from overfill_lib.artifacts import write_json
 from overfill_lib.generation import pad_sequences
 from overfill_lib.pair import STRATEGIES, KVProjection, OverFillModel, default_layer_map, suggest_strategy
+from tests.test_generation import IDS, VOCAB, hf_greedy, subset_decoder, tiny_llama
 
 torch.set_num_threads(1)
-VOCAB = 96
-IDS = [[5, 17, 33, 9, 41, 12, 60], [7, 8, 9], [70, 3, 22, 45, 11]]
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
-        bos_token_id=2, tie_word_embeddings=False,
-    )
-    kw.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
-
-
-def subset_decoder(full, keep: list[int]):
-    """A depth-pruned decoder: copies of the full model's layers ``keep``, renumbered for the cache."""
-    dec = copy.deepcopy(full)
-    dec.model.layers = torch.nn.ModuleList(dec.model.layers[i] for i in keep)
-    for j, layer in enumerate(dec.model.layers):
-        layer.self_attn.layer_idx = j
-    dec.config.num_hidden_layers = len(keep)
-    if getattr(dec.config, "layer_types", None):
-        dec.config.layer_types = [dec.config.layer_types[i] for i in keep]
-    return dec
-
-
-def hf_greedy(full, prompts, max_new_tokens, **kw) -> torch.Tensor:
-    ids, mask = pad_sequences(prompts, 0, side="left")
-    return full.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=0, **kw)
-
 
 # ----------------------------------------------------------------------------------------------
 # construction and validation
@@ -108,7 +77,7 @@ def test_unpairable_under_every_strategy_and_bad_layer_lists():
 
 def test_layer_subset_first_token_and_identity():
     full = tiny_llama(num_hidden_layers=3)
-    ref = hf_greedy(full, IDS, 8)
+    ref = hf_greedy(full, IDS, 0, 8)
     pair = OverFillModel(full, subset_decoder(full, [0, 2]), "layer_subset", layers=[0, 2])
     out = pair.generate(IDS, max_new_tokens=8)
     assert torch.equal(out.new_tokens[:, 0], ref[:, 7])  # the first token is the full model's
@@ -126,7 +95,7 @@ def test_kv_projection_identity_init_reproduces_the_full_model():
     full = tiny_llama()
     pair = OverFillModel(full, copy.deepcopy(full), "kv_projection")
     assert all(p.requires_grad for p in pair.strategy.parameters())
-    assert torch.equal(pair.generate(IDS, max_new_tokens=8).sequences, hf_greedy(full, IDS, 8))
+    assert torch.equal(pair.generate(IDS, max_new_tokens=8).sequences, hf_greedy(full, IDS, 0, 8))
 
 
 def test_kv_projection_smaller_decoder_runs_and_trains():
@@ -169,7 +138,7 @@ def test_identity_scoring_equals_full_model_loglikelihood():
     full = tiny_llama()
     pair = OverFillModel(full, copy.deepcopy(full))
     # Make one continuation the full model's own greedy one, so is_greedy is True at least once.
-    greedy = hf_greedy(full, IDS[:1], 3)[0, len(IDS[0]) :].tolist()
+    greedy = hf_greedy(full, IDS[:1], 0, 3)[0, len(IDS[0]) :].tolist()
     continuations = [greedy, *CONTINUATIONS[1:]]
     scores = pair.score(IDS, continuations, batch_size=2)
     for (lp, is_greedy), ctx, cont in zip(scores, IDS, continuations):
