@@ -3,8 +3,9 @@
 The stage functions are shared by the plain loop here (:func:`generate`: ``DynamicCache``, eager, sampling,
 stop strings, prefill refresh) and the fast path (:mod:`overfill_lib.fast_decode`: static cache, compiled
 step), so both compute one thing; an identity pair reproduces HF ``generate`` token for token. The plain loop
-reads top to bottom as its stages: settle every rule once (:func:`plan`), prefill (:func:`prefill_first`), decode
-n tokens (:func:`decode_step` each), finish (:func:`finish`). This module is also the home of the position rules;
+reads top to bottom as its stages: settle every rule once (:func:`plan_generation`), prefill and first token
+(:func:`prefill_first`), decode n tokens (:func:`decode_step` each), finish (:func:`finish`); per-row state lives
+in one :class:`LoopState` rather than in closures. This module is also the home of the position rules;
 token ids, padding, chat encoding and the eos and pad ids are :mod:`overfill_lib.tokens`' (re-exported here).
 """
 
@@ -534,7 +535,7 @@ def plan_generation(full, tokenizer, input_ids: torch.Tensor, attention_mask: to
 def sample(logits: torch.Tensor, sequences: torch.Tensor, plan: GenerationPlan) -> torch.Tensor:
     """Ids [batch] from the last position of ``logits`` [batch, q, vocab]: HF's processors, which read the
     ``sequences`` so far (repetition penalty, n-grams, min_new_tokens), then the argmax, or a draw when sampling."""
-    # A float32 copy, as HF takes it: processors edit the scores in place, and a bf16 argmax could break ties otherwise.
+    # A float32 copy, as HF takes it: the processors edit scores in place, and softmax and warpers run in float32.
     scores = plan.processors(sequences, logits[:, -1].to(dtype=torch.float32, copy=True))
     if plan.do_sample:
         probs = torch.softmax(scores, dim=-1)
@@ -575,6 +576,31 @@ def prefill_first(pair, input_ids: torch.Tensor, state: LoopState,
     # Without refresh the full model's own cache is only needed when it is the decoder's (shared_kv: one object).
     state.full_cache = first.cache if plan.refresh_every else None
     return token, first.position_ids[:, -1:]
+
+
+def prefill_refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, n: int) -> None:
+    """Prefill refresh: the full model re-processes the last ``n`` tokens the decoder wrote into the cache, as one
+    chunked prefill, and its KV replaces the decoder's (tokens already generated never change; logits discarded).
+
+    Those positions hold ``sequences[:, -n-1:-1]`` (the newest token has not been fed yet); the mask covers exactly
+    cache + chunk. Under ``shared_kv`` the full model writes straight into the shared cache once it is cropped back;
+    otherwise it extends its own cache and the strategy maps the new entries over. Cost: one full-model forward of
+    N tokens every N decoded ones, so N=1 costs more than the full model alone; it is a quality reference.
+    """
+    chunk = sequences[:, -n - 1 : -1]
+    positions = last_pos + torch.arange(-n + 1, 1, device=last_pos.device)
+    if strategy.shares_cache:
+        crop_cache(cache, n)
+        target = cache
+    else:
+        target = full_cache
+        expected = cache.get_seq_length() - n
+        if full_cache.get_seq_length() != expected:
+            raise RuntimeError(f"refresh: the full cache holds {full_cache.get_seq_length()} positions, expected {expected}")
+    prefill(full, chunk, attention_mask, target, positions)
+    if not strategy.shares_cache:
+        crop_cache(cache, n)
+        strategy.append_from_full(cache, full_cache, full_cache.get_seq_length() - n)
 
 
 def decode_step(pair, state: LoopState, plan: GenerationPlan, ids: torch.Tensor,
@@ -675,28 +701,3 @@ def generate(
             if streamer is not None:
                 streamer.end()
     return finish(state, plan, tokenizer)
-
-
-def prefill_refresh(full, strategy, cache, full_cache, sequences, attention_mask, last_pos, n: int) -> None:
-    """Prefill refresh: the full model re-processes the last ``n`` tokens the decoder wrote into the cache, as one
-    chunked prefill, and its KV replaces the decoder's (tokens already generated never change; logits discarded).
-
-    Those positions hold ``sequences[:, -n-1:-1]`` (the newest token has not been fed yet); the mask covers exactly
-    cache + chunk. Under ``shared_kv`` the full model writes straight into the shared cache once it is cropped back;
-    otherwise it extends its own cache and the strategy maps the new entries over. Cost: one full-model forward of
-    N tokens every N decoded ones, so N=1 costs more than the full model alone; it is a quality reference.
-    """
-    chunk = sequences[:, -n - 1 : -1]
-    positions = last_pos + torch.arange(-n + 1, 1, device=last_pos.device)
-    if strategy.shares_cache:
-        crop_cache(cache, n)
-        target = cache
-    else:
-        target = full_cache
-        expected = cache.get_seq_length() - n
-        if full_cache.get_seq_length() != expected:
-            raise RuntimeError(f"refresh: the full cache holds {full_cache.get_seq_length()} positions, expected {expected}")
-    prefill(full, chunk, attention_mask, target, positions)
-    if not strategy.shares_cache:
-        crop_cache(cache, n)
-        strategy.append_from_full(cache, full_cache, full_cache.get_seq_length() - n)
