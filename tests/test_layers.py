@@ -22,9 +22,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the work, on plain arguments: importance, pruning, window distillation, training, latency",
      {"importance", "pruning", "windows", "training", "latency"}),
     ("presets: what a preset is", {"presets"}),
-    ("runs that read a preset: the pipeline, lm-eval, the long runs, the GPU headline",
-     {"pipeline", "evaluation", "evaluate", "ablation", "mmlu", "recovery", "distributed", "headline"}),
-    ("what the notebooks use", {"plots", "widgets", "workbook", "runner"}),
+    ("runs that read a preset: the pipeline, lm-eval, the long runs, the planner, the GPU headline",
+     {"pipeline", "evaluation", "evaluate", "ablation", "mmlu", "recovery", "distributed", "planner", "headline"}),
+    ("what the notebooks use: figures, widgets, the workload a preset names, the workbook, the runner",
+     {"plots", "widgets", "workloads", "workbook", "runner"}),
 ]
 
 MAX_FUNCTION_LINES = 80
