@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import numbers
 import reprlib
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 SCHEMAS = ("messages", "conversations")
 # Speaker names of the ``conversations`` schema (ShareGPT style) -> chat-template roles.
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Roles of the ``messages`` schema that chat templates know; another (a typo, "Assistant") would be rendered as a
+# speaker of its own by most templates and trained on as such.
+ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
 LAYOUTS = ("pair", "causal")
 RECORD = "_record"  # each row's record number in the source, carried through `where` for errors naming the line
 
@@ -52,17 +57,32 @@ def message_text(content: Any, turn: str = "a turn") -> str:
         raise InvalidConversation("content_not_text", str(e)) from None
 
 
+def _turns(record: dict, schema: str) -> list:
+    turns = record[schema]
+    if not isinstance(turns, (list, tuple)):
+        raise InvalidConversation("turns_not_a_list", f"{schema!r} is {type(turns).__name__} {reprlib.repr(turns)}, "
+                                  "not a list of turns")
+    bad = next((i for i, t in enumerate(turns) if not isinstance(t, dict)), None)
+    if bad is not None:
+        raise InvalidConversation("turn_not_a_mapping", f"turn {bad} of {schema!r} is {reprlib.repr(turns[bad])}, not "
+                                  f"a mapping ({'{role, content}' if schema == 'messages' else '{from, value}'})")
+    return list(turns)
+
+
 def to_messages(record: dict) -> list[dict]:
     """The record's turns as ``[{"role", "content"}]``, from either schema; contents by :func:`message_text`."""
     if "messages" in record and record["messages"] is not None:
-        turns = record["messages"]
-        if not all(isinstance(t, dict) and "role" in t for t in turns):
+        turns = _turns(record, "messages")
+        if not all("role" in t for t in turns):
             raise InvalidConversation("turn_without_role", "a turn without a 'role' (each turn: {role, content})")
-        return [{"role": str(t["role"]), "content": message_text(t.get("content"), f"turn {i} ({t['role']!r})")}
+        unknown = next((t["role"] for t in turns if t["role"] not in ROLES), None)
+        if unknown is not None:
+            raise InvalidConversation("unknown_role", f"unknown role {unknown!r}; roles: {', '.join(ROLES)}")
+        return [{"role": t["role"], "content": message_text(t.get("content"), f"turn {i} ({t['role']!r})")}
                 for i, t in enumerate(turns)]
     if "conversations" in record and record["conversations"] is not None:
         out = []
-        for i, t in enumerate(record["conversations"]):
+        for i, t in enumerate(_turns(record, "conversations")):
             speaker = str(t.get("from", "")).lower()
             if speaker not in ROLE_MAP:
                 raise InvalidConversation(
@@ -71,6 +91,9 @@ def to_messages(record: dict) -> list[dict]:
                 )
             out.append({"role": ROLE_MAP[speaker], "content": message_text(t.get("value"), f"turn {i} ({speaker!r})")})
         return out
+    if set(record) & set(SCHEMAS):  # the column exists (another record has it) but this one has no turns
+        raise InvalidConversation("no_turns", f"the record has no turns (its {'/'.join(sorted(set(record) & set(SCHEMAS)))} "
+                                  "is null or missing)")
     raise ValueError(f"record has neither of the chat schemas {SCHEMAS}; its keys: {sorted(record)}")
 
 
@@ -124,10 +147,13 @@ def _load_json_file(path: Path):
             for number, line in enumerate(lines, start=1):
                 if line.strip():
                     try:
-                        json.loads(line)
+                        record = json.loads(line)
                     except json.JSONDecodeError as bad:
                         raise ValueError(f"{path} line {number}: not valid JSON ({bad.msg} at column {bad.colno}); "
                                          "each line must be one complete JSON record") from e
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{path} line {number}: a JSON {type(record).__name__}, not a record; each "
+                                         "line must be one JSON object with 'messages' or 'conversations'") from e
             _refuse_duplicate_keys(path)
             blank = next((n for n, line in enumerate(lines[:-1], start=1) if not line.strip()), None)
             if blank is not None:
@@ -431,11 +457,15 @@ def prepare_chat_data(
     path = _source_file(source, split, suite_dir)
     dataset, json_text = _exact_chat_columns(dataset, path)
     if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+            raise ValueError(f"limit={limit!r} is not a whole number of records; give a positive integer (or none for all)")
         if limit < 1:
             raise ValueError(f"limit={limit} keeps no records; give a positive number (or none for all)")
         dataset = dataset.select(range(min(int(limit), len(dataset))))
     records = len(dataset)
     dropped: Counter = Counter()
+    if where is not None and not isinstance(where, Mapping):
+        raise ValueError(f"where={where!r} must be a mapping of column to value, e.g. {{'langdetect': 'en'}}")
     if where:
         missing = sorted(set(where) - set(dataset.column_names))
         if missing:

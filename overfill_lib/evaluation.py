@@ -597,14 +597,17 @@ def load_chat_dataset(data_dir: str | None = None, preset: str | None = None, **
     """
     import datasets
 
-    from overfill_lib.chat_data import load_conversations
+    from overfill_lib.chat_data import load_conversations, to_messages
 
     root = resolve_chat_dir(data_dir, preset)
     tokenizer = _metadata_tokenizer(metadata)
     eos = tokenizer.eos_token
     docs = []
     for i, record in enumerate(load_conversations(root, "test")):
-        messages = record["messages"]
+        try:  # training's content rule (text parts joined; None, numbers and other parts refused)
+            messages = to_messages({k: v for k, v in record.items() if k in ("messages", "conversations")})
+        except ValueError as e:
+            raise ValueError(f"{root / 'test.jsonl'} record {i + 1}: {e}") from None
         roles = [m["role"] for m in messages]
         if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
             raise ValueError(f"{root / 'test.jsonl'} record {i + 1}: {CHAT_TASK} scores single-turn chats "

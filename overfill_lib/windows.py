@@ -30,20 +30,46 @@ from overfill_lib.config import WindowSpec
 log = logging.getLogger(__name__)
 
 SHARD = 256  # windows per teacher-cache file: a killed build loses at most one shard
+LAYOUTS = ("pair", "causal")  # the decoder reads the full model's cache of the context, or the whole window alone
 
 
 def token_windows(texts, tokenizer, spec: WindowSpec, limit: int | None = None) -> list[list[int]]:
     """Windows over the texts joined by the end-of-text token, one every ``continuation`` tokens: each token is a
     continuation token of exactly one window (packing, no padding); a window's context is the text before it."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} keeps no windows: give a positive number of windows (or None for all)")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to cut into windows (an empty corpus split?)")
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         stream += [*ids, eos]
     starts = range(0, len(stream) - spec.window + 1, spec.continuation)
     windows = [stream[s : s + spec.window] for s in starts][:limit]
     if not windows:
-        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of {spec.window}")
+        raise ValueError(f"the {len(texts)} text(s) hold {len(stream)} tokens, fewer than one window of {spec.window}: "
+                         "give more text or a smaller window")
     return windows
+
+
+def check_model(model, spec: WindowSpec, max_id: int, what: str = "the model") -> None:
+    """Refuse a model the windows cannot go through: a token id it does not embed, a ``teacher_topk`` above its
+    vocabulary, or a window longer than its position table (a rotary model would run on, on positions it never
+    saw, and every cached distribution would be of text it cannot read)."""
+    from overfill_lib.generation import vocab_size_of
+
+    vocab = vocab_size_of(model)
+    if vocab is not None and max_id >= vocab:
+        raise ValueError(f"the windows hold token id {max_id}, outside {what}'s vocabulary of {vocab}: cut the windows "
+                         "with the model's own tokenizer")
+    if vocab is not None and spec.teacher_topk > vocab:
+        raise ValueError(f"teacher_topk={spec.teacher_topk} is more than {what}'s vocabulary of {vocab} tokens: lower "
+                         "recovery.teacher_topk")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions and spec.window > positions:
+        raise ValueError(f"a window of {spec.window} tokens is longer than {what}'s {positions} positions "
+                         "(max_position_embeddings): lower recovery.window (and context)")
 
 
 def windows_fingerprint(windows: list[list[int]]) -> str:
@@ -112,12 +138,29 @@ class TeacherCache:
     weights and the windows by ``record.json``; a folder made for other weights or windows is refused."""
 
     def __init__(self, directory: str | Path, spec: WindowSpec, windows: list[list[int]], full_fingerprint: str):
+        if not windows:
+            raise ValueError("a teacher cache needs at least one window (token_windows cuts them from text)")
+        other = next((i for i, w in enumerate(windows) if len(w) != spec.window), None)
+        if other is not None:
+            raise ValueError(f"window {other} has {len(windows[other])} tokens, not the spec's {spec.window}: the "
+                             "cached distributions would be taken at the wrong positions; cut the windows with "
+                             "token_windows and the same WindowSpec")
         self.directory = Path(directory)
         self.spec = spec
         self.windows = windows
         self.request = {"full_model": full_fingerprint, "windows": windows_fingerprint(windows), "count": len(windows),
                         "window": spec.window, "context": spec.context, "topk": spec.teacher_topk}
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        self._id_range: tuple[int, int] | None = None
+
+    def check_model(self, model, what: str = "the model") -> None:
+        """:func:`check_model` against these windows (and refuse a negative id, which no model embeds)."""
+        if self._id_range is None:
+            self._id_range = (min(map(min, self.windows)), max(map(max, self.windows)))
+        low, high = self._id_range
+        if low < 0:
+            raise ValueError(f"the windows hold token id {low}: ids are >= 0; cut the windows with token_windows")
+        check_model(model, self.spec, high, what)
 
     @property
     def record_path(self) -> Path:
@@ -142,6 +185,7 @@ class TeacherCache:
 
         if weights_fingerprint(full) != self.request["full_model"]:
             raise ValueError("the full model given is not the one this teacher cache is for (weights fingerprint)")
+        self.check_model(full, "the full model")
         record = self._check_request()
         self.directory.mkdir(parents=True, exist_ok=True)
         if not record:
@@ -213,6 +257,8 @@ class WindowCollator:
     for the full model and the continuation for the decoder; ``causal``, the whole window for the decoder alone."""
 
     def __init__(self, context: int, layout: str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown window layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         self.context, self.layout = context, layout
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -231,7 +277,9 @@ class WindowCollator:
 @torch.inference_mode()
 def text_scores(model, cache: TeacherCache, indices: list[int] | None = None, batch_size: int = 8) -> dict[str, list]:
     """Per window of ``cache`` (those at ``indices``, default all), over continuation tokens 1..T-1: ``nll`` (sum, of the text's own next token), ``agree`` (count
-    of positions whose greedy token is the full model's), ``kl`` (sum, top-k KL to the full model), and ``n``.
+    of positions whose greedy token is the full model's), ``kl`` (sum, top-k KL to the full model), and ``n``; and
+    ``kl_at``/``agree_at``: the same per position (index i: the decoder has read i + 1 continuation tokens), for
+    how the gap to the full model grows with distance from the prefill.
 
     ``model``: an OverFill pair (its full model prefills the context), or a causal LM reading the window alone
     (a pruned decoder; the full model itself gives the reference level)."""
@@ -241,9 +289,16 @@ def text_scores(model, cache: TeacherCache, indices: list[int] | None = None, ba
     is_pair = isinstance(model, OverFillModel)
     was_training = model.training
     model.eval()
-    out: dict[str, list] = {"nll": [], "agree": [], "kl": [], "n": []}
+    out: dict[str, list] = {"nll": [], "agree": [], "kl": [], "n": [], "kl_at": [], "agree_at": []}
+    indices = list(range(len(cache.windows))) if indices is None else list(indices)
+    if not indices:
+        raise ValueError("no windows to score: give at least one index (or None for all)")
+    outside = [i for i in indices if not (isinstance(i, int) and 0 <= i < len(cache.windows))]
+    if outside:
+        raise ValueError(f"window indices {outside[:5]} are not windows of this cache (0..{len(cache.windows) - 1})")
+    for half, what in ((model.full, "the full model"), (model.decoder, "the decoder")) if is_pair else ((model, "the model"),):
+        cache.check_model(half, what)
     try:
-        indices = list(range(len(cache.windows))) if indices is None else list(indices)
         for b in range(0, len(indices), batch_size):
             rows = indices[b : b + batch_size]
             ids = torch.tensor([cache.windows[i] for i in rows])
@@ -263,6 +318,8 @@ def text_scores(model, cache: TeacherCache, indices: list[int] | None = None, ba
             out["agree"] += agree.sum(-1).tolist()
             out["kl"] += kl.sum(-1).tolist()
             out["n"] += [targets.shape[1]] * len(rows)
+            out["kl_at"] += kl.tolist()
+            out["agree_at"] += agree.int().tolist()
     finally:
         model.train(was_training)
     return out
@@ -273,6 +330,8 @@ def summarize(scores: dict[str, list], intervals: bool = True, seed: int = 0) ->
     from overfill_lib.fidelity import bootstrap_ratio
 
     n = scores["n"]
+    if not sum(n):
+        raise ValueError("no scored positions to summarize (text_scores of no windows)")
     out = {"windows": len(n), "positions": int(sum(n))}
     for key, name in (("nll", "nll"), ("agree", "agreement"), ("kl", "kl")):
         out[name] = sum(scores[key]) / sum(n)

@@ -298,14 +298,16 @@ def test_decoders_are_scored_only_where_the_full_model_is_above_chance(monkeypat
     monkeypatch.setattr(mmlu, "_decoder_lm", lambda decoder, full_dir, batch_size: f"pair:{decoder}")
     monkeypatch.setattr(mmlu, "score", fake_score)
     monkeypatch.setattr(mmlu, "cache_path", lambda lm: tmp_path / "cache" / lm)
-    record = mmlu.run("smollm2-135m", decoders=["runs/x/model"], out=tmp_path / "mmlu.json")
+    decoder = tmp_path / "runs/x/model"
+    decoder.mkdir(parents=True)
+    record = mmlu.run("smollm2-135m", decoders=[str(decoder)], out=tmp_path / "mmlu.json")
     assert json.loads((tmp_path / "mmlu.json").read_text())["full_above_chance"] == record["full_above_chance"]
     if max(full_acc.values()) < 0.3:
         assert calls == [("full", tuple(mmlu.TASKS))]
-        assert "not above chance" in record["decoders"]["runs/x/model"]["skipped"]
+        assert "not above chance" in record["decoders"][str(decoder)]["skipped"]
     else:
-        assert calls[1] == ("pair:runs/x/model", (mmlu.CLOZE_TASK,))
-        assert record["decoders"]["runs/x/model"]["skipped_tasks"] == {
+        assert calls[1] == (f"pair:{decoder}", (mmlu.CLOZE_TASK,))
+        assert record["decoders"][str(decoder)]["skipped_tasks"] == {
             mmlu.LETTER_TASK: "the full model is not above chance on this format"}
 
 
