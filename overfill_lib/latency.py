@@ -249,14 +249,6 @@ def build_random_model(config, device: str | torch.device, dtype: torch.dtype):
 PromptFn = Callable[[int, int], torch.Tensor]
 
 
-def cpu_timing_threads(preset) -> int:
-    """Torch threads for timing on a CPU: 1 for the synthetic suite's tiny models (more threads only add noise at
-    their size), every core for a pretrained model (its matrix products do use them)."""
-    import os
-
-    return 1 if preset.is_offline_default else (os.cpu_count() or 1)
-
-
 def random_prompts(vocab_size: int, seed: int = 0, low: int = 0) -> PromptFn:
     """Prompt ids [batch, length] drawn uniformly (content does not change a random model's cost)."""
 

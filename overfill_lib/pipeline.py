@@ -166,6 +166,14 @@ def pruned_decoder(preset: Preset, retrain: bool = False, *, decoder: dict | Non
 
 
 # --------------------------------------------------------------------------------------------------
+def decoder_sizes(preset: Preset, model_config, dtype_bytes=None) -> dict:
+    """``pruning.size_report`` of ``model_config`` pruned as the preset's ``decoder`` section says (bytes per value:
+    ``dtype_bytes``, default the preset's runtime dtype); no weights are read."""
+    d = preset.decoder
+    return pruning.size_report(model_config, hidden=d.hidden, intermediate=d.intermediate, heads=d.heads,
+                               round_to=d.round_to, dtype_bytes=dtype_bytes or preset.runtime.dtype)
+
+
 # Training data and runs
 # --------------------------------------------------------------------------------------------------
 

@@ -39,6 +39,14 @@ class Workbook:
     figures_dir: Path
     results_dir: Path
 
+    @property
+    def workload(self):
+        """The preset's ``workloads.Workload``: its data, scorers and what quality means (imported on first use: the
+        runner reads this module without loading models)."""
+        from overfill_lib import workloads
+
+        return workloads.for_preset(self.preset)
+
     def save_figure(self, fig, name: str) -> Path:
         """Write ``<notebook>_<name>.html`` (plotly.js beside it, once per folder, so it works offline)
         and, where a Chromium is available for kaleido, a PNG."""

@@ -211,3 +211,32 @@ def test_one_registry_of_objectives_and_of_ablation_scorers():
     assert list(ablation.SCORERS) == list(config.ABLATION_SCORERS)
     with pytest.raises(ValueError, match=r"ablation objectives \['full'\] cannot be trained per width"):
         presets.load_preset("tiny", {"ablation": {"objectives": ["full"]}})
+
+
+def test_the_preset_chooses_its_workload_and_the_notebooks_ask_it(tmp_path):
+    import os
+
+    from overfill_lib import tasks, workloads
+
+    tiny, real = presets.load_preset("tiny"), presets.load_preset("smollm2-135m")
+    synthetic, pretrained = workloads.for_preset(tiny), workloads.for_preset(real)
+    assert (synthetic.name, pretrained.name) == ("synthetic", "pretrained") and set(workloads.WORKLOADS) == {
+        "synthetic", "pretrained"}
+    assert synthetic.trains_models and not pretrained.trains_models
+    assert (synthetic.primary, pretrained.primary) == ("overall", "nll")
+    assert synthetic.timing_threads() == 1 and pretrained.timing_threads() == (os.cpu_count() or 1)
+    assert pretrained.figure_metrics(["nll", "agreement", "exact", "split_perplexity"]) == ["agreement", "exact"]
+    # The suite's test prompts (the reference answer left out) for notebook 03's check.
+    smoke = presets.load_preset("smoke", {"suite_dir": str(tmp_path / "suite")})
+    tasks.write_suite(smoke.suite, smoke.suite_dir)
+    prompts = workloads.for_preset(smoke).check_prompts(smoke, 5)
+    test = tasks.load_split(smoke.suite_dir, "test")[:5]
+    assert prompts == [r["messages"][:-1] for r in test] and prompts[0][-1]["role"] == "user"
+
+
+def test_ablation_grid_takes_notebook_parameters_as_a_checked_copy():
+    grid = presets.load_preset("tiny").ablation
+    changed = grid.with_changes(keep=[0.5, 0.25], seeds=[3])
+    assert changed.keep == (0.5, 0.25) and changed.seeds == (3,) and changed.teachers == grid.teachers
+    with pytest.raises(ValueError, match="ablation.keep lists 0.5 more than once"):
+        grid.with_changes(keep=[0.5, 0.5])
