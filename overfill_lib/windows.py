@@ -42,6 +42,8 @@ def token_windows(texts, tokenizer, spec: WindowSpec, limit: int | None = None) 
     if not texts:
         raise ValueError("no texts to cut into windows (an empty corpus split?)")
     eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token to join the texts with: give the model's own tokenizer")
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         stream += [*ids, eos]
@@ -217,7 +219,12 @@ class TeacherCache:
         if i not in self._shards:
             from safetensors.torch import load_file
 
-            self._shards = {i: load_file(str(self._shard_path(i)))}  # one shard in memory at a time
+            path = self._shard_path(i)
+            try:
+                self._shards = {i: load_file(str(path))}  # one shard in memory at a time
+            except Exception as e:  # safetensors' own errors name no file
+                raise ValueError(f"teacher-cache shard {path} cannot be read ({type(e).__name__}: {e}); delete it and "
+                                 "run again: the next build computes the missing shards") from e
         return self._shards[i]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +233,10 @@ class TeacherCache:
 
     @property
     def complete(self) -> bool:
-        return self.record_path.is_file() and read_json(self.record_path).get("complete", False)
+        """Built whole: the record says so and every shard is there (a deleted shard is computed again)."""
+        shards = range((len(self.windows) + SHARD - 1) // SHARD)
+        return (self.record_path.is_file() and read_json(self.record_path).get("complete", False)
+                and all(self._shard_path(i).is_file() for i in shards))
 
     def summary(self) -> dict:
         return read_json(self.record_path)

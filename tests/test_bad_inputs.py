@@ -154,6 +154,31 @@ def test_window_cutting_scoring_and_collation_refuse_what_would_fail_later(full,
     with pytest.raises(ValueError, match="no scored positions"):
         windows.summarize({"nll": [], "agree": [], "kl": [], "n": []})
 
+    class NoEos:
+        eos_token_id = None
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[5] * 30 for _ in texts]}
+
+    with pytest.raises(ValueError, match="the tokenizer has no eos token"):
+        windows.token_windows(["a", "b"], NoEos(), SPEC)  # was windows holding None, silently
+
+
+def test_a_damaged_teacher_cache_names_its_shard_and_a_deleted_one_is_computed_again(full, tmp_path):
+    from overfill_lib.artifacts import weights_fingerprint
+
+    args = (tmp_path / "cache", SPEC, rows(), weights_fingerprint(full))
+    windows.TeacherCache(*args).build(full)
+    shard = tmp_path / "cache" / "shard-00000.safetensors"
+    expected = [t.clone() for t in windows.TeacherCache(*args)[0]]  # loaded shards map the file
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="shard .*shard-00000.safetensors cannot be read .* delete it"):
+        windows.TeacherCache(*args)[0]  # was safetensors' "invalid header length", no file named
+    shard.unlink()
+    cache = windows.TeacherCache(*args)
+    assert not cache.complete  # was complete: the build skipped, then FileNotFoundError at the first batch
+    assert all(torch.equal(a, b) for a, b in zip(cache.build(full)[0], expected))
+
 
 # --------------------------------------------------------------------------------------------------
 # stdlib_corpus: a cached corpus that is not what its record says
