@@ -13,6 +13,13 @@ the plain path's in the same dtype. Figures, not a test: the latency issue's CPU
 
 Run it on a quiet machine and not under ``OMP_WAIT_POLICY=PASSIVE`` (``make test`` sets that): sleeping OpenMP
 threads add a wake-up to each of the step's few hundred parallel kernels and about double its time.
+
+llama.cpp is timed beside the workbook when its ``llama-bench`` and ``llama-quantize`` are found
+(:mod:`overfill_lib.llama_cpp`; ``benchmarks/build_llama_cpp.sh`` builds them, ``--no-llama-cpp`` skips them), for a
+preset whose teacher is a GGUF file: that file and its requantizations (F32, BF16, Q8_0), the full model, the same
+prompt length (as llama-bench's untimed context depth), new tokens and threads, one llama-bench repetition per
+precision at the end of every interleaved round. Without the binaries the benchmark says so and times the workbook
+alone.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib import cost, pipeline, quantize
+from overfill_lib import cost, llama_cpp, pipeline, quantize
 from overfill_lib.artifacts import PROJECT_ROOT, environment_record, load_model, weights_fingerprint, write_json
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PROMPT = "Explain why the sky is blue, briefly."
 METHODS = ("full", "decoder", "overfill")
-PATHS = ("plain", "eager", "compiled")
+PATHS = ("plain", "eager", "compiled")  # plain and compiled are always timed; --paths may leave eager out
 DTYPES = ("float32", "bfloat16", "int8")  # plain: HF generate (full, decoder) or the pair's plain loop (OverFill)
 
 
@@ -73,15 +80,55 @@ def _plain(first, second, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
     return out.timings.per_token_decode_s, out.new_tokens
 
 
-def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+class LlamaPeer:
+    """llama.cpp's full model at some precisions, one ``llama-bench`` repetition each time it is called (at the end of
+    every interleaved round), with the workbook's prompt length as llama-bench's untimed context depth."""
+
+    def __init__(self, tools: llama_cpp.Tools, files: dict[str, dict], directory: Path, *, new_tokens: int,
+                 depth: int, threads: int):
+        self.tools, self.files, self.directory = tools, files, directory
+        self.new_tokens, self.depth, self.threads = new_tokens, depth, threads
+        self.samples: dict[str, list[float]] = {}
+        self.runs: dict[str, dict] = {}
+        self.timed_with: dict[str, str] = {}
+
+    def __call__(self, precisions: list[str], dtype: str) -> None:
+        for precision in precisions:
+            run = llama_cpp.bench(self.tools, self.directory / self.files[precision]["file"],
+                                  new_tokens=self.new_tokens, depth=self.depth, threads=self.threads)
+            self.samples.setdefault(precision, []).extend(run["samples_s_per_token"])
+            self.runs[precision] = run
+            self.timed_with[precision] = dtype
+
+    def summary(self, kv_config, read_bandwidth: dict[str, float]) -> dict:
+        timings = {}
+        for precision, samples in self.samples.items():
+            s = statistics.median(samples)
+            step = llama_cpp.step_bytes(self.files[precision], kv_config, self.depth + self.new_tokens)
+            bandwidth = read_bandwidth[self.timed_with[precision]]
+            timings[precision] = {"ms_per_token": 1e3 * s, "samples_ms": [1e3 * x for x in samples],
+                                  "step_bytes": step, "bytes_per_s": step / s,
+                                  "fraction_of_read_bandwidth": step / s / bandwidth,
+                                  "timed_in_rounds_of": self.timed_with[precision],
+                                  **{k: v for k, v in self.runs[precision].items() if k != "samples_s_per_token"}}
+        return {"timings": timings, "files": self.files, "build": self.tools.version(),
+                "what": "llama-bench -p 0 -n NEW -d PROMPT -t THREADS -r 1 -o json per round: NEW decode steps after "
+                        "an untimed context of the workbook's prompt length, random tokens fed (no sampling), F16 KV "
+                        "cache; step_bytes: the file's tensor bytes (the tied head reads the embedding table) and the "
+                        "F16 KV cache; tokens are not compared (llama-bench does not generate text)"}
+
+
+def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, paths=PATHS, peer=None) -> dict:
     """Every method on every path, ``repeats`` interleaved rounds, for one pair already in the dtype to time
-    (int8 weights: both models through :func:`overfill_lib.quantize.quantize_int8`)."""
+    (int8 weights: both models through :func:`overfill_lib.quantize.quantize_int8`). ``peer``: called once at the end
+    of every round (llama.cpp's runs, interleaved with the workbook's)."""
     dtype = next(full.parameters()).dtype  # of the activations and the KV cache
     int8 = getattr(full, "quantization", None) == quantize.QUANTIZATION
     for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
         model.requires_grad_(False)
     models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
-    fast = {path: FastGenerator(full, decoder, compile=path == "compiled") for path in ("eager", "compiled")}
+    fast = {path: FastGenerator(full, decoder, compile=path == "compiled") for path in ("eager", "compiled")
+            if path in paths}
     compile_s = {}
     for method in METHODS:  # compile (and warm) every step before anything is timed
         t = time.perf_counter()
@@ -100,17 +147,20 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
                 out = gen.generate(ids, method=method, max_new_tokens=new_tokens, eos_token_id=None)
                 seconds.setdefault((method, path), []).append(out.timings.per_token_s)
                 same[method, path] &= torch.equal(out.new_tokens, tokens)
+        if peer is not None:
+            peer()
     read_bw = statistics.median(bandwidth)
     nbytes = cost.dtype_bytes(dtype)
     result = {"dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
               "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
-              "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "methods": {}}
+              "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "paths": list(paths),
+              "methods": {}}
     for method in METHODS:
         step_model = full if method == "full" else decoder
         step = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
                                       kv_config=full.config, weight_bytes_per_value=1 if int8 else None)["total"]
         row = {"step_bytes": step}
-        for path in PATHS:
+        for path in paths:
             s = statistics.median(seconds[method, path])
             row[path] = {"ms_per_token": 1e3 * s, "samples_ms": [1e3 * x for x in seconds[method, path]],
                          "bytes_per_s": step / s, "fraction_of_read_bandwidth": step / s / read_bw}
@@ -120,23 +170,38 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
         result["methods"][method] = row
     m = result["methods"]
     result["overfill_over_decoder"] = {p: m["overfill"][p]["ms_per_token"] / m["decoder"][p]["ms_per_token"]
-                                       for p in PATHS}
+                                       for p in paths}
     return result
 
 
 def report(name: str, r: dict) -> None:
     bandwidth = r["read_bandwidth_bytes_per_s"] / 1e9
+    paths = r.get("paths", PATHS)
     print(f"\n{name}, {r['dtype']}: read bandwidth {bandwidth:.1f} GB/s (median of the run)")
-    print(f"{'':9s} {'MB/step':>8s} " + " ".join(f"{p + ' ms':>11s}" for p in PATHS)
+    print(f"{'':9s} {'MB/step':>8s} " + " ".join(f"{p + ' ms':>11s}" for p in paths)
           + f" {'compiled/plain':>15s} {'compiled GB/s':>14s} {'of read bw':>11s}  fast tokens == plain")
     for method, row in r["methods"].items():
         c = row["compiled"]
-        tokens = ", ".join(f"{p} {'yes' if row[p]['tokens_equal_plain'] else 'NO'}" for p in ("eager", "compiled"))
-        times = " ".join(f"{row[p]['ms_per_token']:11.2f}" for p in PATHS)
+        tokens = ", ".join(f"{p} {'yes' if row[p]['tokens_equal_plain'] else 'NO'}" for p in paths if p != "plain")
+        times = " ".join(f"{row[p]['ms_per_token']:11.2f}" for p in paths)
         print(f"{method:9s} {row['step_bytes'] / 1e6:8.1f} {times} {row['compiled_over_plain']:15.2f} "
               f"{c['bytes_per_s'] / 1e9:14.1f} {c['fraction_of_read_bandwidth']:11.0%}  {tokens}")
     o = r["overfill_over_decoder"]
-    print("OverFill / decoder alone: " + ", ".join(f"{p} {o[p]:.2f}x" for p in PATHS))
+    print("OverFill / decoder alone: " + ", ".join(f"{p} {o[p]:.2f}x" for p in paths))
+
+
+def report_peer(name: str, peer: dict, dtypes: dict) -> None:
+    """llama.cpp's full model beside the workbook's compiled full model, decoder and OverFill, per precision."""
+    print(f"\n{name}: llama.cpp full model vs the workbook's compiled fast path (ms per token; x: llama.cpp's full "
+          "model time over this one's)")
+    for precision, t in peer["timings"].items():
+        dtype = llama_cpp.PRECISIONS[precision]
+        line = (f"{precision:5s} llama.cpp full {t['ms_per_token']:7.2f} ms ({t['step_bytes'] / 1e6:6.1f} MB/step, "
+                f"{t['fraction_of_read_bandwidth']:4.0%} of read bw)")
+        for method, m in (dtypes.get(dtype) or {}).get("methods", {}).items():
+            ms = m["compiled"]["ms_per_token"]
+            line += f" | {dtype} {method} {ms:6.2f} ({t['ms_per_token'] / ms:.2f}x)"
+        print(line)
 
 
 def _relative(path: Path) -> str:
@@ -144,42 +209,80 @@ def _relative(path: Path) -> str:
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
+def llama_peer(preset, tools, args, depth: int) -> LlamaPeer | None:
+    """llama.cpp's GGUF files for ``preset`` (its teacher's GGUF source), or None (and why) when it has none."""
+    source = (preset.get("teacher") or {}).get("gguf")
+    if source is None:
+        print(f"llama.cpp peer: {preset.name} has no teacher.gguf source; workbook alone")
+        return None
+    from overfill_lib.gguf_models import GGUFSource
+
+    directory = args.gguf_dir or preset.workdir / "llama_cpp"
+    files = llama_cpp.prepare_ggufs(GGUFSource.from_dict(dict(source)), directory, tools, args.llama_precision)
+    return LlamaPeer(tools, files, Path(directory), new_tokens=args.new_tokens, depth=depth,
+                     threads=torch.get_num_threads())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", help="repeatable; default: tiny and smollm2-135m")
     parser.add_argument("--dtype", action="append", choices=DTYPES,
                         help="repeatable; int8: int8 weights, fp32 activations (overfill_lib.quantize); default: all")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="paths to time (plain and compiled always are); default: all")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="do not time llama.cpp even when it is built")
+    parser.add_argument("--llama-precision", action="append", choices=list(llama_cpp.PRECISIONS),
+                        help="repeatable; llama.cpp's precisions to time; default: all")
+    parser.add_argument("--llama-cpp-bin", type=Path, help="llama.cpp's bin/ (default: $LLAMA_CPP_BIN or "
+                                                           "build/llama.cpp/bin)")
+    parser.add_argument("--gguf-dir", type=Path, help="where the GGUF files are made (default: <workdir>/llama_cpp)")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every preset and dtype")
     args = parser.parse_args(argv)
+    args.paths = [p for p in PATHS if p in {"plain", "compiled", *args.paths}]
+    args.llama_precision = args.llama_precision or list(llama_cpp.PRECISIONS)
     logging.basicConfig(level=logging.WARNING)
     policy = os.environ.get("OMP_WAIT_POLICY")
     if (policy or "").upper() == "PASSIVE":
         log.warning("OMP_WAIT_POLICY=PASSIVE: every parallel kernel pays a thread wake-up; unset it for figures")
+    tools = None if args.no_llama_cpp else llama_cpp.find_tools(args.llama_cpp_bin)
+    if tools is None and not args.no_llama_cpp:
+        print(llama_cpp.missing_message(args.llama_cpp_bin))
     results = {"benchmark": "cpu_decode", "environment": environment_record("cpu"), "omp_wait_policy": policy,
-               "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": 1, "presets": {}}
+               "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": 1,
+               "threads": torch.get_num_threads(), "presets": {}}
     for name in args.preset or ["tiny", "smollm2-135m"]:
         preset = load_preset(name)
         full_dir, decoder_dir = pipeline.full_model(preset)[0], pipeline.pruned_decoder(preset)
         full, tokenizer = load_model(full_dir, role="full model")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
-        results["presets"][name] = {
+        results["presets"][name] = record = {
             "prompt_tokens": ids.shape[1], "full_dir": _relative(full_dir), "decoder_dir": _relative(decoder_dir),
             "full_weights": weights_fingerprint(full),
             "decoder_weights": weights_fingerprint(load_model(decoder_dir, role="decoder")[0]), "dtypes": {}}
-        for dtype in args.dtype or DTYPES:
+        kv_config = full.config
+        peer = llama_peer(preset, tools, args, ids.shape[1]) if tools is not None else None
+        dtypes = args.dtype or list(DTYPES)
+        rounds = llama_cpp.rounds_for(args.llama_precision, dtypes)
+        for dtype in dtypes:
             load_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
             full, _ = load_model(full_dir, dtype=load_dtype, role="full model")
             decoder, _ = load_model(decoder_dir, dtype=load_dtype, role="decoder")
             if dtype == "int8":
                 full, decoder = quantize.quantize_int8(full), quantize.quantize_int8(decoder)
-            r = measure(full, decoder, ids, args.new_tokens, args.repeats)
-            results["presets"][name]["dtypes"][dtype] = r
+            r = measure(full, decoder, ids, args.new_tokens, args.repeats, args.paths,
+                        peer=functools.partial(peer, rounds[dtype], dtype) if peer is not None and rounds[dtype] else None)
+            record["dtypes"][dtype] = r
             report(name, r)
+            if peer is not None:
+                bandwidth = {d: v["read_bandwidth_bytes_per_s"] for d, v in record["dtypes"].items()}
+                record["llama_cpp"] = peer.summary(kv_config, bandwidth)
             if args.out:
                 write_json(args.out, results)
+        if peer is not None:
+            report_peer(name, record["llama_cpp"], record["dtypes"])
     return 0
 
 

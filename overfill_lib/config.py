@@ -381,6 +381,7 @@ class DecoderSection:
     heads: int | float | None = None
     round_to: int = 1
     criterion: str = "activation"
+    weights: str = "float"  # the decoder's weights at run time: "float" (the runtime dtype) or "int8" (quantize.py)
 
     def __post_init__(self):
         for axis in ("hidden", "intermediate", "heads"):
@@ -388,6 +389,7 @@ class DecoderSection:
         if self.round_to < 1:
             raise ValueError(f"decoder.round_to must be >= 1, got {self.round_to}")
         check_choice("criterion", self.criterion, CRITERIA)
+        check_choice("decoder.weights", self.weights, ("float", "int8"))
 
 
 @dataclass(frozen=True)

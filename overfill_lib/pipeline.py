@@ -148,6 +148,7 @@ def pruned_decoder(preset: Preset, retrain: bool = False, *, decoder: dict | Non
     # before presets were typed is still found.
     spec = {"decoder": decoder if decoder is not None else preset.plain("decoder"),
             "calibration": preset.plain("calibration"), "full": training.dir_signature(full_dir)}
+    spec["decoder"] = {k: v for k, v in dict(spec["decoder"]).items() if k != "weights"}  # run time, not pruning
     stamp = out / "prepared.json"
     if not retrain and stamp.is_file() and read_json(stamp).get("spec") == json.loads(json.dumps(spec)):
         return out

@@ -9,6 +9,11 @@ call: correct (the plain reference for the fast path's tokens) but slow. Inferen
 
 A quantized model saves with ``save_pretrained`` (its config.json says ``overfill_quantization``) and loads back
 through ``artifacts.load_causal_lm`` (:func:`load_int8`) with the same int8 weights and the same logits.
+
+A preset's ``decoder: {weights: int8}`` runs its decoder with int8 weights (:func:`decoder_weights`,
+:func:`apply_decoder_weights`); the full model, which prefills, stays in the runtime dtype. It is a run-time setting:
+the pruned decoder on disk stays float, and changing it re-prunes nothing. Its quality is scored like every decoder's
+by ``benchmarks/quantized_decoder.py``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,26 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     model.quantization = QUANTIZATION
     setattr(model.config, CONFIG_KEY, QUANTIZATION)
     return model
+
+
+DECODER_WEIGHTS = {"float": None, "int8": QUANTIZATION}  # a preset's decoder.weights -> what is applied
+
+
+def decoder_weights(preset) -> str:
+    """The preset's ``decoder.weights`` ("float" when it says nothing)."""
+    section = preset.get("decoder") or {}
+    weights = section.get("weights", "float") if isinstance(section, dict) else getattr(section, "weights", "float")
+    if weights not in DECODER_WEIGHTS:
+        raise ValueError(f"decoder.weights {weights!r} is not one of {list(DECODER_WEIGHTS)}; fix the preset")
+    return weights
+
+
+def apply_decoder_weights(decoder: nn.Module, weights: str) -> nn.Module:
+    """``decoder`` as ``weights`` says (a preset's ``decoder.weights``): unchanged for "float", :func:`quantize_int8`
+    (in place) for "int8"."""
+    if weights not in DECODER_WEIGHTS:
+        raise ValueError(f"decoder.weights {weights!r} is not one of {list(DECODER_WEIGHTS)}")
+    return quantize_int8(decoder) if weights == "int8" else decoder
 
 
 def is_quantized(model: nn.Module) -> bool:

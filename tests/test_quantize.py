@@ -93,3 +93,19 @@ def test_int8_weights_in_a_folder_that_does_not_say_so_are_refused_by_name(tmp_p
     with pytest.raises(ValueError, match=r"the decoder in .* does not fit LlamaForCausalLM: missing keys .*lm_head"
                                          r"\.weight.*unexpected keys .*lm_head\.qweight.*int8 weights"):
         load_causal_lm(tmp_path, "decoder")
+
+
+def test_the_decoder_weights_setting_is_checked_and_quantizes_only_when_asked():
+    from overfill_lib.config import DecoderSection
+    from overfill_lib.quantize import apply_decoder_weights, decoder_weights, is_quantized
+
+    assert DecoderSection().weights == "float"
+    with pytest.raises(ValueError, match="decoder.weights"):
+        DecoderSection(weights="int4")
+    assert decoder_weights({"decoder": {"hidden": 0.5}}) == "float"
+    assert decoder_weights({"decoder": {"weights": "int8"}}) == "int8"
+    with pytest.raises(ValueError, match="int4"):
+        decoder_weights({"decoder": {"weights": "int4"}})
+    model = tiny_model("llama", seed=0)
+    assert apply_decoder_weights(model, "float") is model and not is_quantized(model)
+    assert is_quantized(apply_decoder_weights(model, "int8"))

@@ -1,0 +1,96 @@
+"""llama.cpp as an optional peer: found or not, its files made and reused, llama-bench's JSON read, rows compared.
+
+The binaries are stand-ins written here (shell scripts): the real ones are never needed by the tests."""
+
+import json
+import stat
+
+import pytest
+
+from overfill_lib import llama_cpp
+from overfill_lib.artifacts import sha256_of
+from overfill_lib.gguf_models import GGUFSource
+from tests.gguf_files import bpe_tokenizer, write_llama_gguf
+from tests.tiny_models import tiny_model
+
+
+def _script(path, body: str):
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def tools(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "quantize_calls"
+    # llama-quantize [--allow-requantize] IN OUT TYPE: a copy stands in for the requantized file
+    _script(bin_dir / "llama-quantize", f'echo "$@" >> {calls}\ncp "$2" "$3"\n')
+    row = {"build_commit": "abc", "build_number": 1, "cpu_info": "test cpu", "n_gen": 4, "n_depth": 7,
+           "type_k": "f16", "samples_ns": [8_000_000, 12_000_000]}
+    _script(bin_dir / "llama-bench", f"echo '{json.dumps([row])}'\n")
+    return llama_cpp.find_tools(bin_dir), calls
+
+
+def test_missing_binaries_are_none_and_the_message_names_the_build_script(tmp_path):
+    assert llama_cpp.find_tools(tmp_path) is None
+    (tmp_path / "llama-bench").write_text("")  # present but not executable, and no llama-quantize
+    assert llama_cpp.find_tools(tmp_path) is None
+    assert llama_cpp.BUILD_SCRIPT in llama_cpp.missing_message(tmp_path)
+
+
+def test_ggufs_are_made_once_with_digests_and_tensor_bytes(tmp_path, tools):
+    tools, calls = tools
+    tok = bpe_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), tied=True)
+    out = tmp_path / "ggufs"
+    out.mkdir()
+    original = write_llama_gguf(model, tok, out / "tiny.gguf")
+    source = GGUFSource(package="pkg", version="1", file="pkg/tiny.gguf", sha256=sha256_of(original))
+    files = llama_cpp.prepare_ggufs(source, out, tools, ["F32", "Q8_0"])
+    assert files["F32"]["file"] == "tiny.gguf" and files["F32"]["made_by"] == "the file itself"  # the file is F32
+    assert files["Q8_0"]["file"] == "tiny.requant-Q8_0.gguf" and "--allow-requantize" in files["Q8_0"]["made_by"]
+    assert files["Q8_0"]["sha256"] == sha256_of(out / "tiny.requant-Q8_0.gguf")
+    params = sum(p.numel() for p in model.parameters())
+    # tied: the embedding table is the head and is read whole; the norms are F32 too
+    assert files["F32"]["weight_bytes_per_step"] == files["F32"]["tensor_bytes"] == 4 * params
+    assert calls.read_text().count(" Q8_0\n") == 1
+    again = llama_cpp.prepare_ggufs(source, out, tools, ["Q8_0"])
+    assert again["Q8_0"]["sha256"] == files["Q8_0"]["sha256"] and calls.read_text().count(" Q8_0\n") == 1  # reused
+    (out / "tiny.requant-Q8_0.gguf").write_bytes(b"changed")
+    llama_cpp.prepare_ggufs(source, out, tools, ["Q8_0"])
+    assert calls.read_text().count(" Q8_0\n") == 2  # a file that is not the one recorded is made again
+    with pytest.raises(ValueError, match="Q3"):
+        llama_cpp.prepare_ggufs(source, out, tools, ["Q3"])
+
+
+def test_bench_reads_seconds_per_token_and_names_a_failure(tmp_path, tools):
+    tools, _ = tools
+    run = llama_cpp.bench(tools, tmp_path / "m.gguf", new_tokens=4, depth=7, threads=2)
+    assert run["samples_s_per_token"] == pytest.approx([0.002, 0.003])
+    assert run["llama_bench"]["cpu_info"] == "test cpu" and "-d 7" in run["command"]
+    _script(tools.bench, "echo 'no such model' >&2\nexit 3\n")
+    with pytest.raises(RuntimeError, match="exit 3.*no such model"):
+        llama_cpp.bench(tools, tmp_path / "m.gguf", new_tokens=4, depth=7, threads=2)
+    with pytest.raises(RuntimeError, match="JSON"):
+        llama_cpp.parse_bench_json("| model | size |")
+
+
+def test_rounds_and_comparison_rows():
+    assert llama_cpp.rounds_for(["F32", "BF16", "Q8_0", "Q4_1"], ["float32", "int8"]) == {
+        "float32": ["F32", "BF16"], "int8": ["Q8_0", "Q4_1"]}
+    assert llama_cpp.rounds_for(["Q8_0"], ["float32"]) == {"float32": ["Q8_0"]}
+
+    def method(ms, step):
+        return {"step_bytes": step, "compiled": {"ms_per_token": ms}}
+
+    results = {"presets": {"p": {
+        "dtypes": {"float32": {"methods": {"full": method(40.0, 4e8), "overfill": method(10.0, 1e8)}}},
+        "llama_cpp": {"timings": {"F32": {"ms_per_token": 20.0, "step_bytes": 4e8},
+                                  "Q4_1": {"ms_per_token": 5.0, "step_bytes": 1e8}}}}}}
+    rows = {(r["precision"], r["engine"], r["model"]): r for r in llama_cpp.comparison_rows(results)}
+    assert rows["F32 / float32", "workbook (compiled)", "full"]["llama.cpp full / this"] == 0.5
+    assert rows["F32 / float32", "workbook (compiled)", "overfill"]["llama.cpp full / this"] == 2.0
+    assert rows["F32 / float32", "llama.cpp", "full"]["GB/s"] == 20.0
+    assert ("Q4_1 / -", "llama.cpp", "full") in rows and len(rows) == 4
