@@ -8,6 +8,7 @@ token). ``split_perplexity`` does the same for plain text read in two parts.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -44,11 +45,29 @@ def bootstrap_ratio(numerators, denominators, *, resamples: int = 10_000, seed: 
     return [lo, hi]
 
 
+def bootstrap_paired(a: tuple[Sequence, Sequence], b: tuple[Sequence, Sequence], *, resamples: int = 10_000,
+                     seed: int = 0, level: float = 0.95) -> dict:
+    """``ratio(a) - ratio(b)`` for two models scored on the same units (``a`` and ``b``: per-unit numerators and
+    denominators), with a percentile interval from resampling the units jointly. Both models see the same resampled
+    answers or windows, so the difference is far better determined than two separate intervals would suggest."""
+    (an, ad), (bn, bd) = ([torch.as_tensor(v, dtype=torch.float64) for v in pair] for pair in (a, b))
+    if not (an.numel() == ad.numel() == bn.numel() == bd.numel() > 0):
+        raise ValueError(f"a paired bootstrap needs the same units for both models; got {an.numel()}, {ad.numel()}, "
+                         f"{bn.numel()} and {bd.numel()} values")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, an.numel(), (resamples, an.numel()), generator=gen)
+    diffs = an[pick].sum(1) / ad[pick].sum(1) - bn[pick].sum(1) / bd[pick].sum(1)
+    lo, hi = torch.quantile(diffs, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return {"difference": float(an.sum() / ad.sum() - bn.sum() / bd.sum()), "ci": [lo, hi]}
+
+
 @torch.inference_mode()
-def answer_fidelity(model, tokenizer, records, batch_size: int = 8, intervals: bool = False) -> dict:
+def answer_fidelity(model, tokenizer, records, batch_size: int = 8, intervals: bool = False,
+                    units: bool = False) -> dict:
     """``nll``, ``agreement`` and ``exact`` of ``model`` (a causal LM or an OverFill pair) on chat ``records``
     whose last turn is the full model's answer (see the module docstring); with ``intervals``, a 95% bootstrap
-    interval of each over answers (``nll_ci``, ...)."""
+    interval of each over answers (``nll_ci``, ...); with ``units``, the per-answer sums behind them (``per_answer``:
+    ``nll``, ``hits``, ``tokens``, ``exact``), for paired comparisons of two models on the same answers."""
     if not records:
         raise ValueError("answer_fidelity needs at least one record; got none.")
     pair = _as_pair(model, tokenizer)
@@ -76,14 +95,22 @@ def answer_fidelity(model, tokenizer, records, batch_size: int = 8, intervals: b
                 per["exact"][i] = float((agree[j] | ~mask[j]).all())
     finally:
         pair.train(was_training)
-    tokens = sum(per["tokens"])
+    out = summarize_answers(per, intervals)
+    if units:
+        out["per_answer"] = per
+    return out
+
+
+def summarize_answers(per: dict, intervals: bool = False) -> dict:
+    """Per token ``nll`` and ``agreement`` and per answer ``exact`` from per-answer sums (``nll``, ``hits``,
+    ``tokens``, ``exact``), with 95% bootstrap intervals over answers when ``intervals``."""
+    tokens, count = sum(per["tokens"]), len(per["tokens"])
     out = {"nll": sum(per["nll"]) / tokens, "agreement": sum(per["hits"]) / tokens,
-           "exact": sum(per["exact"]) / len(records), "answers": len(records), "tokens": tokens}
+           "exact": sum(per["exact"]) / count, "answers": count, "tokens": tokens}
     if intervals:
-        ones = [1] * len(records)
         out |= {"nll_ci": bootstrap_ratio(per["nll"], per["tokens"]),
                 "agreement_ci": bootstrap_ratio(per["hits"], per["tokens"]),
-                "exact_ci": bootstrap_ratio(per["exact"], ones)}
+                "exact_ci": bootstrap_ratio(per["exact"], [1] * count)}
     return out
 
 

@@ -588,6 +588,30 @@ def retention_by_teacher(table, title: str, method: str = "OverFill", score: str
     return fig
 
 
+def gap_by_position(positions, title: str):
+    """KL to the full model on held-out text by how many continuation tokens the decoder has read, from
+    ``recovery.position_frame``: a line per trained (method, kept fraction) with its 95% interval as error bars;
+    colour = method, dash = width. Near the prefill OverFill's decoder reads the full model's cache; far from it,
+    mostly its own."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    trained = positions[positions["trained"] & (positions["keep"] < 1)]
+    keeps = sorted(trained["keep"].unique(), reverse=True)
+    for (method, keep), rows in trained.groupby(["method", "keep"], sort=False):
+        fig.add_scatter(x=rows["positions"], y=rows["kl"], mode="lines+markers", name=f"{method}, keep {keep:.0%}",
+                        error_y={"type": "data", "symmetric": False,
+                                 "array": [hi - v for (_, hi), v in zip(rows["kl_ci"], rows["kl"])],
+                                 "arrayminus": [v - lo for (lo, _), v in zip(rows["kl_ci"], rows["kl"])]},
+                        line={"color": METHOD_COLORS.get(method),
+                              "dash": TEACHER_DASH[keeps.index(keep) % len(TEACHER_DASH)]})
+    fig.update_xaxes(title_text="continuation tokens the decoder has read (range)", type="category")
+    fig.update_yaxes(title_text="KL to the full model per token")
+    fig.update_layout(title=f"{title}<br><sup>held-out test modules; 95% bootstrap intervals over windows</sup>",
+                      height=420)
+    return fig
+
+
 def window_recovery(curves, title: str):
     """Validation KL to the full model (left) and agreement with its greedy token (right) against scored training
     tokens, from ``recovery.curves_frame``: a line per (method, kept fraction) and seed; colour = method, dash =

@@ -34,7 +34,7 @@ from overfill_lib import fidelity, pipeline, stdlib_corpus, training, windows
 from overfill_lib.artifacts import (PROJECT_ROOT, content_sha256, environment_record, read_json, weights_fingerprint,
                                    write_json)
 from overfill_lib.config import RECOVERY_OBJECTIVES as METHODS
-from overfill_lib.config import RecoveryConfig, keep_fraction, keeping, parse, positive_int
+from overfill_lib.config import RecoveryConfig, check_distinct, keep_fraction, keeping, positive_int, seed_arg
 from overfill_lib.presets import Preset, load_preset
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,9 @@ def recipe(config: RecoveryConfig, objective: str, tokens: int) -> training.Trai
 
 
 def load_config(preset: Preset) -> RecoveryConfig:
-    if not preset.get("recovery"):
-        raise ValueError(f"preset {preset['name']!r} has no recovery section (the smollm2-135m preset has one)")
-    return parse(RecoveryConfig, preset["recovery"], "recovery")
+    if not preset.has("recovery"):
+        raise ValueError(f"preset {preset.name!r} has no recovery section (the smollm2-135m preset has one)")
+    return preset.recovery
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class Resources:
     def decoder_dir(self, keep: float) -> Path:
         """The full model pruned to ``keep`` of its hidden and intermediate channels (the preset's criterion)."""
         if keep not in self.decoders:
-            section = keeping(self.preset.get("decoder", {}), keep)
+            section = keeping(self.preset.plain("decoder"), keep)
             self.decoders[keep] = pipeline.pruned_decoder(
                 self.preset, decoder=section, full_dir=self.full_dir,
                 out=self.preset.workdir / "recovery" / f"decoder-keep{keep:g}")
@@ -178,7 +178,7 @@ def train_run(res: Resources, objective: str, keep: float, seed: int, tokens: in
     if summary.get("stopped") == "flat":
         log.info("%s keep %g seed %d: already flat at %d tokens", objective, keep, seed, summary["tokens"])
         return summary
-    sources = training.Sources(res.full_dir, res.decoder_dir(keep), full_id=str((res.preset["teacher"] or {}).get("id", res.full_dir)))
+    sources = training.Sources(res.full_dir, res.decoder_dir(keep), full_id=str(res.preset.teacher.id if res.preset.teacher else res.full_dir))
     layout = training.get_objective(objective).layout
     target = config.steps(tokens)
     steps_done = summary.get("steps", 0)
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--preset", default="smollm2-135m")
     train.add_argument("--objective", choices=METHODS, nargs="+", help="default: the preset's recovery.objectives")
     train.add_argument("--keep", type=keep_fraction, nargs="+", help="decoder widths (default: the preset's recovery.keep)")
-    train.add_argument("--seed", type=int, nargs="+", help="default: the preset's recovery.seeds")
+    train.add_argument("--seed", type=seed_arg, nargs="+", help="default: the preset's recovery.seeds")
     train.add_argument("--tokens", type=positive_int, help="scored continuation tokens per run (default: recovery.tokens)")
     train.add_argument("--no-flat-stop", action="store_true", help="train to the budget even on a flat curve")
     train.add_argument("--spread", action="store_true",
@@ -231,8 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     score.add_argument("--preset", default="smollm2-135m")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preset = load_preset(args.preset)
-    res = Resources.load(preset)
+    try:
+        preset, config = checked_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    res = Resources.load(preset, config)
     if args.command == "score":
         print(score_runs(res))
         return 0
@@ -248,6 +251,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{objective} keep {keep:g} seed {seed}: {s['stopped']} at {s['tokens']} tokens, "
                   f"validation KL {s['curve'][-1]['val_kl'] if s['curve'] else None}", flush=True)
     return 0
+
+
+def checked_args(args) -> tuple[Preset, RecoveryConfig]:
+    """The preset and its recovery section, and the command's own arguments checked against them, before any model
+    loads (a typo found after the teacher cache is built costs minutes; one found at scoring time, a whole run)."""
+    preset = load_preset(args.preset)
+    config = load_config(preset)
+    if args.command == "score":
+        answers = preset.path(config.test_answers)
+        if not answers.is_file():
+            raise ValueError(f"recovery.test_answers: {answers} does not exist; write it with python -m "
+                             "overfill_lib.pipeline distill --split test, or point recovery.test_answers at it")
+        return preset, config
+    for what in ("objective", "keep", "seed"):
+        if getattr(args, what):
+            check_distinct(getattr(args, what), f"--{what}")
+    if args.spread and not args.seed and not config.spread_seeds:
+        raise ValueError(f"--spread: preset {preset.name!r} has no recovery.spread_seeds; list them, or give --seed")
+    outside = [f"--keep {k:g}" for k in args.keep or () if k not in config.keep]
+    outside += [f"--seed {s}" for s in args.seed or () if s not in (*config.seeds, *config.spread_seeds)]
+    if outside:
+        log.warning("%s: not in preset %r's recovery grid, so `score` will not read these runs (add them to the "
+                    "preset's recovery section to have them scored)", ", ".join(outside), preset.name)
+    return preset, config
 
 
 def run_summaries(res: Resources) -> list[dict]:
@@ -268,46 +295,113 @@ def evenly_spaced(total: int, n: int) -> list[int]:
     return list(range(total)) if n >= total else [i * total // n for i in range(n)]
 
 
-def _scores(model, res: Resources, test: windows.TeacherCache, answers: list[dict] | None) -> dict:
-    text = windows.summarize(windows.text_scores(model, test, evenly_spaced(len(test.windows), res.config.test_windows)))
-    if answers is None:
-        return {"text": text}
-    return {"text": text, "answers": fidelity.answer_fidelity(model, res.tokenizer, answers, intervals=True)}
+SCORING = 2  # what a cached score means; bump when scoring changes, and every model is scored again
+POSITIONS = ((1, 4), (5, 16), (17, 48), (49, 127))  # continuation tokens the decoder has read, for the gap by distance
+
+
+def unit_scores(model, name: str, identity: dict, res: Resources, test: windows.TeacherCache,
+                answers: list[dict] | None, answers_sha: str) -> dict:
+    """Per-unit scores of one model (``text``: per test window; ``answers``: per held-out answer), kept under the
+    preset's workdir and reused while the model (``identity``), the test data and ``SCORING`` are the same: a
+    rescore after more training scores only the runs that moved."""
+    indices = evenly_spaced(len(test.windows), res.config.test_windows)
+    key = json.loads(json.dumps({"scoring": SCORING, "model": identity, "test": test.request, "windows": len(indices),
+                                 "answers": answers_sha if answers is not None else None}))  # as JSON reads back
+    path = res.preset.workdir / "recovery" / "scores" / f"{name}.json"
+    if path.is_file() and (found := read_json(path)).get("key") == key:
+        return found["units"]
+    log.info("scoring %s", name)
+    units = {"text": windows.text_scores(model, test, indices)}
+    if answers is not None:
+        units["answers"] = fidelity.answer_fidelity(model, res.tokenizer, answers, units=True)["per_answer"]
+    write_json(path, {"key": key, "units": units})
+    return units
+
+
+def position_units(text: dict, key: str) -> list[tuple[list[int], list[float], list[int]]]:
+    """Per range of ``POSITIONS`` that the windows reach: the range and, per window, the sum of ``key`` over it and
+    its count of positions."""
+    out = []
+    for first, last in POSITIONS:
+        n = [len(row[first - 1 : last]) for row in text[key]]
+        if sum(n):
+            out.append(([first, min(last, first - 1 + max(n))], [sum(row[first - 1 : last]) for row in text[key]], n))
+    return out
+
+
+def by_position(text: dict) -> list[dict]:
+    """KL to the full model and agreement with its greedy token per range of continuation positions, with 95%
+    bootstrap intervals over windows."""
+    return [{"positions": span, "n": sum(n), "kl": sum(kl) / sum(n), "kl_ci": fidelity.bootstrap_ratio(kl, n),
+             "agreement": sum(agree) / sum(n), "agreement_ci": fidelity.bootstrap_ratio(agree, n)}
+            for (span, kl, n), (_, agree, _) in zip(position_units(text, "kl_at"), position_units(text, "agree_at"))]
+
+
+def summary(units: dict) -> dict:
+    found = {"text": windows.summarize(units["text"]) | {"by_position": by_position(units["text"])}}
+    if "answers" in units:
+        found["answers"] = fidelity.summarize_answers(units["answers"], intervals=True)
+    return found
+
+
+def paired(a: dict, b: dict) -> dict:
+    """``a`` minus ``b`` (OverFill minus pruned) on the same windows and answers, with paired 95% intervals."""
+    ta, tb = a["text"], b["text"]
+    out = {"text_kl": fidelity.bootstrap_paired((ta["kl"], ta["n"]), (tb["kl"], tb["n"])),
+           "text_agreement": fidelity.bootstrap_paired((ta["agree"], ta["n"]), (tb["agree"], tb["n"])),
+           "text_kl_by_position": [{"positions": span} | fidelity.bootstrap_paired((kl_a, n_a), (kl_b, n_b))
+                                   for (span, kl_a, n_a), (_, kl_b, n_b) in
+                                   zip(position_units(ta, "kl_at"), position_units(tb, "kl_at"))]}
+    if "answers" in a and "answers" in b:
+        aa, ab = a["answers"], b["answers"]
+        out["answers_agreement"] = fidelity.bootstrap_paired((aa["hits"], aa["tokens"]), (ab["hits"], ab["tokens"]))
+        out["answers_nll"] = fidelity.bootstrap_paired((aa["nll"], aa["tokens"]), (ab["nll"], ab["tokens"]))
+    return out
 
 
 def score_runs(res: Resources, out: str | Path | None = None, *, test: windows.TeacherCache | None = None) -> Path:
     """Score the full model and every main-seed run on the test modules' text and the held-out answers, and each
-    width's untrained decoder (as OverFill and alone) on the text (where ``recovered`` starts from); with every run's
-    curve, into ``results/<preset>/recovery.json``."""
+    width's untrained decoder (as OverFill and alone) on the text (where ``recovered`` starts from); OverFill minus
+    pruned per width with paired intervals; with every run's curve, into ``results/<preset>/recovery.json``."""
     from overfill_lib.chat_data import load_conversations
     from overfill_lib.pair import OverFillModel
 
     config = res.config
     test = test or teacher_cache(res.preset, "test", res.full, res.tokenizer, config)
     answers = [dict(r) for r in load_conversations(res.preset.path(config.test_answers), "test")]
+    answers_sha = content_sha256(res.preset.path(config.test_answers).read_bytes())
     t0 = time.perf_counter()
-    log.info("scoring the full model on %d test windows and %d answers", config.test_windows, len(answers))
-    scored = {"full": _scores(res.full, res, test, answers)}
+    units = {"full": unit_scores(res.full, "full", {"full": test.request["full_model"]}, res, test, answers,
+                                 answers_sha)}
     for keep in config.keep:
-        decoder = training.load_causal_lm(res.decoder_dir(keep), "pruned decoder", dtype=torch.float32).eval()
-        scored[f"untrained-keep{keep:g}-overfill_kd"] = _scores(OverFillModel(res.full, decoder), res, test, None)
-        scored[f"untrained-keep{keep:g}-pruned_kd"] = _scores(decoder, res, test, None)
+        decoder_dir = res.decoder_dir(keep)
+        decoder = training.load_causal_lm(decoder_dir, "pruned decoder", dtype=torch.float32).eval()
+        identity = {"decoder": training.dir_signature(decoder_dir), "full": test.request["full_model"]}
+        for objective, model in (("overfill_kd", OverFillModel(res.full, decoder)), ("pruned_kd", decoder)):
+            name = f"untrained-keep{keep:g}-{objective}"
+            units[name] = unit_scores(model, name, identity | {"as": objective}, res, test, None, answers_sha)
     runs = run_summaries(res)
     for run in runs:
         if run["seed"] in config.seeds:
-            log.info("scoring %s keep %g seed %d (%d tokens)", run["objective"], run["keep"], run["seed"], run["tokens"])
+            name = f"{run['objective']}-keep{run['keep']:g}-seed{run['seed']}"
             model = training.load_trained(res.project_path(run["run_dir"]), full=res.full)
-            scored[f"{run['objective']}-keep{run['keep']:g}-seed{run['seed']}"] = _scores(model, res, test, answers)
-    out = Path(out) if out else PROJECT_ROOT / "results" / res.preset["name"] / "recovery.json"
+            identity = {"run": Path(run["run_dir"]).name, "steps": run["steps"]}
+            units[name] = unit_scores(model, name, identity, res, test, answers, answers_sha)
+    comparisons = {f"keep{keep:g}-seed{seed}": paired(units[f"overfill_kd-keep{keep:g}-seed{seed}"],
+                                                      units[f"pruned_kd-keep{keep:g}-seed{seed}"])
+                   for keep in config.keep for seed in config.seeds
+                   if {f"overfill_kd-keep{keep:g}-seed{seed}", f"pruned_kd-keep{keep:g}-seed{seed}"} <= units.keys()}
+    out = Path(out) if out else PROJECT_ROOT / "results" / res.preset.name / "recovery.json"
     write_json(out, {
         "what": "OverFill (overfill_kd) and the pruned decoder alone (pruned_kd) trained by dense distillation on text "
-                "windows; scored on held-out text (test modules) and held-out chat answers, 95% bootstrap intervals",
-        "config": asdict(config), "runs": runs, "scores": scored,
+                "windows; scored on held-out text (test modules) and held-out chat answers, 95% bootstrap intervals; "
+                "'paired': OverFill minus pruned on the same windows and answers, with paired 95% intervals",
+        "config": asdict(config), "runs": runs, "scores": {name: summary(u) for name, u in units.items()},
+        "paired": comparisons,
         "data": {"corpus": stdlib_corpus.record(), "train_teacher": res.train.summary(),
                  "test_teacher": test.summary(), "test_answers": {
-                     "file": config.test_answers, "answers": len(answers),
-                     "sha256": content_sha256(res.preset.path(config.test_answers).read_bytes())}},
-        "score_seconds": round(time.perf_counter() - t0, 1),
+                     "file": config.test_answers, "answers": len(answers), "sha256": answers_sha}},
+        "score_seconds": round(time.perf_counter() - t0, 1),  # with the reused scores: see artifacts' scores/
         "environment": environment_record("cpu"),
     })
     return out
@@ -366,13 +460,15 @@ def _fmt(value: float, ci) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 
-def lead(results: dict) -> list[dict]:
-    """Per width: OverFill against pruned on held-out text KL and answer agreement, and whether the 95% intervals
-    are apart (a lead that survives training is one whose intervals do not overlap)."""
+def lead(results: dict, seed: int = 0) -> list[dict]:
+    """Per width: OverFill against pruned on held-out text KL and answer agreement, and who leads. With the paired
+    comparison (both models on the same windows and answers; results since paired scoring) a lead is a difference
+    whose paired 95% interval excludes zero; older results fall back to separate intervals that do not overlap."""
     table = scores_frame(results)
     out = []
     for keep in sorted(table.loc[table["trained"] & (table["keep"] < 1), "keep"].unique()):
         row = {"keep": float(keep)}
+        pairs = results.get("paired", {}).get(f"keep{keep:g}-seed{seed}", {})
         for metric, better in (("text_kl", "lower"), ("answers_agreement", "higher")):
             o = table[(table["keep"] == keep) & (table["method"] == "OverFill")]
             p = table[(table["keep"] == keep) & (table["method"] == "pruned")]
@@ -380,12 +476,27 @@ def lead(results: dict) -> list[dict]:
                 continue
             o, p = o.iloc[0], p.iloc[0]
             oc, pc = o[f"{metric}_ci"], p[f"{metric}_ci"]
-            apart = oc is not None and pc is not None and (oc[1] < pc[0] or pc[1] < oc[0])
             o_better = o[metric] < p[metric] if better == "lower" else o[metric] > p[metric]
-            row[metric] = {"OverFill": _fmt(o[metric], oc), "pruned": _fmt(p[metric], pc),
-                           "leader": ("OverFill" if o_better else "pruned") if apart else "neither (intervals overlap)"}
+            row[metric] = {"OverFill": _fmt(o[metric], oc), "pruned": _fmt(p[metric], pc)}
+            if metric in pairs:
+                diff = pairs[metric]
+                apart = diff["ci"][0] > 0 or diff["ci"][1] < 0
+                row[metric]["OverFill - pruned"] = _fmt(diff["difference"], diff["ci"])
+            else:
+                apart = oc is not None and pc is not None and (oc[1] < pc[0] or pc[1] < oc[0])
+            row[metric]["leader"] = ("OverFill" if o_better else "pruned") if apart else "neither (interval holds 0)"
         out.append(row)
     return out
+
+
+def position_frame(results: dict):
+    """One row per scored model and range of continuation positions: KL to the full model and agreement with its
+    greedy token, with intervals (how the gap grows with distance from the prefill)."""
+    import pandas as pd
+
+    rows = [_model_row(name) | {"positions": f"{b['positions'][0]}-{b['positions'][1]}", **b}
+            for name, found in results["scores"].items() for b in found["text"].get("by_position", [])]
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,59 @@ def test_scores_of_every_run_with_intervals_and_the_untrained_starting_points(mo
     table = recovery.scores_frame(results)
     assert table.loc[table["method"] == "OverFill", "recovered"].notna().all()
     assert [row["keep"] for row in recovery.lead(results)] == [0.5]
+    # The gap by distance from the prefill adds up to the whole; the paired difference is the difference of means.
+    bins = trained["text"]["by_position"]
+    assert [b["positions"] for b in bins] == [[1, 4], [5, 13]]  # 13 scored positions per micro window
+    assert sum(b["kl"] * b["n"] for b in bins) == pytest.approx(trained["text"]["kl"] * trained["text"]["positions"])
+    diff = results["paired"]["keep0.5-seed0"]
+    pruned = results["scores"]["pruned_kd-keep0.5-seed0"]
+    for metric, part, key in (("text_kl", "text", "kl"), ("answers_agreement", "answers", "agreement")):
+        assert diff[metric]["difference"] == pytest.approx(trained[part][key] - pruned[part][key])
+        assert diff[metric]["ci"][0] <= diff[metric]["difference"] <= diff[metric]["ci"][1]
+
+
+def test_a_rescore_reuses_the_scores_of_models_that_did_not_change(models, tmp_path, monkeypatch):
+    """Scores are kept per model: after one run trains further, ``score_runs`` scores that run alone again and
+    writes the same numbers for the others."""
+    import json
+
+    from overfill_lib import tasks
+
+    suite = tasks.write_suite(tasks.SuiteConfig(n_train=2, n_validation=1, n_test=4), tmp_path / "suite")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in tasks.load_split(suite, "test")))
+    res = resources(models, tmp_path / "work", objectives=("pruned_kd",), test_answers=str(answers))
+    test = cache_for(models, models["windows"][18:24], name="rescore-test")
+    recovery.train_run(res, "pruned_kd", 0.5, 0, 2 * 2 * 13, until_flat=False)
+    first = json.loads(recovery.score_runs(res, tmp_path / "a.json", test=test).read_text())
+    scored = []
+    real = windows.text_scores
+    monkeypatch.setattr(windows, "text_scores", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+    again = json.loads(recovery.score_runs(res, tmp_path / "b.json", test=test).read_text())
+    assert scored == [] and again["scores"] == first["scores"]
+    recovery.train_run(res, "pruned_kd", 0.5, 0, 2 * 2 * 2 * 13, until_flat=False)
+    scored.clear()  # the validation probes while training
+    moved = json.loads(recovery.score_runs(res, tmp_path / "c.json", test=test).read_text())
+    assert len(scored) == 1
+    assert moved["scores"]["full"] == first["scores"]["full"]
+    assert moved["scores"]["pruned_kd-keep0.5-seed0"] != first["scores"]["pruned_kd-keep0.5-seed0"]
+
+
+def test_a_paired_bootstrap_is_tight_where_two_separate_intervals_overlap():
+    from overfill_lib import fidelity
+
+    gen = torch.Generator().manual_seed(0)
+    hard = torch.rand(200, generator=gen) * 4  # units differ a lot; the second model is better on every one
+    a, b = hard + 0.1, hard
+    n = [1] * 200
+    diff = fidelity.bootstrap_paired((a.tolist(), n), (b.tolist(), n))
+    assert diff["difference"] == pytest.approx(0.1) and 0.099 < diff["ci"][0] <= diff["ci"][1] < 0.101
+    lo_a, hi_a = fidelity.bootstrap_ratio(a.tolist(), n)
+    assert lo_a < float(b.mean()) < hi_a  # separately, the intervals overlap
+    same = fidelity.bootstrap_paired((b.tolist(), n), (b.tolist(), n))
+    assert same == {"difference": 0.0, "ci": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="same units"):
+        fidelity.bootstrap_paired((a.tolist(), n), (b[:10].tolist(), n[:10]))
 
 
 @pytest.mark.parametrize("argv,message", [
