@@ -25,6 +25,7 @@ from overfill_lib import cost, evaluation, fidelity, latency, pipeline, training
 from overfill_lib.artifacts import load_model, read_json, resolve_model, write_json
 from overfill_lib.config import ABLATION_SCORERS, MAIN_TEACHER, AblationConfig, Point, slug, torch_dtype
 from overfill_lib.fast_decode import FastGenerator
+from overfill_lib.lm_eval_model import OverFillLM
 from overfill_lib.pair import OverFillModel
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def _lm_eval_scores(model, tokenizer, preset, limit: int | None, cache: Path | N
         return task_scores(read_json(cache))
     ev = preset.evaluation
     with _quiet_harness():
-        lm = evaluation.OverFillLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
+        lm = OverFillLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
         results = evaluation.evaluate(
             lm, _eval_tasks(preset), suite_dir=preset.suite_dir, limit=limit, num_fewshot=ev.num_fewshot,
             apply_chat_template=ev.apply_chat_template, fewshot_as_multiturn=ev.fewshot_as_multiturn,
@@ -243,6 +244,37 @@ def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, byt
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Grid:
+    """What every point of one ablation run shares: the preset, its training data, the scorer and the timing."""
+
+    preset: object
+    config: AblationConfig
+    train_config: training.TrainingConfig
+    tokenizer: object
+    dataset: object
+    data_stats: dict
+    prompt_fn: object
+    limit: int | None
+    key: str  # in every score cache's name: the scorer and what it scores, so a changed scorer is not reused
+    device: str
+    timing_threads: int | None
+    retrain: bool
+
+    @property
+    def cache_root(self) -> Path:
+        return self.preset.workdir / "ablation" / "scores"
+
+    def load(self, path: Path):
+        return load_model(path, dtype=torch_dtype(self.preset.runtime.dtype))[0].to(self.device)
+
+    def cost_of(self, full, decoder=None) -> dict:
+        return decode_cost(full, decoder, self.preset.latency, self.prompt_fn, threads=self.timing_threads)
+
+    def scored(self, model, cache: Path) -> dict:
+        return score(model, self.tokenizer, self.preset, scorer=self.config.scorer, limit=self.limit, cache=cache)
+
+
 def run(
     preset,
     config: AblationConfig | None = None,
@@ -257,79 +289,91 @@ def run(
     models), ``parameters``, ``decode_bytes``, ``per_token_ms``, one score per task family and ``overall``,
     ``train_seconds``, ``run_dir``.
     """
-    config = config or preset.ablation
-    cfg = train_config or preset.training
-    settings = preset.latency
-    rt = preset.runtime
-    device = rt.device if rt.device != "cuda" or torch.cuda.is_available() else "cpu"
-
-    def load(path: Path):
-        return load_model(path, dtype=torch_dtype(rt.dtype))[0].to(device)
-
-    main_dir = teacher_dir(preset, MAIN_TEACHER)
-    tokenizer = AutoTokenizer.from_pretrained(main_dir)
-    dataset, stats = pipeline.training_data(preset, cfg, tokenizer)
-    data_stats = stats.to_dict()
-    prompt_fn = prompt_source(preset, tokenizer)
-
-    def cost_of(full, decoder=None) -> dict:
-        return decode_cost(full, decoder, settings, prompt_fn, threads=timing_threads)
-
-    limit = config.eval_limit if config.eval_limit is not None else preset.evaluation.limit
-    key = f"{config.scorer}-{SCORERS[config.scorer].key(preset, limit)}"
-    cache_root = preset.workdir / "ablation" / "scores"
-
-    def scored(model, cache: Path) -> dict:
-        return score(model, tokenizer, preset, scorer=config.scorer, limit=limit, cache=cache)
-
+    grid = _grid(preset, config or preset.ablation, train_config or preset.training, retrain, timing_threads)
     rows: list[dict] = []
-    bar = tqdm(total=config.runs(), desc="ablation training runs", unit="run")
+    bar = tqdm(total=grid.config.runs(), desc="ablation training runs", unit="run")
     by_teacher: dict[str, list[Point]] = {}
-    for point in config.points():
+    for point in grid.config.points():
         by_teacher.setdefault(point.teacher, []).append(point)
     for name, points in by_teacher.items():
-        full_dir = teacher_dir(preset, name)
-        if name != MAIN_TEACHER:
-            training.check_same_tokenizer(main_dir, full_dir, f"full model {name!r}")
-        full = load(full_dir)
-        full_cost = cost_of(full)
-        base = {"teacher": name, "teacher_parameters": full_cost["parameters"]}
-        rows.append(base | {"keep": 1.0, "method": FULL, "seed": None} | full_cost
-                    | scored(full, cache_root / f"{slug(name)}-{_dir_key(full_dir)}-{key}.json"))
-        for point in points:
-            dec_dir = prepare_point(preset, point, full_dir)
-            decoder0 = load(dec_dir)
-            cost = cost_of(full, decoder0)
-            at = base | {"keep": point.keep} | cost
-            if config.untrained and name == MAIN_TEACHER:
-                tag = f"{point.slug}-{_dir_key(dec_dir)}-{key}"
-                rows.append(at | {"method": UNTRAINED["pruned"], "seed": None}
-                            | scored(decoder0, cache_root / f"pruned-{tag}.json"))
-                pair0 = OverFillModel(full, decoder0, tokenizer=tokenizer)
-                rows.append(at | {"method": UNTRAINED["overfill"], "seed": None}
-                            | scored(pair0, cache_root / f"overfill-{tag}.json"))
-            sources = training.Sources(full_dir, dec_dir, None, teacher_id(preset, name, full_dir))
-            for seed in point.seeds:
-                for objective in point.objectives:
-                    bar.set_postfix_str(f"{point.slug} {objective} seed {seed}")
-                    result = pipeline.training_run(preset, objective, seed=seed, config=cfg, sources=sources,
-                                                   dataset=dataset, data_stats=data_stats, full=full, retrain=retrain)
-                    rows.append(at | {"method": training.OBJECTIVES[objective].label, "seed": seed,
-                                      "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
-                                | scored(result.model, result.run_dir / f"scores-{key}.json"))
-                    bar.update()
-                    log.info("ablation %d/%d: %s %s seed %d, overall %.3f (trained in %.0f s)", bar.n, bar.total,
-                             point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
+        rows += _teacher_rows(grid, name, points, bar)
     bar.close()
     if preset.has("smaller"):  # the smaller model fine-tuned with the same recipe (notebook 02's run when finished)
-        sources = pipeline.training_sources(preset, cfg, ["smaller"])
-        cost = cost_of(load(sources.smaller_dir))
-        for seed in config.seeds:
-            result = pipeline.training_run(preset, "smaller", seed=seed, config=cfg, sources=sources,
-                                           dataset=dataset, data_stats=data_stats, retrain=retrain)
-            rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
-                         "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
-                        | cost | scored(result.model, result.run_dir / f"scores-{key}.json"))
+        rows += _smaller_rows(grid)
+    return rows
+
+
+def _grid(preset, config: AblationConfig, cfg: training.TrainingConfig, retrain: bool,
+          timing_threads: int | None) -> _Grid:
+    rt = preset.runtime
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir(preset, MAIN_TEACHER))
+    dataset, stats = pipeline.training_data(preset, cfg, tokenizer)
+    limit = config.eval_limit if config.eval_limit is not None else preset.evaluation.limit
+    return _Grid(
+        preset=preset, config=config, train_config=cfg, tokenizer=tokenizer, dataset=dataset,
+        data_stats=stats.to_dict(), prompt_fn=prompt_source(preset, tokenizer), limit=limit,
+        key=f"{config.scorer}-{SCORERS[config.scorer].key(preset, limit)}",
+        device=rt.device if rt.device != "cuda" or torch.cuda.is_available() else "cpu",
+        timing_threads=timing_threads, retrain=retrain,
+    )
+
+
+def _teacher_rows(grid: _Grid, name: str, points: list[Point], bar) -> list[dict]:
+    """One full model's rows: the model itself, then at each of its points the untrained decoders (main full model
+    only) and every trained (objective, seed)."""
+    preset, key = grid.preset, grid.key
+    main_dir, full_dir = teacher_dir(preset, MAIN_TEACHER), teacher_dir(preset, name)
+    if name != MAIN_TEACHER:
+        training.check_same_tokenizer(main_dir, full_dir, f"full model {name!r}")
+    full = grid.load(full_dir)
+    full_cost = grid.cost_of(full)
+    base = {"teacher": name, "teacher_parameters": full_cost["parameters"]}
+    rows = [base | {"keep": 1.0, "method": FULL, "seed": None} | full_cost
+            | grid.scored(full, grid.cache_root / f"{slug(name)}-{_dir_key(full_dir)}-{key}.json")]
+    for point in points:
+        dec_dir = prepare_point(preset, point, full_dir)
+        decoder0 = grid.load(dec_dir)
+        at = base | {"keep": point.keep} | grid.cost_of(full, decoder0)
+        if grid.config.untrained and name == MAIN_TEACHER:
+            tag = f"{point.slug}-{_dir_key(dec_dir)}-{key}"
+            rows.append(at | {"method": UNTRAINED["pruned"], "seed": None}
+                        | grid.scored(decoder0, grid.cache_root / f"pruned-{tag}.json"))
+            pair0 = OverFillModel(full, decoder0, tokenizer=grid.tokenizer)
+            rows.append(at | {"method": UNTRAINED["overfill"], "seed": None}
+                        | grid.scored(pair0, grid.cache_root / f"overfill-{tag}.json"))
+        sources = training.Sources(full_dir, dec_dir, None, teacher_id(preset, name, full_dir))
+        rows += _trained_rows(grid, point, at, sources, full, bar)
+    return rows
+
+
+def _trained_rows(grid: _Grid, point: Point, at: dict, sources: training.Sources, full, bar) -> list[dict]:
+    rows = []
+    for seed in point.seeds:
+        for objective in point.objectives:
+            bar.set_postfix_str(f"{point.slug} {objective} seed {seed}")
+            result = pipeline.training_run(grid.preset, objective, seed=seed, config=grid.train_config,
+                                           sources=sources, dataset=grid.dataset, data_stats=grid.data_stats,
+                                           full=full, retrain=grid.retrain)
+            rows.append(at | {"method": training.OBJECTIVES[objective].label, "seed": seed,
+                              "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
+                        | grid.scored(result.model, result.run_dir / f"scores-{grid.key}.json"))
+            bar.update()
+            log.info("ablation %d/%d: %s %s seed %d, overall %.3f (trained in %.0f s)", bar.n, bar.total,
+                     point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
+    return rows
+
+
+def _smaller_rows(grid: _Grid) -> list[dict]:
+    """The smaller model fine-tuned with the same recipe, one row per seed."""
+    sources = pipeline.training_sources(grid.preset, grid.train_config, ["smaller"])
+    smaller_cost = grid.cost_of(grid.load(sources.smaller_dir))
+    rows = []
+    for seed in grid.config.seeds:
+        result = pipeline.training_run(grid.preset, "smaller", seed=seed, config=grid.train_config, sources=sources,
+                                       dataset=grid.dataset, data_stats=grid.data_stats, retrain=grid.retrain)
+        rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
+                     "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
+                    | smaller_cost | grid.scored(result.model, result.run_dir / f"scores-{grid.key}.json"))
     return rows
 
 

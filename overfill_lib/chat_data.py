@@ -422,6 +422,63 @@ def _encode_batch(batch: dict, tokenizer, schema: str, max_length: int | None = 
     }
 
 
+def _check_tokenizer(tokenizer, max_length: int | None) -> None:
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template; pass a chat model's tokenizer (or set tokenizer.chat_template)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token to end the response with (the end-of-turn token)")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length={max_length} is too small: a prompt and a response need at least 2 tokens")
+
+
+def _first_records(dataset, limit: int | None):
+    """The first ``limit`` records (all when ``limit`` is None)."""
+    if limit is None:
+        return dataset
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ValueError(f"limit={limit!r} is not a whole number of records; give a positive integer (or none for all)")
+    if limit < 1:
+        raise ValueError(f"limit={limit} keeps no records; give a positive number (or none for all)")
+    return dataset.select(range(min(int(limit), len(dataset))))
+
+
+def _check_where(where: Mapping[str, Any] | None, dataset) -> None:
+    if where is not None and not isinstance(where, Mapping):
+        raise ValueError(f"where={where!r} must be a mapping of column to value, e.g. {{'langdetect': 'en'}}")
+    if where:
+        missing = sorted(set(where) - set(dataset.column_names))
+        if missing:
+            raise ValueError(f"'where' names columns {missing} the dataset lacks; its columns: {dataset.column_names}")
+
+
+def _filter_where(dataset, where: Mapping[str, Any], source, num_proc: int | None):
+    """The records whose columns equal ``where``'s values, and how many were dropped; none kept is an error."""
+    before = len(dataset)
+    dataset = dataset.filter(lambda row: all(row[k] == v for k, v in where.items()), num_proc=num_proc)
+    if len(dataset) == 0:
+        raise ValueError(f"where={where} keeps none of the {before} records of {source!r}; check the column values "
+                         "(e.g. with datasets.load_dataset(...).unique(COLUMN))")
+    return dataset, before - len(dataset)
+
+
+def _drop_invalid(dataset, source, path, skip_invalid: bool, num_proc: int | None):
+    """The tokenized rows without the conversations :func:`_encode_batch` refused, and a count per reason; any such
+    conversation is an error naming the first (and its line) unless ``skip_invalid``."""
+    invalid = Counter(r for r in dataset["invalid"] if r)
+    if invalid and not skip_invalid:
+        first = dataset[next(i for i, r in enumerate(dataset["invalid"]) if r)]
+        line = _line_of(path, first[RECORD])
+        raise ValueError(
+            f"{sum(invalid.values())} conversation(s) of {source!r} cannot be used ({dict(invalid)}; first at index "
+            f"{first[RECORD]}{', ' + line if line else ''}: {first['detail']}). Each needs turns with a role and text "
+            "content, and a final, non-empty assistant reply: fix the data or pass skip_invalid=True "
+            "(training.skip_invalid) to drop and count them."
+        )
+    if invalid:
+        dataset = dataset.filter(lambda row: not row["invalid"], num_proc=num_proc)
+    return dataset, invalid
+
+
 def prepare_chat_data(
     source: str | os.PathLike,
     tokenizer,
@@ -445,39 +502,20 @@ def prepare_chat_data(
     without tokenizing it when its characters alone prove it (:func:`max_token_chars`). Returns the
     dataset and its ``DataStats``; an empty result is an error naming what removed the records.
     """
-    if tokenizer.chat_template is None:
-        raise ValueError("the tokenizer has no chat template; pass a chat model's tokenizer (or set tokenizer.chat_template)")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token to end the response with (the end-of-turn token)")
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length={max_length} is too small: a prompt and a response need at least 2 tokens")
+    _check_tokenizer(tokenizer, max_length)
     dataset = load_conversations(source, split, config=config, suite_dir=suite_dir)
     if len(dataset) == 0:
         raise ValueError(f"{source!r} ({split} split) holds no records")
     path = _source_file(source, split, suite_dir)
     dataset, json_text = _exact_chat_columns(dataset, path)
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
-            raise ValueError(f"limit={limit!r} is not a whole number of records; give a positive integer (or none for all)")
-        if limit < 1:
-            raise ValueError(f"limit={limit} keeps no records; give a positive number (or none for all)")
-        dataset = dataset.select(range(min(int(limit), len(dataset))))
+    dataset = _first_records(dataset, limit)
     records = len(dataset)
     dropped: Counter = Counter()
-    if where is not None and not isinstance(where, Mapping):
-        raise ValueError(f"where={where!r} must be a mapping of column to value, e.g. {{'langdetect': 'en'}}")
-    if where:
-        missing = sorted(set(where) - set(dataset.column_names))
-        if missing:
-            raise ValueError(f"'where' names columns {missing} the dataset lacks; its columns: {dataset.column_names}")
+    _check_where(where, dataset)
+    # Each row keeps its record number through filtering and tokenizing, so an error can name the file's line.
     dataset = dataset.add_column(RECORD, list(range(records)))
     if where:
-        before = len(dataset)
-        dataset = dataset.filter(lambda row: all(row[k] == v for k, v in where.items()), num_proc=num_proc)
-        dropped["filtered_by_where"] = before - len(dataset)
-        if len(dataset) == 0:
-            raise ValueError(f"where={where} keeps none of the {before} records of {source!r}; check the column values "
-                             "(e.g. with datasets.load_dataset(...).unique(COLUMN))")
+        dataset, dropped["filtered_by_where"] = _filter_where(dataset, where, source, num_proc)
     schema = detect_schema(dataset)
     dataset = dataset.map(
         _encode_batch,
@@ -490,19 +528,8 @@ def prepare_chat_data(
         num_proc=num_proc,
         desc="tokenizing conversations",
     )
-    invalid = Counter(r for r in dataset["invalid"] if r)
-    if invalid and not skip_invalid:
-        first = dataset[next(i for i, r in enumerate(dataset["invalid"]) if r)]
-        line = _line_of(path, first[RECORD])
-        raise ValueError(
-            f"{sum(invalid.values())} conversation(s) of {source!r} cannot be used ({dict(invalid)}; first at index "
-            f"{first[RECORD]}{', ' + line if line else ''}: {first['detail']}). Each needs turns with a role and text "
-            "content, and a final, non-empty assistant reply: fix the data or pass skip_invalid=True "
-            "(training.skip_invalid) to drop and count them."
-        )
+    dataset, invalid = _drop_invalid(dataset, source, path, skip_invalid, num_proc)
     dropped.update(invalid)
-    if invalid:
-        dataset = dataset.filter(lambda row: not row["invalid"], num_proc=num_proc)
     if max_length is not None:
         before = len(dataset)
         dataset = dataset.filter(lambda row: row["length"] <= max_length, num_proc=num_proc)

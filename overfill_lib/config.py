@@ -462,6 +462,9 @@ class DistillSection:
         for split in ("train", "validation", "test"):
             if any(n < 0 for n in getattr(self, split)):
                 raise ValueError(f"distill.{split} counts must be >= 0, got {getattr(self, split)!r}")
+            if not any(getattr(self, split)):  # an empty file, found only when training or scoring reads it
+                raise ValueError(f"distill.{split} is [0, 0]: the split would hold no prompts; give it passage or "
+                                 "family prompts, e.g. [20, 10]")
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -720,6 +723,9 @@ class RecoveryConfig:
                self.validation_windows, self.flat_evals) < 1:
             raise ValueError("recovery.tokens, eval_every, spread_tokens, batch_size, test_windows, validation_windows "
                              "and flat_evals must be positive")
+        if self.eval_every > self.tokens:  # the run would end before its first validation and checkpoint
+            raise ValueError(f"recovery.eval_every ({self.eval_every} tokens) is more than recovery.tokens "
+                             f"({self.tokens}): a run would end unvalidated; make eval_every at most tokens")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"recovery.learning_rate must be a positive number, got {self.learning_rate}")
         for name in ("weight_decay", "ce_weight", "warmup_tokens"):

@@ -464,12 +464,6 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
     more than they save on a CPU (SmolLM2-135M, 2 threads, batch 16: 5.1 s an answer compiled, 1.9 s eager).
     ``splits``: the splits to write or complete (default all); the others' files and records are left as they are.
     """
-    import json
-    import os
-
-    from overfill_lib.artifacts import atomic_write_text, environment_record
-    from overfill_lib.stdlib_corpus import record as stdlib_record
-
     out_dir = Path(out_dir)
     fingerprint = weights_fingerprint(model)
     record_path = out_dir / "record.json"
@@ -479,6 +473,8 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
         raise ValueError(f"unknown split(s) {unknown}; choose from {', '.join(DATA_SPLITS)}")
     built = splits
     splits = dict(record.get("splits", {}))
+    decoding = {"greedy": True, "max_new_tokens": max_new_tokens, "chat_template": "the model's own",
+                "batch_size": batch_size, "batching": "by prompt length", "pad_to": pad_to, "compile": compile}
     for split in (s for s in DATA_SPLITS if s in built):
         n_passage, n_family = sizes[split]
         prompts = distill_prompts(split, n_passage, n_family, seed)
@@ -487,60 +483,86 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
                    "text": fingerprint_of_split(split), "prompts": _digest([p["messages"] for p in prompts])}
         if splits.get(split, {}).get("request") == request and (out_dir / f"{split}.jsonl").is_file():
             continue
-        key = _digest({**request, "batch_size": batch_size, "pad_to": pad_to})
-        partial = out_dir / f"{split}.partial.jsonl"
-        done = _read_partial(partial, key)
-        paths = set()
-
-        def on_batch(indices, records, info, partial=partial, key=key, paths=paths):
-            paths.add(info["path"])
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            with partial.open("a") as f:
-                f.write("".join(json.dumps({"fingerprint": key, "index": i, **r}) + "\n"
-                                for i, r in zip(indices, records)))
-                f.flush()
-                os.fsync(f.fileno())
-
-        answered = answer(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, desc=f"{split} answers", compile=compile, pad_to=pad_to,
-                          done=done, on_batch=on_batch)
-        rows = [{"kind": p["kind"], "source": p["source"], "topic": p["topic"], "messages": a["messages"]}
-                for p, a in zip(prompts, answered) if a["ended"] and a["messages"][-1]["content"]]
-        atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        partial.unlink(missing_ok=True)
-        # The batch timings of this run and of the run(s) it resumed (read back from the partial file).
-        seconds = sum(a["seconds"] for a in answered)
-        new_tokens = sum(a["new_tokens"] for a in answered)
-        splits[split] = {
-            "request": request, "prompts": len(prompts), "kept": len(rows),
-            "dropped_unfinished": sum(not a["ended"] for a in answered),
-            "dropped_empty": sum(a["ended"] and not a["messages"][-1]["content"] for a in answered),
-            "ended_share": round(sum(a["ended"] for a in answered) / max(1, len(answered)), 4),
-            "kinds": dict(Counter(r["kind"] for r in rows)), "sources": dict(Counter(r["source"] for r in rows)),
-            "prompt_kinds": dict(Counter(p["kind"] for p in prompts)),
-            "prompt_sources": dict(Counter(p["source"] for p in prompts)),
-            "answer_tokens": {"mean": round(new_tokens / max(1, len(answered)), 1),
-                              "mean_kept": round(sum(a["new_tokens"] for a in answered if a["ended"])
-                                                 / max(1, sum(a["ended"] for a in answered)), 1)},
-            "generation": {"seconds": round(seconds, 1), "new_tokens": new_tokens,
-                           "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None,
-                           "resumed_answers": len(done), "paths": sorted(paths),
-                           "batches": -(-len(prompts) // batch_size)},
-        }
-        stdlib = stdlib_record()
-        record = {"model_fingerprint": fingerprint, "model_source": source, "decoding": {
-                      "greedy": True, "max_new_tokens": max_new_tokens, "chat_template": "the model's own",
-                      "batch_size": batch_size, "batching": "by prompt length", "pad_to": pad_to,
-                      "compile": compile},
-                  "seed": seed, "corpus": describe(),
-                  "stdlib_corpus": {k: stdlib[k] for k in ("source", "python", "split_rule", "splits", "fingerprint")},
-                  "passage_rule": {"max_chars": 1200, "min_chars": 400, "stdlib_min_prose_share": MIN_PROSE_SHARE,
-                                   "validation_every": VALIDATION_EVERY},
-                  "splits": splits, "environment": environment_record("cpu", seed)}
-        write_json(record_path, record)
-        log.info("%s: %d of %d answers kept in %s (%.0f s)", split, len(rows), len(prompts), out_dir / f"{split}.jsonl",
-                 seconds)
+        splits[split] = _answer_split(model, tokenizer, out_dir, split, prompts, request, decoding)
+        write_json(record_path, _distill_record(fingerprint, source, decoding, seed, splits))
     return out_dir
+
+
+class _PartialFile:
+    """``answer``'s ``on_batch`` for one split: each finished batch is appended to ``<split>.partial.jsonl`` and synced
+    (a kill loses at most the batch being written), each line tagged with the request's ``key``; the decode paths
+    that made the answers are noted for the record."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.paths = path, key, set()
+
+    def __call__(self, indices, records, info) -> None:
+        import json
+        import os
+
+        self.paths.add(info["path"])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps({"fingerprint": self.key, "index": i, **r}) + "\n"
+                            for i, r in zip(indices, records)))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _answer_split(model, tokenizer, out_dir: Path, split: str, prompts: list[dict], request: dict,
+                  decoding: dict) -> dict:
+    """Answer one split's prompts (resuming from its partial file), write ``<split>.jsonl`` atomically with the
+    answers that ended, and return the split's entry of ``record.json``."""
+    import json
+
+    from overfill_lib.artifacts import atomic_write_text
+
+    batch_size, pad_to = decoding["batch_size"], decoding["pad_to"]
+    key = _digest({**request, "batch_size": batch_size, "pad_to": pad_to})
+    partial = _PartialFile(out_dir / f"{split}.partial.jsonl", key)
+    done = _read_partial(partial.path, key)
+    answered = answer(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens=decoding["max_new_tokens"],
+                      batch_size=batch_size, desc=f"{split} answers", compile=decoding["compile"], pad_to=pad_to,
+                      done=done, on_batch=partial)
+    rows = [{"kind": p["kind"], "source": p["source"], "topic": p["topic"], "messages": a["messages"]}
+            for p, a in zip(prompts, answered) if a["ended"] and a["messages"][-1]["content"]]
+    atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    partial.path.unlink(missing_ok=True)
+    # The batch timings of this run and of the run(s) it resumed (read back from the partial file).
+    seconds = sum(a["seconds"] for a in answered)
+    new_tokens = sum(a["new_tokens"] for a in answered)
+    log.info("%s: %d of %d answers kept in %s (%.0f s)", split, len(rows), len(prompts), out_dir / f"{split}.jsonl",
+             seconds)
+    return {
+        "request": request, "prompts": len(prompts), "kept": len(rows),
+        "dropped_unfinished": sum(not a["ended"] for a in answered),
+        "dropped_empty": sum(a["ended"] and not a["messages"][-1]["content"] for a in answered),
+        "ended_share": round(sum(a["ended"] for a in answered) / max(1, len(answered)), 4),
+        "kinds": dict(Counter(r["kind"] for r in rows)), "sources": dict(Counter(r["source"] for r in rows)),
+        "prompt_kinds": dict(Counter(p["kind"] for p in prompts)),
+        "prompt_sources": dict(Counter(p["source"] for p in prompts)),
+        "answer_tokens": {"mean": round(new_tokens / max(1, len(answered)), 1),
+                          "mean_kept": round(sum(a["new_tokens"] for a in answered if a["ended"])
+                                             / max(1, sum(a["ended"] for a in answered)), 1)},
+        "generation": {"seconds": round(seconds, 1), "new_tokens": new_tokens,
+                       "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None,
+                       "resumed_answers": len(done), "paths": sorted(partial.paths),
+                       "batches": -(-len(prompts) // batch_size)},
+    }
+
+
+def _distill_record(fingerprint: str, source: dict | None, decoding: dict, seed: int, splits: dict) -> dict:
+    """``record.json``: the model, decoding, text sources and passage rule behind every split, and the splits."""
+    from overfill_lib.artifacts import environment_record
+    from overfill_lib.stdlib_corpus import record as stdlib_record
+
+    stdlib = stdlib_record()
+    return {"model_fingerprint": fingerprint, "model_source": source, "decoding": dict(decoding),
+            "seed": seed, "corpus": describe(),
+            "stdlib_corpus": {k: stdlib[k] for k in ("source", "python", "split_rule", "splits", "fingerprint")},
+            "passage_rule": {"max_chars": 1200, "min_chars": 400, "stdlib_min_prose_share": MIN_PROSE_SHARE,
+                             "validation_every": VALIDATION_EVERY},
+            "splits": splits, "environment": environment_record("cpu", seed)}
 
 
 def fingerprint_of_split(split: str) -> dict:

@@ -418,10 +418,7 @@ def activation_importance(
             mask = batch["attention_mask"].to(device)
             if not mask.any():
                 continue
-            vocab = model.get_input_embeddings().num_embeddings
-            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-                raise ValueError(f"calibration token ids run from {int(ids.min())} to {int(ids.max())}, but the model's "
-                                 f"vocabulary has {vocab} entries: were the samples made with another tokenizer?")
+            _check_token_ids(ids, model)
             recorder.mask, recorder.recording = mask, True
             kwargs = dict(attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
             logits = model(input_ids=ids, **kwargs).logits
@@ -429,29 +426,51 @@ def activation_importance(
             num_samples += int(mask.any(1).sum())
             num_tokens += int(mask.sum())
             if skip_this_batch:
-                recorder.recording = False
+                recorder.recording = False  # the skipped-layer forwards are not calibration
                 loss, count = _lm_loss(logits, ids, mask)
                 base_loss, loss_tokens = base_loss + loss, loss_tokens + count
-                for i, layer in enumerate(arch.decoder_layers(model)):
-                    handle = layer.register_forward_hook(_skip_layer_hook, with_kwargs=True)
-                    try:
-                        skip_loss[i] += _lm_loss(model(input_ids=ids, **kwargs).logits, ids, mask)[0]
-                    finally:
-                        handle.remove()
+                skip_loss = [total + lost for total, lost in zip(skip_loss, _skipped_layer_losses(model, ids, kwargs))]
     finally:
         recorder.remove()
         model.train(was_training)
     if num_samples == 0:
         raise ValueError("calibration data held no unpadded tokens: every attention_mask was 0.")
 
-    hidden_per_layer = torch.stack([sum(s.result(aggregation) for s in pair) for pair in recorder.hidden])
-    hidden = hidden_per_layer.sum(0)
     skip = None
     if layer_skip_loss:
         denom = max(loss_tokens, 1)
         skip = torch.tensor([(s - base_loss) / denom for s in skip_loss], dtype=torch.float32)
     log.info("activation importance from %d samples / %d tokens (%s over samples)", num_samples, num_tokens,
              aggregation)
+    return _recorded_importance(recorder, model, aggregation, seq_aggregation, skip, num_samples, num_tokens,
+                                description)
+
+
+def _check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"calibration token ids run from {int(ids.min())} to {int(ids.max())}, but the model's "
+                         f"vocabulary has {vocab} entries: were the samples made with another tokenizer?")
+
+
+def _skipped_layer_losses(model: nn.Module, ids: torch.Tensor, kwargs: dict) -> list[float]:
+    """Per decoder layer, the batch's summed next-token loss with that layer made the identity."""
+    losses = []
+    for layer in arch.decoder_layers(model):
+        handle = layer.register_forward_hook(_skip_layer_hook, with_kwargs=True)
+        try:
+            losses.append(_lm_loss(model(input_ids=ids, **kwargs).logits, ids, kwargs["attention_mask"])[0])
+        finally:
+            handle.remove()
+    return losses
+
+
+def _recorded_importance(recorder: _ActivationRecorder, model: nn.Module, aggregation: str, seq_aggregation: str,
+                         skip: torch.Tensor | None, num_samples: int, num_tokens: int,
+                         description: str | None) -> Importance:
+    """The :class:`Importance` of what ``recorder`` accumulated over the calibration batches."""
+    hidden_per_layer = torch.stack([sum(s.result(aggregation) for s in pair) for pair in recorder.hidden])
+    hidden = hidden_per_layer.sum(0)
     return Importance(
         hidden=hidden.float().cpu(),
         intermediate=torch.stack([s.result(aggregation) for s in recorder.intermediate]).float().cpu(),

@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -26,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from overfill_lib import cost, fast_decode
 from overfill_lib.artifacts import environment_record, load_causal_lm, read_json, write_json
 from overfill_lib.generation import eos_ids, positions_from_mask, through_first_eos, with_cache
+from overfill_lib.timing import copy_bandwidth, summarize, time_repeated
 
 log = logging.getLogger(__name__)
 
@@ -121,97 +120,6 @@ QUICK_SETTINGS = LatencySettings(
     output_lengths=[32, 256], prompt_lengths=[128, 2048], batch_sizes=[1, 16], base_prompt=128,
     base_new_tokens=256, repeats=3, draft_token_grid=[2, 4], eager_new_tokens=32,
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics and timing
-# --------------------------------------------------------------------------------------------------
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of an already sorted sequence."""
-    if len(sorted_values) == 1:
-        return float(sorted_values[0])
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def summarize(samples: Iterable[float]) -> dict[str, float | int]:
-    """Median with the 10th and 90th percentiles (the spread reported with every timing)."""
-    values = sorted(float(s) for s in samples)
-    if not values:
-        raise ValueError("summarize needs at least one sample")
-    return {"median": _quantile(values, 0.5), "p10": _quantile(values, 0.1), "p90": _quantile(values, 0.9), "n": len(values)}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_repeated(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, inner: int = 1,
-                  before: Callable[[], Any] | None = None) -> list[float]:
-    """Seconds per call of ``fn`` (``inner`` calls per sample), after ``warmup`` untimed calls.
-
-    CUDA events around each sample on GPU (no host sync inside a sample), ``perf_counter`` on CPU.
-    ``before`` runs ahead of every call and sample, outside the timed region (e.g. a cache rollback).
-    """
-    device = torch.device(device)
-    for _ in range(warmup):
-        if before is not None:
-            before()
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-            synchronize(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1000.0 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    return samples
-
-
-def default_copy_bytes(device: torch.device) -> int:
-    return (1 << 30) if torch.device(device).type == "cuda" else (256 << 20)
-
-
-@torch.inference_mode()
-def copy_bandwidth(device: str | torch.device, nbytes: int | None = None, *, warmup: int = 3, repeats: int = 10) -> dict:
-    """The device's measured copy bandwidth: a large tensor clone moves 2 x its bytes (read + write).
-
-    This is the practical ceiling a decode step is compared with (an H100's is below its spec sheet).
-    """
-    device = torch.device(device)
-    nbytes = int(nbytes or default_copy_bytes(device))
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    seconds = time_repeated(lambda: dst.copy_(src), device, warmup=warmup, repeats=repeats)
-    del src, dst
-    stats = summarize(seconds)
-    moved = 2 * nbytes
-    return {
-        "bytes": nbytes,
-        "bytes_moved": moved,
-        "seconds": stats,
-        "bytes_per_s": moved / stats["median"],
-        "bytes_per_s_p10": moved / stats["p90"],
-        "bytes_per_s_p90": moved / stats["p10"],
-        "method": "tensor copy_ (read + write)",
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,8 +456,6 @@ def run_suite(
 ) -> dict:
     """Profile every pair over the settings' sweeps; returns (and keeps writing to ``out``) the results.
     ``compile``: the fast path's (``True``, ``False``, ``"auto"``); default ``settings.compile``."""
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     out = Path(out) if out is not None else None
     copy_bw = copy_bandwidth(device, settings.copy_bytes)
@@ -562,67 +468,93 @@ def run_suite(
     }
     _save(results, out)
     for spec in pairs:
-        full, decoder = spec.load()
-        for model in (full, decoder):
-            # Inference only; and the eager pair path freezes the full model, which would otherwise
-            # change a compiled graph's guards (requires_grad) half-way through.
-            model.requires_grad_(False)
-        dtype = next(full.parameters()).dtype
-        nbytes = cost.dtype_bytes(dtype)
-        prompt_fn = spec.prompt_fn or random_prompts(full.config.vocab_size, settings.seed)
-        gen = fast_decode.FastGenerator(full, decoder, compile=settings.compile if compile is None else compile)
-        info = {
-            "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
-            "full": cost.model_summary(full.config, nbytes), "decoder": cost.model_summary(decoder.config, nbytes),
-            "acceptance": spec.alpha,
-            "kv_crossover_context": {str(b): cost.kv_crossover_context(decoder.config, nbytes, b, full.config)
-                                     for b in settings.batch_sizes},
-        }
-        info["roofline"] = {
-            role: cost.roofline(cfg, nbytes, copy_bw["bytes_per_s"], contexts=settings.roofline_contexts,
-                           batches=settings.batch_sizes, kv_config=full.config)
-            for role, cfg in (("full", full.config), ("decoder", decoder.config))
-        }
-        results["pairs"][spec.name] = info
-        methods = [m for m in settings.methods if m != "speculative" or spec.weights == "trained" and settings.measured_speculative]
-        points = settings.points()
-        bar = tqdm(total=len(points) * (len(methods) + 1), desc=f"latency {spec.name}", disable=not progress)
-        for point in points:
-            b, p, n = point["batch"], point["prompt"], point["new_tokens"]
-            for method in methods:
-                record = {"pair": spec.name, "sweeps": point["sweeps"], "method": method, "path": gen.path,
-                          "batch": b, "prompt": p, "new_tokens": n}
-                with oom_guard(record, device, gen.clear_caches):
-                    record |= measure_fast(gen, method, batch=b, prompt=p, new_tokens=n, prompt_fn=prompt_fn,
-                                           warmup=settings.warmup, repeats=settings.repeats,
-                                           draft_tokens=settings.draft_tokens, copy_bw=copy_bw)
-                results["records"].append(record)
-                _save(results, out)
-                bar.update()
-            # Per-forward costs of a draft step and a verify step at this point, for the speculative model.
-            gammas = settings.draft_token_grid if "base" in point["sweeps"] else [settings.draft_tokens]
-            _forward_costs(results, spec.name, gen, point, gammas, prompt_fn, settings, device)
+        _profile_pair(results, spec, settings, device, settings.compile if compile is None else compile, progress, out)
+    return results
+
+
+def _profile_pair(results: dict, spec: PairSpec, settings: LatencySettings, device: torch.device,
+                  compile: bool | str, progress: bool, out: Path | None) -> None:
+    """One pair: its summary, every sweep point, the eager baselines and the speculative model; then its models and
+    compiled graphs are freed before the next pair loads."""
+    full, decoder = spec.load()
+    for model in (full, decoder):
+        # Inference only; and the eager pair path freezes the full model, which would otherwise
+        # change a compiled graph's guards (requires_grad) half-way through.
+        model.requires_grad_(False)
+    prompt_fn = spec.prompt_fn or random_prompts(full.config.vocab_size, settings.seed)
+    gen = fast_decode.FastGenerator(full, decoder, compile=compile)
+    results["pairs"][spec.name] = _pair_info(spec, full, decoder, gen, settings, results["copy_bandwidth"])
+    _sweep_points(results, spec, gen, prompt_fn, settings, device, progress, out)
+    if settings.eager_baselines:
+        _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, device)
+        _save(results, out)
+    _speculative_model(results, spec, settings)
+    _save(results, out)
+    compiled = gen.step.compiled
+    gen.clear_caches()
+    del gen, full, decoder
+    if compiled:
+        torch.compiler.reset()  # drop this pair's graphs (and CUDA-graph memory) before the next pair
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _pair_info(spec: PairSpec, full, decoder, gen, settings: LatencySettings, copy_bw: dict) -> dict:
+    """What the pair is (sizes, dtype, path, measured acceptance) and what the cost model predicts for it."""
+    dtype = next(full.parameters()).dtype
+    nbytes = cost.dtype_bytes(dtype)
+    info = {
+        "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
+        "full": cost.model_summary(full.config, nbytes), "decoder": cost.model_summary(decoder.config, nbytes),
+        "acceptance": spec.alpha,
+        "kv_crossover_context": {str(b): cost.kv_crossover_context(decoder.config, nbytes, b, full.config)
+                                 for b in settings.batch_sizes},
+    }
+    info["roofline"] = {
+        role: cost.roofline(cfg, nbytes, copy_bw["bytes_per_s"], contexts=settings.roofline_contexts,
+                            batches=settings.batch_sizes, kv_config=full.config)
+        for role, cfg in (("full", full.config), ("decoder", decoder.config))
+    }
+    return info
+
+
+def _sweep_points(results, spec, gen, prompt_fn, settings, device, progress: bool, out: Path | None) -> None:
+    """Every method at every sweep point on the fast path, then the forward costs there; saved after each."""
+    from tqdm.auto import tqdm
+
+    copy_bw = results["copy_bandwidth"]
+    methods = [m for m in settings.methods if m != "speculative" or spec.weights == "trained" and settings.measured_speculative]
+    points = settings.points()
+    bar = tqdm(total=len(points) * (len(methods) + 1), desc=f"latency {spec.name}", disable=not progress)
+    for point in points:
+        b, p, n = point["batch"], point["prompt"], point["new_tokens"]
+        for method in methods:
+            record = {"pair": spec.name, "sweeps": point["sweeps"], "method": method, "path": gen.path,
+                      "batch": b, "prompt": p, "new_tokens": n}
+            with oom_guard(record, device, gen.clear_caches):
+                record |= measure_fast(gen, method, batch=b, prompt=p, new_tokens=n, prompt_fn=prompt_fn,
+                                       warmup=settings.warmup, repeats=settings.repeats,
+                                       draft_tokens=settings.draft_tokens, copy_bw=copy_bw)
+            results["records"].append(record)
             _save(results, out)
             bar.update()
-        bar.close()
-        if settings.eager_baselines:
-            _eager_baselines(results, spec, gen, full, decoder, prompt_fn, settings, device)
-            _save(results, out)
-        alphas = list(settings.acceptance_grid)
-        if spec.alpha:
-            alphas = sorted(set(alphas) | {round(spec.alpha["alpha"], 4)})
-        for c in _cost_pairs(results, spec.name):
-            for row in cost.model_speculative({c["gamma"]: (c["draft_s"], c["verify_s"])}, alphas):
-                results["speculative_model"].append({"pair": spec.name, **c["point"], "source_path": c["path"], **row})
+        # Per-forward costs of a draft step and a verify step at this point, for the speculative model.
+        gammas = settings.draft_token_grid if "base" in point["sweeps"] else [settings.draft_tokens]
+        _forward_costs(results, spec.name, gen, point, gammas, prompt_fn, settings, device)
         _save(results, out)
-        compiled = gen.step.compiled
-        gen.clear_caches()
-        del gen, full, decoder
-        if compiled:
-            torch.compiler.reset()  # drop this pair's graphs (and CUDA-graph memory) before the next pair
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return results
+        bar.update()
+    bar.close()
+
+
+def _speculative_model(results: dict, spec: PairSpec, settings: LatencySettings) -> None:
+    """Modelled speculative decoding from the measured draft and verify costs, over the acceptance grid plus the
+    pair's measured acceptance."""
+    alphas = list(settings.acceptance_grid)
+    if spec.alpha:
+        alphas = sorted(set(alphas) | {round(spec.alpha["alpha"], 4)})
+    for c in _cost_pairs(results, spec.name):
+        for row in cost.model_speculative({c["gamma"]: (c["draft_s"], c["verify_s"])}, alphas):
+            results["speculative_model"].append({"pair": spec.name, **c["point"], "source_path": c["path"], **row})
 
 
 def _forward_costs(results, name, gen, point, gammas, prompt_fn, settings, device) -> None:

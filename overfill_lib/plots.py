@@ -278,26 +278,36 @@ def latency_figures(results: dict) -> dict:
     Keys: ``latency_vs_output_length``, ``ttft_vs_prompt_length``, ``measured_vs_roofline``,
     ``throughput_vs_batch``, ``overfill_vs_speculative``. Legends name each line's ``path``.
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     env = results.get("environment", {})
     where = f"{env.get('device_name') or env.get('device')} · {results.get('label', '')}"
-    figs = {}
+    return {name: figure(results, where) for name, figure in LATENCY_FIGURES.items()}
+
+
+def _latency_vs_output_length(results: dict, where: str):
+    import plotly.graph_objects as go
 
     fig = go.Figure()
     _latency_lines(fig, results, "output", "new_tokens", "e2e_s")
     fig.update_layout(title=f"End-to-end latency vs output length (batch 1)<br><sup>{where}</sup>",
                       xaxis_title="new tokens", yaxis_title="end-to-end ms (median, p10-p90)", xaxis_type="log",
                       yaxis_type="log")
-    figs["latency_vs_output_length"] = fig
+    return fig
+
+
+def _ttft_vs_prompt_length(results: dict, where: str):
+    import plotly.graph_objects as go
 
     fig = go.Figure()
     _latency_lines(fig, results, "prompt", "prompt", "ttft_s", methods=("full", "decoder", "overfill"))
     fig.update_layout(title=f"Time to first token vs prompt length (batch 1)<br><sup>{where}</sup>",
                       xaxis_title="prompt tokens", yaxis_title="TTFT ms (median, p10-p90)", xaxis_type="log",
                       yaxis_type="log")
-    figs["ttft_vs_prompt_length"] = fig
+    return fig
+
+
+def _measured_vs_roofline(results: dict, where: str):
+    """Per-token time of the fast path at batch 1 beside the bandwidth bound (bytes per step / copy bandwidth)."""
+    import plotly.graph_objects as go
 
     fig = go.Figure()
     for pair, info in results.get("pairs", {}).items():
@@ -316,7 +326,12 @@ def latency_figures(results: dict) -> dict:
     fig.update_layout(title=f"Per-token time vs context: measured and the bandwidth bound (batch 1)<br><sup>{where}</sup>",
                       xaxis_title="context (static cache positions)", yaxis_title="ms per token", xaxis_type="log",
                       yaxis_type="log")
-    figs["measured_vs_roofline"] = fig
+    return fig
+
+
+def _throughput_vs_batch(results: dict, where: str):
+    """Decode tokens/s and memory over the batch sweep, with each model's roofline at the base point's context."""
+    from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s", "memory (GB)"))
     groups: dict[tuple, list[dict]] = {}
@@ -345,9 +360,23 @@ def latency_figures(results: dict) -> dict:
     fig.update_yaxes(type="log", row=1, col=1)
     mem_note = "peak allocated" if any(r.get("peak_memory_bytes") for r in results["records"]) else "estimate: weights + static caches"
     fig.update_layout(title=f"Throughput and memory vs batch size ({mem_note})<br><sup>{where}</sup>")
-    figs["throughput_vs_batch"] = fig
+    return fig
+
+
+def _base_point_record(results: dict, pair: str, method: str, base: dict) -> dict | None:
+    """The fast path's measured record of ``method`` at the base point, if the run has one."""
+    return next((r for r in results["records"] if r.get("pair") == pair and r.get("method") == method
+                 and r.get("status") == "ok" and r.get("path", "").startswith("fast")
+                 and all(r.get(k) == v for k, v in base.items())), None)
+
+
+def _overfill_vs_speculative(results: dict, where: str):
+    """Modelled speculative decoding (best gamma per acceptance rate) against the measured OverFill, full and
+    decoder lines at the base point, with a measured speculative run and the measured acceptance where there are."""
+    import plotly.graph_objects as go
 
     fig = go.Figure()
+    settings = results.get("settings", {})
     base = {"batch": 1, "prompt": settings.get("base_prompt"), "new_tokens": settings.get("base_new_tokens")}
     for pair, info in results.get("pairs", {}).items():
         rows = [r for r in results.get("speculative_model", []) if r["pair"] == pair
@@ -362,16 +391,12 @@ def latency_figures(results: dict) -> dict:
                             text=[f"gamma={r['gamma']}" for r in pts],
                             name=f"{pair} · speculative, best gamma (modelled from {pts[0]['source_path']} costs)")
         for method in ("overfill", "full", "decoder"):
-            r = next((r for r in results["records"] if r.get("pair") == pair and r.get("method") == method
-                      and r.get("status") == "ok" and r.get("path", "").startswith("fast")
-                      and all(r.get(k) == v for k, v in base.items())), None)
+            r = _base_point_record(results, pair, method, base)
             if r and r.get("per_token_s"):
                 fig.add_scatter(x=[0, 1], y=[1000 * r["per_token_s"]["median"]] * 2, mode="lines",
                                 line={"dash": "dash" if method != "overfill" else "solid"},
                                 name=f"{pair} · {method} measured ({r['path']})")
-        spec = next((r for r in results["records"] if r.get("pair") == pair and r.get("method") == "speculative"
-                     and r.get("status") == "ok" and r.get("path", "").startswith("fast")
-                     and all(r.get(k) == v for k, v in base.items())), None)
+        spec = _base_point_record(results, pair, "speculative", base)
         if spec and spec.get("per_token_s") and spec.get("acceptance"):
             fig.add_scatter(x=[spec["acceptance"]["median"]], y=[1000 * spec["per_token_s"]["median"]], mode="markers",
                             marker={"size": 12, "symbol": "star"},
@@ -381,8 +406,17 @@ def latency_figures(results: dict) -> dict:
             fig.add_vline(x=alpha, line_dash="dot", annotation_text=f"{pair}: measured alpha {alpha:.2f}")
     fig.update_layout(title=f"OverFill vs speculative decoding, per output token (batch 1)<br><sup>{where}</sup>",
                       xaxis_title="per-token acceptance rate alpha", yaxis_title="ms per output token", xaxis_range=[0, 1])
-    figs["overfill_vs_speculative"] = fig
-    return figs
+    return fig
+
+
+# The figures of :func:`latency_figures`, in the order the notebook shows them.
+LATENCY_FIGURES = {
+    "latency_vs_output_length": _latency_vs_output_length,
+    "ttft_vs_prompt_length": _ttft_vs_prompt_length,
+    "measured_vs_roofline": _measured_vs_roofline,
+    "throughput_vs_batch": _throughput_vs_batch,
+    "overfill_vs_speculative": _overfill_vs_speculative,
+}
 
 
 # -- decoder training (notebook 02) ----------------------------------------------------------------

@@ -79,10 +79,26 @@ def test_score_refuses_missing_test_answers_and_spread_refuses_no_spread_seeds(n
     ({"warmup_tokens": -5}, "recovery.warmup_tokens must be >= 0"),
     ({"ce_weight": -1}, "recovery.ce_weight must be >= 0"),
     ({"weight_decay": -0.1}, "recovery.weight_decay must be >= 0"),
+    ({"tokens": 10_000, "eval_every": 25_000}, "recovery.eval_every \\(25000 tokens\\) is more than recovery.tokens"),
 ])
 def test_a_recovery_section_with_values_that_cannot_work_is_refused_at_load(section, message):
     with pytest.raises(ValueError, match=message):
         parse(RecoveryConfig, section, "recovery")
+
+
+def test_a_distill_split_of_no_prompts_is_refused_where_the_preset_is_loaded(tmp_path):
+    from overfill_lib.config import DistillSection
+    from overfill_lib.presets import load_preset
+
+    section = {"dir": "data/x", "train": [4, 2], "validation": [0, 0], "test": [4, 2]}
+    with pytest.raises(ValueError, match="distill.validation is \\[0, 0\\]: the split would hold no prompts"):
+        parse(DistillSection, section, "distill")
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"name": "p", "teacher": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                                "distill": section}))
+    with pytest.raises(ValueError, match="distill.validation is \\[0, 0\\]"):
+        load_preset(str(path))
+    assert parse(DistillSection, section | {"validation": [0, 1]}, "distill").validation == (0, 1)
 
 
 @pytest.mark.parametrize("args", [(24.0, 10, 8), ("24", 10, 8), (24, 10, True)])
@@ -292,6 +308,7 @@ def test_mmlu_score_refuses_an_unknown_format_before_evaluating():
     (["--seed", "-1"], "a seed is an integer"),  # numpy refused it in the bootstrap, after scoring
     (["--decoder", "runs/no-such-run/model"], "are not folders"),  # found after scoring the full model
     (["--out", "results"], "is a folder"),  # found when writing, after scoring
+    (["--resamples", "50"], "give at least 1000"),  # a 50-resample interval then chose the tasks decoders are scored on
 ])
 def test_the_mmlu_command_refuses_bad_arguments_before_scoring(monkeypatch, argv, message, capsys):
     monkeypatch.setattr(mmlu, "run", lambda *a, **k: pytest.fail("the command began scoring"))

@@ -449,7 +449,7 @@ def test_results_table_compare_and_plot(teacher_run):
 def test_command_line_registers_the_model_and_adds_our_tasks():
     from lm_eval.api.registry import get_model
 
-    from overfill_lib.evaluate import with_our_tasks
+    from overfill_lib.evaluation import with_our_tasks
 
     assert get_model("overfill") is OverFillLM
     assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models still resolve
@@ -461,10 +461,10 @@ def test_command_line_registers_the_model_and_adds_our_tasks():
 
 
 def test_command_line_end_to_end(teacher_run, tmp_path, monkeypatch):
-    """`python -m overfill_lib.evaluate` is lm-eval's CLI: the overfill model, our tasks, its output files."""
+    """`python -m overfill_lib.evaluation` is lm-eval's CLI: the overfill model, our tasks, its output files."""
     import lm_eval.tasks
 
-    from overfill_lib.evaluate import main
+    from overfill_lib.evaluation import main
 
     class OursOnly(lm_eval.tasks.TaskManager):  # skip indexing lm-eval's thousands of built-in task files
         def __init__(self, *args, **kwargs):
