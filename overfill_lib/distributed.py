@@ -375,15 +375,19 @@ def measure(argv: Sequence[str] | None = None) -> int:
             (workdir / "pruned_decoder").symlink_to(decoder_dir.resolve())
             t0 = time.time()
             proc = launch(name, args.preset, workdir, args.steps, overrides, root / f"mem-{name}")
+            (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
             if proc.returncode != 0:
-                raise RuntimeError(f"the {name} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                raise RuntimeError(f"the {name} run failed (its whole output: {root / f'{name}.log'}):\n"
+                                   f"{proc.stderr[-3000:]}")
             memory = memory_records(root / f"mem-{name}")
             record["runs"][name] = {"wall_s": round(time.time() - t0, 1), "losses": run_losses(memory[0]["run_dir"]),
                                     "memory_per_process": [{k: v for k, v in m.items() if k != "run_dir"}
                                                            for m in memory]}
             log.info("%s: %.0f s, peak RSS %s", name, time.time() - t0, [m["peak_rss"] for m in memory])
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    except BaseException:
+        log.error("the runs' folders and logs are kept in %s", root)
+        raise
+    shutil.rmtree(root, ignore_errors=True)
     record["planner"] = _prediction(preset, decoder_dir, args, overrides, planner, record["runs"])
     record["loss_agreement"] = _agreement(record["runs"])
     write_json(args.out, record)

@@ -398,8 +398,9 @@ def table(preset, devices: Sequence[int] = (1, 2, 4, 8), memory_gib: float = 80,
             lines.append(f"| {n} | " + " | ".join(cells) + " | none | - | - |")
             continue
         b = pick["bounds"]
+        start = b["compute_bound_from_tokens"]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {pick['layout']} | {b['bound']}, {b['tokens_per_s']:,.0f} | "
-                     f"{b['compute_bound_from_tokens']:,} |")
+                     f"{'never' if start is None else f'{start:,}'} |")
     return "\n".join(lines)
 
 
