@@ -3,7 +3,8 @@ with the same per-step loss as one process at the same global batch, a sharded c
 resumes from on the same curve, and a final pair that loads as an ordinary one; the planner's memory arithmetic
 against what those processes held; the shipped ZeRO-3 config as far as this machine can check it.
 
-Two 2-process launches (the killed run and its resume) take most of the time: about 30 s on 2 idle cores.
+Two 2-process launches (the killed run and its resume) take most of the time: the file ran in 44 s on 2 cores
+shared with a training job.
 """
 
 from __future__ import annotations
