@@ -1,9 +1,9 @@
 """What int8 weights cost in quality: OverFill with an int8 decoder against OverFill in fp32 and the full model in int8.
 
-Scored as every decoder is (:func:`overfill_lib.fidelity.answer_fidelity`): by teacher forcing on the full model's own
+Scored as every decoder is (:func:`overfill_lib.scoring.answer_fidelity`): by teacher forcing on the full model's own
 greedy answers to held-out prompts (``data/distill-smollm2-135m/test.jsonl`` for SmolLM2), per-token agreement with
 the full model's greedy token and NLL of its answer, 95% bootstrap intervals over answers, and paired differences
-(both models on the same resampled answers, :func:`overfill_lib.fidelity.bootstrap_paired`). The decoder is the
+(both models on the same resampled answers, :func:`overfill_lib.scoring.bootstrap_paired`). The decoder is the
 preset's pruned decoder as :mod:`overfill_lib.pipeline` builds it; int8 is :func:`overfill_lib.quantize.quantize_int8`
 (per-output-channel weights, fp32 activations), the setting a preset asks for with ``decoder: {weights: int8}``.
 
@@ -30,7 +30,7 @@ from overfill_lib.artifacts import (
     write_json,
 )
 from overfill_lib.chat_data import load_conversations
-from overfill_lib.fidelity import answer_fidelity, bootstrap_paired
+from overfill_lib.scoring import answer_fidelity, bootstrap_paired
 from overfill_lib.pair import OverFillModel
 from overfill_lib.presets import load_preset
 
@@ -68,8 +68,8 @@ def record(scores: dict, seconds: dict, answers: dict, identity: dict) -> dict:
     return {
         "what": "agreement (share of answer tokens where the model's greedy token is the full model's) and NLL per "
                 "answer token, by teacher forcing on the full model's greedy held-out answers "
-                "(fidelity.answer_fidelity); 95% bootstrap intervals over answers; comparisons: a - b on the same "
-                "answers with paired 95% intervals (fidelity.bootstrap_paired). int8: quantize.quantize_int8 "
+                "(scoring.answer_fidelity); 95% bootstrap intervals over answers; comparisons: a - b on the same "
+                "answers with paired 95% intervals (scoring.bootstrap_paired). int8: quantize.quantize_int8 "
                 "(symmetric per-output-channel int8 weights, fp32 activations and KV cache), the setting "
                 "decoder: {weights: int8}; overfill_*: the full model prefills, the decoder continues",
         "models": {name: {"full_model": MODELS[name][0], "decoder": MODELS[name][1] or "none (full model alone)"}

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from overfill_lib import cost, evaluation, fidelity, latency, pipeline, training
+from overfill_lib import cost, evaluation, latency, pipeline, scoring, training
 from overfill_lib.artifacts import load_model, read_json, resolve_model, write_json
 from overfill_lib.config import ABLATION_SCORERS, MAIN_TEACHER, AblationConfig, Point, slug, torch_dtype
 from overfill_lib.fast_decode import FastGenerator
@@ -140,10 +140,10 @@ def _fidelity_key(preset, limit: int | None) -> str:
 
 
 def _fidelity_scores(model, tokenizer, preset, limit: int | None, cache: Path | None) -> dict[str, float]:
-    """``fidelity.answer_fidelity`` on the test split of the training data (the full model's held-out answers)."""
+    """``scoring.answer_fidelity`` on the test split of the training data (the full model's held-out answers)."""
     if cache is not None and cache.is_file():
         return read_json(cache)["scores"]
-    found = fidelity.answer_fidelity(model, tokenizer, _test_records(preset, limit))
+    found = scoring.answer_fidelity(model, tokenizer, _test_records(preset, limit))
     scores = {"agreement": found["agreement"], "exact": found["exact"], "answer_nll": found["nll"],
               "overall": found["agreement"]}
     if cache is not None:

@@ -3,8 +3,8 @@
 ``prune_width`` is OverFill's decoder: hidden channels, MLP neurons and optionally query heads are cut by
 importance while layers, KV heads and head_dim stay, so the decoder's KV cache has the full model's shape.
 ``prune_depth`` keeps a subset of layers. A float size is the fraction removed, an int the number kept; kept
-indices stay in order, so keeping everything reproduces the model. ``size_report``, ``reply_loss``, ``sweep`` and
-``layer_ablation`` measure before any training.
+indices stay in order, so keeping everything reproduces the model. ``size_report``, ``sweep`` and ``layer_ablation``
+measure before any training (with a scorer of :mod:`overfill_lib.scoring`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from overfill_lib import architectures as arch
-from overfill_lib import cost, generation
+from overfill_lib import cost, scoring
 from overfill_lib.artifacts import atomic_directory, environment_record, read_json, write_json
 from overfill_lib.importance import Importance
 from overfill_lib.pair import PRUNING_NAME
@@ -463,75 +463,9 @@ def size_report(config, hidden=None, intermediate=None, heads=None, round_to: in
     return out
 
 
-@torch.no_grad()
-def reply_loss(model: nn.Module, tokenizer, records, batch_size: int = 64) -> float:
-    """Mean cross-entropy per reply token (reply + end-of-turn) of chat ``records``, prompt tokens excluded.
-
-    ``model`` is a causal LM, or an OverFill pair (``pair.OverFillModel``): then the full model prefills
-    each prompt and predicts the first reply token, and the decoder the rest, as in generation.
-
-    ``records`` are suite records (with ``messages``) or message lists. Examples are encoded as in
-    training (teacher.encode_examples), sorted by length to limit padding, right-padded, and each
-    batch's mean (the model's own ``labels`` loss) is weighted by its number of reply tokens, so the
-    result is the mean over all reply tokens whatever the batching.
-    """
-    from overfill_lib.teacher import encode_examples
-
-    conversations = [r["messages"] if isinstance(r, dict) else r for r in records]
-    if not conversations:
-        raise ValueError("reply_loss needs at least one record; got none.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if hasattr(model, "forward_continuation"):  # an OverFill pair: the full model reads the prompt, the decoder the reply
-        from overfill_lib.fidelity import answer_fidelity
-
-        return answer_fidelity(model, tokenizer, conversations, batch_size=batch_size)["nll"]
-    rows = sorted(encode_examples(tokenizer, conversations), key=lambda r: len(r["input_ids"]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        ids, mask = generation.pad_sequences([r["input_ids"] for r in chunk], pad, side="right")
-        labels, _ = generation.pad_sequences([r["labels"] for r in chunk], -100, side="right")
-        batches.append((ids, mask, labels))
-    total, count = _labelled_nll(model, batches)
-    if count == 0:
-        raise ValueError("the records hold no reply tokens to score.")
-    return total / count
-
-
-@torch.inference_mode()
-def text_nll(model: nn.Module, windows: list[list[int]], batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over token ``windows`` (each scored alone, every token but the first);
-    ``exp`` of it is the perplexity."""
-    if not windows:
-        raise ValueError("text_nll needs at least one window of tokens; got none.")
-    batches = []
-    for i in range(0, len(windows), batch_size):
-        ids, mask = generation.pad_sequences(windows[i : i + batch_size], 0, side="right")
-        batches.append((ids, mask, ids.masked_fill(mask == 0, -100)))
-    total, count = _labelled_nll(model, batches)
-    return total / count
-
-
-@torch.inference_mode()
-def _labelled_nll(model: nn.Module, batches) -> tuple[float, int]:
-    """Summed causal-LM loss over (ids, mask, labels) batches, each batch's mean weighted by its scored tokens."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for ids, mask, labels in batches:
-            tokens = int((labels[:, 1:] != -100).sum())  # the loss shifts labels by one
-            if tokens == 0:
-                continue
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-            total += float(out.loss) * tokens
-            count += tokens
-    finally:
-        model.train(was_training)
-    return total, count
+# The reply loss and text NLL live in scoring.py with every other measure; named here for the notebooks and
+# tests that call them as pruning's.
+reply_loss, text_nll = scoring.reply_loss, scoring.text_nll
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from overfill_lib import fidelity, pipeline, stdlib_corpus, training, windows
+from overfill_lib import pipeline, scoring, stdlib_corpus, training, windows
 from overfill_lib.artifacts import (PROJECT_ROOT, content_sha256, environment_record, read_json, weights_fingerprint,
                                    write_json)
 from overfill_lib.config import RECOVERY_OBJECTIVES as METHODS
@@ -89,7 +89,7 @@ class TextProbe(TrainerCallback):
         self.model, self.cache, self.every, self.tokens_per_step = model, cache, every, tokens_per_step
 
     def _probe(self, state) -> None:
-        found = windows.summarize(windows.text_scores(self.model, self.cache), intervals=False)
+        found = scoring.summarize_text(windows.text_scores(self.model, self.cache), intervals=False)
         state.log_history.append({"step": state.global_step, "tokens": state.global_step * self.tokens_per_step,
                                   "val_kl": round(found["kl"], 5), "val_nll": round(found["nll"], 5),
                                   "val_agreement": round(found["agreement"], 5)})
@@ -313,7 +313,7 @@ def unit_scores(model, name: str, identity: dict, res: Resources, test: windows.
     log.info("scoring %s", name)
     units = {"text": windows.text_scores(model, test, indices)}
     if answers is not None:
-        units["answers"] = fidelity.answer_fidelity(model, res.tokenizer, answers, units=True)["per_answer"]
+        units["answers"] = scoring.answer_fidelity(model, res.tokenizer, answers, units=True)["per_answer"]
     write_json(path, {"key": key, "units": units})
     return units
 
@@ -332,30 +332,30 @@ def position_units(text: dict, key: str) -> list[tuple[list[int], list[float], l
 def by_position(text: dict) -> list[dict]:
     """KL to the full model and agreement with its greedy token per range of continuation positions, with 95%
     bootstrap intervals over windows."""
-    return [{"positions": span, "n": sum(n), "kl": sum(kl) / sum(n), "kl_ci": fidelity.bootstrap_ratio(kl, n),
-             "agreement": sum(agree) / sum(n), "agreement_ci": fidelity.bootstrap_ratio(agree, n)}
+    return [{"positions": span, "n": sum(n), "kl": sum(kl) / sum(n), "kl_ci": scoring.bootstrap_ratio(kl, n),
+             "agreement": sum(agree) / sum(n), "agreement_ci": scoring.bootstrap_ratio(agree, n)}
             for (span, kl, n), (_, agree, _) in zip(position_units(text, "kl_at"), position_units(text, "agree_at"))]
 
 
 def summary(units: dict) -> dict:
-    found = {"text": windows.summarize(units["text"]) | {"by_position": by_position(units["text"])}}
+    found = {"text": scoring.summarize_text(units["text"]) | {"by_position": by_position(units["text"])}}
     if "answers" in units:
-        found["answers"] = fidelity.summarize_answers(units["answers"], intervals=True)
+        found["answers"] = scoring.summarize_answers(units["answers"], intervals=True)
     return found
 
 
 def paired(a: dict, b: dict) -> dict:
     """``a`` minus ``b`` (OverFill minus pruned) on the same windows and answers, with paired 95% intervals."""
     ta, tb = a["text"], b["text"]
-    out = {"text_kl": fidelity.bootstrap_paired((ta["kl"], ta["n"]), (tb["kl"], tb["n"])),
-           "text_agreement": fidelity.bootstrap_paired((ta["agree"], ta["n"]), (tb["agree"], tb["n"])),
-           "text_kl_by_position": [{"positions": span} | fidelity.bootstrap_paired((kl_a, n_a), (kl_b, n_b))
+    out = {"text_kl": scoring.bootstrap_paired((ta["kl"], ta["n"]), (tb["kl"], tb["n"])),
+           "text_agreement": scoring.bootstrap_paired((ta["agree"], ta["n"]), (tb["agree"], tb["n"])),
+           "text_kl_by_position": [{"positions": span} | scoring.bootstrap_paired((kl_a, n_a), (kl_b, n_b))
                                    for (span, kl_a, n_a), (_, kl_b, n_b) in
                                    zip(position_units(ta, "kl_at"), position_units(tb, "kl_at"))]}
     if "answers" in a and "answers" in b:
         aa, ab = a["answers"], b["answers"]
-        out["answers_agreement"] = fidelity.bootstrap_paired((aa["hits"], aa["tokens"]), (ab["hits"], ab["tokens"]))
-        out["answers_nll"] = fidelity.bootstrap_paired((aa["nll"], aa["tokens"]), (ab["nll"], ab["tokens"]))
+        out["answers_agreement"] = scoring.bootstrap_paired((aa["hits"], aa["tokens"]), (ab["hits"], ab["tokens"]))
+        out["answers_nll"] = scoring.bootstrap_paired((aa["nll"], aa["tokens"]), (ab["nll"], ab["tokens"]))
     return out
 
 

@@ -25,11 +25,15 @@ from transformers import (
     TrainingArguments,
 )
 
-from overfill_lib import tasks
+from overfill_lib import scoring, tasks
 from overfill_lib.architectures import head_dim_of
 from overfill_lib.artifacts import atomic_directory, environment_record, read_json, write_json
 from overfill_lib.config import parse
 from overfill_lib.generation import returned_cache
+from overfill_lib.tokens import encode_examples
+
+# Where these lived before scoring.py and tokens.py: the notebooks and tests that name them here still work.
+greedy_answers, evaluate_exact_match = scoring.greedy_answers, scoring.exact_match
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +138,6 @@ def build_model(cfg: TeacherConfig, tokenizer: PreTrainedTokenizerFast) -> Llama
     return model
 
 
-def encode_examples(tokenizer, conversations: list[list[dict]]) -> list[dict]:
-    """Prompt = every turn before the final assistant reply; labels only on reply + end-of-turn.
-
-    Rendered through the tokenizer's chat template, then tokenized in one batched call.
-    """
-    prompts = tokenizer.apply_chat_template([c[:-1] for c in conversations], add_generation_prompt=True, tokenize=False)
-    replies = [c[-1]["content"] for c in conversations]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [
-        {"input_ids": p + r + [eos], "labels": [-100] * len(p) + r + [eos]} for p, r in zip(prompt_ids, reply_ids)
-    ]
-
-
 class _Collator:
     """Right-padded prompt + reply with labels only on the reply (as ``chat_data.ChatCollator``'s causal layout)."""
 
@@ -187,33 +176,10 @@ class _ProgressLogger(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and self.records and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
-            scores = evaluate_exact_match(model, self.tokenizer, self.records)
+            scores = scoring.exact_match(model, self.tokenizer, self.records)
             model.train()
             state.log_history.append({"step": state.global_step, "val_exact_match": scores})
             log.info("step %d: validation exact match %s", state.global_step, {k: round(v, 2) for k, v in scores.items()})
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, records: list[dict], batch_size: int = 128, max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers to the records' prompts with the model's own ``generate`` (left padding)."""
-    model.eval()
-    out: list[str] = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        batch = tokenizer.apply_chat_template(
-            [r["messages"][:-1] for r in chunk],
-            add_generation_prompt=True,
-            padding=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-        gen = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
-        out += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-def evaluate_exact_match(model, tokenizer, records: list[dict], **kw) -> dict:
-    return tasks.score(records, greedy_answers(model, tokenizer, records, **kw))
 
 
 def train_teacher(
@@ -265,7 +231,7 @@ def train_teacher(
     shutil.rmtree(work_dir, ignore_errors=True)  # nothing is checkpointed mid-run (save_strategy="no")
     model = trainer.model.cpu().eval()
     test = tasks.load_split(suite_dir, "test")[:eval_records]
-    metrics = evaluate_exact_match(model, tokenizer, test)
+    metrics = scoring.exact_match(model, tokenizer, test)
     record = {
         "recipe": asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),

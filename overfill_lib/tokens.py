@@ -257,3 +257,16 @@ def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool =
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     input_ids, attention_mask = pad_sequences(ids, pad, side="left")
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def encode_examples(tokenizer, conversations: list[list[dict]]) -> list[dict]:
+    """Training's encoding of chat examples: prompt = every turn before the final assistant reply (through the chat
+    template, with the generation prompt); labels only on reply + end-of-turn. Tokenized in one batched call."""
+    prompts = tokenizer.apply_chat_template([c[:-1] for c in conversations], add_generation_prompt=True, tokenize=False)
+    replies = [c[-1]["content"] for c in conversations]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [
+        {"input_ids": p + r + [eos], "labels": [-100] * len(p) + r + [eos]} for p, r in zip(prompt_ids, reply_ids)
+    ]

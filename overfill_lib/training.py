@@ -35,9 +35,19 @@ from overfill_lib.artifacts import (
     atomic_write_text,
     environment_record,
     load_causal_lm,
-    process_alive,
     read_json,
     write_json,
+)
+
+# Resuming (the run's identity, its lock, whole checkpoints) is its own module; these are the names train() uses.
+from overfill_lib.resume import (  # noqa: F401  (checkpoint_problem: named here by the tests and callers of old)
+    RESUMABLE_CHANGES,
+    RunLock,
+    check_resume,
+    checkpoint_problem,
+    data_fingerprint,
+    resumable_checkpoint,
+    run_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -215,7 +225,7 @@ class LogWriter(TrainerCallback):
 
 
 class FidelityProbe(TrainerCallback):
-    """Every ``every`` steps and at step 0: ``fidelity.answer_fidelity`` of the model being trained (the pair for
+    """Every ``every`` steps and at step 0: ``scoring.answer_fidelity`` of the model being trained (the pair for
     OverFill) on held-out chat records, appended to the log history as ``eval_nll`` / ``eval_agreement`` with
     ``tokens_seen``: how fast each objective recovers, on the same records and the same token axis."""
 
@@ -223,9 +233,9 @@ class FidelityProbe(TrainerCallback):
         self.model, self.tokenizer, self.records, self.every = model, tokenizer, records, every
 
     def _probe(self, state) -> None:
-        from overfill_lib import fidelity
+        from overfill_lib import scoring
 
-        found = fidelity.answer_fidelity(self.model, self.tokenizer, self.records)
+        found = scoring.answer_fidelity(self.model, self.tokenizer, self.records)
         state.log_history.append({"step": state.global_step, "tokens_seen": state.num_input_tokens_seen,
                                   "eval_nll": round(found["nll"], 5), "eval_agreement": round(found["agreement"], 5)})
 
@@ -304,55 +314,6 @@ class RunResult:
     @property
     def model_dir(self) -> Path:
         return self.run_dir / "model"
-
-
-# What a run may change between a kill and its resume: the budget and the bookkeeping. Anything else (learning rate,
-# schedule, batch, objective, models, data) would make one run of two recipes while its record claims the last one.
-RESUMABLE_CHANGES = frozenset({"objectives", "seeds", "objective_seeds", "steps", "epochs", "logging_steps",
-                               "eval_steps", "save_steps", "save_total_limit", "num_proc"})
-
-
-def data_fingerprint(dataset, data_stats: dict | None) -> dict:
-    """What identifies a run's training data: the caller's ``data_stats`` (the pipeline's carry the source file's
-    sha256) and a hash of the examples' size and of up to 64 of them, evenly spaced (cheap for any size)."""
-    n = len(dataset)
-    picks = sorted({i * n // 64 for i in range(min(n, 64))})
-    digest = hashlib.sha256(str(n).encode())
-    for i in picks:
-        item = dataset[i]
-        item = ({k: v.tolist() if hasattr(v, "tolist") else v for k, v in item.items()} if isinstance(item, dict)
-                else item.tolist() if hasattr(item, "tolist") else item)
-        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
-    return {"stats": data_stats, "examples": n, "sample_sha256": digest.hexdigest()[:16]}
-
-
-def run_identity(objective: str, seed: int, config: TrainingConfig, sources: Sources, data: dict) -> dict:
-    """What a run's checkpoints may be resumed under (``run_dir/identity.json``): all but :data:`RESUMABLE_CHANGES`."""
-    return {"objective": objective, "seed": seed,
-            "recipe": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
-            "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()}, "data": data}
-
-
-def _differences(old, new, where: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{where}{k}.")]
-    return [] if old == new else [f"{where.rstrip('.')}: was {old!r}, now {new!r}"]
-
-
-def check_resume(run_dir: Path, identity: dict, checkpoint: str | None) -> None:
-    """Refuse to resume ``checkpoint`` under another recipe, models or data than the run started with; record the
-    identity when the run starts (or, for a run made before identities were kept, when it first resumes)."""
-    path = Path(run_dir) / "identity.json"
-    recorded = read_json(path) if path.is_file() and checkpoint else None
-    if recorded is not None and (changes := _differences(recorded, json.loads(json.dumps(identity, default=str)))):
-        raise ValueError(
-            f"{run_dir} was started under another recipe or data than this resume asks for:\n  "
-            + "\n  ".join(changes)
-            + "\nResume with the recorded settings, train into another run folder, or start this one over "
-              "(resume=False; --no-resume / --retrain on the command line).")
-    if recorded is None:
-        write_json(path, identity)
 
 
 def run_fingerprint(objective: str, seed: int, config: TrainingConfig, sources: Sources, data_stats: dict) -> str:
@@ -502,41 +463,18 @@ def train(
     (``recovery.TextProbe``), for data that :class:`FidelityProbe` cannot score.
     """
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from overfill_lib.pair import OverFillModel
 
     obj = get_objective(objective)
     runtime = runtime or {"device": "cpu", "dtype": "float32"}
     run_dir = Path(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(sources.full_dir)
-    pair = None
-    if obj.layout == "pair":
-        check_same_tokenizer(sources.full_dir, sources.decoder_dir, "decoder")
-        if config.gradient_checkpointing:
-            log.warning("gradient_checkpointing is ignored for %s: HF checkpointing drops the prompt KV", objective)
-        full = full if full is not None else load_full(sources, full_dtype(runtime))
-    elif obj.trains == "smaller":
-        check_same_tokenizer(sources.full_dir, sources.smaller_dir, "smaller model")
-    if obj.loss == "kl" and full is None:
-        full = load_full(sources, full_dtype(runtime))
+    full = _frozen_full(objective, sources, config, runtime, full)
     steps = planned_steps(config, len(dataset), world_size())
     args = _training_args(config, run_dir, seed, steps, runtime, obj.layout)
     model = _trainable_model(obj, sources, seed)
     if full is not None and (obj.layout == "pair" or obj.loss == "kl"):
         full.to(args.device)  # the Trainer places (or shards) only the model it trains
-    if obj.layout == "pair":
-        pruning_path = sources.decoder_dir / "pruning.json"
-        pair = OverFillModel(
-            full, model, config.strategy, tokenizer=tokenizer, full_id=sources.full_id or str(sources.full_dir),
-            pruning_record=read_json(pruning_path) if pruning_path.is_file() else None,
-            mixed_precision=mixed_precision(runtime),
-        )
-        if any(True for _ in pair.strategy.parameters()):
-            raise ValueError(
-                f"strategy {config.strategy!r} has trainable weights, which this engine does not train (they would sit "
-                "outside the wrapped decoder); use shared_kv (the paper's setting) or layer_subset"
-            )
+    pair = _overfill_pair(config, sources, full, model, tokenizer, runtime) if obj.layout == "pair" else None
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = OverFillTrainer(
         model=model,
@@ -551,22 +489,12 @@ def train(
         ce_weight=config.ce_weight,
     )
     batch_progress(trainer)
-    if config.eval_steps:
-        if not probe_records:
-            raise ValueError("training.eval_steps is set: pass probe_records (pipeline.data_records(preset, config))")
-        trainer.add_callback(FidelityProbe(pair if pair is not None else model, tokenizer, probe_records,
-                                           config.eval_steps))
-    if probe is not None:
-        trainer.add_callback(probe(pair if pair is not None else model))
+    _add_probes(trainer, pair if pair is not None else model, tokenizer, config, probe_records, probe)
     main_process = int(os.environ.get("RANK", "0")) == 0
     with RunLock(run_dir) if main_process else contextlib.nullcontext():
-        checkpoint = resumable_checkpoint(Path(args.output_dir)) if resume and main_process else None
-        if main_process:
-            check_resume(run_dir, run_identity(objective, seed, config, sources, data_fingerprint(dataset, data_stats)),
-                         checkpoint)
-        if world_size() > 1:  # the main process set incomplete checkpoints aside; all resume from the same one
-            trainer.accelerator.wait_for_everyone()
-            checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+        identity = (run_identity(objective, seed, config, sources, data_fingerprint(dataset, data_stats))
+                    if main_process else None)
+        checkpoint = _checkpoint_to_resume(trainer, run_dir, identity, resume)
         if checkpoint:
             log.info("%s seed %d: resuming from %s", objective, seed, checkpoint)
         t0 = time.perf_counter()
@@ -574,31 +502,9 @@ def train(
         seconds = time.perf_counter() - t0
         state = trainer.state
         complete = state.global_step >= steps
-        record = {
-            "objective": objective,
-            "description": obj.description,
-            "seed": seed,
-            "complete": complete,
-            "steps": state.global_step,
-            "planned_steps": steps,
-            "resumed_from": checkpoint,
-            "train_seconds": round(seconds, 2),
-            "world_size": args.world_size,
-            "config": config.to_dict(),
-            "runtime": runtime,
-            "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()},
-            "data": data_stats,
-            "parameters": {"trained": _count(model),
-                           "full": _count(full) if pair is not None or obj.loss == "kl" else None},
-            "log_history": state.log_history,
-            "environment": environment_record(str(args.device), seed),
-        }
-        if trainer.is_world_process_zero():
-            write_history(run_dir, state.log_history)
-        if complete:
-            _save_final(trainer, pair, run_dir / "model", sources)
-            if trainer.is_world_process_zero():
-                write_json(run_dir / "record.json", record)
+        record = _run_record(trainer, objective, seed, config, sources, runtime, data_stats, checkpoint, seconds,
+                             steps, model, full if pair is not None or obj.loss == "kl" else None)
+        _write_run(trainer, pair, run_dir, sources, record, complete)
     trainer.accelerator.wait_for_everyone()
     model.eval()
     if pair is not None and mixed_precision(runtime):  # saved in fp32; in memory, one dtype so the pair can generate
@@ -606,114 +512,98 @@ def train(
     return RunResult(objective, seed, run_dir, complete, state.global_step, record, pair if pair is not None else model)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` (a Trainer checkpoint folder) cannot be resumed from, or None when it is complete: its state
-    reads as JSON, its weights' safetensors headers match their sizes, its torch files are whole zip archives."""
-    import zipfile
-
-    path = Path(path)
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json unreadable ({type(e).__name__})"
-    if (path / "pytorch_model_fsdp_0").is_dir():  # FSDP SHARDED_STATE_DICT: torch.distributed.checkpoint folders,
-        for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # whose .metadata is written once every shard is
-            if not (path / part / ".metadata").is_file():
-                return f"{part}/.metadata missing"
-        return None if (path / "scheduler.pt").is_file() else "scheduler.pt missing"
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        return "no weights (*.safetensors)"
-    for file in weights:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{file.name} truncated"
-            size = int.from_bytes(head, "little")
-            try:
-                header = json.loads(f.read(size))
-            except ValueError:
-                return f"{file.name} has a broken header"
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if file.stat().st_size != 8 + size + end:
-            return f"{file.name} truncated ({file.stat().st_size} of {8 + size + end} bytes)"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (path / name).is_file():
-            return f"{name} missing"
-        try:
-            with zipfile.ZipFile(path / name) as z:
-                if z.testzip() is not None:
-                    return f"{name} corrupt"
-        except zipfile.BadZipFile:
-            return f"{name} truncated"
-    return None
+def _frozen_full(objective: str, sources: Sources, config: TrainingConfig, runtime: dict, full=None):
+    """The frozen full model the objective reads (``full`` when given, else loaded): OverFill's prefill, or the
+    distribution a ``kl`` objective matches. A decoder or smaller model of another tokenizer is refused first."""
+    obj = get_objective(objective)
+    if obj.layout == "pair":
+        check_same_tokenizer(sources.full_dir, sources.decoder_dir, "decoder")
+        if config.gradient_checkpointing:
+            log.warning("gradient_checkpointing is ignored for %s: HF checkpointing drops the prompt KV", objective)
+        full = full if full is not None else load_full(sources, full_dtype(runtime))
+    elif obj.trains == "smaller":
+        check_same_tokenizer(sources.full_dir, sources.smaller_dir, "smaller model")
+    if obj.loss == "kl" and full is None:
+        full = load_full(sources, full_dtype(runtime))
+    return full
 
 
-def resumable_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete checkpoint in ``output_dir``; incomplete ones (a save cut short) are renamed aside
-    (``incomplete-checkpoint-N``) with a log line, so they neither block the resume nor get deleted."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+def _overfill_pair(config: TrainingConfig, sources: Sources, full, decoder, tokenizer, runtime: dict):
+    """The pair OverFill trains: the frozen full model prefills, ``decoder`` (the model the Trainer wraps) continues."""
+    from overfill_lib.pair import OverFillModel
 
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = sorted((p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        aside = path.with_name(f"incomplete-{path.name}")  # outside the Trainer's checkpoint-* rotation
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(path, aside)
-        log.warning("checkpoint %s is incomplete (%s): set aside as %s; resuming from an earlier one", path, problem,
-                    aside.name)
-    return None
+    pruning_path = sources.decoder_dir / "pruning.json"
+    pair = OverFillModel(
+        full, decoder, config.strategy, tokenizer=tokenizer, full_id=sources.full_id or str(sources.full_dir),
+        pruning_record=read_json(pruning_path) if pruning_path.is_file() else None,
+        mixed_precision=mixed_precision(runtime),
+    )
+    if any(True for _ in pair.strategy.parameters()):
+        raise ValueError(
+            f"strategy {config.strategy!r} has trainable weights, which this engine does not train (they would sit "
+            "outside the wrapped decoder); use shared_kv (the paper's setting) or layer_subset"
+        )
+    return pair
 
 
-class RunLock:
-    """One training per run folder: ``run_dir/.lock`` names the holder (host, pid, start time). A second training
-    of the same folder is refused; a lock whose process is gone (same host) is taken over with a log line."""
+def _add_probes(trainer, trained, tokenizer, config: TrainingConfig, probe_records, probe) -> None:
+    """The validation callbacks: :class:`FidelityProbe` every ``config.eval_steps``, and the caller's ``probe``."""
+    if config.eval_steps:
+        if not probe_records:
+            raise ValueError("training.eval_steps is set: pass probe_records (pipeline.data_records(preset, config))")
+        trainer.add_callback(FidelityProbe(trained, tokenizer, probe_records, config.eval_steps))
+    if probe is not None:
+        trainer.add_callback(probe(trained))
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
 
-    def __enter__(self):
-        import socket
+def _checkpoint_to_resume(trainer, run_dir: Path, identity: dict | None, resume: bool) -> str | None:
+    """The checkpoint this run resumes from (None: it starts over). The main process (the one given the run's
+    ``identity``) keeps only a whole one and refuses one of another recipe, models or data
+    (:func:`resume.check_resume`); under several processes every process then resumes from the one it kept."""
+    from transformers.trainer_utils import get_last_checkpoint
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    holder = None
-                if not isinstance(holder, dict) or not holder.get("pid"):
-                    # Empty or garbled: the holder was killed between creating the lock and writing it (or is writing
-                    # it this instant). Who holds it cannot be told, so it is not taken over.
-                    raise RuntimeError(
-                        f"{self.path} names no holder (empty or not a JSON object with a pid): left by a training "
-                        f"killed while it took the lock? If no training of {self.path.parent} is running, delete "
-                        f"{self.path} and start again"
-                    ) from None
-                if holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
-                    log.warning("taking over %s: its holder (pid %s) is gone", self.path, holder.get("pid"))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise RuntimeError(
-                    f"{self.path.parent} is being trained by pid {holder.get('pid')} on {holder.get('host')} (since "
-                    f"{holder.get('started')}); wait for it to finish, or delete {self.path} if that process is gone"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise RuntimeError(f"could not take the lock {self.path}")
+    output_dir = trainer.args.output_dir
+    checkpoint = resumable_checkpoint(Path(output_dir)) if resume and identity is not None else None
+    if identity is not None:
+        check_resume(run_dir, identity, checkpoint)
+    if world_size() > 1:  # the main process set incomplete checkpoints aside; all resume from the same one
+        trainer.accelerator.wait_for_everyone()
+        checkpoint = get_last_checkpoint(output_dir) if resume and Path(output_dir).is_dir() else None
+    return checkpoint
 
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+
+def _run_record(trainer, objective: str, seed: int, config: TrainingConfig, sources: Sources, runtime: dict,
+                data_stats, checkpoint, seconds: float, steps: int, model, full) -> dict:
+    """``record.json``: what the run was (recipe, models, data, parameters), how far it got and where it ran."""
+    state, args = trainer.state, trainer.args
+    return {
+        "objective": objective,
+        "description": get_objective(objective).description,
+        "seed": seed,
+        "complete": state.global_step >= steps,
+        "steps": state.global_step,
+        "planned_steps": steps,
+        "resumed_from": checkpoint,
+        "train_seconds": round(seconds, 2),
+        "world_size": args.world_size,
+        "config": config.to_dict(),
+        "runtime": runtime,
+        "sources": {k: str(v) if v is not None else None for k, v in asdict(sources).items()},
+        "data": data_stats,
+        "parameters": {"trained": _count(model), "full": _count(full) if full is not None else None},
+        "log_history": state.log_history,
+        "environment": environment_record(str(args.device), seed),
+    }
+
+
+def _write_run(trainer, pair, run_dir: Path, sources: Sources, record: dict, complete: bool) -> None:
+    """The log (every run) and, when complete, the final model and ``record.json``."""
+    if trainer.is_world_process_zero():
+        write_history(run_dir, trainer.state.log_history)
+    if complete:
+        _save_final(trainer, pair, run_dir / "model", sources)
+        if trainer.is_world_process_zero():
+            write_json(run_dir / "record.json", record)
 
 
 def _count(model) -> int:
@@ -769,47 +659,3 @@ def load_trained(result_or_dir: RunResult | str | Path, full=None):
             return OverFillModel.from_pretrained(model_dir, full=full)
         return OverFillModel.from_models(record["sources"]["full_dir"], model_dir)
     return load_causal_lm(model_dir, "trained model").eval()
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact match and single answers (for the notebooks)
-# --------------------------------------------------------------------------------------------------
-
-
-def answers(model, tokenizer, records: list[dict], batch_size: int = 128, max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers to the records' prompts: ``pair.chat`` for an OverFill pair, HF ``generate`` otherwise."""
-    from overfill_lib import teacher
-    from overfill_lib.pair import OverFillModel
-
-    if not isinstance(model, OverFillModel):
-        return teacher.greedy_answers(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    model.eval()
-    out: list[str] = []
-    for i in range(0, len(records), batch_size):
-        chunk = [r["messages"][:-1] for r in records[i : i + batch_size]]
-        out += model.chat(chunk, tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False).texts
-    return out
-
-
-def exact_match(model, tokenizer, records: list[dict], **kw) -> dict:
-    """Exact match per task family and overall (``tasks.score``) of greedy answers."""
-    from overfill_lib import tasks
-
-    return tasks.score(records, answers(model, tokenizer, records, **kw))
-
-
-def answer_with_latency(model, tokenizer, messages: list[dict], max_new_tokens: int = 16) -> dict:
-    """One greedy answer and its wall time; an OverFill pair also reports its prefill / decode split."""
-    from overfill_lib import teacher
-    from overfill_lib.pair import OverFillModel
-
-    record = {"family": "", "messages": [*messages, {"role": "assistant", "content": ""}]}
-    if isinstance(model, OverFillModel):
-        out = model.chat([messages], tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False)
-        t = out.timings
-        return {"answer": out.texts[0], "ms": round(1000 * t.total_s, 2), "prefill_ms": round(1000 * t.prefill_s, 2),
-                "decode_ms": round(1000 * t.decode_s, 2), "new_tokens": t.new_tokens}
-    t0 = time.perf_counter()
-    text = teacher.greedy_answers(model, tokenizer, [record], max_new_tokens=max_new_tokens)[0]
-    return {"answer": text, "ms": round(1000 * (time.perf_counter() - t0), 2), "prefill_ms": None, "decode_ms": None,
-            "new_tokens": None}

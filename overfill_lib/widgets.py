@@ -38,7 +38,7 @@ def ask_teacher(model, tokenizer, records: list[dict]):
     """Family dropdown + editable input -> the model's greedy answer beside the reference."""
     import ipywidgets as w
 
-    from overfill_lib import tasks, teacher
+    from overfill_lib import scoring
 
     by_family = {f: next(r for r in records if r["family"] == f) for f in dict.fromkeys(r["family"] for r in records)}
     family = w.Dropdown(options=list(by_family), description="family")
@@ -47,9 +47,9 @@ def ask_teacher(model, tokenizer, records: list[dict]):
     def answer():
         record = by_family[family.value]
         messages = [record["messages"][0], {"role": "user", "content": user.value}, {"role": "assistant", "content": ""}]
-        pred = teacher.greedy_answers(model, tokenizer, [{"family": family.value, "messages": messages}])[0]
+        pred = scoring.greedy_answers(model, tokenizer, [{"family": family.value, "messages": messages}])[0]
         reference = record["messages"][-1]["content"] if user.value == record["messages"][1]["content"] else "(edited)"
-        return f"model: {pred!r}   reference: {reference!r}   exact: {tasks.exact_match(pred, reference)}"
+        return f"model: {pred!r}   reference: {reference!r}   exact: {scoring.answer_matches(pred, reference)}"
 
     def on_family(change):  # a new family loads its example input, which triggers the answer
         user.value = by_family[change["new"]]["messages"][1]["content"]
@@ -101,7 +101,7 @@ def compare_answers(models: dict, tokenizer, records: list[dict], max_new_tokens
     import ipywidgets as w
     import pandas as pd
 
-    from overfill_lib import tasks, training
+    from overfill_lib import scoring
 
     by_family = {f: next(r for r in records if r["family"] == f) for f in dict.fromkeys(r["family"] for r in records)}
     family = w.Dropdown(options=list(by_family), description="family")
@@ -114,8 +114,8 @@ def compare_answers(models: dict, tokenizer, records: list[dict], max_new_tokens
         reference = record["messages"][-1]["content"] if user.value == record["messages"][1]["content"] else None
         rows = []
         for name, model in models.items():
-            row = training.answer_with_latency(model, tokenizer, messages, max_new_tokens=max_new_tokens)
-            rows.append({"model": name, **row, "exact": None if reference is None else tasks.exact_match(row["answer"], reference)})
+            row = scoring.answer_with_latency(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+            rows.append({"model": name, **row, "exact": None if reference is None else scoring.answer_matches(row["answer"], reference)})
         df = pd.DataFrame(rows).set_index("model")
         df.attrs["reference"] = reference
         return df

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from overfill_lib.artifacts import read_json, weights_fingerprint, write_json
 from overfill_lib.config import WindowSpec
+from overfill_lib.scoring import summarize_text
 
 log = logging.getLogger(__name__)
 
@@ -335,17 +336,5 @@ def text_scores(model, cache: TeacherCache, indices: list[int] | None = None, ba
     return out
 
 
-def summarize(scores: dict[str, list], intervals: bool = True, seed: int = 0) -> dict:
-    """Means per position (``nll``, ``agreement``, ``kl``) with 95% bootstrap intervals over windows."""
-    from overfill_lib.fidelity import bootstrap_ratio
-
-    n = scores["n"]
-    if not sum(n):
-        raise ValueError("no scored positions to summarize (text_scores of no windows)")
-    out = {"windows": len(n), "positions": int(sum(n))}
-    for key, name in (("nll", "nll"), ("agree", "agreement"), ("kl", "kl")):
-        out[name] = sum(scores[key]) / sum(n)
-        if intervals:
-            out[f"{name}_ci"] = bootstrap_ratio(scores[key], n, seed=seed)
-    return out
-
+# text_scores' summary (means with bootstrap intervals over windows) is scoring.summarize_text; named here too.
+summarize = summarize_text

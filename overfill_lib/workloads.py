@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from overfill_lib import corpus, fidelity, pipeline, pruning, tasks, teacher, training
+from overfill_lib import corpus, pipeline, scoring, tasks
 
 
 @dataclass
@@ -82,7 +82,7 @@ class SyntheticSuite(Workload):
 
     def test_scorer(self, tokenizer):
         def measure(model, records):
-            return training.exact_match(model, tokenizer, records)
+            return scoring.exact_match(model, tokenizer, records)
 
         return measure
 
@@ -94,10 +94,10 @@ class SyntheticSuite(Workload):
                           for r in em_set)
 
         def loss_only(m):
-            return {"loss": pruning.reply_loss(m, tokenizer, loss_set)}
+            return {"loss": scoring.reply_loss(m, tokenizer, loss_set)}
 
         def evaluate(m):
-            em = teacher.evaluate_exact_match(m, tokenizer, em_set, max_new_tokens=max_new, batch_size=len(em_set))
+            em = scoring.exact_match(m, tokenizer, em_set, max_new_tokens=max_new, batch_size=len(em_set))
             return loss_only(m) | {"exact_match": em["overall"]}
 
         return SweepScoring("loss", ["loss", "exact_match"], [],
@@ -129,9 +129,9 @@ class PretrainedModel(Workload):
         windows = corpus.heldout_windows(tokenizer)
 
         def measure(model, records):
-            found = fidelity.answer_fidelity(model, tokenizer, records)
+            found = scoring.answer_fidelity(model, tokenizer, records)
             return {k: found[k] for k in ("nll", "agreement", "exact")} | {
-                "split_perplexity": fidelity.split_perplexity(model, windows, len(windows[0]) // 2, tokenizer=tokenizer)}
+                "split_perplexity": scoring.split_perplexity(model, windows, len(windows[0]) // 2, tokenizer=tokenizer)}
 
         return measure
 
@@ -147,12 +147,12 @@ class PretrainedModel(Workload):
                  f"({sum(len(tokenizer(r['messages'][-1]['content'])['input_ids']) for r in answers)} tokens)")
 
         def loss_only(m):
-            return {"answer_nll": pruning.reply_loss(m, tokenizer, answers, batch_size=8)}
+            return {"answer_nll": scoring.reply_loss(m, tokenizer, answers, batch_size=8)}
 
         def evaluate(m):
             overfill = OverFillModel(model, m, tokenizer=tokenizer)
-            return {"perplexity": math.exp(pruning.text_nll(m, windows)), **loss_only(m),
-                    "overfill_answer_nll": pruning.reply_loss(overfill, tokenizer, answers, batch_size=8)}
+            return {"perplexity": math.exp(scoring.text_nll(m, windows)), **loss_only(m),
+                    "overfill_answer_nll": scoring.reply_loss(overfill, tokenizer, answers, batch_size=8)}
 
         return SweepScoring("answer_nll", ["perplexity", "answer_nll", "overfill_answer_nll"], ["perplexity"], scope,
                             loss_only, evaluate, [r["messages"][:-1] for r in answers],

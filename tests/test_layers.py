@@ -17,11 +17,12 @@ LAYERS: list[tuple[str, set[str]]] = [
      {"config", "tokens", "quantize", "artifacts", "architectures", "timing"}),
     ("inference: the stages, the pairing strategies, the pair, the fast path, what a step costs",
      {"generation", "pairing", "pair", "fast_decode", "cost"}),
-    ("models and data: the suite, the offline teacher, GGUF and llama.cpp models, the lm-eval model, corpora, fidelity",
-     {"tasks", "teacher", "gguf_models", "llama_cpp", "lm_eval_model", "stdlib_corpus", "chat_data", "corpus",
+    ("models and data: every measure of quality, the suite, the offline teacher, GGUF and llama.cpp models, the lm-eval "
+     "model, corpora",
+     {"scoring", "tasks", "teacher", "gguf_models", "llama_cpp", "lm_eval_model", "stdlib_corpus", "chat_data", "corpus",
       "fidelity"}),
-    ("the work, on plain arguments: importance, pruning, window distillation, training, latency",
-     {"importance", "pruning", "windows", "training", "latency"}),
+    ("the work, on plain arguments: importance, pruning, window distillation, training and resuming it, latency",
+     {"importance", "pruning", "windows", "training", "resume", "latency"}),
     ("presets: what a preset is", {"presets"}),
     ("runs that read a preset: the pipeline, lm-eval, the long runs, the planner, the GPU headline",
      {"pipeline", "evaluation", "ablation", "mmlu", "recovery", "distributed", "planner", "headline"}),
@@ -34,10 +35,7 @@ MAX_MODULE_LINES = 800
 
 # Today's offenders that other work is shortening: remove an entry when its function or module fits. Nothing may
 # join this list; a function or module that grows past the limit fails the test below.
-TOO_LONG_FOR_NOW: set[str] = {
-    "training.py:train",
-    "training.py",
-}
+TOO_LONG_FOR_NOW: set[str] = set()
 
 
 def layer_of() -> dict[str, int]:

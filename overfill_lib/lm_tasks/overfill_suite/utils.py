@@ -1,6 +1,8 @@
-"""Functions the overfill_suite YAMLs name with ``!function``; the logic lives in overfill_lib.evaluation."""
+"""Functions the overfill_suite YAMLs name with ``!function``: the data from overfill_lib.evaluation, the scoring
+rule from overfill_lib.scoring."""
 
-from overfill_lib.evaluation import family_docs, load_suite_dataset, suite_process_results
+from overfill_lib.evaluation import family_docs, load_suite_dataset
+from overfill_lib.scoring import suite_process_results
 
 load_suite = load_suite_dataset
 process_results = suite_process_results
