@@ -33,8 +33,10 @@ SRC="$DEST/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
 # Native CPU flags (AVX2 / AVX-512 / AMX as the machine has them), static, no network code, only the two tools.
 cmake -S "$SRC" -B "$DEST/cmake" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_APP=OFF -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$DEST/bin"
+    -DLLAMA_BUILD_APP=OFF
 cmake --build "$DEST/cmake" --target llama-bench llama-quantize -j "$JOBS"
+mkdir -p "$DEST/bin"
+cp "$DEST/cmake/bin/llama-bench" "$DEST/cmake/bin/llama-quantize" "$DEST/bin/"
 
 cat > "$DEST/VERSION.json" <<EOF
 {"source": "llama-cpp-python sdist", "version": "$VERSION", "sdist_sha256": "$SHA256",

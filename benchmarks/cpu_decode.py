@@ -17,7 +17,7 @@ threads add a wake-up to each of the step's few hundred parallel kernels and abo
 llama.cpp is timed beside the workbook when its ``llama-bench`` and ``llama-quantize`` are found
 (:mod:`overfill_lib.llama_cpp`; ``benchmarks/build_llama_cpp.sh`` builds them, ``--no-llama-cpp`` skips them), for a
 preset whose teacher is a GGUF file: that file and its requantizations (F32, BF16, Q8_0), the full model, the same
-prompt length (as llama-bench's untimed context depth), new tokens and threads, one llama-bench repetition per
+new tokens and threads (llama-bench from an empty context: its -d crashes in this build), one llama-bench repetition per
 precision at the end of every interleaved round. Without the binaries the benchmark says so and times the workbook
 alone.
 """
@@ -82,7 +82,7 @@ def _plain(first, second, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
 
 class LlamaPeer:
     """llama.cpp's full model at some precisions, one ``llama-bench`` repetition each time it is called (at the end of
-    every interleaved round), with the workbook's prompt length as llama-bench's untimed context depth."""
+    every interleaved round), after an untimed context of ``depth`` tokens (0: llama-bench's own default)."""
 
     def __init__(self, tools: llama_cpp.Tools, files: dict[str, dict], directory: Path, *, new_tokens: int,
                  depth: int, threads: int):
@@ -111,9 +111,9 @@ class LlamaPeer:
                                   "fraction_of_read_bandwidth": step / s / bandwidth,
                                   "timed_in_rounds_of": self.timed_with[precision],
                                   **{k: v for k, v in self.runs[precision].items() if k != "samples_s_per_token"}}
-        return {"timings": timings, "files": self.files, "build": self.tools.version(),
-                "what": "llama-bench -p 0 -n NEW -d PROMPT -t THREADS -r 1 -o json per round: NEW decode steps after "
-                        "an untimed context of the workbook's prompt length, random tokens fed (no sampling), F16 KV "
+        return {"timings": timings, "files": self.files, "build": self.tools.version(), "depth": self.depth,
+                "what": "llama-bench -p 0 -n NEW [-d DEPTH] -t THREADS -r 1 -o json per round: NEW decode steps after "
+                        "an untimed context of DEPTH tokens (depth), random tokens fed (no sampling), F16 KV "
                         "cache; step_bytes: the file's tensor bytes (the tied head reads the embedding table) and the "
                         "F16 KV cache; tokens are not compared (llama-bench does not generate text)"}
 
@@ -219,7 +219,7 @@ def llama_peer(preset, tools, args, depth: int) -> LlamaPeer | None:
 
     directory = args.gguf_dir or preset.workdir / "llama_cpp"
     files = llama_cpp.prepare_ggufs(GGUFSource.from_dict(dict(source)), directory, tools, args.llama_precision)
-    return LlamaPeer(tools, files, Path(directory), new_tokens=args.new_tokens, depth=depth,
+    return LlamaPeer(tools, files, Path(directory), new_tokens=args.new_tokens, depth=args.llama_depth,
                      threads=torch.get_num_threads())
 
 
@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeatable; llama.cpp's precisions to time; default: all")
     parser.add_argument("--llama-cpp-bin", type=Path, help="llama.cpp's bin/ (default: $LLAMA_CPP_BIN or "
                                                            "build/llama.cpp/bin)")
+    parser.add_argument("--llama-depth", type=int, default=0,
+                        help="llama-bench's untimed context (-d) before the timed steps; default 0: the llama-bench of "
+                             "llama-cpp-python 0.3.36 crashes with -d (segfault) on this project's machine")
     parser.add_argument("--gguf-dir", type=Path, help="where the GGUF files are made (default: <workdir>/llama_cpp)")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every preset and dtype")
     args = parser.parse_args(argv)

@@ -62,7 +62,7 @@ def find_tools(directory: str | Path | None = None) -> Tools | None:
 def missing_message(directory: str | Path | None = None) -> str:
     where = directory or os.environ.get("LLAMA_CPP_BIN") or DEFAULT_BIN
     return (f"llama.cpp peer skipped: no llama-bench and llama-quantize in {where}; build them with {BUILD_SCRIPT} "
-            "(pip, cmake and a C++ compiler; about 20 minutes on 2 cores) or point LLAMA_CPP_BIN at a llama.cpp bin/")
+            "(pip, cmake and a C++ compiler; over an hour on 2 cores) or point LLAMA_CPP_BIN at a llama.cpp bin/")
 
 
 def gguf_bytes(path: str | Path) -> dict:
@@ -133,8 +133,10 @@ def bench(tools: Tools, gguf: str | Path, *, new_tokens: int, depth: int, thread
           repetitions: int = 1) -> dict:
     """One ``llama-bench`` run of ``new_tokens`` decode steps after ``depth`` context tokens: seconds per token of
     each repetition (``samples_s_per_token``) and what llama-bench reports of itself (build, CPU, KV type)."""
-    cmd = [str(tools.bench), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-d", str(depth), "-t", str(threads),
+    cmd = [str(tools.bench), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-t", str(threads),
            "-r", str(repetitions), "-o", "json"]
+    if depth:  # llama-cpp-python 0.3.36's llama-bench (build 0c1e570) crashes with -d on this project's machine
+        cmd[5:5] = ["-d", str(depth)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
