@@ -539,12 +539,12 @@ class AblationConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def points(self) -> list[Point]:
-        """The grid: the main teacher at every ``keep``, then each other teacher at its own widths."""
     def with_changes(self, **changes) -> AblationConfig:
         """This grid with some keys replaced (notebook 04's parameters), checked like a preset's section."""
         return AblationConfig.from_dict(asdict(self) | changes)
 
+    def points(self) -> list[Point]:
+        """The grid: the main teacher at every ``keep``, then each other teacher at its own widths."""
         scratch = set(self.scratch_keep)
         out = [Point(MAIN_TEACHER, k, self.seeds, self.objectives + (("scratch",) if k in scratch else ()))
                for k in self.keep]

@@ -166,7 +166,6 @@ def pruned_decoder(preset: Preset, retrain: bool = False, *, decoder: dict | Non
     return out
 
 
-# --------------------------------------------------------------------------------------------------
 def decoder_sizes(preset: Preset, model_config, dtype_bytes=None) -> dict:
     """``pruning.size_report`` of ``model_config`` pruned as the preset's ``decoder`` section says (bytes per value:
     ``dtype_bytes``, default the preset's runtime dtype); no weights are read."""
@@ -175,6 +174,7 @@ def decoder_sizes(preset: Preset, model_config, dtype_bytes=None) -> dict:
                                round_to=d.round_to, dtype_bytes=dtype_bytes or preset.runtime.dtype)
 
 
+# --------------------------------------------------------------------------------------------------
 # Training data and runs
 # --------------------------------------------------------------------------------------------------
 
