@@ -248,12 +248,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--crash-after-save", type=int, metavar="STEP",
                         help="SIGKILL every process right after checkpoint STEP is written (a rehearsed crash)")
     args = parser.parse_args(argv)
-    try:
-        overrides = json.loads(args.override)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--override must be a JSON object: {e}") from e
-    if args.steps is not None:
-        overrides.setdefault("training", {})["steps"] = args.steps
+    overrides = pipeline.train_overrides(args)
     start_rss = rss_bytes()
     preset = load_preset(args.preset, overrides)
     config = training.TrainingConfig.from_preset(preset)

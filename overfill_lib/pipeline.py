@@ -282,16 +282,22 @@ def latest_run(preset: Preset, objective: str) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _train(args) -> int:
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
-
+def train_overrides(args) -> dict:
+    """The preset overrides of a ``train`` command line: ``--override`` (a JSON object) with ``--steps`` on top."""
     try:
         overrides = json.loads(args.override)
     except json.JSONDecodeError as e:
         raise SystemExit(f"--override must be a JSON object: {e}") from e
     if args.steps is not None:
         overrides.setdefault("training", {})["steps"] = args.steps
+    return overrides
+
+
+def _train(args) -> int:
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    overrides = train_overrides(args)
     preset = load_preset(args.preset, overrides)
     config = preset.training
     objectives = args.objective or list(config.objectives)
