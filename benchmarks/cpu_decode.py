@@ -16,7 +16,7 @@ threads add a wake-up to each of the step's few hundred parallel kernels and abo
 
 llama.cpp is timed beside the workbook when its ``llama-bench`` and ``llama-quantize`` are found
 (:mod:`overfill_lib.llama_cpp`; ``benchmarks/build_llama_cpp.sh`` builds them, ``--no-llama-cpp`` skips them), for a
-preset whose teacher is a GGUF file: that file and its requantizations (F32, BF16, Q8_0), the full model, the same
+preset whose full model is a GGUF file: that file and its requantizations (F32, BF16, Q8_0), the full model, the same
 new tokens and threads (llama-bench from an empty context: its -d crashes in this build), one llama-bench repetition per
 precision at the end of every interleaved round. Without the binaries the benchmark says so and times the workbook
 alone.
@@ -210,15 +210,13 @@ def _relative(path: Path) -> str:
 
 
 def llama_peer(preset, tools, args, depth: int) -> LlamaPeer | None:
-    """llama.cpp's GGUF files for ``preset`` (its teacher's GGUF source), or None (and why) when it has none."""
-    source = (preset.get("teacher") or {}).get("gguf")
+    """llama.cpp's GGUF files for ``preset`` (its full model's GGUF source), or None (and why) when it has none."""
+    source = preset.full_model.gguf
     if source is None:
-        print(f"llama.cpp peer: {preset.name} has no teacher.gguf source; workbook alone")
+        print(f"llama.cpp peer: {preset.name} has no full_model.gguf source; workbook alone")
         return None
-    from overfill_lib.gguf_models import GGUFSource
-
     directory = args.gguf_dir or preset.workdir / "llama_cpp"
-    files = llama_cpp.prepare_ggufs(GGUFSource.from_dict(dict(source)), directory, tools, args.llama_precision)
+    files = llama_cpp.prepare_ggufs(source, directory, tools, args.llama_precision)  # a typed gguf_models.GGUFSource
     return LlamaPeer(tools, files, Path(directory), new_tokens=args.new_tokens, depth=args.llama_depth,
                      threads=torch.get_num_threads())
 

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from overfill_lib import cost, evaluation, latency, pipeline, scoring, training
 from overfill_lib.artifacts import load_model, read_json, resolve_model, write_json
-from overfill_lib.config import ABLATION_SCORERS, MAIN_TEACHER, AblationConfig, Point, slug, torch_dtype
+from overfill_lib.config import ABLATION_SCORERS, MAIN_FULL_MODEL, AblationConfig, Point, folder_name, torch_dtype
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.lm_eval_model import OverFillLM
 from overfill_lib.pair import OverFillModel
@@ -41,14 +41,14 @@ FULL, SMALLER = "full model", training.OBJECTIVES["smaller"].label
 # --------------------------------------------------------------------------------------------------
 
 
-def teacher_dir(preset, name: str) -> Path:
-    """The full model called ``name``: ``teacher`` / ``smaller`` (the preset's), or a directory / hub id."""
+def full_model_dir(preset, name: str) -> Path:
+    """The full model called ``name``: ``full_model`` / ``smaller`` (the preset's), or a directory / hub id."""
     if name in pipeline.MODELS:
         return Path(pipeline.model(preset, name)[0])
     return Path(resolve_model(name))
 
 
-def teacher_id(preset, name: str, full_dir: Path) -> str:
+def full_model_id(preset, name: str, full_dir: Path) -> str:
     """How a saved pair names its full model: the preset's id for its own models, else the directory."""
     spec = getattr(preset, name) if name in pipeline.MODELS else None
     return str(spec.id if spec is not None and spec.id else full_dir)
@@ -63,12 +63,12 @@ def decoder_section(preset, keep: float) -> dict:
 
 
 def prepare_point(preset, point: Point, full_dir: Path) -> Path:
-    """The pruned decoder of ``point``; the preset's own width of its own teacher is notebook 02's decoder."""
+    """The pruned decoder of ``point``; the preset's own width of its own full model is notebook 02's decoder."""
     section = decoder_section(preset, point.keep)
-    if point.teacher == MAIN_TEACHER and section == preset.plain("decoder"):
+    if point.full_model == MAIN_FULL_MODEL and section == preset.plain("decoder"):
         return pipeline.pruned_decoder(preset)
     root = preset.workdir / "ablation"
-    own_importance = None if point.teacher == MAIN_TEACHER else root / slug(point.teacher) / "importance"
+    own_importance = None if point.full_model == MAIN_FULL_MODEL else root / folder_name(point.full_model) / "importance"
     return pipeline.pruned_decoder(preset, decoder=section, full_dir=full_dir, out=root / point.slug / "decoder",
                                    importance_dir=own_importance)
 
@@ -285,18 +285,18 @@ def run(
 ) -> list[dict]:
     """Train, score and cost every point of the grid; one row per (point, method, seed) plus the references.
 
-    Row keys: ``teacher``, ``teacher_parameters``, ``keep``, ``method``, ``seed`` (None for untrained
+    Row keys: ``full_model``, ``full_model_parameters``, ``keep``, ``method``, ``seed`` (None for untrained
     models), ``parameters``, ``decode_bytes``, ``per_token_ms``, one score per task family and ``overall``,
     ``train_seconds``, ``run_dir``.
     """
     grid = _grid(preset, config or preset.ablation, train_config or preset.training, retrain, timing_threads)
     rows: list[dict] = []
     bar = tqdm(total=grid.config.runs(), desc="ablation training runs", unit="run")
-    by_teacher: dict[str, list[Point]] = {}
+    by_model: dict[str, list[Point]] = {}
     for point in grid.config.points():
-        by_teacher.setdefault(point.teacher, []).append(point)
-    for name, points in by_teacher.items():
-        rows += _teacher_rows(grid, name, points, bar)
+        by_model.setdefault(point.full_model, []).append(point)
+    for name, points in by_model.items():
+        rows += _full_model_rows(grid, name, points, bar)
     bar.close()
     if preset.has("smaller"):  # the smaller model fine-tuned with the same recipe (notebook 02's run when finished)
         rows += _smaller_rows(grid)
@@ -306,7 +306,7 @@ def run(
 def _grid(preset, config: AblationConfig, cfg: training.TrainingConfig, retrain: bool,
           timing_threads: int | None) -> _Grid:
     rt = preset.runtime
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir(preset, MAIN_TEACHER))
+    tokenizer = AutoTokenizer.from_pretrained(full_model_dir(preset, MAIN_FULL_MODEL))
     dataset, stats = pipeline.training_data(preset, cfg, tokenizer)
     limit = config.eval_limit if config.eval_limit is not None else preset.evaluation.limit
     return _Grid(
@@ -318,30 +318,35 @@ def _grid(preset, config: AblationConfig, cfg: training.TrainingConfig, retrain:
     )
 
 
-def _teacher_rows(grid: _Grid, name: str, points: list[Point], bar) -> list[dict]:
+def score_cache_name(name: str, full_dir: Path, key: str) -> str:
+    """The file under ``ablation/scores`` holding the scores of the full model ``name`` (``config.folder_name``)."""
+    return f"{folder_name(name)}-{_dir_key(full_dir)}-{key}.json"
+
+
+def _full_model_rows(grid: _Grid, name: str, points: list[Point], bar) -> list[dict]:
     """One full model's rows: the model itself, then at each of its points the untrained decoders (main full model
     only) and every trained (objective, seed)."""
     preset, key = grid.preset, grid.key
-    main_dir, full_dir = teacher_dir(preset, MAIN_TEACHER), teacher_dir(preset, name)
-    if name != MAIN_TEACHER:
+    main_dir, full_dir = full_model_dir(preset, MAIN_FULL_MODEL), full_model_dir(preset, name)
+    if name != MAIN_FULL_MODEL:
         training.check_same_tokenizer(main_dir, full_dir, f"full model {name!r}")
     full = grid.load(full_dir)
     full_cost = grid.cost_of(full)
-    base = {"teacher": name, "teacher_parameters": full_cost["parameters"]}
+    base = {"full_model": name, "full_model_parameters": full_cost["parameters"]}
     rows = [base | {"keep": 1.0, "method": FULL, "seed": None} | full_cost
-            | grid.scored(full, grid.cache_root / f"{slug(name)}-{_dir_key(full_dir)}-{key}.json")]
+            | grid.scored(full, grid.cache_root / score_cache_name(name, full_dir, key))]
     for point in points:
         dec_dir = prepare_point(preset, point, full_dir)
         decoder0 = grid.load(dec_dir)
         at = base | {"keep": point.keep} | grid.cost_of(full, decoder0)
-        if grid.config.untrained and name == MAIN_TEACHER:
+        if grid.config.untrained and name == MAIN_FULL_MODEL:
             tag = f"{point.slug}-{_dir_key(dec_dir)}-{key}"
             rows.append(at | {"method": UNTRAINED["pruned"], "seed": None}
                         | grid.scored(decoder0, grid.cache_root / f"pruned-{tag}.json"))
             pair0 = OverFillModel(full, decoder0, tokenizer=grid.tokenizer)
             rows.append(at | {"method": UNTRAINED["overfill"], "seed": None}
                         | grid.scored(pair0, grid.cache_root / f"overfill-{tag}.json"))
-        sources = training.Sources(full_dir, dec_dir, None, teacher_id(preset, name, full_dir))
+        sources = training.Sources(full_dir, dec_dir, None, full_model_id(preset, name, full_dir))
         rows += _trained_rows(grid, point, at, sources, full, bar)
     return rows
 
@@ -371,7 +376,7 @@ def _smaller_rows(grid: _Grid) -> list[dict]:
     for seed in grid.config.seeds:
         result = pipeline.training_run(grid.preset, "smaller", seed=seed, config=grid.train_config, sources=sources,
                                        dataset=grid.dataset, data_stats=grid.data_stats, retrain=grid.retrain)
-        rows.append({"teacher": MAIN_TEACHER, "teacher_parameters": None, "keep": None, "method": SMALLER,
+        rows.append({"full_model": MAIN_FULL_MODEL, "full_model_parameters": None, "keep": None, "method": SMALLER,
                      "seed": seed, "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
                     | smaller_cost | grid.scored(result.model, result.run_dir / f"scores-{grid.key}.json"))
     return rows
@@ -385,7 +390,74 @@ def _dir_key(path: Path) -> str:
 # Reading the grid
 # --------------------------------------------------------------------------------------------------
 
-ID_COLUMNS = ["teacher", "teacher_parameters", "keep", "method", "parameters", "decode_bytes"]
+ID_COLUMNS = ["full_model", "full_model_parameters", "keep", "method", "parameters", "decode_bytes"]
+
+# Records written before the model that prefills was called "full model" (notebook 04's committed results) name its
+# column "teacher" (and "teacher_parameters") and the preset's own full model "teacher". They are read under the new
+# names, with one message; the files are left as written.
+OLD_COLUMNS = {"teacher": "full_model", "teacher_parameters": "full_model_parameters"}
+OLD_MAIN = "teacher"
+
+
+def _renamed_row(row: dict) -> dict:
+    out = {OLD_COLUMNS.get(k, k): v for k, v in row.items()}
+    if "teacher" in row and out["full_model"] == OLD_MAIN:
+        out["full_model"] = MAIN_FULL_MODEL
+    return out
+
+
+def _renamed(rows) -> tuple[list[dict], bool]:
+    """``rows`` as a list of dicts with the old columns renamed, and whether there were any."""
+    rows = list(rows.to_dict("records") if hasattr(rows, "to_dict") else rows)
+    if all(not isinstance(r, dict) or OLD_COLUMNS.keys().isdisjoint(r) for r in rows):
+        return rows, False
+    return [_renamed_row(r) for r in rows], True
+
+
+def _rename_message(where: str) -> None:
+    log.warning("column `teacher` is now `full_model` (and `teacher_parameters` `full_model_parameters`); read so "
+                "from %s, which is left as written", where)
+
+
+def renamed_rows(rows, where: str = "the rows given") -> list[dict]:
+    """``rows`` (of :func:`run` or :func:`aggregate`'s records), any with the old ``teacher`` columns read under the
+    new names, logging ``column `teacher` is now `full_model` ...`` once when there were some."""
+    rows, old = _renamed(rows)
+    if old:
+        _rename_message(where)
+    return rows
+
+
+def read_results(path: str | Path) -> dict:
+    """Notebook 04's results JSON with records written before the rename read under the new names: the rows, table,
+    Pareto fronts and recovery curves (``teacher`` columns), the size rule (``teachers``), the grid
+    (``ablation.teachers``) and the preset it records (section ``teacher``); one message for the whole file."""
+    from overfill_lib.presets import legacy_names
+
+    found = read_json(path)
+    old = []
+    for key in ("rows", "table", "recovery"):
+        if isinstance(found.get(key), list):
+            found[key], was = _renamed(found[key])
+            old.append(was)
+    if isinstance(found.get("pareto"), dict):
+        fronts = {cost: _renamed(front) for cost, front in found["pareto"].items()}
+        found["pareto"] = {cost: rows for cost, (rows, _) in fronts.items()}
+        old += [was for _, was in fronts.values()]
+    rule = found.get("size_rule")
+    if isinstance(rule, dict) and "teachers" in rule:
+        rule["full_models"] = {MAIN_FULL_MODEL if name == OLD_MAIN else name: _renamed_row(knee)
+                               for name, knee in rule.pop("teachers").items()}
+        old.append(True)
+    if isinstance(found.get("ablation"), dict) and "teachers" in found["ablation"]:
+        found["ablation"] = {("full_models" if k == "teachers" else k): v for k, v in found["ablation"].items()}
+        old.append(True)
+    if isinstance(found.get("preset"), dict):
+        found["preset"], renamed_sections = legacy_names(found["preset"], str(path))
+        old.append(bool(renamed_sections))
+    if any(old):
+        _rename_message(f"{path} (with its size rule, grid and recorded preset)")
+    return found
 
 
 def families(rows) -> list[str]:
@@ -393,7 +465,7 @@ def families(rows) -> list[str]:
     import pandas as pd
 
     skip = set(ID_COLUMNS) | {"seed", "train_seconds", "run_dir"}
-    cols = [c for c in pd.DataFrame(rows).columns if c not in skip and not c.startswith("per_token_ms")]
+    cols = [c for c in pd.DataFrame(renamed_rows(rows)).columns if c not in skip and not c.startswith("per_token_ms")]
     return [c for c in cols if c != "overall"] + ["overall"]
 
 
@@ -403,21 +475,22 @@ def score_columns(table) -> list[str]:
 
 
 def aggregate(rows):
-    """Mean and standard deviation over seeds per (teacher, keep, method); ``seeds`` counts them.
+    """Mean and standard deviation over seeds per (full model, keep, method); ``seeds`` counts them.
 
     Cost columns are the point's (one measurement per point). Columns ``<score>`` and ``<score>_std``
     for each family and overall.
     """
     import pandas as pd
 
+    rows = renamed_rows(rows)
     df = pd.DataFrame(rows)
     scores = families(rows)
-    keys = ["teacher", "keep", "method"]
+    keys = ["full_model", "keep", "method"]
     df["keep"] = df["keep"].fillna(-1.0)  # references have no width; groupby drops NaN keys
     g = df.groupby(keys, sort=False, dropna=False)
     out = g[scores].mean()
     std = g[scores].std(ddof=1).fillna(0.0).add_suffix("_std")
-    first = g[["teacher_parameters", "parameters", "decode_bytes", "per_token_ms", "per_token_ms_p10",
+    first = g[["full_model_parameters", "parameters", "decode_bytes", "per_token_ms", "per_token_ms_p10",
                "per_token_ms_p90"]].first()
     out = pd.concat([first, out, std, g.size().rename("seeds")], axis=1).reset_index()
     out["keep"] = out["keep"].where(out["keep"] >= 0)
@@ -426,18 +499,18 @@ def aggregate(rows):
 
 def recovery_curves(rows):
     """How fast each trained decoder recovers: the validation probes (``training.eval_steps``) of every run in
-    ``rows``, one row per (teacher, keep, method, seed, step) with ``tokens_seen``, ``eval_nll`` and
+    ``rows``, one row per (full model, keep, method, seed, step) with ``tokens_seen``, ``eval_nll`` and
     ``eval_agreement``. Empty when the runs were trained without probes."""
     import pandas as pd
 
     out = []
-    for row in rows:
+    for row in renamed_rows(rows):
         record = Path(row["run_dir"]) / "record.json" if isinstance(row.get("run_dir"), str) else None
         if record is None or not record.is_file():
             continue
         for probe in training.probe_history(read_json(record).get("log_history", [])):
-            out.append({k: row[k] for k in ("teacher", "keep", "method", "seed", "parameters")} | probe)
-    return pd.DataFrame(out, columns=["teacher", "keep", "method", "seed", "parameters", "step", "tokens_seen",
+            out.append({k: row[k] for k in ("full_model", "keep", "method", "seed", "parameters")} | probe)
+    return pd.DataFrame(out, columns=["full_model", "keep", "method", "seed", "parameters", "step", "tokens_seen",
                                       "eval_nll", "eval_agreement"])
 
 
@@ -454,12 +527,12 @@ def pareto_front(table, cost: str, score: str = "overall", methods: Sequence[str
     return keep
 
 
-def family_robustness(table, retention: float = 0.9, teacher_name: str = MAIN_TEACHER):
+def family_robustness(table, retention: float = 0.9, full_model: str = MAIN_FULL_MODEL):
     """Per family and method: score at the widest and narrowest decoder, each as a fraction of the full
     model's score on that family, and the narrowest ``keep`` still holding ``retention`` of it."""
     import pandas as pd
 
-    t = table[table["teacher"] == teacher_name]
+    t = table[table["full_model"] == full_model]
     full = t[t["method"] == FULL].iloc[0]
     rows = []
     for method in ("OverFill", "pruned"):
@@ -480,13 +553,13 @@ def family_robustness(table, retention: float = 0.9, teacher_name: str = MAIN_TE
 def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
     """The simplest rule the grid supports linking the full model's size and the prunable ratio.
 
-    For each teacher: the narrowest ``keep`` whose decoder holds ``retention`` of the teacher's overall
+    For each full model: the narrowest ``keep`` whose decoder holds ``retention`` of that model's overall
     score, and that decoder's parameter count. A *constant ratio* rule holds when those keeps agree
     within the coarser grid's spacing; a *constant decoder size* rule when the parameter counts agree
-    within a factor of 1.5. With fewer than two teachers reaching the threshold, no rule can be tested.
+    within a factor of 1.5. With fewer than two full models reaching the threshold, no rule can be tested.
     """
     knees = {}
-    for name, t in table.groupby("teacher", sort=False):
+    for name, t in table.groupby("full_model", sort=False):
         full = t[t["method"] == FULL]
         m = t[t["method"] == method].sort_values("keep")
         if full.empty or m.empty:
@@ -494,14 +567,14 @@ def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
         ref = float(full["overall"].iloc[0])
         ok = m[m["overall"] >= retention * ref] if ref > 0 else m.iloc[:0]
         grid = [float(k) for k in m["keep"]]
-        knees[name] = {"teacher_parameters": int(full["parameters"].iloc[0]), "full_score": ref, "grid": grid,
+        knees[name] = {"full_model_parameters": int(full["parameters"].iloc[0]), "full_score": ref, "grid": grid,
                        "grid_spacing": max((b - a for a, b in itertools.pairwise(grid)), default=None),
                        "knee_keep": float(ok["keep"].min()) if len(ok) else None,
                        "knee_parameters": int(ok.sort_values("keep")["parameters"].iloc[0]) if len(ok) else None,
                        # the narrowest width tried already holds: the true knee may lie lower
                        "knee_at_grid_edge": bool(len(ok)) and float(ok["keep"].min()) == grid[0]}
     reached = {k: v for k, v in knees.items() if v["knee_keep"] is not None}
-    verdict = {"teachers": knees, "retention": retention, "method": method}
+    verdict = {"full_models": knees, "retention": retention, "method": method}
     if len(knees) < 2:
         return verdict | {"rule": None,
                           "statement": "one full model only: no rule between its size and the ratio can be tested"}
@@ -519,7 +592,7 @@ def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
             else "either (the grid cannot tell them apart)" if ratio_ok else None)
     described = "; ".join(f"{k}: keep {'<=' if v['knee_at_grid_edge'] else ''}{v['knee_keep']:g} "
                           f"({v['knee_parameters']:,} decoder parameters of "
-                          f"{v['teacher_parameters']:,})" for k, v in reached.items())
+                          f"{v['full_model_parameters']:,})" for k, v in reached.items())
     if rule is None:
         statement = (f"neither a constant ratio nor a constant decoder size fits: the narrowest decoders holding "
                      f"{retention:.0%} are {described}")
@@ -528,13 +601,13 @@ def size_rule(table, retention: float = 0.9, method: str = "OverFill") -> dict:
     return verdict | {"rule": rule, "statement": statement}
 
 
-def compare_methods(table, score: str = "overall", teacher_name: str = MAIN_TEACHER, a: str = "OverFill",
+def compare_methods(table, score: str = "overall", full_model: str = MAIN_FULL_MODEL, a: str = "OverFill",
                     b: str = "pruned"):
-    """Per width of ``teacher_name``: ``a`` against ``b`` (mean, std over seeds, difference, and whether the
+    """Per width of ``full_model``: ``a`` against ``b`` (mean, std over seeds, difference, and whether the
     difference exceeds the sum of the two spreads: None with one seed on either side, where there is no spread)."""
     import pandas as pd
 
-    t = table[table["teacher"] == teacher_name]
+    t = table[table["full_model"] == full_model]
     x = t[t["method"] == a].set_index("keep")
     y = t[t["method"] == b].set_index("keep")
     keeps = sorted(set(x.index) & set(y.index))
@@ -584,16 +657,16 @@ def verdict(scores: dict[str, list[dict]], primary: str, pairs=COMPARED) -> dict
     return out
 
 
-def narrowest_holding(table, method: str, level: float, score: str = "overall", teacher_name: str = MAIN_TEACHER):
-    """The row of the narrowest ``method`` decoder of ``teacher_name`` scoring at least ``level`` (None if none)."""
-    t = table[(table["teacher"] == teacher_name) & (table["method"] == method) & (table[score] >= level)]
+def narrowest_holding(table, method: str, level: float, score: str = "overall", full_model: str = MAIN_FULL_MODEL):
+    """The row of the narrowest ``method`` decoder of ``full_model`` scoring at least ``level`` (None if none)."""
+    t = table[(table["full_model"] == full_model) & (table["method"] == method) & (table[score] >= level)]
     return None if t.empty else t.sort_values("keep").iloc[0]
 
 
 def conclusion(table, retention: float = 0.9, score: str = "overall", label: str = "exact match") -> str:
     """What the grid shows, in two sentences built from the measured numbers (``label``: what ``score`` is)."""
     cmp = compare_methods(table, score)
-    full = table[(table["teacher"] == MAIN_TEACHER) & (table["method"] == FULL)]
+    full = table[(table["full_model"] == MAIN_FULL_MODEL) & (table["method"] == FULL)]
     parts = []
     if not cmp.empty:
         best = cmp.loc[cmp["difference"].idxmax()]

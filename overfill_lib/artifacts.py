@@ -190,13 +190,13 @@ def load_causal_lm(path: str | Path, role: str, **kwargs):
 
 
 def load_model(path: str | Path, dtype=None, role: str = "model"):
-    """A saved causal LM (full model, decoder or sibling) in eval mode, and its tokenizer; ``dtype`` default fp32."""
+    """A saved causal LM (full model, decoder or smaller model) in eval mode, and its tokenizer; ``dtype`` default fp32."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no {role} at {path} (no config.json); the full model of a local preset is trained by "
-                                "notebook 00_teacher, pruned decoders by notebooks 01-02 (overfill_lib.pipeline)")
+                                "notebook 00_full_model, pruned decoders by notebooks 01-02 (overfill_lib.pipeline)")
     model = load_causal_lm(path, role, dtype=dtype or "float32")
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
@@ -249,7 +249,7 @@ def _clean_leftovers(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path):
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one step.
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one step.
 
     Checkpoints and model directories are written through this, so an interrupted save leaves the previous
     directory (or nothing) rather than a half-written one. The swap is atomic where the kernel can exchange two
@@ -359,7 +359,7 @@ def resolve_model(model_id: str | os.PathLike, *, revision: str | None = None) -
     if text.startswith((".", "/")) or text.count("/") != 1:
         raise ValueError(
             f"model {text!r} is not a local model directory (no config.json) and does not look like a hub id "
-            "('org/name'); train it with notebook 00_teacher or point the preset at an existing directory"
+            "('org/name'); train it with notebook 00_full_model or point the preset at an existing directory"
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_OFFLINE
@@ -370,7 +370,7 @@ def resolve_model(model_id: str | os.PathLike, *, revision: str | None = None) -
         pass
     how = (
         f"download it where the hub is reachable (`hf download {text} --local-dir DIR`), copy DIR here, "
-        f"and set the preset's model id to DIR (e.g. overrides={{'teacher': {{'id': 'DIR'}}}})"
+        f"and set the preset's model id to DIR (e.g. overrides={{'full_model': {{'id': 'DIR'}}}})"
     )
     if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
         raise RuntimeError(f"model {text!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1): {how}")

@@ -376,7 +376,7 @@ def max_token_chars(tokenizer) -> int:
 
 def _encode_batch(batch: dict, tokenizer, schema: str, max_length: int | None = None,
                   token_chars: int | None = None, json_text: bool = False) -> dict:
-    from overfill_lib.teacher import encode_examples
+    from overfill_lib.tokens import encode_examples
 
     n = len(batch[schema])
     convs: list[list[dict] | None] = []

@@ -7,7 +7,8 @@ of the wrong type (naming the expected type), reads a number YAML left as a stri
 dot as text) and turns lists into tuples. ``presets.load_preset`` turns a preset file into a tree of these objects
 (``preset.decoder.hidden``, ``preset.training.learning_rate``). Four sections keep their class beside the code whose
 registry checks them (``suite``: ``tasks.SuiteConfig``, ``latency``: ``latency.LatencySettings``,
-``teacher.train``: ``teacher.TeacherConfig``, ``teacher.gguf``: ``gguf_models.GGUFSource``); ``presets.SECTION_TYPES``
+``full_model.train``: ``full_model.FullModelConfig``, ``full_model.gguf``: ``gguf_models.GGUFSource``);
+``presets.SECTION_TYPES``
 lists every section's class in one table.
 """
 
@@ -28,7 +29,11 @@ CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
 CRITERIA = ("activation", "magnitude", "random")
 AGGREGATIONS = ("l2", "mean", "l1")
 SEQ_AGGREGATIONS = ("mean", "l2")
-MAIN_TEACHER = "teacher"  # the ablation grid's name for the preset's own full model
+MAIN_FULL_MODEL = "full_model"  # the ablation grid's name for the preset's own full model (pipeline.MODELS)
+# How a run folder names a full model, where that differs from its name: the main full model's ablation folders were
+# named when it was called "teacher" (artifacts/<preset>/ablation/teacher-keep0.5/...). Keeping that spelling in the
+# folder name keeps every pruned decoder, finished run and cached score where it is.
+FOLDER_NAMES = {MAIN_FULL_MODEL: "teacher"}
 PRECISIONS = ("auto", "fp32", "bf16")  # training.precision
 ABLATION_SCORERS = {  # how the grid scores a model (ablation.SCORERS implements each, by these names)
     "lm_eval": "the preset's evaluation tasks through lm-evaluation-harness (the synthetic suite by default; "
@@ -345,22 +350,22 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class TeacherSection:
+class FullModelSection:
     """The full model: ``id`` (a local directory or hub id), and how it is made when it is missing: ``train``
-    (a local recipe, ``teacher.TeacherConfig``) or ``gguf`` (a GGUF file in a wheel, ``gguf_models.GGUFSource``);
+    (a local recipe, ``full_model.FullModelConfig``) or ``gguf`` (a GGUF file in a wheel, ``gguf_models.GGUFSource``);
     a loaded preset holds those two typed (``presets.NESTED_TYPES`` parses them; their classes live beside the
     code that checks them)."""
 
     id: str
-    train: typing.Any = None  # teacher.TeacherConfig
+    train: typing.Any = None  # full_model.FullModelConfig
     gguf: typing.Any = None  # gguf_models.GGUFSource
     revision: str | None = None
 
 
 @dataclass(frozen=True)
 class SmallerSection:
-    """The "smaller fine-tuned" reference: a hub id / directory, or (local presets) the teacher's recipe at
-    ``width_ratio`` of its width (with ``heads``: fewer attention heads too)."""
+    """The smaller model (the paper's "smaller fine-tuned" reference): a hub id / directory, or (local presets) the
+    full model's recipe at ``width_ratio`` of its width (with ``heads``: fewer attention heads too)."""
 
     id: str | None = None
     width_ratio: float = 0.5
@@ -477,7 +482,7 @@ class AblationConfig:
     ``keep``: fractions of hidden and intermediate channels the decoder keeps, for the preset's full model.
     ``objectives`` / ``seeds``: what is trained at every width (same recipe as notebook 02: the preset's
     ``training`` section). ``scratch_keep``: widths where the from-scratch baseline is trained too.
-    ``teachers``: a second axis, other full models of the same family, each ``{keep, seeds, objectives}``
+    ``full_models``: a second axis, other full models of the same family, each ``{keep, seeds, objectives}``
     (any left out: the main grid's); a key is ``smaller`` (the preset's smaller model) or a local directory /
     hub id. Untrained decoders are scored for the main full model only.
     ``retention``: a decoder "holds" a family when it keeps at least this fraction of its full model's score.
@@ -491,7 +496,7 @@ class AblationConfig:
     objectives: tuple[str, ...] = ("overfill", "pruned")
     seeds: tuple[int, ...] = (0,)
     scratch_keep: tuple[float, ...] = ()
-    teachers: dict = field(default_factory=dict)
+    full_models: dict = field(default_factory=dict)
     retention: float = 0.9
     untrained: bool = True
     eval_limit: int | None = None
@@ -506,15 +511,15 @@ class AblationConfig:
                 _check_keep(k, f"ablation.{name}")
         for name in ("keep", "scratch_keep", "seeds", "objectives"):
             check_distinct(getattr(self, name), f"ablation.{name}")
-        for other, spec in self.teachers.items():
+        for other, spec in self.full_models.items():
             bad = sorted(set(spec or {}) - {"keep", "seeds", "objectives"})
             if bad:
                 raise ValueError(
-                    f"ablation.teachers.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
+                    f"ablation.full_models.{other}: unknown key(s) {bad}; valid keys: keep, seeds, objectives")
             for k in (spec or {}).get("keep", self.keep):
-                _check_keep(k, f"ablation.teachers.{other}.keep")
+                _check_keep(k, f"ablation.full_models.{other}.keep")
             for name in ("keep", "seeds", "objectives"):
-                check_distinct((spec or {}).get(name, ()), f"ablation.teachers.{other}.{name}")
+                check_distinct((spec or {}).get(name, ()), f"ablation.full_models.{other}.{name}")
         for p in self.points():
             if bad := [o for o in p.objectives if not get_objective(o).per_width]:
                 per_width = sorted(n for n, o in OBJECTIVES.items() if o.per_width)
@@ -527,8 +532,8 @@ class AblationConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> AblationConfig:
         d = dict(d or {})
-        if d.get("teachers") is None:
-            d.pop("teachers", None)
+        if d.get("full_models") is None:
+            d.pop("full_models", None)
         return parse(cls, d, "ablation")
 
     @classmethod
@@ -544,11 +549,11 @@ class AblationConfig:
         return AblationConfig.from_dict(asdict(self) | changes)
 
     def points(self) -> list[Point]:
-        """The grid: the main teacher at every ``keep``, then each other teacher at its own widths."""
+        """The grid: the main full model at every ``keep``, then each other full model at its own widths."""
         scratch = set(self.scratch_keep)
-        out = [Point(MAIN_TEACHER, k, self.seeds, self.objectives + (("scratch",) if k in scratch else ()))
+        out = [Point(MAIN_FULL_MODEL, k, self.seeds, self.objectives + (("scratch",) if k in scratch else ()))
                for k in self.keep]
-        for other, spec in self.teachers.items():
+        for other, spec in self.full_models.items():
             spec = spec or {}
             seeds, objectives = tuple(spec.get("seeds", self.seeds)), tuple(spec.get("objectives", self.objectives))
             out += [Point(str(other), k, seeds, objectives) for k in spec.get("keep", self.keep)]
@@ -561,14 +566,20 @@ class AblationConfig:
 
 @dataclass(frozen=True)
 class Point:
-    teacher: str
+    full_model: str
     keep: float
     seeds: tuple[int, ...] = (0,)
     objectives: tuple[str, ...] = ("overfill", "pruned")
 
     @property
     def slug(self) -> str:
-        return f"{slug(self.teacher)}-keep{self.keep:g}"
+        """The point's folder name (its full model's folder name, ``FOLDER_NAMES``, and the width)."""
+        return f"{folder_name(self.full_model)}-keep{self.keep:g}"
+
+
+def folder_name(full_model: str) -> str:
+    """How run folders and cached scores name ``full_model`` (see ``FOLDER_NAMES``)."""
+    return slug(FOLDER_NAMES.get(full_model, full_model))
 
 
 def check_seed(seed, where: str) -> int:
@@ -753,3 +764,17 @@ class RecoveryConfig:
     @property
     def eval_steps(self) -> int:
         return self.steps(self.eval_every)
+
+
+# Names from before the model that prefills was called "full model" everywhere ("teacher" now means a distillation
+# teacher only): still importable, with a DeprecationWarning.
+_RENAMED = {"TeacherSection": "FullModelSection", "MAIN_TEACHER": "MAIN_FULL_MODEL"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"config.{name} is now config.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

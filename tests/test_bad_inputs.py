@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from overfill_lib import chat_data, mmlu, recovery, stdlib_corpus, teacher, windows
+from overfill_lib import chat_data, full_model, mmlu, recovery, stdlib_corpus, windows
 from overfill_lib.config import RecoveryConfig, WindowSpec, parse
 from tests.tiny_models import tiny_model
 
@@ -34,7 +34,7 @@ def no_models(monkeypatch):
 
 def preset_file(tmp_path, **recovery_section) -> str:
     path = tmp_path / "p.yaml"
-    path.write_text(json.dumps({"name": "p", "teacher": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    path.write_text(json.dumps({"name": "p", "full_model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
                                 "recovery": recovery_section}))
     return str(path)
 
@@ -94,7 +94,7 @@ def test_a_distill_split_of_no_prompts_is_refused_where_the_preset_is_loaded(tmp
     with pytest.raises(ValueError, match="distill.validation is \\[0, 0\\]: the split would hold no prompts"):
         parse(DistillSection, section, "distill")
     path = tmp_path / "p.yaml"
-    path.write_text(json.dumps({"name": "p", "teacher": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    path.write_text(json.dumps({"name": "p", "full_model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
                                 "distill": section}))
     with pytest.raises(ValueError, match="distill.validation is \\[0, 0\\]"):
         load_preset(str(path))
@@ -151,7 +151,7 @@ def test_a_teacher_cache_refuses_windows_that_are_not_the_specs(tmp_path, window
 def test_window_cutting_scoring_and_collation_refuse_what_would_fail_later(full, tmp_path):
     from overfill_lib.artifacts import weights_fingerprint
 
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     with pytest.raises(ValueError, match="no texts to cut into windows"):
         windows.token_windows([], tok, SPEC)  # was IndexError inside the tokenizer
     with pytest.raises(ValueError, match="limit=0 keeps no windows"):
@@ -336,14 +336,14 @@ def test_chat_records_of_the_wrong_shape_are_refused_naming_the_line(tmp_path, l
     path = tmp_path / "chats.jsonl"
     path.write_text((line if isinstance(line, str) else json.dumps(line)) + "\n")
     with pytest.raises(ValueError, match=message) as found:
-        chat_data.prepare_chat_data(path, teacher.build_tokenizer())
+        chat_data.prepare_chat_data(path, full_model.build_tokenizer())
     assert "chats.jsonl line 1" in str(found.value)
 
 
 def test_chat_data_options_of_the_wrong_type_are_refused(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"messages": [USER, REPLY], "lang": "en"}) + "\n")
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     with pytest.raises(ValueError, match="must be a mapping of column to value"):
         chat_data.prepare_chat_data(path, tok, where=["lang"])  # was AttributeError
     with pytest.raises(ValueError, match="limit=1.5 is not a whole number"):
@@ -354,7 +354,7 @@ def test_the_overfill_chat_task_reads_content_by_the_training_rule(tmp_path):
     """lm_tasks/overfill_chat's data: an answer that is not text was a TypeError (``5 + eos``) inside lm-eval."""
     from overfill_lib import evaluation
 
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     tok.save_pretrained(tmp_path / "model")
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "model")
     (tmp_path / "data").mkdir()

@@ -8,14 +8,14 @@ import logging
 import pytest
 import torch
 
-from overfill_lib import chat_data, tasks, teacher
+from overfill_lib import chat_data, full_model, tasks, tokens
 
 SYSTEM = {"role": "system", "content": "sort"}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return teacher.build_tokenizer()
+    return full_model.build_tokenizer()
 
 
 def write_jsonl(path, rows):
@@ -237,8 +237,8 @@ def test_file_errors_name_the_line_not_utf8_and_duplicate_keys(tmp_path, tok):
 def test_a_conversation_too_long_by_its_characters_is_dropped_without_tokenizing(tmp_path, tok, monkeypatch):
     """A 30 MB line took minutes to tokenize only to be dropped: characters bound the tokens from below."""
     encoded = []
-    real = teacher.encode_examples
-    monkeypatch.setattr(teacher, "encode_examples", lambda t, convs: encoded.extend(convs) or real(t, convs))
+    real = tokens.encode_examples
+    monkeypatch.setattr(tokens, "encode_examples", lambda t, convs: encoded.extend(convs) or real(t, convs))
     huge = {"messages": [SYSTEM, {"role": "user", "content": "7" * 5_000}, REPLY]}  # 64 tokens cover <= 1664 chars
     src = write_jsonl(tmp_path / "huge.jsonl", [{"messages": [SYSTEM, USER, REPLY]}, huge])
     ds, stats = chat_data.prepare_chat_data(src, tok, max_length=64)

@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from overfill_lib import distributed, importance, pipeline, planner, pruning, teacher, training
+from overfill_lib import distributed, full_model, importance, pipeline, planner, pruning, training
 from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.pair import OverFillModel
 from overfill_lib.presets import load_preset
@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
     """A random-weight tiny full model (tests/tiny_models.py) with the suite's tokenizer, a preset that names it,
     and its pruned decoder built here, so the launched processes only train."""
     root = tmp_path_factory.mktemp("fsdp")
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     full = tiny_model("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     full.save_pretrained(root / "full")
@@ -46,7 +46,7 @@ def tiny(tmp_path_factory):
     raw = load_preset("smoke").to_dict()
     raw.update(name="fsdp-tiny", workdir=str(root / "work"), suite_dir=str(root / "suite"))
     raw["suite"] = {"seed": 0, "n_train": 64, "n_validation": 4, "n_test": 4}
-    raw["teacher"]["id"] = str(root / "full")
+    raw["full_model"]["id"] = str(root / "full")
     raw["smaller"]["id"] = str(root / "smaller")
     raw["training"].update(steps=STEPS, batch_size=4, learning_rate=3e-3, logging_steps=1, save_steps=CRASH_AT,
                            max_length=128, warmup_steps=1)

@@ -2,7 +2,7 @@
 format on a local file, the synthetic-suite tasks against the project's own scorer, result tables.
 
 Models: tiny random-weight char-level Llamas (the project's tokenizer) saved to a temporary folder,
-and the smoke preset's teacher. Everything runs offline on CPU in well under a minute.
+and the smoke preset's full model. Everything runs offline on CPU in well under a minute.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 from overfill_lib import evaluation, tasks
 from overfill_lib.evaluation import OverFillLM
-from overfill_lib.teacher import build_tokenizer, greedy_answers
+from overfill_lib.full_model import build_tokenizer
+from overfill_lib.scoring import greedy_answers
 from tests.tiny_models import tiny_model
 
 torch.set_num_threads(1)
@@ -264,24 +265,24 @@ def _assert_same_scores(res: dict, expected: dict):
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
+def full_model_run(tmp_path_factory):
     from overfill_lib.artifacts import load_model
     from overfill_lib.pipeline import full_model
     from overfill_lib.presets import load_preset
 
     preset = load_preset("smoke")
-    teacher_dir, _ = full_model(preset)  # reused when present (trains in seconds otherwise)
-    out = tmp_path_factory.mktemp("suite_run") / "teacher.json"
-    res = evaluation.evaluate({"full": str(teacher_dir)}, ["overfill_suite"], suite_dir=preset.suite_dir,
+    full_dir, _ = full_model(preset)  # reused when present (trains in seconds otherwise)
+    out = tmp_path_factory.mktemp("suite_run") / "full_model.json"
+    res = evaluation.evaluate({"full": str(full_dir)}, ["overfill_suite"], suite_dir=preset.suite_dir,
                               limit=20, batch_size=16, device="cpu", log_samples=True, output_path=out)
-    model, tok = load_model(teacher_dir)
+    model, tok = load_model(full_dir)
     records = tasks.first_per_family(tasks.load_split(preset.suite_dir, "test"), 20)
     return {"res": res, "path": out, "records": records, "answers": greedy_answers(model, tok, records),
-            "teacher_dir": teacher_dir, "suite_dir": preset.suite_dir}
+            "full_dir": full_dir, "suite_dir": preset.suite_dir}
 
 
-def test_suite_tasks_match_the_project_scorer_on_the_smoke_teacher(teacher_run):
-    res, records, answers = teacher_run["res"], teacher_run["records"], teacher_run["answers"]
+def test_suite_tasks_match_the_project_scorer_on_the_smoke_full_model(full_model_run):
+    res, records, answers = full_model_run["res"], full_model_run["records"], full_model_run["answers"]
     _assert_same_scores(res, tasks.score(records, answers))
     # Same prompts, same greedy answers, record by record.
     ours = _lm_eval_predictions(res)
@@ -426,10 +427,10 @@ def test_chat_task_errors_name_the_fix(chat_models, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_results_table_compare_and_plot(teacher_run):
+def test_results_table_compare_and_plot(full_model_run):
     from overfill_lib.plots import bar_eval_results
 
-    runs = {"teacher (dict)": teacher_run["res"], "teacher (file)": teacher_run["path"]}
+    runs = {"full model (dict)": full_model_run["res"], "full model (file)": full_model_run["path"]}
     table = evaluation.results_table(runs)
     assert list(table.columns) == evaluation.TABLE_COLUMNS
     assert set(table["run"]) == set(runs)
@@ -437,9 +438,9 @@ def test_results_table_compare_and_plot(teacher_run):
     assert table.loc[table["task"] == "overfill_suite", "is_group"].all()
     wide = evaluation.compare_runs(table, metric="exact_match")
     assert list(wide.columns) == list(runs)
-    assert (wide["teacher (dict)"] == wide["teacher (file)"]).all()  # the JSON file holds the same numbers
-    counts = table[table["run"] == "teacher (dict)"].set_index("task")["samples"]
-    assert counts["overfill_suite_add"] == len([r for r in teacher_run["records"] if r["family"] == "add"])
+    assert (wide["full model (dict)"] == wide["full model (file)"]).all()  # the JSON file holds the same numbers
+    counts = table[table["run"] == "full model (dict)"].set_index("task")["samples"]
+    assert counts["overfill_suite_add"] == len([r for r in full_model_run["records"] if r["family"] == "add"])
     assert all(math.isfinite(v) for v in table["value"])
     fig = bar_eval_results(table, "exact match", metric="exact_match")
     assert [t.name for t in fig.data] == list(runs)
@@ -460,7 +461,7 @@ def test_command_line_registers_the_model_and_adds_our_tasks():
     assert with_our_tasks(["run", "--include_path", "/mine", "--tasks", "x"]) == ["run", "--include_path", "/mine", "--tasks", "x"]
 
 
-def test_command_line_end_to_end(teacher_run, tmp_path, monkeypatch):
+def test_command_line_end_to_end(full_model_run, tmp_path, monkeypatch):
     """`python -m overfill_lib.evaluation` is lm-eval's CLI: the overfill model, our tasks, its output files."""
     import lm_eval.tasks
 
@@ -471,12 +472,12 @@ def test_command_line_end_to_end(teacher_run, tmp_path, monkeypatch):
             super().__init__(*args, **{**kwargs, "include_defaults": False})
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", OursOnly)
-    main(["--model", "overfill", "--model_args", f"full={teacher_run['teacher_dir']}", "--tasks", "overfill_suite_count",
-          "--metadata", f"suite_dir={teacher_run['suite_dir']}", "--apply_chat_template", "--limit", "3",
+    main(["--model", "overfill", "--model_args", f"full={full_model_run['full_dir']}", "--tasks", "overfill_suite_count",
+          "--metadata", f"suite_dir={full_model_run['suite_dir']}", "--apply_chat_template", "--limit", "3",
           "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path)])
     (path,) = tmp_path.rglob("results_*.json")
     written = json.loads(path.read_text())
-    count = [r for r in teacher_run["records"] if r["family"] == "count"][:3]
-    answers = [a for r, a in zip(teacher_run["records"], teacher_run["answers"]) if r["family"] == "count"][:3]
+    count = [r for r in full_model_run["records"] if r["family"] == "count"][:3]
+    answers = [a for r, a in zip(full_model_run["records"], full_model_run["answers"]) if r["family"] == "count"][:3]
     assert written["results"]["overfill_suite_count"]["exact_match,none"] == tasks.score(count, answers)["overall"]
     assert written["config"]["model"] == "overfill" and written["config"]["overfill"]["role"] == "full"

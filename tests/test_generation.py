@@ -2,7 +2,7 @@
 
 Models are tiny random fp32 models built inline (hidden 32, 2 layers), so the file runs in seconds
 on CPU. The ``case`` fixture yields (full model, tokenizer or None, prompts); add a case to
-``CASES`` (e.g. the project's trained teacher) to run the identity checks on it too.
+``CASES`` (e.g. the project's trained full model) to run the identity checks on it too.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def subset_decoder(full, keep: list[int]):
 
 
 def char_tokenizer():
-    from overfill_lib.teacher import build_tokenizer
+    from overfill_lib.full_model import build_tokenizer
 
     return build_tokenizer()
 
@@ -116,12 +116,12 @@ def _shared_tiny_case(arch: str):
     return build
 
 
-def _tiny_teacher_case():
-    """The project's committed, trained teacher on suite prompts of different lengths."""
+def _tiny_full_model_case():
+    """The project's committed, trained full model on suite prompts of different lengths."""
     from overfill_lib import artifacts, presets, tasks
 
     preset = presets.load_preset("tiny")
-    full, tok = artifacts.load_model(preset.path(preset["teacher"]["id"]))
+    full, tok = artifacts.load_model(preset.path(preset.full_model.id))
     records = tasks.first_per_family(tasks.load_split(preset.suite_dir, "test"), 1)
     enc = encode_chat(tok, [r["messages"][:-1] for r in records])
     prompts = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
@@ -130,7 +130,7 @@ def _tiny_teacher_case():
 
 
 CASES = {
-    "tiny_teacher": _tiny_teacher_case,
+    "tiny_full_model": _tiny_full_model_case,
     "llama": _llama_case,
     "qwen2": _qwen2_case,
     "char_llama": _char_llama_case,

@@ -130,11 +130,11 @@ def test_a_truncated_gguf_file_is_named(tokenizer, tmp_path):
     ({"file": ""}, "file must be a non-empty string"),
     ({"package": "p", "version": "1", "file": "f.gguf", "dtyp": "float32"}, "unknown keys \\['dtyp'\\]"),
     ({"package": "p", "version": "1", "file": "f.gguf", "dtype": "fp8"}, "dtype 'fp8'"),
-    ({"package": "p", "version": 1.0, "file": "f.gguf"}, "teacher.gguf.version expects a string, got 1.0"),
+    ({"package": "p", "version": 1.0, "file": "f.gguf"}, "full_model.gguf.version expects a string, got 1.0"),
 ])
 def test_a_bad_gguf_section_is_refused_when_the_preset_loads(bad, message):
     with pytest.raises(ValueError, match=message):
-        presets.load_preset("smollm2-135m", {"teacher": {"gguf": bad}})
+        presets.load_preset("smollm2-135m", {"full_model": {"gguf": bad}})
     with pytest.raises(ValueError, match="missing keys \\['file'\\]"):
         gguf_models.GGUFSource.from_dict({"package": "p", "version": "1"})
 

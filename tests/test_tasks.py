@@ -118,7 +118,7 @@ def test_a_stale_split_is_rewritten_and_a_current_one_left_alone(tmp_path, caplo
 
 
 def test_the_committed_tiny_models_and_results_come_from_the_split_a_fresh_clone_generates():
-    """The teacher, its sibling and notebook 02's runs were trained on exactly the train split this generator writes
+    """The full model, the smaller model and notebook 02's runs were trained on exactly the train split this generator writes
     (content hash and token counts), so a fresh clone's `make run` trains on the same data."""
     from transformers import AutoTokenizer
 
@@ -128,11 +128,11 @@ def test_the_committed_tiny_models_and_results_come_from_the_split_a_fresh_clone
 
     p = load_preset("tiny")
     hashes = tasks.content_hashes(p.suite_config())
-    for model in ("teacher", "smaller"):
-        record = read_json(p.path(p[model]["id"]) / "training_record.json")
+    for model in pipeline.MODELS:
+        record = read_json(p.path(getattr(p, model).id) / "training_record.json")
         assert record["suite"]["content_sha256"] == hashes, f"the committed {model} was trained on another suite"
     committed = read_json(p.path("results/tiny/02_decoder_training.json"))["data"]
     assert committed["content_sha256"] == hashes["train"]
     _, stats = pipeline.training_data(p, training.TrainingConfig.from_preset(p),
-                                      AutoTokenizer.from_pretrained(p.path(p["teacher"]["id"])))
+                                      AutoTokenizer.from_pretrained(p.path(p.full_model.id)))
     assert (stats.prompt_tokens, stats.response_tokens) == (committed["prompt_tokens"], committed["response_tokens"])

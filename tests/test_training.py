@@ -16,13 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from overfill_lib import chat_data, importance, pruning, tasks, teacher, training
+from overfill_lib import chat_data, full_model, importance, pruning, tasks, training
 from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.generation import returned_cache, with_cache
 from overfill_lib.pair import OverFillModel
 
 torch.set_num_threads(1)
-MICRO = teacher.TeacherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+MICRO = full_model.FullModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
 
 
@@ -33,11 +33,11 @@ def recipe(**kw) -> training.TrainingConfig:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A micro full model, its magnitude-pruned half-width decoder, a narrower sibling, and 8 suite examples."""
+    """A micro full model, its magnitude-pruned half-width decoder, a smaller model, and 8 suite examples."""
     root = tmp_path_factory.mktemp("train")
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     for name, cfg in (("full", MICRO), ("smaller", MICRO.narrower(0.5))):
-        model = teacher.build_model(cfg, tok)
+        model = full_model.build_model(cfg, tok)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     full = AutoModelForCausalLM.from_pretrained(root / "full")
@@ -324,7 +324,7 @@ def test_tokenizer_mismatch_and_trainable_strategy_are_refused(setup, tmp_path):
     other = tmp_path / "other"
     decoder = AutoModelForCausalLM.from_pretrained(sources.decoder_dir)
     decoder.save_pretrained(other)
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     tok.add_tokens(["<|tool|>"])
     tok.save_pretrained(other)
     bad = training.Sources(sources.full_dir, other, sources.smaller_dir)

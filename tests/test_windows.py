@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from overfill_lib import importance, pruning, recovery, teacher, training, windows
+from overfill_lib import full_model, importance, pruning, recovery, training, windows
 from overfill_lib.generation import returned_cache, with_cache
 from overfill_lib.presets import Preset
 
 torch.set_num_threads(1)
-MICRO = teacher.TeacherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+MICRO = full_model.FullModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
 SPEC = windows.WindowSpec(window=24, context=10, teacher_topk=8)
 
@@ -25,8 +25,8 @@ SPEC = windows.WindowSpec(window=24, context=10, teacher_topk=8)
 def models(tmp_path_factory):
     """A micro full model with O(1) weights (distributions far from uniform), its half-width decoder, windows."""
     root = tmp_path_factory.mktemp("windows")
-    tok = teacher.build_tokenizer()
-    full = teacher.build_model(MICRO, tok)
+    tok = full_model.build_tokenizer()
+    full = full_model.build_model(MICRO, tok)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in full.parameters():

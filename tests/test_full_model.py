@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from overfill_lib import artifacts, pipeline, presets, tasks, teacher
+from overfill_lib import artifacts, full_model, pipeline, presets, scoring, tasks, tokens
 
-MICRO = teacher.TeacherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=8, steps=6, batch_size=8, learning_rate=3e-3)
+MICRO = full_model.FullModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, steps=6, batch_size=8, learning_rate=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def suite_dir(tmp_path_factory):
 
 
 def test_tokenizer_roundtrip_and_chat_template(tmp_path):
-    tok = teacher.build_tokenizer()
+    tok = full_model.build_tokenizer()
     text = "k:17 m:03 ?m\n{}"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     msgs = [{"role": "system", "content": "sort"}, {"role": "user", "content": "321"}]
@@ -31,16 +31,16 @@ def test_tokenizer_roundtrip_and_chat_template(tmp_path):
 
 
 def test_encode_example_masks_the_prompt():
-    tok = teacher.build_tokenizer()
-    ex = teacher.encode_examples(tok, [[{"role": "system", "content": "sort"}, {"role": "user", "content": "21"},
-                                        {"role": "assistant", "content": "12"}]])[0]
+    tok = full_model.build_tokenizer()
+    ex = tokens.encode_examples(tok, [[{"role": "system", "content": "sort"}, {"role": "user", "content": "21"},
+                                       {"role": "assistant", "content": "12"}]])[0]
     answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
     assert tok.decode(answer) == "12<|end|>"
 
 
 def test_training_is_reproducible_and_saves_an_hf_directory(tmp_path, suite_dir):
-    rec_a = teacher.train_teacher(MICRO, suite_dir, tmp_path / "a", eval_records=10)
-    rec_b = teacher.train_teacher(MICRO, suite_dir, tmp_path / "b", eval_records=10)
+    rec_a = full_model.train_full_model(MICRO, suite_dir, tmp_path / "a", eval_records=10)
+    rec_b = full_model.train_full_model(MICRO, suite_dir, tmp_path / "b", eval_records=10)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -54,13 +54,13 @@ def test_training_is_reproducible_and_saves_an_hf_directory(tmp_path, suite_dir)
 
 
 def test_reproduce_retrains_the_committed_checkpoint_bit_for_bit(tmp_path):
-    """The smoke preset's teacher, trained once as 'committed', then reproduced with the same recipe and seed."""
+    """The smoke preset's full model, trained once as 'committed', then reproduced with the same recipe and seed."""
     p = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), "suite_dir": str(tmp_path / "suite"),
-                                      "teacher": {"id": str(tmp_path / "committed")}})
+                                      "full_model": {"id": str(tmp_path / "committed")}})
     result = pipeline.reproduce(p)
     assert result["bit_identical"] and result["same_metrics"] and result["max_abs_weight_difference"] == 0.0
-    assert Path(result["candidate"]) == p.workdir / "reproduce" / "teacher"
-    other = teacher.compare_checkpoints(tmp_path / "committed", _perturbed(tmp_path))
+    assert Path(result["candidate"]) == p.workdir / "reproduce" / "full_model"
+    other = full_model.compare_checkpoints(tmp_path / "committed", _perturbed(tmp_path))
     assert not other["bit_identical"] and other["max_abs_weight_difference"] == pytest.approx(0.5)
 
 
@@ -78,7 +78,7 @@ def _perturbed(tmp_path):
     return out
 
 
-def test_narrower_sibling_has_half_the_width():
+def test_the_smaller_model_has_half_the_width():
     half = MICRO.narrower(0.5)
     assert (half.hidden_size, half.intermediate_size) == (16, 32)
     assert half.num_key_value_heads == MICRO.num_key_value_heads
@@ -89,40 +89,40 @@ def test_narrower_sibling_has_half_the_width():
         MICRO.narrower(1.5)
 
 
-def test_committed_teacher_loads_with_auto_classes_and_uses_gqa():
+def test_committed_full_model_loads_with_auto_classes_and_uses_gqa():
     p = presets.load_preset("tiny")
-    path = p.path(p["teacher"]["id"])
+    path = p.path(p.full_model.id)
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.model_type == "llama"
     assert model.config.num_key_value_heads < model.config.num_attention_heads
-    shapes = teacher.cache_shapes(model, tok, "abc")
+    shapes = full_model.cache_shapes(model, tok, "abc")
     head_dim = model.config.head_dim
     assert all(k == (1, model.config.num_key_value_heads, len(tok("abc")["input_ids"]), head_dim) for k in shapes["keys"])
     assert sum(f.stat().st_size for f in path.iterdir()) <= 30 * 2**20
 
 
-def test_committed_teacher_reaches_target_on_a_test_sample():
+def test_committed_full_model_reaches_target_on_a_test_sample():
     p = presets.load_preset("tiny")
-    model, tok = artifacts.load_model(p.path(p["teacher"]["id"]))
+    model, tok = artifacts.load_model(p.path(p.full_model.id))
     test = tasks.load_split(p.suite_dir, "test")[:200]
-    assert teacher.evaluate_exact_match(model, tok, test)["overall"] >= 0.85
+    assert scoring.exact_match(model, tok, test)["overall"] >= 0.85
 
 
 def _committed_records():
     p = presets.load_preset("tiny")
-    return p, [json.loads((p.path(p[w]["id"]) / "training_record.json").read_text()) for w in ("teacher", "smaller")]
+    return p, [json.loads((p.path(getattr(p, w).id) / "training_record.json").read_text()) for w in pipeline.MODELS]
 
 
-def test_committed_teacher_and_sibling_follow_the_preset_recipe():
+def test_committed_full_and_smaller_models_follow_the_preset_recipe():
     p, (full, half) = _committed_records()
     assert full["test_exact_match"]["overall"] >= 0.90
-    assert full["recipe"] == asdict(pipeline.teacher_recipe(p)) and half["recipe"] == asdict(pipeline.teacher_recipe(p, "smaller"))
+    assert full["recipe"] == asdict(pipeline.model_recipe(p)) and half["recipe"] == asdict(pipeline.model_recipe(p, "smaller"))
     assert full["suite"] == half["suite"] == json.loads((p.suite_dir / "suite.json").read_text())
     assert half["parameters"] < full["parameters"] / 2
 
 
-def test_committed_sibling_is_clearly_weaker_than_the_teacher():
+def test_committed_smaller_model_is_clearly_weaker_than_the_full_model():
     """The issue asks for a suite where capacity matters: same recipe and seed, half the width, clearly lower."""
     _, (full, half) = _committed_records()
     assert half["test_exact_match"]["overall"] <= full["test_exact_match"]["overall"] - 0.05
