@@ -235,11 +235,6 @@ class Preset:
         data, scorer, quality measure and figures the notebooks use."""
         return "synthetic" if self.suite is not None else "pretrained"
 
-    @property
-    def is_offline_default(self) -> bool:
-        """``workload == "synthetic"`` (the older name, still read by notebook 00)."""
-        return self.workload == "synthetic"
-
     def suite_config(self):
         if self.suite is None:
             raise ValueError(f"preset {self.name!r} has no synthetic suite; it evaluates real tasks through lm-eval")

@@ -54,6 +54,19 @@ class Workbook:
 
         return save_figure(fig, self.figures_dir / f"{self.notebook}_{name}")
 
+    def show(self, shown) -> None:
+        """Display one notebook section (``workloads.Shown``): its tables, its figures (each saved first, as
+        :meth:`save_figure` names them) and its lines of text. An empty section shows nothing."""
+        from IPython.display import display
+
+        for table in shown.tables:
+            display(table)
+        for name, fig in shown.figures.items():
+            self.save_figure(fig, name)
+            fig.show()
+        for line in shown.text:
+            print(line)
+
     def save_results(self, results: dict, name: str | None = None, seed: int | None = None) -> Path:
         """Write the notebook's results JSON, with the preset and the environment recorded."""
         path = self.results_dir / f"{name or self.notebook}.json"

@@ -137,7 +137,7 @@ def test_run_folders_keep_the_names_they_were_made_under():
 
 # Old identifiers for the model that prefills. Only the compatibility shims (and their tests) may still name them.
 OLD_NAMES = re.compile(r"TeacherConfig|TeacherSection|MAIN_TEACHER|train_teacher\(|teacher_recipe|teacher_dir\b"
-                       r"|\bteacher_id\b|ask_teacher|retention_by_teacher|teacher_config"
+                       r"|\bteacher_id\b|ask_teacher|retention_by_teacher|teacher_config|is_offline_default"
                        r"|preset\.teacher\b|\.teacher\.(?:id|train|gguf)|\[\"teacher\"\]|00_teacher|overfill_lib\.teacher"
                        r"|import teacher|\bteachers\b|\bsibling\b|half-width sibling")
 SHIMS = {"overfill_lib/teacher.py", "overfill_lib/config.py", "overfill_lib/pipeline.py", "overfill_lib/presets.py",

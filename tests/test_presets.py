@@ -243,3 +243,46 @@ def test_ablation_grid_takes_notebook_parameters_as_a_checked_copy():
     assert changed.keep == (0.5, 0.25) and changed.seeds == (3,) and changed.full_models == grid.full_models
     with pytest.raises(ValueError, match="ablation.keep lists 0.5 more than once"):
         grid.with_changes(keep=[0.5, 0.5])
+
+
+def test_notebook_00_asks_the_workload_instead_of_branching():
+    """Notebook 00 is as thin as notebook 04: every section is one call on the workload's view, no ``if``."""
+    import ast
+
+    nb = json.loads((presets.PROJECT_ROOT / "notebooks" / "00_full_model.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    branches = [n for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.If, ast.IfExp))]
+    assert not branches and "is_offline_default" not in code and "workload" in code
+
+
+def test_the_full_model_view_of_the_suite_shows_both_models_and_records_them():
+    """Notebook 00's sections on the committed tiny models (loaded, not trained), scored on a few test records."""
+    from overfill_lib import workloads
+
+    p = presets.load_preset("tiny")
+    view = workloads.for_preset(p).full_model_view(p, eval_limit=10)
+    data, models, quality = view.data(), view.models(), view.quality()
+    assert len(data.tables) == 1 and "records in" in data.text[0]
+    assert list(models.tables[0].index) == ["full model", "smaller model"]
+    assert set(models.figures) == {"training_loss", "exact_match_during_training"}
+    assert set(quality.figures) == {"exact_match"} and view.seed == p.full_model_config().seed
+    assert set(view.record["exact_match"]) == {"full_model", "smaller"} and view.record["test_records"] == 10
+    assert view.record["full_model_dir"] == str(p.path(p.full_model.id))
+    assert view.cache().tables[0]["keys"].iloc[0][1] == p.full_model.train.num_key_value_heads
+
+
+def test_the_full_model_view_of_a_pretrained_model_chats_and_measures_held_out_text(tmp_path):
+    from overfill_lib import full_model, workloads
+    from tests.tiny_models import tiny_model
+
+    tok = full_model.build_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "p.yaml").write_text(f"full_model: {{id: {tmp_path / 'm'}}}\nsuite: null\nsmaller: null\n")
+    p = presets.load_preset(tmp_path / "p.yaml")
+    view = workloads.for_preset(p).full_model_view(p, chat_prompts=["hi"])
+    assert view.seed is None and view.explore() is None
+    assert view.models().text == [f"weights found at {tmp_path / 'm'}"] and view.record["source"] is None
+    assert "held-out perplexity" in view.quality().text[0] and view.record["heldout_nll"] > 0
+    answers = view.answers()
+    assert len(view.record["chats"]) == 1 and answers.text[0].endswith("<|assistant|>")
