@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench and llama-quantize the way a user gets llama.cpp from Python: the
+# Build llama.cpp's llama-bench, llama-batched-bench and llama-quantize the way a user gets llama.cpp from Python: the
 # llama-cpp-python source distribution (which vendors llama.cpp), pinned by version and sha256.
 #
 #   benchmarks/build_llama_cpp.sh            # into build/llama.cpp (gitignored)
@@ -30,13 +30,13 @@ echo "$SHA256  $SDIST" | sha256sum -c - || { echo "error: $SDIST does not match 
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "$SDIST"
 SRC="$DEST/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
 
-# Native CPU flags (AVX2 / AVX-512 / AMX as the machine has them), static, no network code, only the two tools.
+# Native CPU flags (AVX2 / AVX-512 / AMX as the machine has them), static, no network code, only the three tools.
 cmake -S "$SRC" -B "$DEST/cmake" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_APP=OFF
-cmake --build "$DEST/cmake" --target llama-bench llama-quantize -j "$JOBS"
+cmake --build "$DEST/cmake" --target llama-bench llama-quantize llama-batched-bench -j "$JOBS"
 mkdir -p "$DEST/bin"
-cp "$DEST/cmake/bin/llama-bench" "$DEST/cmake/bin/llama-quantize" "$DEST/bin/"
+cp "$DEST/cmake/bin/llama-bench" "$DEST/cmake/bin/llama-quantize" "$DEST/cmake/bin/llama-batched-bench" "$DEST/bin/"
 
 cat > "$DEST/VERSION.json" <<EOF
 {"source": "llama-cpp-python sdist", "version": "$VERSION", "sdist_sha256": "$SHA256",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib import cost, llama_cpp, pipeline, quantize
+from overfill_lib import cost, fast_decode, llama_cpp, pipeline, quantize
 from overfill_lib.artifacts import PROJECT_ROOT, environment_record, load_model, weights_fingerprint, write_json
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
@@ -123,18 +123,20 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
     (int8 weights: both models through :func:`overfill_lib.quantize.quantize_int8`). ``peer``: called once at the end
     of every round (llama.cpp's runs, interleaved with the workbook's)."""
     dtype = next(full.parameters()).dtype  # of the activations and the KV cache
+    batch = ids.shape[0]
     int8 = getattr(full, "quantization", None) == quantize.QUANTIZATION
     for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
         model.requires_grad_(False)
     models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
     fast = {path: FastGenerator(full, decoder, compile=path == "compiled") for path in ("eager", "compiled")
             if path in paths}
-    compile_s = {}
+    compile_s, cache = {}, fast_decode.compile_cache_counts()
     for method in METHODS:  # compile (and warm) every step before anything is timed
         t = time.perf_counter()
         for gen in fast.values():
             gen.generate(ids, method=method, max_new_tokens=new_tokens, eos_token_id=None)
         compile_s[method] = round(time.perf_counter() - t, 1)
+    cache = {k: v - cache[k] for k, v in fast_decode.compile_cache_counts().items()}
     seconds: dict[tuple[str, str], list[float]] = {}
     same = {(m, p): True for m in METHODS for p in fast}
     bandwidth = []
@@ -153,16 +155,18 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
     nbytes = cost.dtype_bytes(dtype)
     result = {"dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
               "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
-              "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "paths": list(paths),
+              "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "compile_cache": cache,
+              "batch": batch, "paths": list(paths),
               "methods": {}}
     for method in METHODS:
         step_model = full if method == "full" else decoder
-        step = cost.decode_step_bytes(step_model.config, nbytes, batch=1, kv_positions=ids.shape[1] + new_tokens,
+        step = cost.decode_step_bytes(step_model.config, nbytes, batch=batch, kv_positions=ids.shape[1] + new_tokens,
                                       kv_config=full.config, weight_bytes_per_value=1 if int8 else None)["total"]
         row = {"step_bytes": step}
         for path in paths:
             s = statistics.median(seconds[method, path])
-            row[path] = {"ms_per_token": 1e3 * s, "samples_ms": [1e3 * x for x in seconds[method, path]],
+            row[path] = {"ms_per_token": 1e3 * s, "tokens_per_s": batch / s,
+                         "samples_ms": [1e3 * x for x in seconds[method, path]],
                          "bytes_per_s": step / s, "fraction_of_read_bandwidth": step / s / read_bw}
             if path != "plain":
                 row[path]["tokens_equal_plain"] = same[method, path]
@@ -204,6 +208,30 @@ def report_peer(name: str, peer: dict, dtypes: dict) -> None:
         print(line)
 
 
+def peer_batched(peer: LlamaPeer, args, prompt_tokens: int, batched: dict) -> dict:
+    """llama.cpp's decode throughput at the run's batch sizes (``llama-batched-bench``, one run per precision whose
+    workbook dtype was timed batched), printed beside the workbook's compiled tokens per second."""
+    out = {}
+    for precision, dtype in llama_cpp.PRECISIONS.items():
+        if precision not in peer.files or dtype not in batched:
+            continue
+        rows = llama_cpp.batched_bench(args.llama_cpp_bin, peer.directory / peer.files[precision]["file"],
+                                       prompt=prompt_tokens, new_tokens=args.new_tokens, batches=sorted(args.batch),
+                                       threads=peer.threads)
+        if rows is None:
+            print("llama.cpp batched: no llama-batched-bench beside llama-bench; build it with "
+                  f"{llama_cpp.BUILD_SCRIPT}")
+            return {}
+        out[precision] = {str(b): r for b, r in rows.items()}
+        for b, r in rows.items():
+            ours = batched.get(dtype, {}).get(str(b), {}).get("methods", {})
+            line = f"{precision:5s} batch {b:2d}: llama.cpp full {r['tokens_per_s']:7.1f} tok/s"
+            for method, m in ours.items():
+                line += f" | {dtype} {method} {m['compiled']['tokens_per_s']:7.1f}"
+            print(line)
+    return out
+
+
 def _relative(path: Path) -> str:
     path = Path(path).resolve()
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
@@ -230,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="paths to time (plain and compiled always are); default: all")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="batch sizes (default 1); each beyond 1 times every dtype again on that many copies of "
+                             "the prompt, and llama.cpp's llama-batched-bench at the same sizes when it is built")
+    parser.add_argument("--compile-cache", type=Path, default=fast_decode.DEFAULT_COMPILE_CACHE,
+                        help="inductor's cache directory, kept across runs (default: %(default)s); a warm cache "
+                             "skips the C++ compile of every graph it has seen")
     parser.add_argument("--no-llama-cpp", action="store_true", help="do not time llama.cpp even when it is built")
     parser.add_argument("--llama-precision", action="append", choices=list(llama_cpp.PRECISIONS),
                         help="repeatable; llama.cpp's precisions to time; default: all")
@@ -241,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-dir", type=Path, help="where the GGUF files are made (default: <workdir>/llama_cpp)")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every preset and dtype")
     args = parser.parse_args(argv)
+    if 1 not in args.batch or any(b < 1 for b in args.batch):
+        parser.error(f"--batch {args.batch}: batch sizes are >= 1 and include 1 (the llama.cpp comparison's)")
+    cache_dir = fast_decode.use_compile_cache(args.compile_cache)
     args.paths = [p for p in PATHS if p in {"plain", "compiled", *args.paths}]
     args.llama_precision = args.llama_precision or list(llama_cpp.PRECISIONS)
     logging.basicConfig(level=logging.WARNING)
@@ -252,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(llama_cpp.missing_message(args.llama_cpp_bin))
     results = {"benchmark": "cpu_decode", "environment": environment_record("cpu"), "omp_wait_policy": policy,
                "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": 1,
+               "batches": sorted(args.batch), "compile_cache": _relative(cache_dir),
                "threads": torch.get_num_threads(), "presets": {}}
     for name in args.preset or ["tiny", "smollm2-135m"]:
         preset = load_preset(name)
@@ -277,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                         peer=functools.partial(peer, rounds[dtype], dtype) if peer is not None and rounds[dtype] else None)
             record["dtypes"][dtype] = r
             report(name, r)
+            for b in sorted(set(args.batch) - {1}):  # after batch 1, whose rounds interleave llama-bench
+                rb = measure(full, decoder, ids.repeat(b, 1), args.new_tokens, args.repeats, args.paths)
+                record.setdefault("batched", {}).setdefault(dtype, {})[str(b)] = rb
+                report(f"{name} batch {b}", rb)
             if peer is not None:
                 bandwidth = {d: v["read_bandwidth_bytes_per_s"] for d, v in record["dtypes"].items()}
                 record["llama_cpp"] = peer.summary(kv_config, bandwidth)
@@ -284,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(args.out, results)
         if peer is not None:
             report_peer(name, record["llama_cpp"], record["dtypes"])
+            if len(args.batch) > 1:
+                every = {d: {"1": record["dtypes"][d], **v} for d, v in record.get("batched", {}).items()}
+                record["llama_cpp_batched"] = peer_batched(peer, args, ids.shape[1], every)
+                if args.out:
+                    write_json(args.out, results)
     return 0
 
 

@@ -9,6 +9,7 @@ preset's pruned decoder as :mod:`overfill_lib.pipeline` builds it; int8 is :func
 
     nice -n 19 python -m benchmarks.quantized_decoder --out results/smollm2-135m/quantized_decoder.json
     python -m benchmarks.quantized_decoder --limit 150   # a seeded subset of the answers, said so in the record
+    python -m benchmarks.quantized_decoder --decoder-dir artifacts/smollm2-135m/recovery/runs/<run>/model  # trained
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from overfill_lib.artifacts import (
     content_sha256,
     environment_record,
     load_model,
+    read_json,
     weights_fingerprint,
     write_json,
 )
@@ -54,6 +56,16 @@ def _strip(result: dict) -> dict:
 def _relative(path) -> str:
     path = Path(path).resolve()
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def _training_of(decoder_dir: Path) -> dict | None:
+    """What trained the decoder, when it is a long run's model (its run's ``recovery.json``); None for the pruned
+    decoder as pruning left it."""
+    run = decoder_dir.parent / "recovery.json"
+    if not run.is_file():
+        return None
+    r = read_json(run)
+    return {k: r.get(k) for k in ("objective", "keep", "seed", "tokens", "steps", "stopped", "run_dir")}
 
 
 def paired(a: dict, b: dict) -> dict:
@@ -90,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", action="append", choices=list(MODELS), help="repeatable; default: all")
+    parser.add_argument("--decoder-dir", type=Path,
+                        help="a trained decoder to quantize (e.g. a long run's artifacts/<preset>/recovery/runs/<run>/"
+                             "model); default: the preset's pruned decoder as pruning left it")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -100,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit and args.limit < total:
         picked = sorted(random.Random(args.seed).sample(range(total), args.limit))
         records = [records[i] for i in picked]
-    full_dir, decoder_dir = pipeline.full_model(preset)[0], pipeline.pruned_decoder(preset)
+    full_dir = pipeline.full_model(preset)[0]
+    decoder_dir = preset.path(args.decoder_dir) if args.decoder_dir else pipeline.pruned_decoder(preset)
+    if not (decoder_dir / "config.json").is_file():
+        parser.error(f"--decoder-dir {decoder_dir}: no model there (config.json missing); give a saved decoder folder")
     full, tokenizer = load_model(full_dir, role="full model")
     decoder, _ = load_model(decoder_dir, role="decoder")
     for model in (full, decoder):
@@ -110,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                          "decoder": quantize.quantize_int8(copy.deepcopy(decoder))}}
     scores, seconds = {}, {}
     identity = {"full_dir": _relative(full_dir), "decoder_dir": _relative(decoder_dir),
-                "full_weights": weights_fingerprint(full), "decoder_weights": weights_fingerprint(decoder)}
+                "full_weights": weights_fingerprint(full), "decoder_weights": weights_fingerprint(decoder),
+                "decoder_training": _training_of(decoder_dir)}
     answers = {"file": args.answers, "sha256": content_sha256(answers_path.read_bytes()), "total": total,
                "scored": len(records), "subset": None if len(records) == total else
                f"random.Random({args.seed}).sample of {len(records)} of the {total} answers"}

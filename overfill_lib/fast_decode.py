@@ -13,9 +13,11 @@ never silently compares a fast path with a slow one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from transformers import StaticCache
 
 from overfill_lib.architectures import head_dim_of
+from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.generation import (
     cache_keyword,
     check_new_tokens,
@@ -134,6 +137,28 @@ def _standard_layout(t: torch.Tensor) -> torch.Tensor:
     if t.stride() == tuple(reversed(expected)):
         return t
     return t.clone(memory_format=torch.contiguous_format)
+
+
+# Inductor keeps what it compiled (its FX graph cache) in $TORCHINDUCTOR_CACHE_DIR, by default a folder of the system's
+# temporary directory that a reboot or a fresh container empties. Pointing it at the project's artifacts keeps it:
+# a later run that meets the same graph skips the C++ compile (dynamo still traces, a few seconds per graph).
+DEFAULT_COMPILE_CACHE = PROJECT_ROOT / "artifacts" / "inductor-cache"
+
+
+def use_compile_cache(directory: str | Path = DEFAULT_COMPILE_CACHE) -> Path:
+    """Keep inductor's compiled graphs in ``directory`` across runs (sets ``TORCHINDUCTOR_CACHE_DIR`` unless the
+    environment already names one, which wins) and return the directory in use. Call it before the first compile."""
+    chosen = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(directory).resolve())))
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Inductor's FX graph cache hits and misses so far in this process (a warm cache: hits, no misses)."""
+    from torch._dynamo.utils import counters
+
+    return {"hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "misses": int(counters["inductor"]["fxgraph_cache_miss"])}
 
 
 def _raise_recompile_limit() -> None:

@@ -150,6 +150,41 @@ def bench(tools: Tools, gguf: str | Path, *, new_tokens: int, depth: int, thread
             "llama_bench": {k: row.get(k) for k in keep}, "command": " ".join(cmd[1:])}
 
 
+def batched_bench(directory: str | Path | None, gguf: str | Path, *, prompt: int, new_tokens: int,
+                  batches: list[int], threads: int) -> dict[int, dict] | None:
+    """Decode throughput at several batch sizes from ``llama-batched-bench`` (built beside ``llama-bench``; None when it
+    is not there): for each batch ``B``, B sequences each prefill ``prompt`` tokens and then decode ``new_tokens``
+    together, one token per sequence per step. Per batch: ``tokens_per_s`` (B x new tokens over the decode seconds),
+    ``ms_per_step`` and the prefill seconds, as llama.cpp reports them (one run each; F16 KV cache)."""
+    tool = Path(directory or os.environ.get("LLAMA_CPP_BIN") or DEFAULT_BIN) / "llama-batched-bench"
+    if not (tool.is_file() and os.access(tool, os.X_OK)):
+        return None
+    context = max(batches) * (prompt + new_tokens) + 16
+    cmd = [str(tool), "-m", str(gguf), "-c", str(context), "-b", "2048", "-ub", "512", "-npp", str(prompt),
+           "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)), "-t", str(threads), "-tb", str(threads),
+           "--output-format", "jsonl"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+    rows = parse_batched_jsonl(done.stdout + "\n" + done.stderr)
+    missing = sorted(set(batches) - set(rows))
+    if missing:
+        raise RuntimeError(f"llama-batched-bench printed no row for batch(es) {missing}: {done.stdout[-400:]}")
+    return {b: {"tokens_per_s": rows[b]["speed_tg"], "ms_per_step": 1e3 * rows[b]["t_tg"] / new_tokens,
+                "prefill_s": rows[b]["t_pp"], "command": " ".join(cmd[1:])} for b in batches}
+
+
+def parse_batched_jsonl(text: str) -> dict[int, dict]:
+    """``llama-batched-bench --output-format jsonl`` rows by batch size (``pl``); other lines (its log) are skipped."""
+    rows = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            row = json.loads(line)
+            rows[int(row["pl"])] = row
+    return rows
+
+
 def parse_bench_json(text: str) -> list[dict]:
     """The rows of ``llama-bench -o json`` output (a JSON array), each with ``samples_ns`` and ``n_gen``."""
     try:

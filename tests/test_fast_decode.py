@@ -191,6 +191,30 @@ def test_cpu_decode_benchmark_feeds_notebook_03(models):
     assert len(plots.cpu_decode_figure(results).data) == len(cpu_decode.PATHS)
 
 
+def test_cpu_decode_benchmark_at_batch_two_counts_every_row(models):
+    """Batched: tokens per second count every row, a step reads the KV cache of every row, tokens still checked."""
+    from benchmarks import cpu_decode
+    from overfill_lib import cost
+
+    full, decoder = models
+    ids = random_batch(full, 1, 8, seed=5).repeat(2, 1)
+    r = cpu_decode.measure(full, decoder, ids, new_tokens=4, repeats=1, paths=("plain", "compiled"))
+    assert r["batch"] == 2 and set(r["compile_cache"]) == {"hits", "misses"}
+    row = r["methods"]["full"]
+    assert row["compiled"]["tokens_equal_plain"]
+    assert row["compiled"]["tokens_per_s"] == pytest.approx(2e3 / row["compiled"]["ms_per_token"])
+    assert row["step_bytes"] == cost.decode_step_bytes(full.config, 4, batch=2, kv_positions=12,
+                                                       kv_config=full.config)["total"]
+
+
+def test_compile_cache_is_the_environments_when_it_names_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert fast_decode.use_compile_cache(tmp_path / "other") == tmp_path / "mine" and (tmp_path / "mine").is_dir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert fast_decode.use_compile_cache(tmp_path / "other") == (tmp_path / "other").resolve()
+    assert set(fast_decode.compile_cache_counts()) == {"hits", "misses"}
+
+
 def test_lists_of_ids_are_accepted_as_pair_generate_accepts_them(models):
     """Ragged lists are left-padded (as pair.generate pads them), one flat list is one prompt, numpy integers count
     as integers; an attention_mask with lists is refused, not silently ignored."""

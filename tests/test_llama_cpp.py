@@ -94,3 +94,18 @@ def test_rounds_and_comparison_rows():
     assert rows["F32 / float32", "workbook (compiled)", "overfill"]["llama.cpp full / this"] == 2.0
     assert rows["F32 / float32", "llama.cpp", "full"]["GB/s"] == 20.0
     assert ("Q4_1 / -", "llama.cpp", "full") in rows and len(rows) == 4
+
+
+def test_batched_bench_reads_throughput_per_batch_and_is_none_without_the_tool(tmp_path):
+    assert llama_cpp.batched_bench(tmp_path, tmp_path / "m.gguf", prompt=8, new_tokens=4, batches=[1, 4],
+                                   threads=2) is None
+    rows = [{"n_kv_max": 64, "pp": 8, "tg": 4, "pl": pl, "n_kv": pl * 12, "t_pp": 0.1 * pl, "speed_pp": 80.0,
+             "t_tg": 0.02 * pl, "speed_tg": pl * 4 / (0.02 * pl), "t": 0.1, "speed": 1.0} for pl in (1, 4)]
+    # the tool's log goes to stderr and its rows to stdout; both are read
+    body = "echo 'main: n_kv_max = 64' >&2\n" + "".join(f"echo '{json.dumps(r)}'\n" for r in rows)
+    _script(tmp_path / "llama-batched-bench", body)
+    out = llama_cpp.batched_bench(tmp_path, tmp_path / "m.gguf", prompt=8, new_tokens=4, batches=[1, 4], threads=2)
+    assert out[4]["tokens_per_s"] == pytest.approx(200.0) and out[4]["ms_per_step"] == pytest.approx(20.0)
+    assert "-npl 1,4" in out[1]["command"] and "--output-format jsonl" in out[1]["command"]
+    with pytest.raises(RuntimeError, match=r"no row for batch\(es\) \[16\]"):
+        llama_cpp.batched_bench(tmp_path, tmp_path / "m.gguf", prompt=8, new_tokens=4, batches=[1, 16], threads=2)
