@@ -12,9 +12,11 @@ never silently compares a fast path with a slow one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,6 +206,12 @@ class StepFn:
     ``"reduce-overhead"`` (CUDA graphs) on CUDA and inductor's default on CPU. ``fallback``: if compiling
     fails, log it and run eagerly (``compiled`` turns False so the path label stays true); otherwise the
     error is raised.
+
+    Guards: before running a compiled graph, dynamo checks that its inputs still match what it was compiled for (the
+    modules, shapes, the cache): 1.7 ms of a 17 ms CPU decode step in the profile. Once a step has run compiled on a
+    model, a cache object and input shapes, the same call can only pick the same graph again, so later calls run
+    under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (only the guards that tell the cached graphs apart
+    are checked). Anything new (another model, cache or shape) runs with every guard first.
     """
 
     def __init__(self, compile: bool, device: torch.device, mode: str | None = None, fallback: bool = False):
@@ -213,6 +221,7 @@ class StepFn:
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self._fn = decode_one_token
         self._compiled_once = False
+        self._warm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(id(cache), shapes)} seen
         if self.compiled:
             _raise_recompile_limit()
             target = decode_one_token_cpu if self.device.type == "cpu" else decode_one_token
@@ -230,8 +239,11 @@ class StepFn:
             # Tells CUDA graph trees that the previous replay's outputs are consumed (we clone them).
             torch.compiler.cudagraph_mark_step_begin()
         input_ids, position_ids, attention_mask = map(_standard_layout, (input_ids, position_ids, attention_mask))
+        seen = self._warm.setdefault(model, set())
+        key = (id(cache), input_ids.shape, position_ids.shape, attention_mask.shape, torch.is_inference_mode_enabled())
         try:
-            out = self._fn(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw).clone()
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if key in seen else contextlib.nullcontext():
+                out = self._fn(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw).clone()
         except Exception as e:
             # Only a failure to compile at all falls back; out-of-memory and later errors are real.
             if not self.fallback or self._compiled_once or isinstance(e, torch.cuda.OutOfMemoryError):
@@ -240,7 +252,12 @@ class StepFn:
             self.compiled = False
             return decode_one_token(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw)
         self._compiled_once = True
+        seen.add(key)
         return out
+
+    def forget(self) -> None:
+        """Run every later call with all its guards again (the caches it saw are gone)."""
+        self._warm.clear()
 
 
 class _Clock:
@@ -345,6 +362,7 @@ class FastGenerator:
     def clear_caches(self) -> None:
         """Free the pooled static caches (a new shape allocates a new one)."""
         self._caches.clear()
+        self.step.forget()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -170,6 +170,22 @@ def test_compiled_step_matches_plain_loop_on_cpu(models):
             assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens)
 
 
+def test_warm_steps_skip_guards_and_still_match_the_plain_loop(models):
+    """A step seen once (model, cache, shapes) runs later without its full guard check; alternating models and
+    shapes still gives the plain loop's tokens, and clearing the caches forgets what was seen."""
+    full, decoder = models
+    gen = FastGenerator(full, decoder, compile=True)
+    for _ in range(2):
+        for batch in (1, 2):
+            ids, mask = left_padded(full, batch=batch)
+            for method, (a, b) in {"overfill": (full, decoder), "full": (full, full)}.items():
+                out = gen.generate(ids, mask, method=method, max_new_tokens=NEW)
+                assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens)
+    assert len(gen.step._warm[decoder]) == 2 and len(gen.step._warm[full]) == 2  # one cache per batch size
+    gen.clear_caches()
+    assert len(gen.step._warm) == 0
+
+
 def test_cpu_decode_benchmark_feeds_notebook_03(models):
     """benchmarks/cpu_decode.py on the tiny test pair, one round: every method on every path, tokens checked, and
     its JSON read by the table and figure notebook 03 shows."""
