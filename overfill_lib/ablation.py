@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from overfill_lib import cost, evaluation, latency, pipeline, scoring, training
+from overfill_lib import cost, evaluation, latency, pipeline, quantize, scoring, training
 from overfill_lib.artifacts import load_model, read_json, resolve_model, write_json
 from overfill_lib.config import ABLATION_SCORERS, MAIN_FULL_MODEL, AblationConfig, Point, folder_name, torch_dtype
 from overfill_lib.fast_decode import FastGenerator
@@ -161,6 +161,13 @@ SCORERS = {name: Scorer(_IMPLEMENTATIONS[name][0], description, *_IMPLEMENTATION
            for name, description in ABLATION_SCORERS.items()}
 
 
+def decoder_score_key(preset, key: str) -> str:
+    """The score-cache key of a decoder run with the preset's ``decoder.weights``: ``key`` itself for "float", so
+    that scores cached before the setting existed keep their names; ``<key>-<weights>`` otherwise."""
+    weights = preset.decoder.weights
+    return key if weights == "float" else f"{key}-{weights}"
+
+
 def score(model, tokenizer, preset, *, scorer: str = "lm_eval", limit: int | None = None,
           cache: Path | None = None) -> dict[str, float]:
     """Scores of ``model`` (an ``OverFillModel`` or a causal LM) by the named scorer; cached in ``cache``."""
@@ -218,9 +225,10 @@ def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, byt
     """Per-token decode cost of ``decoder`` reading ``full``'s cache (``decoder=None``: the full model alone).
 
     ``decode_bytes``: what one step at batch 1 reads and writes, weights + KV cache of the base prompt and its
-    new tokens (:func:`overfill_lib.cost.decode_step_bytes` ``total``): the roofline cost of a memory-bound
-    decode. ``per_token_ms``: measured median milliseconds per generated token after the first (p10/p90 beside
-    it), on the static-cache path, on this machine with ``threads`` torch threads on a CPU.
+    new tokens (:func:`overfill_lib.cost.decode_step_bytes` ``total``; int8 weights one byte each): the roofline
+    cost of a memory-bound decode. ``per_token_ms``: measured median milliseconds per generated token after the
+    first (p10/p90 beside it), on the static-cache path, on this machine with ``threads`` torch threads on a CPU.
+    ``parameters``: :func:`overfill_lib.quantize.parameter_count` (an int8 decoder's untied head counted apart).
     """
     model = decoder if decoder is not None else full
     nbytes = bytes_per_value or cost.dtype_bytes(next(model.parameters()).dtype)
@@ -234,7 +242,7 @@ def decode_cost(full, decoder, settings: latency.LatencySettings, prompt_fn, byt
                                      prompt=settings.base_prompt, new_tokens=settings.base_new_tokens,
                                      prompt_fn=prompt_fn, warmup=settings.warmup, repeats=settings.repeats)
     per_token = timed["per_token_s"]
-    return {"parameters": sum(p.numel() for p in model.parameters()), "decode_bytes": step["total"],
+    return {"parameters": quantize.parameter_count(model), "decode_bytes": step["total"],
             "per_token_ms": 1000 * per_token["median"], "per_token_ms_p10": 1000 * per_token["p10"],
             "per_token_ms_p90": 1000 * per_token["p90"]}
 
@@ -257,6 +265,7 @@ class _Grid:
     prompt_fn: object
     limit: int | None
     key: str  # in every score cache's name: the scorer and what it scores, so a changed scorer is not reused
+    decoder_key: str  # ``key`` of a decoder's scores, with its weights when not float (decoder_score_key)
     device: str
     timing_threads: int | None
     retrain: bool
@@ -267,6 +276,10 @@ class _Grid:
 
     def load(self, path: Path):
         return load_model(path, dtype=torch_dtype(self.preset.runtime.dtype))[0].to(self.device)
+
+    def as_run(self, model):
+        """A decoder (or a pair's decoder) with the weights the preset runs it with (``decoder.weights``)."""
+        return pipeline.decoder_as_run(self.preset, model)
 
     def cost_of(self, full, decoder=None) -> dict:
         return decode_cost(full, decoder, self.preset.latency, self.prompt_fn, threads=self.timing_threads)
@@ -309,10 +322,11 @@ def _grid(preset, config: AblationConfig, cfg: training.TrainingConfig, retrain:
     tokenizer = AutoTokenizer.from_pretrained(full_model_dir(preset, MAIN_FULL_MODEL))
     dataset, stats = pipeline.training_data(preset, cfg, tokenizer)
     limit = config.eval_limit if config.eval_limit is not None else preset.evaluation.limit
+    key = f"{config.scorer}-{SCORERS[config.scorer].key(preset, limit)}"
     return _Grid(
         preset=preset, config=config, train_config=cfg, tokenizer=tokenizer, dataset=dataset,
         data_stats=stats.to_dict(), prompt_fn=prompt_source(preset, tokenizer), limit=limit,
-        key=f"{config.scorer}-{SCORERS[config.scorer].key(preset, limit)}",
+        key=key, decoder_key=decoder_score_key(preset, key),
         device=rt.device if rt.device != "cuda" or torch.cuda.is_available() else "cpu",
         timing_threads=timing_threads, retrain=retrain,
     )
@@ -325,7 +339,7 @@ def score_cache_name(name: str, full_dir: Path, key: str) -> str:
 
 def _full_model_rows(grid: _Grid, name: str, points: list[Point], bar) -> list[dict]:
     """One full model's rows: the model itself, then at each of its points the untrained decoders (main full model
-    only) and every trained (objective, seed)."""
+    only) and every trained (objective, seed), each decoder with the preset's ``decoder.weights`` (in the row)."""
     preset, key = grid.preset, grid.key
     main_dir, full_dir = full_model_dir(preset, MAIN_FULL_MODEL), full_model_dir(preset, name)
     if name != MAIN_FULL_MODEL:
@@ -337,10 +351,10 @@ def _full_model_rows(grid: _Grid, name: str, points: list[Point], bar) -> list[d
             | grid.scored(full, grid.cache_root / score_cache_name(name, full_dir, key))]
     for point in points:
         dec_dir = prepare_point(preset, point, full_dir)
-        decoder0 = grid.load(dec_dir)
-        at = base | {"keep": point.keep} | grid.cost_of(full, decoder0)
+        decoder0 = grid.as_run(grid.load(dec_dir))
+        at = base | {"keep": point.keep, "decoder_weights": preset.decoder.weights} | grid.cost_of(full, decoder0)
         if grid.config.untrained and name == MAIN_FULL_MODEL:
-            tag = f"{point.slug}-{_dir_key(dec_dir)}-{key}"
+            tag = f"{point.slug}-{_dir_key(dec_dir)}-{grid.decoder_key}"
             rows.append(at | {"method": UNTRAINED["pruned"], "seed": None}
                         | grid.scored(decoder0, grid.cache_root / f"pruned-{tag}.json"))
             pair0 = OverFillModel(full, decoder0, tokenizer=grid.tokenizer)
@@ -361,7 +375,7 @@ def _trained_rows(grid: _Grid, point: Point, at: dict, sources: training.Sources
                                            full=full, retrain=grid.retrain)
             rows.append(at | {"method": training.OBJECTIVES[objective].label, "seed": seed,
                               "train_seconds": result.record["train_seconds"], "run_dir": str(result.run_dir)}
-                        | grid.scored(result.model, result.run_dir / f"scores-{grid.key}.json"))
+                        | grid.scored(grid.as_run(result.model), result.run_dir / f"scores-{grid.decoder_key}.json"))
             bar.update()
             log.info("ablation %d/%d: %s %s seed %d, overall %.3f (trained in %.0f s)", bar.n, bar.total,
                      point.slug, objective, seed, rows[-1]["overall"], result.record["train_seconds"])
@@ -464,7 +478,7 @@ def families(rows) -> list[str]:
     """Score columns of the rows from :func:`run` (task families, then ``overall``)."""
     import pandas as pd
 
-    skip = set(ID_COLUMNS) | {"seed", "train_seconds", "run_dir"}
+    skip = set(ID_COLUMNS) | {"seed", "train_seconds", "run_dir", "decoder_weights"}
     cols = [c for c in pd.DataFrame(renamed_rows(rows)).columns if c not in skip and not c.startswith("per_token_ms")]
     return [c for c in cols if c != "overall"] + ["overall"]
 

@@ -29,6 +29,7 @@ CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
 CRITERIA = ("activation", "magnitude", "random")
 AGGREGATIONS = ("l2", "mean", "l1")
 SEQ_AGGREGATIONS = ("mean", "l2")
+DECODER_WEIGHTS = ("float", "int8")  # decoder.weights: the runtime dtype, or int8 weights (quantize.DECODER_WEIGHTS)
 MAIN_FULL_MODEL = "full_model"  # the ablation grid's name for the preset's own full model (pipeline.MODELS)
 # How a run folder names a full model, where that differs from its name: the main full model's ablation folders were
 # named when it was called "teacher" (artifacts/<preset>/ablation/teacher-keep0.5/...). Keeping that spelling in the
@@ -386,7 +387,9 @@ class DecoderSection:
     heads: int | float | None = None
     round_to: int = 1
     criterion: str = "activation"
-    weights: str = "float"  # the decoder's weights at run time: "float" (the runtime dtype) or "int8" (quantize.py)
+    # The decoder's weights where it is timed and scored (notebooks 03 and 04): "float" (the runtime dtype) or "int8"
+    # (quantize.py). A run-time setting: the pruned decoder's stamp leaves it out (pipeline.pruned_decoder).
+    weights: str = "float"
 
     def __post_init__(self):
         for axis in ("hidden", "intermediate", "heads"):
@@ -394,7 +397,7 @@ class DecoderSection:
         if self.round_to < 1:
             raise ValueError(f"decoder.round_to must be >= 1, got {self.round_to}")
         check_choice("criterion", self.criterion, CRITERIA)
-        check_choice("decoder.weights", self.weights, ("float", "int8"))
+        check_choice("decoder.weights", self.weights, DECODER_WEIGHTS)
 
 
 @dataclass(frozen=True)

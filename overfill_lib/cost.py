@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from overfill_lib import quantize
 from overfill_lib.architectures import head_dim_of
 
 PATH_MODELLED = "modelled"
@@ -32,6 +33,12 @@ def dtype_bytes(dtype) -> float:
     if isinstance(dtype, bool) or not isinstance(dtype, numbers.Real) or dtype <= 0:
         raise ValueError(f"dtype_bytes={dtype!r} must be a positive number of bytes or a torch dtype.")
     return dtype
+
+
+def weight_value_bytes(config, bytes_per_value):
+    """Bytes per stored weight: 1 for a model whose config says :func:`overfill_lib.quantize.quantize_int8`
+    quantized it (int8 weights, whatever the activations' dtype), else ``bytes_per_value``."""
+    return 1 if getattr(config, quantize.CONFIG_KEY, None) == quantize.QUANTIZATION else bytes_per_value
 
 
 def parameter_breakdown(config) -> dict[str, int]:
@@ -73,14 +80,15 @@ def weight_bytes(config, bytes_per_value, num_parameters: int | None = None) -> 
     """Weight bytes one decode step reads: every parameter once, except an untied input embedding.
 
     The input embedding is a gather of ``batch`` rows, not a read of the table; a tied table is read
-    whole by the LM head, so then it counts. ``bytes_per_value`` as :func:`dtype_bytes` takes it;
-    ``num_parameters``: the model's count when already known (default: :func:`parameter_breakdown`).
+    whole by the LM head, so then it counts. ``bytes_per_value`` as :func:`dtype_bytes` takes it (one byte for
+    int8 weights whatever it says, :func:`weight_value_bytes`); ``num_parameters``: the model's count when already
+    known (default: :func:`parameter_breakdown`).
     """
     c = _text(config)
     params = parameter_breakdown(c)["total"] if num_parameters is None else int(num_parameters)
     if not getattr(c, "tie_word_embeddings", False):
         params -= c.vocab_size * c.hidden_size
-    return round(params * dtype_bytes(bytes_per_value))
+    return round(params * dtype_bytes(weight_value_bytes(config, bytes_per_value)))
 
 
 def kv_bytes_per_token(config, bytes_per_value: int) -> int:
@@ -122,7 +130,7 @@ def memory_estimate(method: str, full_config, decoder_config, bytes_per_value: i
     OverFill and speculative decoding hold both models; speculative decoding also holds two caches.
     """
     resident = {"full": [full_config], "decoder": [decoder_config]}.get(method, [full_config, decoder_config])
-    weights = sum(parameter_breakdown(c)["total"] for c in resident) * bytes_per_value
+    weights = sum(parameter_breakdown(c)["total"] * weight_value_bytes(c, bytes_per_value) for c in resident)
     caches = 2 if method == "speculative" else 1
     return weights + caches * batch * cache_len * kv_bytes_per_token(full_config, bytes_per_value)
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from overfill_lib import cost, fast_decode
+from overfill_lib import cost, fast_decode, quantize
 from overfill_lib.artifacts import environment_record, load_causal_lm, read_json, write_json
 from overfill_lib.generation import eos_ids, positions_from_mask, through_first_eos, with_cache
 from overfill_lib.timing import copy_bandwidth, summarize, time_repeated
@@ -505,6 +505,7 @@ def _pair_info(spec: PairSpec, full, decoder, gen, settings: LatencySettings, co
     nbytes = cost.dtype_bytes(dtype)
     info = {
         "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
+        "decoder_weights": "int8" if quantize.is_quantized(decoder) else "float",  # a preset's decoder.weights
         "full": cost.model_summary(full.config, nbytes), "decoder": cost.model_summary(decoder.config, nbytes),
         "acceptance": spec.alpha,
         "kv_crossover_context": {str(b): cost.kv_crossover_context(decoder.config, nbytes, b, full.config)

@@ -195,6 +195,18 @@ def decoder_sizes(preset: Preset, model_config, dtype_bytes=None) -> dict:
                                round_to=d.round_to, dtype_bytes=dtype_bytes or preset.runtime.dtype)
 
 
+def decoder_as_run(preset: Preset, model):
+    """``model`` with the weights the preset's decoder runs with where it is timed and scored (notebook 03's
+    decoder, the ablation's decoders): ``decoder.weights``, unchanged for "float", quantized in place for "int8"
+    (``quantize.apply_decoder_weights``). ``model`` is a decoder, or an ``OverFillModel`` whose decoder this changes
+    (never the full model, which prefills in the runtime dtype)."""
+    from overfill_lib.pair import OverFillModel
+    from overfill_lib.quantize import apply_decoder_weights
+
+    apply_decoder_weights(model.decoder if isinstance(model, OverFillModel) else model, preset.decoder.weights)
+    return model
+
+
 # --------------------------------------------------------------------------------------------------
 # Training data and runs
 # --------------------------------------------------------------------------------------------------

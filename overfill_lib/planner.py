@@ -324,7 +324,7 @@ def pair_configs(preset) -> tuple:
     from overfill_lib.architectures import PUBLISHED_SHAPES, published_config
     from overfill_lib.pruning import pruned_config
 
-    section = preset.get("decoder", {})
+    section = preset.decoder
     if preset.name in PUBLISHED_SHAPES:
         full = published_config(preset.name)
     else:
@@ -333,8 +333,8 @@ def pair_configs(preset) -> tuple:
         from overfill_lib.artifacts import resolve_model
 
         full = AutoConfig.from_pretrained(resolve_model(preset.full_model.id))
-    return full, pruned_config(full, hidden=section.get("hidden"), intermediate=section.get("intermediate"),
-                               heads=section.get("heads"), round_to=int(section.get("round_to", 1)))
+    return full, pruned_config(full, hidden=section.hidden, intermediate=section.intermediate, heads=section.heads,
+                               round_to=section.round_to)
 
 
 def plan(full_config, decoder_config, devices: int, memory_gib: float, workload: Workload,

@@ -263,7 +263,7 @@ class Preset:
 def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = None) -> Preset:
     """Load a named preset or a YAML file, apply overrides, and check every section (``config.parse``)."""
     if isinstance(preset, Preset):
-        raw = preset.to_dict()
+        raw, where = preset.to_dict(), f"preset {preset.name!r}"
     else:
         text = str(preset)
         candidate = Path(text)
@@ -271,25 +271,28 @@ def load_preset(preset: str | os.PathLike | Preset, overrides: dict | None = Non
             if not candidate.is_file():
                 raise ValueError(f"preset file {text!r} does not exist")
             raw = read_mapping(candidate.read_text(), f"preset file {text}", "a mapping of preset sections")
-            raw = renamed(raw, text)
+            raw, where = renamed(raw, text), f"preset file {text}"
             raw.setdefault("name", candidate.stem)
         elif (PRESET_DIR / f"{text}.yaml").is_file():
-            raw = renamed(read_mapping((PRESET_DIR / f"{text}.yaml").read_text(), f"preset {text}"),
-                          str(PRESET_DIR / f"{text}.yaml"))
+            path = PRESET_DIR / f"{text}.yaml"
+            raw, where = renamed(read_mapping(path.read_text(), f"preset {text}"), str(path)), f"preset file {path}"
         else:
             raise ValueError(f"unknown preset {text!r}; valid presets: {', '.join(available())} (or a path to a .yaml file)")
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a mapping of preset sections (e.g. {{'training': {{'steps': 5}}}}), got "
                          f"{type(overrides).__name__} {short_repr(overrides)}")
     if overrides:
-        raw = _deep_merge(raw, renamed(overrides, "the overrides"))
+        raw, where = _deep_merge(raw, renamed(overrides, "the overrides")), f"{where} with the overrides"
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         valid = "\n".join(f"  {k}: {v}" for k, v in SECTIONS.items())
         raise ValueError(f"unknown preset section(s) {unknown}; valid sections:\n{valid}")
     if not isinstance(raw.get("full_model"), dict) or not raw["full_model"].get("id"):
         raise ValueError(f"preset {raw.get('name')!r} needs full_model.id (a local directory or a hub model id)")
-    plain, typed = _checked(raw)
+    try:
+        plain, typed = _checked(raw)
+    except ValueError as error:  # the section's own message, and which file (or overrides) to fix
+        raise ValueError(f"{error} (in {where})") from None
     preset = Preset(name=str(raw["name"]), raw=plain)
     preset.__dict__["_typed"] = typed  # parsed once, here (cached_property's slot)
     return preset

@@ -85,12 +85,8 @@ DECODER_WEIGHTS = {"float": None, "int8": QUANTIZATION}  # a preset's decoder.we
 
 
 def decoder_weights(preset) -> str:
-    """The preset's ``decoder.weights`` ("float" when it says nothing)."""
-    section = preset.get("decoder") or {}
-    weights = section.get("weights", "float") if isinstance(section, dict) else getattr(section, "weights", "float")
-    if weights not in DECODER_WEIGHTS:
-        raise ValueError(f"decoder.weights {weights!r} is not one of {list(DECODER_WEIGHTS)}; fix the preset")
-    return weights
+    """The preset's ``decoder.weights`` ("float" when it says nothing; checked when the preset loaded)."""
+    return preset.decoder.weights
 
 
 def apply_decoder_weights(decoder: nn.Module, weights: str) -> nn.Module:
@@ -99,6 +95,13 @@ def apply_decoder_weights(decoder: nn.Module, weights: str) -> nn.Module:
     if weights not in DECODER_WEIGHTS:
         raise ValueError(f"decoder.weights {weights!r} is not one of {list(DECODER_WEIGHTS)}")
     return quantize_int8(decoder) if weights == "int8" else decoder
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of ``model``, an int8 layer's weight counted like the float one it replaced (``parameters()``
+    leaves its int8 buffer out). A head :func:`quantize_int8` untied from the embedding counts as its own table."""
+    return (sum(p.numel() for p in model.parameters())
+            + sum(m.qweight.numel() for m in model.modules() if isinstance(m, Int8Linear)))
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -206,3 +206,80 @@ def test_the_scorer_registry_implements_every_scorer_a_preset_may_name():
 
     assert set(ablation.SCORERS) == set(ABLATION_SCORERS)
     assert all(ablation.SCORERS[k].description == v for k, v in ABLATION_SCORERS.items())
+
+
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_the_decoders_timed_and_scored_run_with_the_presets_weights(tmp_path, monkeypatch, weights):
+    """One width of the grid on the tiny test models, training, timing and scoring stood in for: every decoder timed
+    or scored (untrained alone, untrained paired, trained) runs with ``decoder.weights``, the full model as it is;
+    its rows say which; float keeps today's score-cache names, int8 gets its own."""
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from overfill_lib.config import MAIN_FULL_MODEL
+    from overfill_lib.pair import OverFillModel
+    from overfill_lib.quantize import is_quantized
+    from tests.tiny_models import tiny_model
+
+    preset = presets.load_preset("smoke", {"workdir": str(tmp_path / "work"), "decoder": {"weights": weights}})
+    dirs = {name: tmp_path / name for name in ("full", "decoder", "run")}
+    for path in dirs.values():
+        path.mkdir()
+        (path / "config.json").write_text("{}")  # what _dir_key signs
+    full = tiny_model("llama", seed=0)
+
+    def decoder():
+        return tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40)
+
+    timed, scored = [], []
+    monkeypatch.setattr(ablation, "full_model_dir", lambda p, name: dirs["full"])
+    monkeypatch.setattr(ablation, "prepare_point", lambda p, point, full_dir: dirs["decoder"])
+    monkeypatch.setattr(ablation._Grid, "load", lambda self, path: full if path == dirs["full"] else decoder())
+    monkeypatch.setattr(ablation, "decode_cost", lambda f, d, *a, **k: timed.append((f, d)) or {"parameters": 1})
+    monkeypatch.setattr(ablation, "score",
+                        lambda model, *a, cache, **k: scored.append((model, cache)) or {"overall": 1})
+
+    def training_run(p, objective, *, seed, full, **kwargs):
+        model = OverFillModel(full, decoder()) if objective == "overfill" else decoder()
+        return SimpleNamespace(model=model, run_dir=dirs["run"], record={"train_seconds": 0.0})
+
+    monkeypatch.setattr(ablation.pipeline, "training_run", training_run)
+    config = ablation.AblationConfig.from_dict({"keep": [0.5], "seeds": [0]})
+    key = "lm_eval-0123456789"
+    grid = ablation._Grid(preset=preset, config=config, train_config=preset.training, tokenizer=None, dataset=None,
+                          data_stats={}, prompt_fn=None, limit=None, key=key,
+                          decoder_key=ablation.decoder_score_key(preset, key), device="cpu", timing_threads=1,
+                          retrain=False)
+    rows = ablation._full_model_rows(grid, MAIN_FULL_MODEL, config.points(), tqdm(disable=True))
+
+    assert [(r["method"], r.get("decoder_weights")) for r in rows] == [
+        (ablation.FULL, None), *[(m, weights) for m in ("pruned (untrained)", "OverFill (untrained)", "OverFill",
+                                                          "pruned")]]
+    int8 = weights == "int8"
+    assert [(is_quantized(f), d is not None and is_quantized(d)) for f, d in timed] == [(False, False), (False, int8)]
+    decoders = [m.decoder if isinstance(m, OverFillModel) else m for m, _ in scored[1:]]
+    assert not is_quantized(scored[0][0]) and all(is_quantized(d) == int8 for d in decoders)
+    assert all(not is_quantized(m.full) for m, _ in scored if isinstance(m, OverFillModel))
+    # Score caches: the names they had before the setting existed, for float; their own with the weights, for int8.
+    tag = f"teacher-keep0.5-{ablation._dir_key(dirs['decoder'])}-{key}{'-int8' if int8 else ''}"
+    assert [cache.name for _, cache in scored] == [
+        ablation.score_cache_name(MAIN_FULL_MODEL, dirs["full"], key), f"pruned-{tag}.json", f"overfill-{tag}.json",
+        *[f"scores-{key}{'-int8' if int8 else ''}.json"] * 2]
+    assert "decoder_weights" not in ablation.families(rows)
+
+
+def test_an_int8_decoder_is_costed_at_one_byte_per_weight():
+    from overfill_lib import latency
+    from overfill_lib.quantize import quantize_int8
+    from tests.tiny_models import tiny_model
+
+    full = tiny_model("llama", seed=0)
+    settings = latency.LatencySettings(base_prompt=6, base_new_tokens=3, warmup=0, repeats=1)
+    prompts = latency.random_prompts(full.config.vocab_size, low=3)
+    decoder = tiny_model("llama", seed=1, hidden_size=32)
+    float_cost = ablation.decode_cost(full, decoder, settings, prompts)
+    int8_cost = ablation.decode_cost(full, quantize_int8(decoder), settings, prompts)
+    assert int8_cost["parameters"] == float_cost["parameters"] and int8_cost["per_token_ms"] > 0
+    kv = 2 * 2 * 2 * 16 * 4 * (6 + 3 + 1)  # K and V, 2 layers, 2 KV heads of 16, fp32, the positions and one written
+    assert float_cost["decode_bytes"] - kv == 4 * (int8_cost["decode_bytes"] - kv)

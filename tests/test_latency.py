@@ -89,6 +89,7 @@ def test_suite_records_every_point_with_its_path(suite_results):
     out, results = suite_results
     loaded = latency.load_results(out)
     assert loaded["records"] == json.loads(json.dumps(results["records"]))  # written atomically, complete
+    assert loaded["pairs"]["tiny-test"]["decoder_weights"] == "float"  # int8 when a preset's decoder.weights says
     env = loaded["environment"]
     assert env["torch"] == torch.__version__ and "transformers" in env and env["device"] == "cpu"
     fast = [r for r in loaded["records"] if r["path"] == "fast-static-eager"]

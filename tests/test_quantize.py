@@ -95,17 +95,42 @@ def test_int8_weights_in_a_folder_that_does_not_say_so_are_refused_by_name(tmp_p
         load_causal_lm(tmp_path, "decoder")
 
 
-def test_the_decoder_weights_setting_is_checked_and_quantizes_only_when_asked():
+def test_the_decoder_weights_setting_is_checked_and_quantizes_only_when_asked(tmp_path):
+    from overfill_lib import config, cost, presets, quantize
     from overfill_lib.config import DecoderSection
     from overfill_lib.quantize import apply_decoder_weights, decoder_weights, is_quantized
 
-    assert DecoderSection().weights == "float"
+    assert DecoderSection().weights == "float" and set(config.DECODER_WEIGHTS) == set(quantize.DECODER_WEIGHTS)
     with pytest.raises(ValueError, match="decoder.weights"):
         DecoderSection(weights="int4")
-    assert decoder_weights({"decoder": {"hidden": 0.5}}) == "float"
-    assert decoder_weights({"decoder": {"weights": "int8"}}) == "int8"
-    with pytest.raises(ValueError, match="int4"):
-        decoder_weights({"decoder": {"weights": "int4"}})
+    assert decoder_weights(presets.load_preset("tiny")) == "float"
+    assert decoder_weights(presets.load_preset("tiny", {"decoder": {"weights": "int8"}})) == "int8"
+    # Checked when the preset loads: the valid values and the file (or the overrides) to fix.
+    with pytest.raises(ValueError, match=r"decoder.weights 'int4'; choose one of float, int8 \(in preset file "
+                                         r".*tiny.yaml with the overrides\)"):
+        presets.load_preset("tiny", {"decoder": {"weights": "int4"}})
+    (tmp_path / "mine.yaml").write_text("full_model: {id: some/dir}\ndecoder: {hidden: 0.5, weights: fp8}\n")
+    with pytest.raises(ValueError, match=r"'fp8'; choose one of float, int8 \(in preset file .*mine.yaml\)"):
+        presets.load_preset(str(tmp_path / "mine.yaml"))
     model = tiny_model("llama", seed=0)
+    floats = quantize.parameter_count(model)
     assert apply_decoder_weights(model, "float") is model and not is_quantized(model)
+    weight_bytes = cost.weight_bytes(model.config, 4)
     assert is_quantized(apply_decoder_weights(model, "int8"))
+    # An untied model counts the same parameters in int8, and a step reads one byte per weight instead of four.
+    assert quantize.parameter_count(model) == floats and cost.weight_bytes(model.config, 4) * 4 == weight_bytes
+
+
+def test_the_decoder_that_is_timed_and_scored_runs_as_the_preset_says():
+    """pipeline.decoder_as_run, the one rule notebook 03 and the ablation load decoders through: float leaves the
+    decoder as it is; int8 quantizes the decoder (a pair's decoder only: the full model prefills as it is)."""
+    from overfill_lib import pipeline, presets
+    from overfill_lib.quantize import is_quantized
+
+    as_given, int8 = presets.load_preset("tiny"), presets.load_preset("tiny", {"decoder": {"weights": "int8"}})
+    decoder = tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40)
+    assert pipeline.decoder_as_run(as_given, decoder) is decoder and not is_quantized(decoder)
+    assert pipeline.decoder_as_run(int8, decoder) is decoder and is_quantized(decoder)
+    pair = OverFillModel(tiny_model("llama", seed=0), tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40))
+    assert pipeline.decoder_as_run(int8, pair) is pair
+    assert is_quantized(pair.decoder) and not is_quantized(pair.full)
