@@ -245,6 +245,46 @@ def comparison_rows(results: dict) -> list[dict]:
     return rows
 
 
+# (engine, model) of comparison_rows / batched_rows -> its colour in the figures
+COLORS = {("llama.cpp", "full"): "#e6550d", ("workbook (compiled)", "full"): "#08519c",
+          ("workbook (compiled)", "decoder"): "#6baed6", ("workbook (compiled)", "overfill"): "#31a354"}
+
+
+def _tokens_per_s(timed: dict, batch: int) -> float:
+    # results written before cpu_decode recorded tokens_per_s give the ms per step alone
+    return timed.get("tokens_per_s") or 1e3 * batch / timed["ms_per_token"]
+
+
+def batched_rows(results: dict) -> list[dict]:
+    """One row per (preset, precision, engine, model, batch) of a ``cpu_decode`` results JSON run with ``--batch``:
+    decode tokens per second (every row of the batch counted) and ms per step for the workbook's compiled full model,
+    decoder and OverFill (batch 1 from ``dtypes``, the others from ``batched``) and llama.cpp's full model
+    (``llama_cpp_batched``), each with its throughput over llama.cpp's full model's at the same precision and batch.
+    Empty when the run timed batch 1 only."""
+    rows = []
+    for preset, p in results["presets"].items():
+        peer = p.get("llama_cpp_batched") or {}
+        ours = {dtype: {"1": p["dtypes"][dtype], **by_batch} for dtype, by_batch in (p.get("batched") or {}).items()
+                if dtype in p.get("dtypes", {})}
+        for precision, dtype in PRECISIONS.items():
+            label = f"{precision} / {dtype or '-'}"
+            if precision not in peer and dtype not in ours:
+                continue
+            reference = {int(b): r["tokens_per_s"] for b, r in peer.get(precision, {}).items()}
+            timed = [("llama.cpp", "full", int(b), r["tokens_per_s"], r["ms_per_step"])
+                     for b, r in peer.get(precision, {}).items()]
+            timed += [("workbook (compiled)", method, int(b), _tokens_per_s(m["compiled"], int(b)),
+                       m["compiled"]["ms_per_token"])
+                      for b, r in ours.get(dtype, {}).items() for method, m in r["methods"].items()]
+            for engine, model, batch, tokens_per_s, ms in timed:
+                against = reference.get(batch)
+                rows.append({"preset": preset, "precision": label, "engine": engine, "model": model, "batch": batch,
+                             "tokens per s": round(tokens_per_s, 1), "ms per step": round(ms, 2),
+                             "this / llama.cpp full": round(tokens_per_s / against, 2) if against else None})
+    return sorted(rows, key=lambda r: (r["preset"], list(PRECISIONS).index(r["precision"].split(" / ")[0]),
+                                       r["engine"], r["model"], r["batch"]))
+
+
 def comparison_figure(results: dict):
     """ms per token (bars) for llama.cpp's full model and the workbook's compiled full model, decoder and OverFill,
     one group per precision, labelled with MB read per step; from :func:`comparison_rows`."""
@@ -252,9 +292,7 @@ def comparison_figure(results: dict):
 
     rows = comparison_rows(results)
     fig = go.Figure()
-    colors = {("llama.cpp", "full"): "#e6550d", ("workbook (compiled)", "full"): "#08519c",
-              ("workbook (compiled)", "decoder"): "#6baed6", ("workbook (compiled)", "overfill"): "#31a354"}
-    for (engine, model), color in colors.items():
+    for (engine, model), color in COLORS.items():
         mine = [r for r in rows if r["engine"] == engine and r["model"] == model]
         if mine:
             fig.add_trace(go.Bar(x=[f"{r['preset']} · {r['precision']}" for r in mine],

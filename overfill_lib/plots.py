@@ -456,6 +456,42 @@ def cpu_decode_figure(results: dict):
     return fig
 
 
+def cpu_batched_figure(results: dict):
+    """Decode tokens per second against the batch size, one panel per preset, from a ``benchmarks/cpu_decode.py``
+    results JSON run with ``--batch`` (:func:`overfill_lib.llama_cpp.batched_rows`): the workbook's compiled full
+    model, decoder and OverFill per dtype (solid) and llama.cpp's full model per precision (dashed); a marker per
+    precision, a colour per model."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from overfill_lib import llama_cpp
+
+    rows = llama_cpp.batched_rows(results)
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    symbols = dict(zip(llama_cpp.PRECISIONS, ("circle", "diamond", "square", "triangle-up")))
+    fig = make_subplots(rows=1, cols=max(1, len(presets)), subplot_titles=presets)
+    for col, preset in enumerate(presets, start=1):
+        lines: dict[tuple, list[dict]] = {}
+        for r in (r for r in rows if r["preset"] == preset):
+            lines.setdefault((r["precision"], r["engine"], r["model"]), []).append(r)
+        for (precision, engine, model), mine in lines.items():
+            fig.add_trace(go.Scatter(
+                x=[r["batch"] for r in mine], y=[r["tokens per s"] for r in mine], mode="lines+markers",
+                name=f"{engine}: {model} · {precision}", legendgroup=f"{engine} {model} {precision}",
+                showlegend=col == 1, line={"color": llama_cpp.COLORS.get((engine, model)),
+                                           "dash": "dash" if engine == "llama.cpp" else "solid"},
+                marker={"symbol": symbols.get(precision.split(" / ")[0], "circle"), "size": 8}), row=1, col=col)
+        batches = sorted({r["batch"] for r in rows if r["preset"] == preset})
+        fig.update_xaxes(type="log", tickvals=batches, title_text="batch size", row=1, col=col)
+        fig.update_yaxes(type="log", title_text="decode tokens per s" if col == 1 else None, row=1, col=col)
+    env = results.get("environment", {})
+    fig.update_layout(height=500, title=f"CPU decode throughput against the batch size: the workbook's compiled fast "
+                                        f"path (solid) and llama.cpp's full model (dashed)<br><sup>"
+                                        f"{env.get('device_name')} · {results.get('threads')} threads · torch "
+                                        f"{env.get('torch')} · commit {env.get('commit')}</sup>")
+    return fig
+
+
 def bar_by_family_spread(mean: dict[str, dict[str, float]], spread: dict[str, dict[str, float]], title: str,
                          yaxis: str = "exact match", note: str = "error bars: std over seeds"):
     """Grouped bars per task family (plus overall), one bar per model: the mean, with ``spread`` as error bars."""

@@ -109,3 +109,48 @@ def test_batched_bench_reads_throughput_per_batch_and_is_none_without_the_tool(t
     assert "-npl 1,4" in out[1]["command"] and "--output-format jsonl" in out[1]["command"]
     with pytest.raises(RuntimeError, match=r"no row for batch\(es\) \[16\]"):
         llama_cpp.batched_bench(tmp_path, tmp_path / "m.gguf", prompt=8, new_tokens=4, batches=[1, 16], threads=2)
+
+
+def _batched_results():
+    """A cpu_decode results JSON as ``--batch 1 4`` writes it: fp32 batch 1 under ``dtypes`` (one written before
+    tokens_per_s was recorded), batch 4 under ``batched``, llama.cpp's F32 and Q8_0 under ``llama_cpp_batched``."""
+    def methods(batch, ms, with_rate=True):  # the full model's step takes twice the decoder's
+        timed = {m: {"ms_per_token": ms * f} for m, f in (("full", 2.0), ("decoder", 1.0), ("overfill", 1.0))}
+        for t in timed.values():
+            t |= {"tokens_per_s": 1e3 * batch / t["ms_per_token"]} if with_rate else {}
+        return {"batch": batch, "methods": {m: {"compiled": t} for m, t in timed.items()}}
+
+    return {"threads": 2, "environment": {"device_name": "cpu"}, "presets": {"p": {
+        "dtypes": {"float32": methods(1, 10.0, with_rate=False), "int8": methods(1, 5.0)},
+        "batched": {"float32": {"4": methods(4, 20.0)}},
+        "llama_cpp_batched": {"F32": {"1": {"tokens_per_s": 50.0, "ms_per_step": 20.0},
+                                      "4": {"tokens_per_s": 100.0, "ms_per_step": 40.0}},
+                              "Q8_0": {"1": {"tokens_per_s": 80.0, "ms_per_step": 12.5}}}}}}
+
+
+def test_batched_rows_and_figure_put_both_engines_against_the_batch_size():
+    from overfill_lib import plots
+
+    results = _batched_results()
+    rows = {(r["precision"], r["engine"], r["model"], r["batch"]): r for r in llama_cpp.batched_rows(results)}
+    # The workbook at batch 1 (from dtypes, its rate from the ms per step) and 4 (from batched), fp32 only: int8 has
+    # no batched run here; llama.cpp at each batch and precision it ran.
+    assert set(rows) == {("F32 / float32", e, m, b) for e, m in (("workbook (compiled)", "full"),
+                                                                 ("workbook (compiled)", "decoder"),
+                                                                 ("workbook (compiled)", "overfill"),
+                                                                 ("llama.cpp", "full")) for b in (1, 4)} | {
+        ("Q8_0 / int8", "llama.cpp", "full", 1)}
+    assert rows["F32 / float32", "workbook (compiled)", "full", 1]["tokens per s"] == 50.0
+    assert rows["F32 / float32", "workbook (compiled)", "full", 1]["this / llama.cpp full"] == 1.0
+    decoder4 = rows["F32 / float32", "workbook (compiled)", "decoder", 4]
+    assert (decoder4["tokens per s"], decoder4["ms per step"], decoder4["this / llama.cpp full"]) == (200.0, 20.0, 2.0)
+    assert rows["F32 / float32", "llama.cpp", "full", 4]["this / llama.cpp full"] == 1.0
+    fig = plots.cpu_batched_figure(results)
+    traces = {t.name: t for t in fig.data}
+    assert len(traces) == 5 and traces["llama.cpp: full · F32 / float32"].line.dash == "dash"
+    overfill = traces["workbook (compiled): overfill · F32 / float32"]
+    assert list(overfill.x) == [1, 4] and list(overfill.y) == [100.0, 200.0] and overfill.line.dash == "solid"
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    # A run at batch 1 only has nothing to draw: the notebook says how to get batched numbers instead.
+    del results["presets"]["p"]["batched"], results["presets"]["p"]["llama_cpp_batched"]
+    assert llama_cpp.batched_rows(results) == []
