@@ -149,8 +149,16 @@ DEFAULT_COMPILE_CACHE = PROJECT_ROOT / "artifacts" / "inductor-cache"
 
 def use_compile_cache(directory: str | Path = DEFAULT_COMPILE_CACHE) -> Path:
     """Keep inductor's compiled graphs in ``directory`` across runs (sets ``TORCHINDUCTOR_CACHE_DIR`` unless the
-    environment already names one, which wins) and return the directory in use. Call it before the first compile."""
-    chosen = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(directory).resolve())))
+    environment already names a folder of its own, which wins) and return the directory in use. Call it before the
+    first compile."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor writes its default into the environment the first time it asks (an import can do that), so that value
+    # is not a choice someone made.
+    if current is None or Path(current).resolve() == Path(default_cache_dir()).resolve():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(Path(directory).resolve())
+    chosen = Path(current)
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
 

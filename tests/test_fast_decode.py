@@ -228,6 +228,10 @@ def test_compile_cache_is_the_environments_when_it_names_one(tmp_path, monkeypat
     assert fast_decode.use_compile_cache(tmp_path / "other") == tmp_path / "mine" and (tmp_path / "mine").is_dir()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert fast_decode.use_compile_cache(tmp_path / "other") == (tmp_path / "other").resolve()
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # inductor's own default is not a choice
+    assert fast_decode.use_compile_cache(tmp_path / "kept") == (tmp_path / "kept").resolve()
     assert set(fast_decode.compile_cache_counts()) == {"hits", "misses"}
 
 
