@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-dir", type=Path, help="where the GGUF files are made (default: <workdir>/llama_cpp)")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every preset and dtype")
     args = parser.parse_args(argv)
+    args.batch = sorted(set(args.batch))
     if 1 not in args.batch or any(b < 1 for b in args.batch):
         parser.error(f"--batch {args.batch}: batch sizes are >= 1 and include 1 (the llama.cpp comparison's)")
     cache_dir = fast_decode.use_compile_cache(args.compile_cache)
