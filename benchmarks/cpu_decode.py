@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if peer is not None:
             report_peer(name, record["llama_cpp"], record["dtypes"])
             if len(args.batch) > 1:
-                every = {d: {"1": record["dtypes"][d], **v} for d, v in record.get("batched", {}).items()}
-                record["llama_cpp_batched"] = peer_batched(peer, args, ids.shape[1], every)
+                record["llama_cpp_batched"] = peer_batched(peer, args, ids.shape[1], llama_cpp.timed_by_batch(record))
                 if args.out:
                     write_json(args.out, results)
     return 0

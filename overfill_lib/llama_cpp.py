@@ -49,10 +49,15 @@ class Tools:
         return read_json(record) if record.is_file() else {}
 
 
+def bin_dir(directory: str | Path | None = None) -> Path:
+    """Where llama.cpp's binaries are looked for: ``directory``, else ``$LLAMA_CPP_BIN``, else ``build/llama.cpp/bin``."""
+    return Path(directory or os.environ.get("LLAMA_CPP_BIN") or DEFAULT_BIN)
+
+
 def find_tools(directory: str | Path | None = None) -> Tools | None:
     """``llama-bench`` and ``llama-quantize`` in ``directory`` (default: ``$LLAMA_CPP_BIN``, else
     ``build/llama.cpp/bin``), or None when either is missing."""
-    directory = Path(directory or os.environ.get("LLAMA_CPP_BIN") or DEFAULT_BIN)
+    directory = bin_dir(directory)
     paths = [directory / name for name in ("llama-bench", "llama-quantize")]
     if not all(p.is_file() and os.access(p, os.X_OK) for p in paths):
         return None
@@ -60,7 +65,7 @@ def find_tools(directory: str | Path | None = None) -> Tools | None:
 
 
 def missing_message(directory: str | Path | None = None) -> str:
-    where = directory or os.environ.get("LLAMA_CPP_BIN") or DEFAULT_BIN
+    where = bin_dir(directory)
     return (f"llama.cpp peer skipped: no llama-bench and llama-quantize in {where}; build them with {BUILD_SCRIPT} "
             "(pip, cmake and a C++ compiler; over an hour on 2 cores) or point LLAMA_CPP_BIN at a llama.cpp bin/")
 
@@ -156,7 +161,7 @@ def batched_bench(directory: str | Path | None, gguf: str | Path, *, prompt: int
     is not there): for each batch ``B``, B sequences each prefill ``prompt`` tokens and then decode ``new_tokens``
     together, one token per sequence per step. Per batch: ``tokens_per_s`` (B x new tokens over the decode seconds),
     ``ms_per_step`` and the prefill seconds, as llama.cpp reports them (one run each; F16 KV cache)."""
-    tool = Path(directory or os.environ.get("LLAMA_CPP_BIN") or DEFAULT_BIN) / "llama-batched-bench"
+    tool = bin_dir(directory) / "llama-batched-bench"
     if not (tool.is_file() and os.access(tool, os.X_OK)):
         return None
     context = max(batches) * (prompt + new_tokens) + 16
@@ -255,6 +260,14 @@ def _tokens_per_s(timed: dict, batch: int) -> float:
     return timed.get("tokens_per_s") or 1e3 * batch / timed["ms_per_token"]
 
 
+def timed_by_batch(preset_record: dict) -> dict[str, dict[str, dict]]:
+    """A ``cpu_decode`` preset record's workbook runs by dtype and batch size (``"1"`` from ``dtypes``, the others from
+    ``batched``), for the dtypes that were timed batched."""
+    dtypes = preset_record.get("dtypes", {})
+    return {dtype: {"1": dtypes[dtype], **by_batch} for dtype, by_batch in (preset_record.get("batched") or {}).items()
+            if dtype in dtypes}
+
+
 def batched_rows(results: dict) -> list[dict]:
     """One row per (preset, precision, engine, model, batch) of a ``cpu_decode`` results JSON run with ``--batch``:
     decode tokens per second (every row of the batch counted) and ms per step for the workbook's compiled full model,
@@ -264,8 +277,7 @@ def batched_rows(results: dict) -> list[dict]:
     rows = []
     for preset, p in results["presets"].items():
         peer = p.get("llama_cpp_batched") or {}
-        ours = {dtype: {"1": p["dtypes"][dtype], **by_batch} for dtype, by_batch in (p.get("batched") or {}).items()
-                if dtype in p.get("dtypes", {})}
+        ours = timed_by_batch(p)
         for precision, dtype in PRECISIONS.items():
             label = f"{precision} / {dtype or '-'}"
             if precision not in peer and dtype not in ours:
