@@ -44,7 +44,22 @@ def _write_png(fig, path: Path) -> None:
     fig.write_image(path, width=fig.layout.width or 900, height=fig.layout.height or 500, scale=1.5)
 
 
-def _static_png(fig, png: Path) -> None:
+def _static_png(fig, png: Path, attempts: int = 2) -> None:
+    """Export ``png`` through kaleido, once more if the first try fails fast: on a loaded machine kaleido can run
+    its script before its own page has loaded (``ReferenceError: kaleido_scopes is not defined``), which a second
+    Chromium does not repeat. A hang is not retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _static_png_once(fig, png)
+        except TimeoutError:
+            raise
+        except Exception as e:
+            if attempt == attempts:
+                raise
+            log.debug("PNG export failed (%s: %s); trying again", type(e).__name__, e)
+
+
+def _static_png_once(fig, png: Path) -> None:
     """Export ``png`` through kaleido in a daemon thread, giving up after ``PNG_TIMEOUT_S``: a Chromium that
     stops answering must not hang a batch run (a daemon thread left behind does not block the exit)."""
     tmp = png.with_name(f".{png.name}.tmp.png")
@@ -99,7 +114,8 @@ def save_figure(fig, stem: Path) -> Path:
                 _static_png(fig, stem.with_suffix(".png"))
                 _static_export_ok = True
             except Exception as e:  # kaleido/Chromium trouble must not fail (or hang) a run
-                log.info("static PNG export skipped from here on (%s: %s)", type(e).__name__, e)
+                reason = str(e).splitlines()[0][:200] if str(e) else ""
+                log.info("static PNG export skipped from here on (%s: %s)", type(e).__name__, reason)
                 _static_export_ok = False
     return html_path
 

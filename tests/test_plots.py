@@ -45,3 +45,24 @@ def test_stuck_or_failing_exporter_is_skipped_not_fatal(exporter, tmp_path, trou
     assert plots._static_export_ok is False
     plots.save_figure(_fig(), tmp_path / "c")  # later figures: HTML only, the exporter is not tried again
     assert (tmp_path / "c.html").is_file() and not (tmp_path / "c.png").exists()
+
+
+def test_a_fast_failure_is_tried_once_more_a_hang_is_not(exporter, tmp_path):
+    calls = []
+
+    def flaky(fig, path):  # kaleido's page-load race fails the first export on a loaded machine, not the second
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+        path.write_bytes(b"\x89PNG")
+
+    exporter.setattr(plots, "_write_png", flaky)
+    plots.save_figure(_fig(), tmp_path / "d")
+    assert len(calls) == 2 and (tmp_path / "d.png").is_file() and plots._static_export_ok is True
+
+    calls.clear()
+    exporter.setattr(plots, "_static_export_ok", None)
+    exporter.setattr(plots, "_write_png", lambda fig, path: (calls.append(path), time.sleep(30)))
+    t0 = time.perf_counter()
+    plots.save_figure(_fig(), tmp_path / "e")
+    assert len(calls) == 1 and time.perf_counter() - t0 < 5 and plots._static_export_ok is False
