@@ -1,0 +1,137 @@
+"""Why the int8 decode step on a CPU is slower than llama.cpp's Q8_0: its matrix-vector products, one at a time.
+
+At SmolLM2-135M's shapes (the LM head and a layer's projections), batch 1, 2 threads, interleaved repetitions, medians:
+
+- ``reduction``: the compiled step's form (``fast_decode.MatVecAsReduction``), ``(x * W).sum(-1) * scale`` with ``W``
+  int8 converted as it is read, or fp32;
+- ``split<G>``: the same sum split into ``K / G`` rows of ``G``, so that inductor keeps ``G / 16`` vector
+  accumulators instead of one;
+- ``int_mm``: torch's int8 x int8 -> int32 kernel (``torch._int_mm``, oneDNN), eager, on an int8 activation row
+  (what Q8_0 does: the activation is quantized too).
+
+``--step`` also times the compiled full-model step with weight-only int8 against a prototype that routes every
+linear layer but the LM head through ``torch._int_mm`` with the activation row quantized per token.
+
+    python -m benchmarks.int8_matvec [--step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = [(49152, 576), (1536, 576), (576, 1536), (576, 576)]  # LM head, gate/up, down, q/o
+
+
+def reduction(x, w, s):
+    return (x.unsqueeze(-2) * w.to(x.dtype)).sum(-1, dtype=torch.float32) * s
+
+
+def split(g: int):
+    def f(x, w, s):
+        n, k = w.shape
+        return (x.reshape(k // g, g) * w.view(n, k // g, g).to(x.dtype)).sum(-2, dtype=torch.float32).sum(-1) * s
+    return f
+
+
+def int_mm(xq, w, s):
+    return torch._int_mm(xq, w.t()).float() * s
+
+
+def median_ms(fns: dict, args: dict, repeats: int) -> dict[str, float]:
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f(*args[k])
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def kernels(repeats: int) -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 256  # one graph per shape and variant
+    torch._dynamo.config.cache_size_limit = 256
+    for (n, k) in SHAPES:
+        for dtype in ("int8", "fp32"):
+            w = torch.randint(-127, 128, (n, k), dtype=torch.int8) if dtype == "int8" else torch.randn(n, k)
+            s, x = torch.rand(n) / 100, torch.randn(1, k)
+            ref = (x.double() @ w.double().T).float() * s
+            fns = {"reduction": reduction, "split32": split(32), "split64": split(64), "split192": split(192)}
+            fns = {name: torch.compile(f, fullgraph=True, dynamic=False) for name, f in fns.items()}
+            args = {name: (x, w, s) for name in fns}
+            if dtype == "int8":
+                fns["int_mm"] = int_mm
+                args["int_mm"] = (torch.randint(-127, 128, (1, k), dtype=torch.int8), w, s)
+            with torch.no_grad():
+                for name, f in fns.items():
+                    y = f(*args[name])
+                    if name != "int_mm" and (y - ref).abs().max() > 1e-4 * ref.abs().max():
+                        raise AssertionError(f"{name} {dtype} {n}x{k} does not compute x @ W.T")
+                found = median_ms(fns, args, repeats)
+            nbytes = w.numel() * w.element_size()
+            print(f"{dtype} {n}x{k} ({nbytes / 1e6:.1f} MB): " + "  ".join(
+                f"{name} {ms:.3f} ms {nbytes / ms / 1e6:.1f} GB/s" for name, ms in found.items()), flush=True)
+
+
+def _int_mm_forward(self, x):
+    """An Int8Linear with its activation row quantized to int8 per token (absmax), through torch._int_mm."""
+    rows = x.reshape(-1, x.shape[-1])
+    step = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    xq = torch.round(rows / step).clamp(-127, 127).to(torch.int8)
+    y = (torch._int_mm(xq, self.qweight.t()).to(x.dtype) * step * self.scale).reshape(*x.shape[:-1], -1)
+    return y if self.bias is None else y + self.bias
+
+
+def step(preset_name: str, new_tokens: int) -> None:
+    from overfill_lib import pipeline, quantize
+    from overfill_lib.artifacts import load_model
+    from overfill_lib.fast_decode import FastGenerator, use_compile_cache
+    from overfill_lib.presets import load_preset
+
+    use_compile_cache()
+    preset = load_preset(preset_name)
+    messages = [{"role": "user", "content": "Explain why the sky is blue, briefly."}]
+    weight_only = quantize.Int8Linear.forward
+    for label in ("weight-only int8", "int8 x int8 (torch._int_mm)"):
+        full, tokenizer = load_model(pipeline.full_model(preset)[0], role="full model")
+        full = quantize.quantize_int8(full).requires_grad_(False)
+        head = full.get_output_embeddings()
+        if label.startswith("int8 x int8"):
+            for module in full.modules():
+                if isinstance(module, quantize.Int8Linear) and module is not head:
+                    module.forward = _int_mm_forward.__get__(module)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        generator = FastGenerator(full, None, compile=True)
+        with torch.inference_mode():
+            generator.generate(ids["input_ids"], ids["attention_mask"], method="full", max_new_tokens=new_tokens)
+            per_token = []
+            for _ in range(3):
+                out = generator.generate(ids["input_ids"], ids["attention_mask"], method="full",
+                                         max_new_tokens=new_tokens)
+                per_token.append(out.timings.decode_s / max(1, out.timings.forwards) * 1e3)
+        print(f"{label}: {min(per_token):.2f} ms per token (best of 3); {tokenizer.decode(out.new_tokens[0])!r}")
+    assert quantize.Int8Linear.forward is weight_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--step", action="store_true", help="also the compiled full-model step, both ways")
+    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    kernels(args.repeats)
+    if args.step:
+        step(args.preset, args.new_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
