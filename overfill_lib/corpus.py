@@ -476,16 +476,24 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
     decoding = {"greedy": True, "max_new_tokens": max_new_tokens, "chat_template": "the model's own",
                 "batch_size": batch_size, "batching": "by prompt length", "pad_to": pad_to, "compile": compile}
     for split in (s for s in DATA_SPLITS if s in built):
-        n_passage, n_family = sizes[split]
-        prompts = distill_prompts(split, n_passage, n_family, seed)
-        request = {"model": fingerprint, "n_passage": n_passage, "n_family": n_family, "seed": seed,
-                   "max_new_tokens": max_new_tokens, "instructions": INSTRUCTIONS,
-                   "text": fingerprint_of_split(split), "prompts": _digest([p["messages"] for p in prompts])}
+        prompts = distill_prompts(split, *sizes[split], seed)
+        request = split_request(split, sizes[split], prompts, fingerprint, seed=seed, max_new_tokens=max_new_tokens)
         if splits.get(split, {}).get("request") == request and (out_dir / f"{split}.jsonl").is_file():
             continue
         splits[split] = _answer_split(model, tokenizer, out_dir, split, prompts, request, decoding)
         write_json(record_path, _distill_record(fingerprint, source, decoding, seed, splits))
     return out_dir
+
+
+def split_request(split: str, size: tuple[int, int], prompts: list[dict], model_fingerprint: str, *, seed: int,
+                  max_new_tokens: int) -> dict:
+    """What a split of self-distilled data was asked for (``record.json``'s ``request``): a committed split is kept
+    only while the preset and the code still ask exactly this (model, prompt counts, instructions, corpus text, the
+    prompts themselves and decoding), and made again otherwise."""
+    n_passage, n_family = size
+    return {"model": model_fingerprint, "n_passage": n_passage, "n_family": n_family, "seed": seed,
+            "max_new_tokens": max_new_tokens, "instructions": INSTRUCTIONS, "text": fingerprint_of_split(split),
+            "prompts": _digest([p["messages"] for p in prompts])}
 
 
 class _PartialFile:

@@ -9,6 +9,7 @@ import pytest
 from overfill_lib import corpus
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.generation import encode_chat
+from overfill_lib.presets import load_preset
 from tests.gguf_files import bpe_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -226,3 +227,23 @@ def test_fidelity_of_a_model_on_its_own_greedy_answers(tokenizer):
     ppl = fidelity.split_perplexity(model, windows, prefix=4)
     assert ppl == pytest.approx(fidelity.split_perplexity(OverFillModel(model, model), windows, prefix=4), rel=1e-5)
     assert fidelity.split_perplexity(OverFillModel(model, other), windows, prefix=4) != pytest.approx(ppl)
+
+
+def test_the_committed_smollm2_data_is_what_its_preset_asks_for():
+    """Every split in data/distill-smollm2-135m was made for the request the preset and this code make now, so
+    `make run PRESET=smollm2-135m` reuses it instead of spending CPU-hours making it again (the model's own
+    fingerprint needs the converted model; the GGUF file it came from is checked by digest)."""
+    preset = load_preset("smollm2-135m")
+    section = preset.distill
+    data = preset.path(section.dir)
+    record = json.loads((data / "record.json").read_text())
+    assert record["model_source"]["gguf_sha256"] == preset.full_model.gguf.sha256
+    for split in corpus.DATA_SPLITS:
+        size = tuple(getattr(section, split))
+        prompts = corpus.distill_prompts(split, *size, section.seed)
+        asked = corpus.split_request(split, size, prompts, record["model_fingerprint"], seed=section.seed,
+                                     max_new_tokens=section.max_new_tokens)
+        made = record["splits"][split]
+        assert made["request"] == asked, f"{split}: {[k for k in asked if made['request'].get(k) != asked[k]]} differ"
+        lines = (data / f"{split}.jsonl").read_text().splitlines()
+        assert len(lines) == made["kept"] and made["prompts"] == len(prompts)
