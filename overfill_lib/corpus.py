@@ -164,8 +164,9 @@ def answer(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens:
     Batches hold prompts of similar length (:func:`answer_batches`); ``pad_to`` pads each batch's prompt width to a
     multiple, so a compiled decode step (``compile``, see :class:`~overfill_lib.fast_decode.FastGenerator`) is built
     once per width rather than once per batch. ``done`` maps indices already answered to their records (a resumed
-    run): a batch all of whose prompts are in it is skipped. ``on_batch(indices, records, info)`` is called after
-    each batch with ``info = {"seconds", "path", "width"}``.
+    run, or answers reused from an earlier build): only the other prompts are batched, the same way, so a run
+    resumed after whole batches asks exactly the batches an uninterrupted run would have asked next.
+    ``on_batch(indices, records, info)`` is called after each batch with ``info = {"seconds", "path", "width"}``.
     """
     import time
 
@@ -175,7 +176,8 @@ def answer(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens:
     from overfill_lib.generation import encode_chat, eos_ids
 
     records = dict(done or {})
-    todo = [b for b in answer_batches(tokenizer, conversations, batch_size) if not all(i in records for i in b)]
+    left = [i for i in range(len(conversations)) if i not in records]
+    todo = [[left[k] for k in b] for b in answer_batches(tokenizer, [conversations[i] for i in left], batch_size)]
     if not todo:
         return [records[i] for i in range(len(conversations))]
     fast = FastGenerator(full=model, compile=compile)
@@ -459,7 +461,9 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
     ``max_new_tokens`` are dropped (and counted). Each split is written atomically and kept when a rerun asks
     the same of it. Within a split, every finished batch is appended to ``<split>.partial.jsonl`` (each line the
     prompt's index and the request's fingerprint), so an interrupted build resumes at the batch it was on; a partial
-    file of another request (model, prompts, decoding, batching) is discarded. ``compile``: the fast path's decode
+    file of another request (model, prompts, decoding, batching) is discarded. A split made again (the corpus, the
+    instructions or the counts changed) reuses the earlier build's answers to prompts asked again by the same model
+    with the same token budget, and asks only the rest. ``compile``: the fast path's decode
     step, off by default: over passages (prompts of 130-420 tokens, one graph per padded width) the compiles cost
     more than they save on a CPU (SmolLM2-135M, 2 threads, batch 16: 5.1 s an answer compiled, 1.9 s eager).
     ``splits``: the splits to write or complete (default all); the others' files and records are left as they are.
@@ -480,9 +484,37 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
         request = split_request(split, sizes[split], prompts, fingerprint, seed=seed, max_new_tokens=max_new_tokens)
         if splits.get(split, {}).get("request") == request and (out_dir / f"{split}.jsonl").is_file():
             continue
-        splits[split] = _answer_split(model, tokenizer, out_dir, split, prompts, request, decoding)
+        reused = _reusable_answers(tokenizer, out_dir / f"{split}.jsonl", splits.get(split, {}).get("request"),
+                                   request, prompts)
+        splits[split] = _answer_split(model, tokenizer, out_dir, split, prompts, request, decoding, reused)
         write_json(record_path, _distill_record(fingerprint, source, decoding, seed, splits))
     return out_dir
+
+
+def _reusable_answers(tokenizer, path: Path, made: dict | None, request: dict, prompts: list[dict]) -> dict[int, dict]:
+    """Answers in an earlier build of a split (``path``, made under request ``made``) to prompts asked again (index
+    -> record): an answer depends only on the model, the prompt and the decoding, so when those are unchanged
+    (a new corpus rendering, more prompts, other instructions) only the prompts not answered before are asked.
+    Answers dropped before (unfinished) are not stored and are asked again. ``new_tokens`` of a reused answer is
+    counted by encoding it again (its eos included); its ``seconds`` are not known (0)."""
+    import json
+
+    if not made or not path.is_file() or any(made.get(k) != request[k] for k in ("model", "max_new_tokens")):
+        return {}
+    earlier = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        earlier[json.dumps(row["messages"][:-1])] = row["messages"][-1]["content"]
+    reused = {}
+    for i, p in enumerate(prompts):
+        if (content := earlier.get(json.dumps(p["messages"]))) is not None:
+            n = len(tokenizer(content, add_special_tokens=False)["input_ids"]) + 1
+            reused[i] = {"messages": [*p["messages"], {"role": "assistant", "content": content}], "ended": True,
+                         "new_tokens": n, "seconds": 0.0, "reused": True}
+    if reused:
+        log.info("%s: %d of %d prompts were answered in the earlier build (same model and decoding): reused", path,
+                 len(reused), len(prompts))
+    return reused
 
 
 def split_request(split: str, size: tuple[int, int], prompts: list[dict], model_fingerprint: str, *, seed: int,
@@ -518,9 +550,10 @@ class _PartialFile:
 
 
 def _answer_split(model, tokenizer, out_dir: Path, split: str, prompts: list[dict], request: dict,
-                  decoding: dict) -> dict:
-    """Answer one split's prompts (resuming from its partial file), write ``<split>.jsonl`` atomically with the
-    answers that ended, and return the split's entry of ``record.json``."""
+                  decoding: dict, reused: dict[int, dict] | None = None) -> dict:
+    """Answer one split's prompts (resuming from its partial file; ``reused``: answers of an earlier build, see
+    :func:`_reusable_answers`), write ``<split>.jsonl`` atomically with the answers that ended, and return the
+    split's entry of ``record.json``."""
     import json
 
     from overfill_lib.artifacts import atomic_write_text
@@ -528,7 +561,8 @@ def _answer_split(model, tokenizer, out_dir: Path, split: str, prompts: list[dic
     batch_size, pad_to = decoding["batch_size"], decoding["pad_to"]
     key = _digest({**request, "batch_size": batch_size, "pad_to": pad_to})
     partial = _PartialFile(out_dir / f"{split}.partial.jsonl", key)
-    done = _read_partial(partial.path, key)
+    reused = reused or {}
+    done = {**reused, **_read_partial(partial.path, key)}
     answered = answer(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens=decoding["max_new_tokens"],
                       batch_size=batch_size, desc=f"{split} answers", compile=decoding["compile"], pad_to=pad_to,
                       done=done, on_batch=partial)
@@ -536,9 +570,11 @@ def _answer_split(model, tokenizer, out_dir: Path, split: str, prompts: list[dic
             for p, a in zip(prompts, answered) if a["ended"] and a["messages"][-1]["content"]]
     atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     partial.path.unlink(missing_ok=True)
-    # The batch timings of this run and of the run(s) it resumed (read back from the partial file).
-    seconds = sum(a["seconds"] for a in answered)
-    new_tokens = sum(a["new_tokens"] for a in answered)
+    # The batch timings of this run and of the run(s) it resumed (read back from the partial file); reused answers
+    # were made by an earlier build and are counted apart.
+    made = [a for a in answered if not a.get("reused")]
+    seconds = sum(a["seconds"] for a in made)
+    new_tokens = sum(a["new_tokens"] for a in made)
     log.info("%s: %d of %d answers kept in %s (%.0f s)", split, len(rows), len(prompts), out_dir / f"{split}.jsonl",
              seconds)
     return {
@@ -554,8 +590,8 @@ def _answer_split(model, tokenizer, out_dir: Path, split: str, prompts: list[dic
                                              / max(1, sum(a["ended"] for a in answered)), 1)},
         "generation": {"seconds": round(seconds, 1), "new_tokens": new_tokens,
                        "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None,
-                       "resumed_answers": len(done), "paths": sorted(partial.paths),
-                       "batches": -(-len(prompts) // batch_size)},
+                       "resumed_answers": len(done) - len(reused), "reused_answers": len(reused),
+                       "paths": sorted(partial.paths), "batches": -(-(len(prompts) - len(reused)) // batch_size)},
     }
 
 

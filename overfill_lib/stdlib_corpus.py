@@ -74,13 +74,69 @@ def _module_names() -> list[str]:
     return names
 
 
+class _Shown:
+    """A default value as the rendering shows it (``inspect.Signature`` prints a default by its ``repr``)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _machine_paths() -> list[tuple[str, str]]:
+    """Paths that differ between machines and virtual environments, longest first, with the name shown instead."""
+    import os
+
+    paths = {sys.executable: "sys.executable", sys.prefix: "sys.prefix", sys.exec_prefix: "sys.exec_prefix",
+             sys.base_prefix: "sys.base_prefix", sys.base_exec_prefix: "sys.base_exec_prefix",
+             os.path.expanduser("~"): "~", os.getcwd(): "."}
+    return sorted(((p, name) for p, name in paths.items() if p and p != "/"), key=lambda item: -len(item[0]))
+
+
+def default_text(value) -> str:
+    """A parameter's default as text that is the same in every process and on every machine: its ``repr``, except
+    where the ``repr`` is not (objects and functions show their memory address, ``<object object at 0x7f...>``;
+    ``os.environ`` shows the process's environment; sets list their strings in hash-seed order; some defaults are
+    paths of this machine, such as ``sys.executable``). Only those parts change, so every other default reads as
+    ``pydoc`` shows it."""
+    import os
+    import re
+
+    kind = type(value)
+    if value is os.environ:
+        return "os.environ"
+    if kind in (str, bytes):
+        text = repr(value)
+        for path, name in _machine_paths():
+            text = text.replace(path if kind is str else repr(path.encode())[2:-1], f"<{name}>")
+        return text
+    if kind in (tuple, list):
+        items = [default_text(v) for v in value]
+        return ("({},)" if kind is tuple and len(items) == 1 else "({})" if kind is tuple else "[{}]").format(
+            ", ".join(items))
+    if kind in (set, frozenset):
+        items = ", ".join(sorted(default_text(v) for v in value))
+        return f"{kind.__name__}()" if not items else f"{{{items}}}" if kind is set else f"frozenset({{{items}}})"
+    if kind is dict:
+        return "{" + ", ".join(f"{default_text(k)}: {default_text(v)}" for k, v in value.items()) + "}"
+    try:
+        text = repr(value)
+    except Exception:  # a repr that fails on a half-built default: its type says enough
+        return f"<{kind.__name__}>"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
 def _signature(obj) -> str:
     import inspect
 
     try:
-        return str(inspect.signature(obj))
+        signature = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
+    shown = [p.replace(default=_Shown(default_text(p.default))) if p.default is not p.empty else p
+             for p in signature.parameters.values()]
+    return str(signature.replace(parameters=shown))
 
 
 def render_module(module) -> str:

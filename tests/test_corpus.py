@@ -179,6 +179,36 @@ def test_distilled_data_resumes_an_interrupted_split_to_the_same_file(tmp_path, 
     assert all(strip(resumed["splits"][s]) == strip(record["splits"][s]) for s in corpus.DATA_SPLITS)
 
 
+def test_a_split_made_again_reuses_the_answers_to_prompts_asked_again(tmp_path, tokenizer, monkeypatch):
+    """After the prompts change (here: every third reworded), a rebuild asks only the prompts not answered before
+    (the changed ones and those dropped unfinished) and writes what a build from nothing writes."""
+    model = _ending_model(tokenizer)
+    kw = dict(sizes={"train": (9, 3), "validation": (1, 0), "test": (1, 0)}, max_new_tokens=6, batch_size=2,
+              compile=False)
+    monkeypatch.setattr(corpus, "distill_prompts", _small_prompts)
+    first = corpus.build_distilled_data(model, tokenizer, tmp_path / "d", **kw)
+    kept = {json.dumps(json.loads(line)["messages"][:-1]) for line in (first / "train.jsonl").read_text().splitlines()}
+
+    def reworded(split, n_passage, n_family, seed=0, max_chars=1200):
+        prompts = _small_prompts(split, n_passage, n_family, seed, max_chars)
+        for p in prompts[::3] if split == "train" else []:
+            p["messages"] = [{"role": "user", "content": p["messages"][0]["content"] + " Again."}]
+        return prompts
+
+    monkeypatch.setattr(corpus, "distill_prompts", reworded)
+    new = reworded("train", 9, 3)
+    expected = [i for i, p in enumerate(new) if json.dumps(p["messages"]) not in kept]
+    assert 0 < len(expected) < len(new)
+    real, asked = FastGenerator.generate, []
+    monkeypatch.setattr(FastGenerator, "generate", lambda self, *a, **k: (asked.append(a[0].shape[0]), real(self, *a, **k))[1])
+    again = corpus.build_distilled_data(model, tokenizer, first, **kw)
+    assert sum(asked) == len(expected)  # validation and test are unchanged and kept
+    generation = json.loads((again / "record.json").read_text())["splits"]["train"]["generation"]
+    assert generation["reused_answers"] == len(new) - len(expected) and generation["resumed_answers"] == 0
+    fresh = corpus.build_distilled_data(model, tokenizer, tmp_path / "fresh", **kw)
+    assert (again / "train.jsonl").read_text() == (fresh / "train.jsonl").read_text()
+
+
 def test_a_partial_file_of_another_request_is_discarded(tmp_path, tokenizer, monkeypatch, caplog):
     monkeypatch.setattr(corpus, "distill_prompts", _small_prompts)
     model = _ending_model(tokenizer)
@@ -234,22 +264,22 @@ def test_the_committed_smollm2_data_is_what_its_preset_asks_for():
     `make run PRESET=smollm2-135m` reuses it instead of spending CPU-hours making it again (the model's own
     fingerprint needs the converted model; the GGUF file it came from is checked by digest).
 
-    The standard library's text and the prompts drawn from it are compared only where the corpus was rendered once
-    and cached (this machine's artifacts): a fresh render differs (see the xfail test below), so on a fresh clone
-    those two fields are left out, and the check covers counts, seed, decoding, instructions and the help topics."""
+    The standard library's text and the prompts drawn from it are compared where this Python is the one the data
+    was made under (its docstrings are the corpus); under another Python those two fields are left out, and the
+    check covers counts, seed, decoding, instructions and the help topics."""
     preset = load_preset("smollm2-135m")
     section = preset.distill
     data = preset.path(section.dir)
     record = json.loads((data / "record.json").read_text())
     assert record["model_source"]["gguf_sha256"] == preset.full_model.gguf.sha256
-    rendered_here = stdlib_corpus.record()["fingerprint"] == record["stdlib_corpus"]["fingerprint"]
+    same_python = stdlib_corpus.record()["python"] == record["stdlib_corpus"]["python"]
     for split in corpus.DATA_SPLITS:
         size = tuple(getattr(section, split))
         prompts = corpus.distill_prompts(split, *size, section.seed)
         asked = corpus.split_request(split, size, prompts, record["model_fingerprint"], seed=section.seed,
                                      max_new_tokens=section.max_new_tokens)
         made = record["splits"][split]
-        if not rendered_here:
+        if not same_python:
             asked = {**asked, "text": {**asked["text"], "stdlib": made["request"]["text"]["stdlib"]},
                      "prompts": made["request"]["prompts"]}
         assert made["request"] == asked, f"{split}: {[k for k in asked if made['request'].get(k) != asked[k]]} differ"
@@ -257,10 +287,6 @@ def test_the_committed_smollm2_data_is_what_its_preset_asks_for():
         assert len(lines) == made["kept"] and made["prompts"] == len(prompts)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: signatures render default values by repr, which carries memory "
-                   "addresses, os.environ and sys.executable, so the stdlib corpus differs between renders; fixing it "
-                   "changes every corpus fingerprint (the committed data and long runs were drawn from one cached "
-                   "render), so it waits for a session that can regenerate them")
 def test_the_stdlib_rendering_is_the_same_in_another_process():
     import subprocess
     import sys
@@ -269,5 +295,20 @@ def test_the_stdlib_rendering_is_the_same_in_another_process():
             "print(json.dumps([render_module(importlib.import_module(m)) for m in ('difflib', 'platform', 'cgi')]))")
     # Two processes with different environments, as two machines (or two shells) have.
     runs = [subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True,
-                           env={"PATH": "/usr/bin:/bin", "RUN": str(i)}).stdout for i in range(2)]
+                           env={"PATH": "/usr/bin:/bin", "RUN_MARKER": f"run-{i}", "PYTHONHASHSEED": str(i)}).stdout
+            for i in range(2)]
     assert runs[0] == runs[1]
+    assert "run-0" not in runs[0] and " at 0x" not in runs[0] and sys.executable not in runs[0]
+    assert "environ=os.environ" in runs[0] and "<function IS_CHARACTER_JUNK>" in runs[0]  # defaults still shown
+
+
+def test_a_default_is_shown_the_same_in_every_process():
+    import os
+    import sys
+
+    from overfill_lib.stdlib_corpus import default_text
+
+    assert default_text(frozenset({"b", "a", "c"})) == "frozenset({'a', 'b', 'c'})" and default_text(set()) == "set()"
+    assert default_text(object()) == "<object object>" and default_text(os.environ) == "os.environ"
+    assert default_text((sys.executable, 1)) == "('<sys.executable>', 1)" and default_text(("x",)) == "('x',)"
+    assert default_text({"k": [None, 2.5, b"x"]}) == repr({"k": [None, 2.5, b"x"]})
