@@ -130,8 +130,8 @@ def _lm_eval_scores(model, tokenizer, preset, limit: int | None, cache: Path | N
     return task_scores(results)
 
 
-def _test_records(preset, limit: int | None) -> list[dict]:
-    return pipeline.data_records(preset, preset.training, "test")[:limit]
+def _test_records(preset, limit: int | float | None) -> list[dict]:
+    return pipeline.test_records(preset, preset.training, limit)
 
 
 def _fidelity_key(preset, limit: int | None) -> str:

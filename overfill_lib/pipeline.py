@@ -257,6 +257,21 @@ def data_records(preset: Preset, config: training.TrainingConfig, split: str = "
     return [dict(r) for r in found]
 
 
+def test_records(preset: Preset, config: training.TrainingConfig, limit: int | float | None = None) -> list[dict]:
+    """The held-out records the notebooks score after training: the first ``limit`` of the test split (None: the
+    preset's ``evaluation.limit``; None there too: all). As in lm-eval, an int counts records and a float below 1
+    is a share of the split."""
+    import math
+
+    records = data_records(preset, config, "test")
+    limit = preset.evaluation.limit if limit is None else limit
+    if limit is None:
+        return records
+    if isinstance(limit, float) and limit < 1:
+        return records[: math.ceil(len(records) * limit)]
+    return records[: int(limit)]
+
+
 def training_run(
     preset: Preset,
     objective: str,

@@ -184,10 +184,11 @@ def test_a_loaded_preset_is_a_tree_of_typed_sections_with_each_default_once():
 # renames every run folder, so a resumed run would start over. Digests of the recipe dicts, sorted JSON. The third,
 # the preset a notebook's results record, changed since: when the section ``teacher`` became ``full_model``
 # (tests/test_names.py checks that the rename is all that changed), and for smollm2-135m when its distill train split
-# grew to 2,600 prompts (the training recipe and the long runs' names did not change).
+# grew to 2,600 prompts and when notebooks 02 and 04 were sized for `make run` under two hours (the training recipe
+# and the long runs' names did not change).
 RECIPE_DIGESTS = {"tiny": ("ebb760bb9dbb", None, "8f3b4527dcb2"),
                   "smoke": ("43dde7726110", None, "8837bc91508c"),
-                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "23d00c4f3688")}
+                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "4402cc555e82")}
 RECOVERY_UNHASHED = {"keep", "objectives", "seeds", "tokens", "spread_seeds", "spread_tokens", "flat", "flat_evals",
                      "validation_windows"}  # recovery.Resources.run_dir leaves these out of a run's name
 
@@ -287,3 +288,18 @@ def test_the_full_model_view_of_a_pretrained_model_chats_and_measures_held_out_t
     assert "held-out perplexity" in view.quality().text[0] and view.record["heldout_nll"] > 0
     answers = view.answers()
     assert len(view.record["chats"]) == 1 and answers.text[0].endswith("<|assistant|>")
+
+
+def test_the_notebooks_score_the_test_records_the_preset_limits_them_to():
+    """One rule for notebooks 02 and 04: the first ``limit`` test records, an int a count and a float a share (as in
+    lm-eval); a notebook's own ``eval_limit`` wins over the preset's ``evaluation.limit``."""
+    from overfill_lib import pipeline
+
+    tiny = presets.load_preset("tiny")
+    everything = pipeline.data_records(tiny, tiny.training, "test")
+    assert tiny.evaluation.limit is None and pipeline.test_records(tiny, tiny.training) == everything
+    limited = presets.load_preset("tiny", {"evaluation": {"limit": 7}})
+    assert pipeline.test_records(limited, limited.training) == everything[:7]
+    assert pipeline.test_records(limited, limited.training, 3) == everything[:3]
+    share = pipeline.test_records(limited, limited.training, 0.004)
+    assert share == everything[: -(-len(everything) * 4 // 1000)] and 0 < len(share) < 7
