@@ -90,7 +90,7 @@ def _machine_paths() -> list[tuple[str, str]]:
 
     paths = {sys.executable: "sys.executable", sys.prefix: "sys.prefix", sys.exec_prefix: "sys.exec_prefix",
              sys.base_prefix: "sys.base_prefix", sys.base_exec_prefix: "sys.base_exec_prefix",
-             os.path.expanduser("~"): "~", os.getcwd(): "."}
+             os.path.expanduser("~"): "~"}
     return sorted(((p, name) for p, name in paths.items() if p and p != "/"), key=lambda item: -len(item[0]))
 
 
