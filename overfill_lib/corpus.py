@@ -484,19 +484,18 @@ def build_distilled_data(model, tokenizer, out_dir: str | Path, *, sizes: dict, 
         request = split_request(split, sizes[split], prompts, fingerprint, seed=seed, max_new_tokens=max_new_tokens)
         if splits.get(split, {}).get("request") == request and (out_dir / f"{split}.jsonl").is_file():
             continue
-        reused = _reusable_answers(tokenizer, out_dir / f"{split}.jsonl", splits.get(split, {}).get("request"),
-                                   request, prompts)
+        reused = _reusable_answers(out_dir / f"{split}.jsonl", splits.get(split, {}).get("request"), request, prompts)
         splits[split] = _answer_split(model, tokenizer, out_dir, split, prompts, request, decoding, reused)
         write_json(record_path, _distill_record(fingerprint, source, decoding, seed, splits))
     return out_dir
 
 
-def _reusable_answers(tokenizer, path: Path, made: dict | None, request: dict, prompts: list[dict]) -> dict[int, dict]:
+def _reusable_answers(path: Path, made: dict | None, request: dict, prompts: list[dict]) -> dict[int, dict]:
     """Answers in an earlier build of a split (``path``, made under request ``made``) to prompts asked again (index
     -> record): an answer depends only on the model, the prompt and the decoding, so when those are unchanged
     (a new corpus rendering, more prompts, other instructions) only the prompts not answered before are asked.
-    Answers dropped before (unfinished) are not stored and are asked again. ``new_tokens`` of a reused answer is
-    counted by encoding it again (its eos included); its ``seconds`` are not known (0)."""
+    Answers dropped before (unfinished) are not stored and are asked again. A reused answer's ``new_tokens`` and
+    ``seconds`` are not stored either (None, 0): the record counts tokens over the answers a build makes."""
     import json
 
     if not made or not path.is_file() or any(made.get(k) != request[k] for k in ("model", "max_new_tokens")):
@@ -508,9 +507,8 @@ def _reusable_answers(tokenizer, path: Path, made: dict | None, request: dict, p
     reused = {}
     for i, p in enumerate(prompts):
         if (content := earlier.get(json.dumps(p["messages"]))) is not None:
-            n = len(tokenizer(content, add_special_tokens=False)["input_ids"]) + 1
             reused[i] = {"messages": [*p["messages"], {"role": "assistant", "content": content}], "ended": True,
-                         "new_tokens": n, "seconds": 0.0, "reused": True}
+                         "new_tokens": None, "seconds": 0.0, "reused": True}
     if reused:
         log.info("%s: %d of %d prompts were answered in the earlier build (same model and decoding): reused", path,
                  len(reused), len(prompts))
@@ -585,9 +583,10 @@ def _answer_split(model, tokenizer, out_dir: Path, split: str, prompts: list[dic
         "kinds": dict(Counter(r["kind"] for r in rows)), "sources": dict(Counter(r["source"] for r in rows)),
         "prompt_kinds": dict(Counter(p["kind"] for p in prompts)),
         "prompt_sources": dict(Counter(p["source"] for p in prompts)),
-        "answer_tokens": {"mean": round(new_tokens / max(1, len(answered)), 1),
-                          "mean_kept": round(sum(a["new_tokens"] for a in answered if a["ended"])
-                                             / max(1, sum(a["ended"] for a in answered)), 1)},
+        # Over the answers made by this build and the runs it resumed: a reused answer's token count is not stored.
+        "answer_tokens": {"mean": round(new_tokens / max(1, len(made)), 1),
+                          "mean_kept": round(sum(a["new_tokens"] for a in made if a["ended"])
+                                             / max(1, sum(a["ended"] for a in made)), 1), "counted": len(made)},
         "generation": {"seconds": round(seconds, 1), "new_tokens": new_tokens,
                        "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None,
                        "resumed_answers": len(done) - len(reused), "reused_answers": len(reused),

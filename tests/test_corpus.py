@@ -207,6 +207,9 @@ def test_a_split_made_again_reuses_the_answers_to_prompts_asked_again(tmp_path, 
     assert generation["reused_answers"] == len(new) - len(expected) and generation["resumed_answers"] == 0
     fresh = corpus.build_distilled_data(model, tokenizer, tmp_path / "fresh", **kw)
     assert (again / "train.jsonl").read_text() == (fresh / "train.jsonl").read_text()
+    made = json.loads((again / "record.json").read_text())["splits"]["train"]
+    assert made["answer_tokens"]["counted"] == len(expected)  # token counts over the answers this build made
+    assert made["answer_tokens"]["mean"] == round(made["generation"]["new_tokens"] / len(expected), 1)
 
 
 def test_a_partial_file_of_another_request_is_discarded(tmp_path, tokenizer, monkeypatch, caplog):
