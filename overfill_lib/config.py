@@ -424,6 +424,15 @@ class CalibrationSection:
                 raise ValueError(f"calibration {name}={value!r} must be a positive int.")
 
 
+def check_limit(limit, what: str):
+    """A limit on scored documents or records as lm-eval reads it: None (all), a count (>= 1) or a share (below 1).
+    Zero or less would score nothing, or (as a slice) everything but the last few."""
+    if limit is not None and not limit > 0:
+        raise ValueError(f"{what}={limit!r} keeps nothing: give a number of records (1 or more), a share below 1, "
+                         "or null for all")
+    return limit
+
+
 @dataclass(frozen=True)
 class EvaluationSection:
     """lm-eval settings of the benchmark notebooks (``evaluation.evaluate``)."""
@@ -434,6 +443,9 @@ class EvaluationSection:
     apply_chat_template: bool = True
     num_fewshot: int | None = None
     fewshot_as_multiturn: bool | None = None
+
+    def __post_init__(self):
+        check_limit(self.limit, "evaluation.limit")
 
 
 @dataclass(frozen=True)
@@ -506,6 +518,7 @@ class AblationConfig:
     scorer: str = "lm_eval"
 
     def __post_init__(self):
+        check_limit(self.eval_limit, "ablation.eval_limit")
         if self.scorer not in ABLATION_SCORERS:
             valid = "; ".join(f"{k}: {v}" for k, v in ABLATION_SCORERS.items())
             raise ValueError(f"unknown ablation.scorer {self.scorer!r}; valid: {valid}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from overfill_lib import corpus, gguf_models, importance, pruning, tasks, training
 from overfill_lib.artifacts import load_causal_lm, load_model, read_json, resolve_model, write_json
-from overfill_lib.config import DecoderSection, SmallerSection, parse, torch_dtype
+from overfill_lib.config import DecoderSection, SmallerSection, check_limit, parse, torch_dtype
 from overfill_lib.full_model import FullModelConfig, compare_checkpoints, train_full_model
 from overfill_lib.presets import Preset, load_preset
 
@@ -264,7 +264,7 @@ def test_records(preset: Preset, config: training.TrainingConfig, limit: int | f
     import math
 
     records = data_records(preset, config, "test")
-    limit = preset.evaluation.limit if limit is None else limit
+    limit = preset.evaluation.limit if limit is None else check_limit(limit, "eval_limit")
     if limit is None:
         return records
     if isinstance(limit, float) and limit < 1:

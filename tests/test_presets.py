@@ -303,3 +303,8 @@ def test_the_notebooks_score_the_test_records_the_preset_limits_them_to():
     assert pipeline.test_records(limited, limited.training, 3) == everything[:3]
     share = pipeline.test_records(limited, limited.training, 0.004)
     assert share == everything[: -(-len(everything) * 4 // 1000)] and 0 < len(share) < 7
+    with pytest.raises(ValueError, match=r"eval_limit=-3 keeps nothing"):  # as a slice: all but the last three
+        pipeline.test_records(limited, limited.training, -3)
+    for section, key in (("evaluation", "limit"), ("ablation", "eval_limit")):
+        with pytest.raises(ValueError, match=rf"{section}.{key}=0 keeps nothing"):
+            presets.load_preset("tiny", {section: {key: 0}})
