@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from overfill_lib import cost, fast_decode, llama_cpp, pipeline, quantize
+from overfill_lib import cost, fast_decode, int8_kernel, llama_cpp, pipeline, quantize
 from overfill_lib.artifacts import PROJECT_ROOT, environment_record, load_model, weights_fingerprint, write_json
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
@@ -155,6 +155,8 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
     nbytes = cost.dtype_bytes(dtype)
     result = {"dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
               "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
+              # which int8 product ran: the project's kernel (its instruction set) or F.linear / inductor's reduction
+              "int8_kernel": (int8_kernel.isa() or "off") if int8 else None,
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "compile_cache": cache,
               "batch": batch, "paths": list(paths),
               "methods": {}}

@@ -7,10 +7,15 @@ At SmolLM2-135M's shapes (the LM head and a layer's projections), batch 1, 2 thr
 - ``split<G>``: the same sum split into ``K / G`` rows of ``G``, so that inductor keeps ``G / 16`` vector
   accumulators instead of one;
 - ``int_mm``: torch's int8 x int8 -> int32 kernel (``torch._int_mm``, oneDNN), eager, on an int8 activation row
-  (what Q8_0 does: the activation is quantized too).
+  (what Q8_0 does: the activation is quantized too);
+- ``kernel_<isa>``: the project's int8 kernel (:mod:`overfill_lib.int8_kernel`), eager, in every instruction set this
+  CPU runs (``kernel_avx2`` on an AVX-512 machine is what an AVX2-only one would run); ``int4_kernel_<isa>``: its
+  4-bit product (32 weights per fp32 scale), timed to see whether 4-bit weights would pay.
 
-``--step`` also times the compiled full-model step with weight-only int8 against a prototype that routes every
-linear layer but the LM head through ``torch._int_mm`` with the activation row quantized per token.
+``--step`` also times the compiled full-model step with int8 weights, interleaved: through the kernel (what
+``Int8Linear`` does), through inductor's fused reduction (``Int8Linear.converted``, the path before the kernel), a
+prototype that routes every linear layer but the LM head through ``torch._int_mm`` with the activation row quantized
+per token, and an AVX2 machine emulated (inductor's 256-bit code, the kernel's AVX2 path).
 
     python -m benchmarks.int8_matvec [--step]
 """
@@ -18,12 +23,14 @@ linear layer but the LM head through ``torch._int_mm`` with the activation row q
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from overfill_lib import int8_kernel
 from overfill_lib.fast_decode import MatVecAsReduction
 
 SHAPES = [(49152, 576), (1536, 576), (576, 1536), (576, 576)]  # LM head, gate/up, down, q/o
@@ -71,15 +78,26 @@ def kernels(repeats: int) -> None:
             if dtype == "int8":
                 fns["int_mm"] = int_mm
                 args["int_mm"] = (torch.randint(-127, 128, (1, k), dtype=torch.int8), w, s)
+                if int8_kernel.load():
+                    packed, group_scale = int8_kernel.pack_int4(torch.randint(-7, 8, (n, k))), torch.rand(n, k // 32)
+                    for isa in range(torch.ops.overfill.int8_kernel_isa() + 1):
+                        name = f"kernel_{int8_kernel.ISA_NAMES[isa]}"
+                        fns[name] = functools.partial(torch.ops.overfill.int8_linear, isa=isa)
+                        args[name] = (x, w, s)
+                        # 4-bit weights (half the bytes, group scales): timed, not checked against ref
+                        fns[f"int4_{name}"] = functools.partial(torch.ops.overfill.int4_linear, isa=isa)
+                        args[f"int4_{name}"] = (x, packed, group_scale)
             with torch.no_grad():
                 for name, f in fns.items():
                     y = f(*args[name])
-                    if name != "int_mm" and (y - ref).abs().max() > 1e-4 * ref.abs().max():
+                    if name not in ("int_mm",) and not name.startswith("int4") and (
+                            (y - ref).abs().max() > 1e-4 * ref.abs().max()):
                         raise AssertionError(f"{name} {dtype} {n}x{k} does not compute x @ W.T")
                 found = median_ms(fns, args, repeats)
             nbytes = w.numel() * w.element_size()
+            size = {name: (nbytes // 2 + n * (k // 32) * 4 if name.startswith("int4") else nbytes) for name in found}
             print(f"{dtype} {n}x{k} ({nbytes / 1e6:.1f} MB): " + "  ".join(
-                f"{name} {ms:.3f} ms {nbytes / ms / 1e6:.1f} GB/s" for name, ms in found.items()), flush=True)
+                f"{name} {ms:.3f} ms {size[name] / ms / 1e6:.1f} GB/s" for name, ms in found.items()), flush=True)
 
 
 def _int_mm_forward(self, x):
@@ -91,7 +109,43 @@ def _int_mm_forward(self, x):
     return y if self.bias is None else y + self.bias
 
 
-def step(preset_name: str, new_tokens: int) -> None:
+# label -> (inductor's vector width, how the int8 layers multiply): what --step times, interleaved
+STEP_VARIANTS = {
+    "kernel": (None, "kernel"),
+    "inductor's reduction": (None, "reduction"),
+    "int8 x int8 (torch._int_mm)": (None, "int_mm"),
+    "AVX2 emulated, inductor's reduction": (256, "reduction"),
+    "AVX2 emulated, kernel (AVX2 path)": (256, "kernel_avx2"),
+}
+
+
+def _route(full, how: str) -> None:
+    from overfill_lib import quantize
+
+    head = full.get_output_embeddings()
+    for module in full.modules():
+        if not isinstance(module, quantize.Int8Linear):
+            continue
+        if how == "reduction":
+            module.forward = module.converted
+        elif how == "int_mm" and module is not head:
+            module.forward = _int_mm_forward.__get__(module)
+        elif how == "kernel_avx2":
+            module.forward = functools.partial(_kernel_avx2_forward, module)
+
+
+def _kernel_avx2_forward(module, x):
+    if x.numel() > 16 * module.in_features:
+        return module.converted(x)
+    return torch.ops.overfill.int8_linear(x, module.qweight, module.scale, module.bias, 1)
+
+
+def step(preset_name: str, new_tokens: int, rounds: int = 5) -> None:
+    """The compiled full-model step with int8 weights, each variant of STEP_VARIANTS on its own copy of the model,
+    ``rounds`` interleaved rounds, medians. "AVX2 emulated": inductor generates 256-bit code (``cpp.simdlen=256``)
+    and the kernel runs its AVX2 path, as on a CPU without AVX-512."""
+    import torch._inductor.config as inductor_config
+
     from overfill_lib import pipeline, quantize
     from overfill_lib.artifacts import load_model
     from overfill_lib.fast_decode import FastGenerator, use_compile_cache
@@ -100,31 +154,37 @@ def step(preset_name: str, new_tokens: int) -> None:
     use_compile_cache()
     preset = load_preset(preset_name)
     messages = [{"role": "user", "content": "Explain why the sky is blue, briefly."}]
-    for label in ("weight-only int8", "int8 x int8 (torch._int_mm)"):
+    runs = {}
+    for label, (simdlen, how) in STEP_VARIANTS.items():
+        if how.startswith("kernel") and not int8_kernel.load():
+            print(f"{label}: skipped (the int8 kernel is not built)")
+            continue
         full, tokenizer = load_model(pipeline.full_model(preset)[0], role="full model")
         full = quantize.quantize_int8(full).requires_grad_(False)
-        head = full.get_output_embeddings()
-        if label.startswith("int8 x int8"):
-            for module in full.modules():
-                if isinstance(module, quantize.Int8Linear) and module is not head:
-                    module.forward = _int_mm_forward.__get__(module)
+        _route(full, how)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
         generator = FastGenerator(full, None, compile=True)
-        with torch.inference_mode():
-            generator.generate(ids["input_ids"], ids["attention_mask"], method="full", max_new_tokens=new_tokens)
-            per_token = []
-            for _ in range(3):
+        t0 = time.perf_counter()
+        with inductor_config.patch({"cpp.simdlen": simdlen}), torch.inference_mode():
+            out = generator.generate(ids["input_ids"], ids["attention_mask"], method="full", max_new_tokens=new_tokens)
+        print(f"{label}: compiled and warmed in {time.perf_counter() - t0:.0f} s; "
+              f"{tokenizer.decode(out.new_tokens[0])[:60]!r}", flush=True)
+        runs[label] = (generator, ids, [])
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for generator, ids, per_token in runs.values():
                 out = generator.generate(ids["input_ids"], ids["attention_mask"], method="full",
                                          max_new_tokens=new_tokens)
-                per_token.append(out.timings.decode_s / max(1, out.timings.forwards) * 1e3)
-        print(f"{label}: {min(per_token):.2f} ms per token (best of 3); {tokenizer.decode(out.new_tokens[0])!r}")
+                per_token.append(out.timings.per_token_s * 1e3)
+    for label, (_, _, per_token) in runs.items():
+        print(f"{label}: {statistics.median(per_token):.2f} ms per token (median of {rounds} interleaved rounds)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--step", action="store_true", help="also the compiled full-model step, both ways")
+    parser.add_argument("--step", action="store_true", help="also the compiled full-model step, every variant")
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)

@@ -1,11 +1,12 @@
 """Weight-only int8 for CPU decoding: symmetric per-output-channel int8 weights, activations in the model's dtype.
 
-A batch-1 decode step on a CPU is bound by the bytes it reads. With int8 weights the compiled CPU step
-(:class:`overfill_lib.fast_decode.MatVecAsReduction`) fuses the int8-to-float conversion into its multiply-and-sum
-and reads one byte per weight instead of four. torch's own int8 matrix-vector kernel (``_weight_int8pack_mm``, which
-int8 weight-only layouts call on a CPU) ran SmolLM2's LM head at 1.9 GB/s with fp32 activations on this project's
-machine, so the product is left to inductor. Run eagerly, an :class:`Int8Linear` converts its whole weight on every
-call: correct (the plain reference for the fast path's tokens) but slow. Inference only.
+A batch-1 decode step on a CPU is bound by the bytes it reads: one byte per weight instead of four. On a CPU with
+fp32 activations and up to :data:`KERNEL_ROWS` rows, :class:`Int8Linear` runs the project's own int8 kernel
+(:mod:`overfill_lib.int8_kernel`: int8 weights widened in registers, AVX-512 or AVX2), eagerly and inside the compiled
+decode step alike. torch's own int8 matrix-vector kernel (``_weight_int8pack_mm``) ran SmolLM2's LM head at 1.9 GB/s
+with fp32 activations on this project's machine, and inductor's fused int8 reduction widens the weights with slow
+scalar code (worst on AVX2). Elsewhere (more rows, another dtype or device, no C++ compiler) it computes the same
+product with ``F.linear`` on the converted weight. Inference only.
 
 A quantized model saves with ``save_pretrained`` (its config.json says ``overfill_quantization``) and loads back
 through ``artifacts.load_causal_lm`` (:func:`load_int8`) with the same int8 weights and the same logits.
@@ -25,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from overfill_lib import int8_kernel
+
 QUANTIZATION = "int8-weight-only"
+KERNEL_ROWS = 16  # up to this many rows (a decode step's batch) the int8 kernel; beyond, a GEMM on converted weights
 CONFIG_KEY = "overfill_quantization"  # in config.json: how the saved weights were quantized
 
 
@@ -41,6 +45,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        int8_kernel.load()  # built once per machine, loaded once per process; never inside a compiled step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -52,6 +57,14 @@ class Int8Linear(nn.Module):
         return cls(q, scale.to(linear.weight.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (int8_kernel.loaded() and x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
+                and x.numel() <= KERNEL_ROWS * self.in_features):
+            return torch.ops.overfill.int8_linear(x, self.qweight, self.scale, self.bias)
+        return self.converted(x)
+
+    def converted(self, x: torch.Tensor) -> torch.Tensor:
+        """The product through ``F.linear`` on the weight converted to ``x``'s dtype (inside the compiled CPU step,
+        inductor's fused int8 reduction): the path without the kernel."""
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 

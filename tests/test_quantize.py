@@ -42,11 +42,13 @@ def test_quantize_int8_unties_the_head_and_keeps_the_model_close():
     assert quantize_int8(model) is model  # idempotent
 
 
-def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop():
-    """At batch 1 the reductions read the int8 weights; the tokens must be the plain (eager, dynamic cache) loop's."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch):
+    """The compiled step calls the int8 kernel as the eager layers do (where it is built); the tokens must be the
+    plain (eager, dynamic cache) loop's, at batch 1 and above."""
     full = quantize_int8(tiny_model("llama", seed=0))
     decoder = quantize_int8(tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40))
-    ids = random_batch(full, 1, 9, seed=3)
+    ids = random_batch(full, batch, 9, seed=3)
     mask = torch.ones_like(ids)
     gen = FastGenerator(full, decoder, compile=True)
     for method, (a, b) in {"overfill": (full, decoder), "full": (full, full)}.items():

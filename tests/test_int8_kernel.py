@@ -1,0 +1,139 @@
+"""The int8 CPU kernel: the same product as an independent float64 computation on every instruction set this CPU
+has, whatever the thread count; used by Int8Linear; and a build that cannot happen is said, not hidden."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from overfill_lib import int8_kernel
+from overfill_lib.quantize import KERNEL_ROWS, Int8Linear
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the int8 kernel cannot be built (Int8Linear uses F.linear)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert int8_kernel.load(), "the int8 kernel did not build although a C++ compiler is here"
+    return torch.ops.overfill.int8_linear
+
+
+def test_every_instruction_set_computes_the_product_of_an_independent_reference(kernel):
+    best = torch.ops.overfill.int8_kernel_isa()
+    assert int8_kernel.isa() == int8_kernel.ISA_NAMES[best]
+    g = torch.Generator().manual_seed(0)
+    # K not a multiple of any vector width, N not a multiple of the 4-channel block, rows across the 4-row blocks.
+    for rows, n, k, with_bias in [(1, 43, 37, True), (3, 9, 16, False), (5, 130, 200, True), (16, 7, 576, True)]:
+        x = torch.randn(rows, k, generator=g)
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale, bias = torch.rand(n, generator=g) / 100, torch.randn(n, generator=g)
+        ref = (x.double() @ w.double().T) * scale.double() + (bias.double() if with_bias else 0)
+        for isa in range(best + 1):
+            y = kernel(x, w, scale, bias if with_bias else None, isa)
+            assert y.shape == (rows, n) and y.dtype == torch.float32
+            # fp32 sums of k products of size |x| * 127 * scale: a few ulps of the largest partial sum.
+            tol = 1e-6 * k * float(x.abs().amax() * 127 * scale.amax())
+            assert torch.allclose(y.double(), ref, rtol=0, atol=tol), (isa, rows, n, k)
+    with pytest.raises(RuntimeError, match="not available on this CPU"):
+        kernel(x, w, scale, None, best + 1)
+
+
+def test_the_4bit_product_equals_an_independent_reference_on_every_instruction_set(kernel):
+    best = torch.ops.overfill.int8_kernel_isa()
+    g = torch.Generator().manual_seed(2)
+    for rows, n, k in [(1, 43, 64), (3, 9, 96), (5, 130, 576)]:
+        x = torch.randn(rows, k, generator=g)
+        values = torch.randint(-8, 8, (n, k), generator=g)
+        group_scale, bias = torch.rand(n, k // 32, generator=g), torch.randn(n, generator=g)
+        weight = (values.double().view(n, k // 32, 32) * group_scale.double()[..., None]).view(n, k)
+        ref = x.double() @ weight.T + bias.double()
+        for isa in range(best + 1):
+            y = torch.ops.overfill.int4_linear(x, int8_kernel.pack_int4(values), group_scale, bias, isa)
+            assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * k), (isa, rows, n, k)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int8_kernel.pack_int4(torch.zeros(2, 40, dtype=torch.long))
+
+
+def test_the_result_does_not_depend_on_the_thread_count_and_keeps_leading_dimensions(kernel):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 512, generator=g)
+    w = torch.randint(-127, 128, (1024, 512), generator=g, dtype=torch.int8)
+    scale = torch.rand(1024, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x, w, scale)
+        torch.set_num_threads(max(2, threads))
+        many = kernel(x, w, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (2, 1, 1024) and torch.equal(one, many)
+
+
+def test_bad_inputs_are_refused_by_name(kernel):
+    w = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="fp32 CPU input"):
+        kernel(torch.zeros(1, 8, dtype=torch.bfloat16), w, torch.ones(4))
+    with pytest.raises(RuntimeError, match="8"):
+        kernel(torch.zeros(1, 9), w, torch.ones(4))
+    with pytest.raises(RuntimeError, match="int8"):
+        kernel(torch.zeros(1, 8), w.float(), torch.ones(4))
+
+
+def test_int8_linear_uses_the_kernel_up_to_its_row_limit_and_agrees_with_the_gemm_beyond(kernel):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(96, 24))
+    calls = []
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    small, big = torch.randn(KERNEL_ROWS, 96), torch.randn(KERNEL_ROWS + 1, 96)
+    with Count():
+        y = q(small)
+    assert torch.ops.overfill.int8_linear.default in calls or torch.ops.overfill.int8_linear in calls
+    calls.clear()
+    with Count():
+        q(big)
+    assert not any("overfill" in str(f) for f in calls)
+    # The GEMM on converted weights and the kernel compute the same product.
+    gemm = torch.nn.functional.linear(small, q.qweight.float()) * q.scale + q.bias
+    assert torch.allclose(y, gemm, atol=1e-5)
+    # Under torch.compile (the fast decode step) the layer is one call of the kernel, traced without a graph break.
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    assert torch.equal(torch.compile(q, backend=backend, fullgraph=True)(small[:1]), q(small[:1]))
+    assert "overfill.int8_linear" in traced and "<built-in function linear>" not in traced  # not F.linear
+
+
+def test_a_kernel_that_cannot_be_built_is_said_and_int8_layers_still_run(tmp_path):
+    """A broken compiler: build() raises with the compiler's words; load() logs why and Int8Linear falls back."""
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from overfill_lib import int8_kernel\n"
+        "from overfill_lib.quantize import Int8Linear\n"
+        "q = Int8Linear.from_linear(torch.nn.Linear(8, 4))\n"
+        "assert not int8_kernel.loaded()\n"
+        "print(q(torch.randn(1, 8)).shape)\n"
+    )
+    env = {**os.environ, "CXX": "false", "OVERFILL_KERNEL_CACHE": str(tmp_path)}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([1, 4])" in done.stdout
+    assert "without the int8 CPU kernel" in done.stderr and "failed" in done.stderr
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to be loaded later
