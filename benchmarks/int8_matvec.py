@@ -15,7 +15,8 @@ At SmolLM2-135M's shapes (the LM head and a layer's projections), batch 1, 2 thr
 ``--step`` also times the compiled full-model step with int8 weights, interleaved: through the kernel (what
 ``Int8Linear`` does), through inductor's fused reduction (``Int8Linear.converted``, the path before the kernel), a
 prototype that routes every linear layer but the LM head through ``torch._int_mm`` with the activation row quantized
-per token, and an AVX2 machine emulated (inductor's 256-bit code, the kernel's AVX2 path).
+per token; ``--step --emulate-avx2`` times an AVX2 machine emulated (inductor's 256-bit code against the kernel's
+AVX2 path).
 
     python -m benchmarks.int8_matvec [--step]
 """
@@ -109,14 +110,15 @@ def _int_mm_forward(self, x):
     return y if self.bias is None else y + self.bias
 
 
-# label -> (inductor's vector width, how the int8 layers multiply): what --step times, interleaved
+# label -> how the int8 layers multiply: what --step times, interleaved
 STEP_VARIANTS = {
-    "kernel": (None, "kernel"),
-    "inductor's reduction": (None, "reduction"),
-    "int8 x int8 (torch._int_mm)": (None, "int_mm"),
-    "AVX2 emulated, inductor's reduction": (256, "reduction"),
-    "AVX2 emulated, kernel (AVX2 path)": (256, "kernel_avx2"),
+    "kernel": "kernel",  # forced, whatever int8_kernel.use_kernel picks on this CPU
+    "inductor's reduction": "reduction",
+    "int8 x int8 (torch._int_mm)": "int_mm",
 }
+# --emulate-avx2: inductor writes 256-bit code (cpp.simdlen=256) for the whole process, as on a CPU without AVX-512.
+# Its own process: with another width in the same one, dynamo would reuse the graph it already has.
+AVX2_VARIANTS = {"inductor's reduction (AVX2 emulated)": "reduction", "kernel, AVX2 path (AVX2 emulated)": "kernel_avx2"}
 
 
 def _route(full, how: str) -> None:
@@ -130,20 +132,25 @@ def _route(full, how: str) -> None:
             module.forward = module.converted
         elif how == "int_mm" and module is not head:
             module.forward = _int_mm_forward.__get__(module)
-        elif how == "kernel_avx2":
-            module.forward = functools.partial(_kernel_avx2_forward, module)
+        elif how.startswith("kernel"):  # whatever int8_kernel.use_kernel would pick
+            module.forward = functools.partial(_kernel_forward, module, 1 if how == "kernel_avx2" else -1)
 
 
-def _kernel_avx2_forward(module, x):
-    if x.numel() > 16 * module.in_features:
+def _kernel_forward(module, isa: int, x):
+    if x.numel() > quantize_rows() * module.in_features:
         return module.converted(x)
-    return torch.ops.overfill.int8_linear(x, module.qweight, module.scale, module.bias, 1)
+    return torch.ops.overfill.int8_linear(x, module.qweight, module.scale, module.bias, isa)
 
 
-def step(preset_name: str, new_tokens: int, rounds: int = 5) -> None:
-    """The compiled full-model step with int8 weights, each variant of STEP_VARIANTS on its own copy of the model,
-    ``rounds`` interleaved rounds, medians. "AVX2 emulated": inductor generates 256-bit code (``cpp.simdlen=256``)
-    and the kernel runs its AVX2 path, as on a CPU without AVX-512."""
+def quantize_rows() -> int:
+    from overfill_lib.quantize import KERNEL_ROWS
+
+    return KERNEL_ROWS
+
+
+def step(preset_name: str, new_tokens: int, rounds: int = 5, emulate_avx2: bool = False) -> None:
+    """The compiled full-model step with int8 weights, each variant on its own copy of the model, ``rounds``
+    interleaved rounds, medians: STEP_VARIANTS, or with ``emulate_avx2`` AVX2_VARIANTS."""
     import torch._inductor.config as inductor_config
 
     from overfill_lib import pipeline, quantize
@@ -151,11 +158,13 @@ def step(preset_name: str, new_tokens: int, rounds: int = 5) -> None:
     from overfill_lib.fast_decode import FastGenerator, use_compile_cache
     from overfill_lib.presets import load_preset
 
+    if emulate_avx2:
+        inductor_config.cpp.simdlen = 256
     use_compile_cache()
     preset = load_preset(preset_name)
     messages = [{"role": "user", "content": "Explain why the sky is blue, briefly."}]
     runs = {}
-    for label, (simdlen, how) in STEP_VARIANTS.items():
+    for label, how in (AVX2_VARIANTS if emulate_avx2 else STEP_VARIANTS).items():
         if how.startswith("kernel") and not int8_kernel.load():
             print(f"{label}: skipped (the int8 kernel is not built)")
             continue
@@ -166,7 +175,7 @@ def step(preset_name: str, new_tokens: int, rounds: int = 5) -> None:
                                             return_dict=True)
         generator = FastGenerator(full, None, compile=True)
         t0 = time.perf_counter()
-        with inductor_config.patch({"cpp.simdlen": simdlen}), torch.inference_mode():
+        with torch.inference_mode():
             out = generator.generate(ids["input_ids"], ids["attention_mask"], method="full", max_new_tokens=new_tokens)
         print(f"{label}: compiled and warmed in {time.perf_counter() - t0:.0f} s; "
               f"{tokenizer.decode(out.new_tokens[0])[:60]!r}", flush=True)
@@ -185,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--step", action="store_true", help="also the compiled full-model step, every variant")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="with --step: inductor's 256-bit code, the reduction against the kernel's AVX2 path "
+                             "(run it in its own process)")
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     kernels(args.repeats)
     if args.step:
-        step(args.preset, args.new_tokens)
+        step(args.preset, args.new_tokens, emulate_avx2=args.emulate_avx2)
     return 0
 
 

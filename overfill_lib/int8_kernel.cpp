@@ -1,9 +1,9 @@
 // overfill::int8_linear: y = (x @ w.T) * scale + bias, with w int8 [N, K] (one scale per output channel) and x, y
 // fp32 on the CPU. Built and loaded by overfill_lib/int8_kernel.py; the maths is quantize.Int8Linear's.
 //
-// Why by hand: a decode step at batch 1 is a string of matrix-vector products, bound by the bytes of weight read.
-// Inductor's fused int8 reduction converts every weight to float with a scalar-heavy loop (on AVX2 it collapses to a
-// few % of the read bandwidth) and oneDNN's int8 GEMMs want int8 activations and reorder the weight per call. Here
+// Why by hand: a decode step at batch 1 is a string of matrix-vector products. On AVX2, inductor's fused int8
+// reduction collapses (SmolLM2's int8 step 5.8x slower than through this kernel) and oneDNN's int8 GEMMs want int8
+// activations and reorder the weight per call; eagerly, the alternative converts each whole weight per call. Here
 // each output channel is one dot product whose int8 weights are widened 16 (AVX-512) or 8 (AVX2) floats at a time and
 // multiplied into fp32 sums, four channels in flight, each widened weight used for up to 4 rows of x (batches above
 // one); blocks of channels are split over OpenMP threads, the pool the inductor kernels around it use (torch's

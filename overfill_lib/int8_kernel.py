@@ -9,6 +9,13 @@ platform's baseline vectors (SSE2, NEON). ``torch.ops.overfill.int4_linear`` is 
 (:func:`pack_int4`); ``benchmarks/int8_matvec.py`` times it, and no preset uses it: on this project's machine it
 does not pay (docs/cpu-decode.md).
 
+Where it runs (:func:`use_kernel`, one rule, measured with ``benchmarks/int8_matvec.py --step``): eagerly on any x86
+CPU, where the alternative converts the whole weight at every call; inside a compiled decode step only on AVX2, where
+inductor's fused int8 reduction collapses (SmolLM2's int8 step: 170 ms per token against 30 through the kernel, AVX2
+emulated on this project's machine), not on AVX-512, where that reduction, fused with its neighbours, was as fast or
+faster (27 ms against 33 in one run, 24 against 23 in another). ``OVERFILL_INT8_KERNEL=always`` uses it in compiled
+steps too, ``off`` never.
+
 Without a compiler (or with ``OVERFILL_INT8_KERNEL=off``) nothing is built: :func:`load` returns False once, with
 the reason logged, and ``Int8Linear`` computes the same product through ``F.linear`` (fused into a reduction by
 inductor in the compiled step), as it did before this kernel existed.
@@ -33,7 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int8_kernel.cpp")
 SOURCES = (SOURCE, SOURCE.with_name("int8_kernel_body.h"))  # what the built library depends on
 ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}  # baseline: SSE2 on x86-64, NEON on aarch64
-_state: dict = {}  # "loaded": bool, "why": str (set by load)
+_state: dict = {}  # set by load: "loaded", "why", "isa" (an ISA_NAMES key), "in_compiled_step"
 
 
 def cache_dir() -> Path:
@@ -87,14 +94,19 @@ def load() -> bool:
     """Build (if needed) and load the kernel once per process; whether ``torch.ops.overfill.int8_linear`` exists."""
     if "loaded" in _state:
         return _state["loaded"]
-    if os.environ.get("OVERFILL_INT8_KERNEL", "").lower() in ("off", "0", "false"):
+    setting = os.environ.get("OVERFILL_INT8_KERNEL", "auto").lower()
+    if setting not in ("auto", "always", "off"):
+        raise ValueError(f"OVERFILL_INT8_KERNEL={setting!r}: use auto (the default), always or off")
+    if setting == "off":
         _state.update(loaded=False, why="OVERFILL_INT8_KERNEL=off")
     else:
         try:
             torch.ops.load_library(str(build()))
             torch.library.register_fake("overfill::int8_linear")(_shape_only)
             torch.library.register_fake("overfill::int4_linear")(_shape_only)
-            _state.update(loaded=True, why="")
+            best = int(torch.ops.overfill.int8_kernel_isa())
+            _state.update(loaded=True, why="", isa=best,
+                          in_compiled_step=setting == "always" or ISA_NAMES[best] == "avx2")
         except (RuntimeError, OSError, ImportError) as error:  # no compiler, a failed build, no setuptools
             _state.update(loaded=False, why=str(error))
     if not _state["loaded"]:
@@ -110,7 +122,15 @@ def loaded() -> bool:
 
 def isa() -> str | None:
     """The instruction set the kernel runs with on this CPU ("avx512", "avx2", "baseline"), None when not loaded."""
-    return ISA_NAMES[torch.ops.overfill.int8_kernel_isa()] if loaded() else None
+    return ISA_NAMES[_state["isa"]] if loaded() else None
+
+
+def use_kernel(compiling: bool) -> bool:
+    """Whether an int8 layer multiplies through the kernel: eagerly on x86 (its baseline path, for other CPUs, is
+    slower than a GEMM on converted weights), in a compiled step only on AVX2 (or when told ``always``)."""
+    if not loaded() or ISA_NAMES[_state["isa"]] == "baseline":
+        return False
+    return _state["in_compiled_step"] if compiling else True
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,11 @@
 
 A batch-1 decode step on a CPU is bound by the bytes it reads: one byte per weight instead of four. On a CPU with
 fp32 activations and up to :data:`KERNEL_ROWS` rows, :class:`Int8Linear` runs the project's own int8 kernel
-(:mod:`overfill_lib.int8_kernel`: int8 weights widened in registers, AVX-512 or AVX2), eagerly and inside the compiled
-decode step alike. torch's own int8 matrix-vector kernel (``_weight_int8pack_mm``) ran SmolLM2's LM head at 1.9 GB/s
-with fp32 activations on this project's machine, and inductor's fused int8 reduction widens the weights with slow
-scalar code (worst on AVX2). Elsewhere (more rows, another dtype or device, no C++ compiler) it computes the same
-product with ``F.linear`` on the converted weight. Inference only.
+(:mod:`overfill_lib.int8_kernel`: int8 weights widened in registers, AVX-512 or AVX2) where
+:func:`overfill_lib.int8_kernel.use_kernel` says it pays: eagerly, and inside the compiled decode step on AVX2, where
+inductor's fused int8 reduction collapses. torch's own int8 matrix-vector kernel (``_weight_int8pack_mm``) ran
+SmolLM2's LM head at 1.9 GB/s with fp32 activations on this project's machine. Elsewhere (more rows, another dtype or
+device, no C++ compiler) it computes the same product with ``F.linear`` on the converted weight. Inference only.
 
 A quantized model saves with ``save_pretrained`` (its config.json says ``overfill_quantization``) and loads back
 through ``artifacts.load_causal_lm`` (:func:`load_int8`) with the same int8 weights and the same logits.
@@ -57,8 +57,8 @@ class Int8Linear(nn.Module):
         return cls(q, scale.to(linear.weight.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (int8_kernel.loaded() and x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
-                and x.numel() <= KERNEL_ROWS * self.in_features):
+        if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
+                and x.numel() <= KERNEL_ROWS * self.in_features and int8_kernel.use_kernel(torch.compiler.is_compiling())):
             return torch.ops.overfill.int8_linear(x, self.qweight, self.scale, self.bias)
         return self.converted(x)
 

@@ -88,6 +88,8 @@ def test_bad_inputs_are_refused_by_name(kernel):
 
 
 def test_int8_linear_uses_the_kernel_up_to_its_row_limit_and_agrees_with_the_gemm_beyond(kernel):
+    if int8_kernel.isa() == "baseline":
+        pytest.skip("on a CPU without AVX2 the layers use F.linear (the kernel's portable path is slower)")
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(96, 24))
     calls = []
@@ -108,15 +110,34 @@ def test_int8_linear_uses_the_kernel_up_to_its_row_limit_and_agrees_with_the_gem
     # The GEMM on converted weights and the kernel compute the same product.
     gemm = torch.nn.functional.linear(small, q.qweight.float()) * q.scale + q.bias
     assert torch.allclose(y, gemm, atol=1e-5)
-    # Under torch.compile (the fast decode step) the layer is one call of the kernel, traced without a graph break.
+
+
+@pytest.mark.parametrize("in_compiled_step", [True, False])
+def test_a_compiled_step_calls_the_kernel_where_the_rule_says(kernel, monkeypatch, in_compiled_step):
+    """Under torch.compile (the fast decode step) the layer is one call of the kernel (AVX2, or ``always``), traced
+    without a graph break, or inductor's reduction of F.linear (AVX-512)."""
+    if int8_kernel.isa() == "baseline":
+        pytest.skip("on a CPU without AVX2 the layers use F.linear")
+    monkeypatch.setitem(int8_kernel._state, "in_compiled_step", in_compiled_step)
+    torch._dynamo.reset()
+    q = Int8Linear.from_linear(nn.Linear(96, 24))
     traced = []
 
     def backend(gm, example_inputs):
         traced.extend(str(node.target) for node in gm.graph.nodes)
         return gm.forward
 
-    assert torch.equal(torch.compile(q, backend=backend, fullgraph=True)(small[:1]), q(small[:1]))
-    assert "overfill.int8_linear" in traced and "<built-in function linear>" not in traced  # not F.linear
+    x = torch.randn(1, 96)
+    assert torch.allclose(torch.compile(q, backend=backend, fullgraph=True)(x), q(x), atol=1e-5)
+    assert ("overfill.int8_linear" in traced) == in_compiled_step
+    assert ("<built-in function linear>" in traced) == (not in_compiled_step)
+
+
+def test_the_setting_is_checked():
+    done = subprocess.run([sys.executable, "-c", "from overfill_lib import int8_kernel; int8_kernel.load()"],
+                          cwd=ROOT, env={**os.environ, "OVERFILL_INT8_KERNEL": "yes"}, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode != 0 and "OVERFILL_INT8_KERNEL='yes'" in done.stderr and "always" in done.stderr
 
 
 def test_a_kernel_that_cannot_be_built_is_said_and_int8_layers_still_run(tmp_path):

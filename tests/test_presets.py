@@ -188,7 +188,7 @@ def test_a_loaded_preset_is_a_tree_of_typed_sections_with_each_default_once():
 # and the long runs' names did not change).
 RECIPE_DIGESTS = {"tiny": ("ebb760bb9dbb", None, "8f3b4527dcb2"),
                   "smoke": ("43dde7726110", None, "8837bc91508c"),
-                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "4402cc555e82")}
+                  "smollm2-135m": ("e3d8dc1256cf", "66c63a66495e", "c33a34aeb461")}
 RECOVERY_UNHASHED = {"keep", "objectives", "seeds", "tokens", "spread_seeds", "spread_tokens", "flat", "flat_evals",
                      "validation_windows"}  # recovery.Resources.run_dir leaves these out of a run's name
 

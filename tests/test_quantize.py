@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from overfill_lib import fast_decode
+from overfill_lib import fast_decode, int8_kernel
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
 from overfill_lib.quantize import Int8Linear, quantize_int8
@@ -42,10 +42,12 @@ def test_quantize_int8_unties_the_head_and_keeps_the_model_close():
     assert quantize_int8(model) is model  # idempotent
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch):
-    """The compiled step calls the int8 kernel as the eager layers do (where it is built); the tokens must be the
-    plain (eager, dynamic cache) loop's, at batch 1 and above."""
+@pytest.mark.parametrize(("batch", "kernel_in_step"), [(1, False), (3, True)])
+def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_in_step, monkeypatch):
+    """The compiled step multiplies the int8 weights by inductor's reduction (AVX-512) or by the int8 kernel (AVX2,
+    where it is built); either way its tokens must be the plain (eager, dynamic cache) loop's, at batch 1 and above."""
+    if int8_kernel.load():
+        monkeypatch.setitem(int8_kernel._state, "in_compiled_step", kernel_in_step)
     full = quantize_int8(tiny_model("llama", seed=0))
     decoder = quantize_int8(tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40))
     ids = random_batch(full, batch, 9, seed=3)
