@@ -118,7 +118,8 @@ STEP_VARIANTS = {
 }
 # --emulate-avx2: inductor writes 256-bit code (cpp.simdlen=256) for the whole process, as on a CPU without AVX-512.
 # Its own process: with another width in the same one, dynamo would reuse the graph it already has.
-AVX2_VARIANTS = {"inductor's reduction (AVX2 emulated)": "reduction", "kernel, AVX2 path (AVX2 emulated)": "kernel_avx2"}
+AVX2_VARIANTS = {"inductor's reduction (AVX2 emulated)": "reduction",
+                 "kernel, AVX2 path (AVX2 emulated)": "kernel_avx2"}
 
 
 def _route(full, how: str) -> None:

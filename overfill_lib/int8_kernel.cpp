@@ -124,7 +124,8 @@ Channels q4_channels(int64_t isa) {
 // Blocks of 4 channels, split evenly over the threads; a small product stays on one thread.
 void run(const Problem& p, Channels channels, int64_t weight_bytes) {
   const int64_t blocks = (p.N + 3) / 4;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), weight_bytes * p.M / (64 * 1024)));
+  const int64_t work = weight_bytes * p.M / (64 * 1024);  // a thread per 64 KB of weight (times rows), at most all
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work));
   if (threads == 1) {
     channels(p, 0, p.N);
     return;
@@ -143,10 +144,6 @@ at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
   return bias->contiguous();
 }
 
-at::Tensor output(const at::Tensor& x, int64_t M, int64_t N) {
-  return at::empty({M, N}, x.options());
-}
-
 at::Tensor shaped(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
@@ -157,14 +154,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
                        const c10::optional<at::Tensor>& bias, int64_t isa) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "overfill::int8_linear wants fp32 CPU input, got ",
               x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "overfill::int8_linear wants an int8 [out, in] weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar,
+              "overfill::int8_linear wants an int8 [out, in] weight");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(-1) == K, "overfill::int8_linear: input has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat, "overfill::int8_linear wants ", N, " fp32 scales");
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat, "overfill::int8_linear wants ", N,
+              " fp32 scales");
   const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
   const at::Tensor bc = checked_bias(bias, N);
   const int64_t M = xc.size(0);
-  at::Tensor y = output(x, M, N);
+  at::Tensor y = at::empty({M, N}, x.options());
   const Problem p{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
                   bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr, y.data_ptr<float>(), M, N, K};
   run(p, int8_channels(isa < 0 ? best_isa() : isa), N * K);
@@ -185,7 +184,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = packed.contiguous(), gc = group_scale.contiguous();
   const at::Tensor bc = checked_bias(bias, N);
   const int64_t M = xc.size(0);
-  at::Tensor y = output(x, M, N);
+  at::Tensor y = at::empty({M, N}, x.options());
   const Problem p{xc.data_ptr<float>(), reinterpret_cast<const int8_t*>(wc.data_ptr<uint8_t>()), nullptr,
                   bc.defined() ? bc.data_ptr<float>() : nullptr, gc.data_ptr<float>(), y.data_ptr<float>(), M, N, K};
   run(p, q4_channels(isa < 0 ? best_isa() : isa), N * K / 2);

@@ -56,8 +56,8 @@ def _command(compiler: str, output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(output),
+    return [compiler, "-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-fopenmp",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(output),
             *(f"-L{p}" for p in library_paths()), *(f"-Wl,-rpath,{p}" for p in library_paths()),
             "-lc10", "-ltorch_cpu", "-ltorch"]
 

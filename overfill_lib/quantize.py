@@ -58,7 +58,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
-                and x.numel() <= KERNEL_ROWS * self.in_features and int8_kernel.use_kernel(torch.compiler.is_compiling())):
+                and x.numel() <= KERNEL_ROWS * self.in_features
+                and int8_kernel.use_kernel(torch.compiler.is_compiling())):
             return torch.ops.overfill.int8_linear(x, self.qweight, self.scale, self.bias)
         return self.converted(x)
 

@@ -153,7 +153,8 @@ def test_a_kernel_that_cannot_be_built_is_said_and_int8_layers_still_run(tmp_pat
     )
     env = {**os.environ, "CXX": "false", "OVERFILL_KERNEL_CACHE": str(tmp_path)}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert "torch.Size([1, 4])" in done.stdout
     assert "without the int8 CPU kernel" in done.stderr and "failed" in done.stderr
