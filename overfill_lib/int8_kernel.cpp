@@ -103,22 +103,13 @@ void check_isa(int64_t isa) {
               " is not available on this CPU (best: ", best_isa(), "; 0 baseline, 1 AVX2, 2 AVX-512)");
 }
 
-Channels int8_channels(int64_t isa) {
+Channels channels_for(int64_t isa, bool q4) {
   check_isa(isa);
 #if defined(__x86_64__)
-  if (isa == kAvx512) return overfill_avx512::channels;
-  if (isa == kAvx2) return overfill_avx2::channels;
+  if (isa == kAvx512) return q4 ? overfill_avx512::channels<true> : overfill_avx512::channels<false>;
+  if (isa == kAvx2) return q4 ? overfill_avx2::channels<true> : overfill_avx2::channels<false>;
 #endif
-  return overfill_baseline::channels;
-}
-
-Channels q4_channels(int64_t isa) {
-  check_isa(isa);
-#if defined(__x86_64__)
-  if (isa == kAvx512) return overfill_avx512::channels_q4;
-  if (isa == kAvx2) return overfill_avx2::channels_q4;
-#endif
-  return overfill_baseline::channels_q4;
+  return q4 ? overfill_baseline::channels<true> : overfill_baseline::channels<false>;
 }
 
 // Blocks of 4 channels, split evenly over the threads; a small product stays on one thread.
@@ -166,7 +157,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   at::Tensor y = at::empty({M, N}, x.options());
   const Problem p{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
                   bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr, y.data_ptr<float>(), M, N, K};
-  run(p, int8_channels(isa < 0 ? best_isa() : isa), N * K);
+  run(p, channels_for(isa < 0 ? best_isa() : isa, false), N * K);
   return shaped(y, x, N);
 }
 
@@ -187,7 +178,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({M, N}, x.options());
   const Problem p{xc.data_ptr<float>(), reinterpret_cast<const int8_t*>(wc.data_ptr<uint8_t>()), nullptr,
                   bc.defined() ? bc.data_ptr<float>() : nullptr, gc.data_ptr<float>(), y.data_ptr<float>(), M, N, K};
-  run(p, q4_channels(isa < 0 ? best_isa() : isa), N * K / 2);
+  run(p, channels_for(isa < 0 ? best_isa() : isa, true), N * K / 2);
   return shaped(y, x, N);
 }
 

@@ -55,28 +55,6 @@ void block(const Problem& p, int64_t n, int64_t m) {
     }
 }
 
-template <int C>
-void rows(const Problem& p, int64_t n) {
-  int64_t m = 0;
-  for (; m + OVERFILL_ROWS <= p.M; m += OVERFILL_ROWS) block<OVERFILL_ROWS, C>(p, n, m);
-  switch (p.M - m) {  // the last rows
-    case 1: block<1, C>(p, n, m); break;
-#if OVERFILL_ROWS > 2
-    case 2: block<2, C>(p, n, m); break;
-#endif
-#if OVERFILL_ROWS > 3
-    case 3: block<3, C>(p, n, m); break;
-#endif
-    default: break;
-  }
-}
-
-void channels(const Problem& p, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) rows<4>(p, n);
-  for (; n < n1; ++n) rows<1>(p, n);
-}
-
 // ---- 4-bit weights: 32 per group, one scale each; byte j of a group holds element j (low nibble) and j + 16 (high
 // nibble), both stored plus 8.
 inline void widen_nibbles(const uint8_t* b, vfloat& lo, vfloat& hi) {  // kLanes bytes -> both nibbles, minus 8
@@ -121,24 +99,32 @@ void block_q4(const Problem& p, int64_t n, int64_t m) {
     for (int c = 0; c < C; ++c) store(p, m + r, n + c, hsum(acc[r][c]));
 }
 
-template <int C>
-void rows_q4(const Problem& p, int64_t n) {
+template <bool Q4, int R, int C>
+inline void any_block(const Problem& p, int64_t n, int64_t m) {
+  if constexpr (Q4) block_q4<R, C>(p, n, m); else block<R, C>(p, n, m);
+}
+
+// Every row of x for channels [n, n + C): blocks of OVERFILL_ROWS rows, then the last few.
+template <bool Q4, int C>
+void rows(const Problem& p, int64_t n) {
   int64_t m = 0;
-  for (; m + OVERFILL_ROWS <= p.M; m += OVERFILL_ROWS) block_q4<OVERFILL_ROWS, C>(p, n, m);
+  for (; m + OVERFILL_ROWS <= p.M; m += OVERFILL_ROWS) any_block<Q4, OVERFILL_ROWS, C>(p, n, m);
   switch (p.M - m) {
-    case 1: block_q4<1, C>(p, n, m); break;
+    case 1: any_block<Q4, 1, C>(p, n, m); break;
 #if OVERFILL_ROWS > 2
-    case 2: block_q4<2, C>(p, n, m); break;
+    case 2: any_block<Q4, 2, C>(p, n, m); break;
 #endif
 #if OVERFILL_ROWS > 3
-    case 3: block_q4<3, C>(p, n, m); break;
+    case 3: any_block<Q4, 3, C>(p, n, m); break;
 #endif
     default: break;
   }
 }
 
-void channels_q4(const Problem& p, int64_t n0, int64_t n1) {
+// Channels [n0, n1): four at a time, then one at a time. Q4: 4-bit weights, else int8.
+template <bool Q4>
+void channels(const Problem& p, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) rows_q4<4>(p, n);
-  for (; n < n1; ++n) rows_q4<1>(p, n);
+  for (; n + 4 <= n1; n += 4) rows<Q4, 4>(p, n);
+  for (; n < n1; ++n) rows<Q4, 1>(p, n);
 }
