@@ -155,8 +155,9 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
     nbytes = cost.dtype_bytes(dtype)
     result = {"dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
               "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
-              # which int8 product ran: the project's kernel (its instruction set) or F.linear / inductor's reduction
-              "int8_kernel": (int8_kernel.isa() or "off") if int8 else None,
+              # which int8 product ran, eagerly and compiled: the project's kernel or F.linear (inductor's reduction)
+              "int8_kernel": {"isa": int8_kernel.isa(), "eager": int8_kernel.use_kernel(False),
+                              "compiled": int8_kernel.use_kernel(True)} if int8 else None,
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "compile_cache": cache,
               "batch": batch, "paths": list(paths),
               "methods": {}}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from overfill_lib import int8_kernel
 from overfill_lib.fast_decode import MatVecAsReduction
+from overfill_lib.quantize import KERNEL_ROWS
 
 SHAPES = [(49152, 576), (1536, 576), (576, 1536), (576, 576)]  # LM head, gate/up, down, q/o
 
@@ -91,8 +92,8 @@ def kernels(repeats: int) -> None:
             with torch.no_grad():
                 for name, f in fns.items():
                     y = f(*args[name])
-                    if name not in ("int_mm",) and not name.startswith("int4") and (
-                            (y - ref).abs().max() > 1e-4 * ref.abs().max()):
+                    checked = name != "int_mm" and not name.startswith("int4")
+                    if checked and (y - ref).abs().max() > 1e-4 * ref.abs().max():
                         raise AssertionError(f"{name} {dtype} {n}x{k} does not compute x @ W.T")
                 found = median_ms(fns, args, repeats)
             nbytes = w.numel() * w.element_size()
@@ -112,7 +113,7 @@ def _int_mm_forward(self, x):
 
 # label -> how the int8 layers multiply: what --step times, interleaved
 STEP_VARIANTS = {
-    "kernel": "kernel",  # forced, whatever int8_kernel.use_kernel picks on this CPU
+    "kernel": "kernel",  # forced into the step, whatever int8_kernel.use_kernel picks on this CPU
     "inductor's reduction": "reduction",
     "int8 x int8 (torch._int_mm)": "int_mm",
 }
@@ -133,20 +134,15 @@ def _route(full, how: str) -> None:
             module.forward = module.converted
         elif how == "int_mm" and module is not head:
             module.forward = _int_mm_forward.__get__(module)
-        elif how.startswith("kernel"):  # whatever int8_kernel.use_kernel would pick
+        elif how.startswith("kernel"):  # in every layer, compiled or not: best instruction set, or AVX2's
             module.forward = functools.partial(_kernel_forward, module, 1 if how == "kernel_avx2" else -1)
 
 
 def _kernel_forward(module, isa: int, x):
-    if x.numel() > quantize_rows() * module.in_features:
+    """Int8Linear.forward with the kernel forced (and its instruction set chosen); more rows still go to the GEMM."""
+    if x.numel() > KERNEL_ROWS * module.in_features:
         return module.converted(x)
     return torch.ops.overfill.int8_linear(x, module.qweight, module.scale, module.bias, isa)
-
-
-def quantize_rows() -> int:
-    from overfill_lib.quantize import KERNEL_ROWS
-
-    return KERNEL_ROWS
 
 
 def step(preset_name: str, new_tokens: int, rounds: int = 5, emulate_avx2: bool = False) -> None:
