@@ -1,7 +1,8 @@
 """CPU decode against the memory roofline: plain ``generate``, the eager fast path and the compiled one, side by side.
 
 For each preset (its full model and pruned decoder, as :mod:`overfill_lib.pipeline` builds them) and each dtype (fp32,
-bf16, and int8 weights with fp32 activations, :mod:`overfill_lib.quantize`), the full model, the decoder and OverFill
+bf16, int8 weights with fp32 activations, and w8a8: int8 weights and activations, :mod:`overfill_lib.quantize`), the
+full model, the decoder and OverFill
 generate greedily from one chat prompt, batch 1, every path in turn within each repetition (interleaved, so a noisy
 moment hits all alike). Printed and written to ``--out``: median ms per generated
 token, the bytes one decode step reads (:mod:`overfill_lib.cost`: weights and static KV cache) over that time as a
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 PROMPT = "Explain why the sky is blue, briefly."
 METHODS = ("full", "decoder", "overfill")
 PATHS = ("plain", "eager", "compiled")  # plain and compiled are always timed; --paths may leave eager out
-DTYPES = ("float32", "bfloat16", "int8")  # plain: HF generate (full, decoder) or the pair's plain loop (OverFill)
+# plain: HF generate (full, decoder) or the pair's plain loop (OverFill)
+DTYPES = ("float32", "bfloat16", "int8", "w8a8")
 
 
 @functools.cache
@@ -124,7 +126,9 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
     of every round (llama.cpp's runs, interleaved with the workbook's)."""
     dtype = next(full.parameters()).dtype  # of the activations and the KV cache
     batch = ids.shape[0]
-    int8 = getattr(full, "quantization", None) == quantize.QUANTIZATION
+    weights = quantize.weights_of(full)  # "float", "int8" or "w8a8"
+    int8 = weights != "float"
+    activations = "int8" if weights == "w8a8" else "float"
     for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
         model.requires_grad_(False)
     models = {"full": (full, full), "decoder": (decoder, decoder), "overfill": (full, decoder)}
@@ -153,11 +157,11 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
             peer()
     read_bw = statistics.median(bandwidth)
     nbytes = cost.dtype_bytes(dtype)
-    result = {"dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
+    result = {"dtype": weights if int8 else str(dtype).removeprefix("torch."),
               "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
               # which int8 product ran, eagerly and compiled: the project's kernel or F.linear (inductor's reduction)
-              "int8_kernel": {"isa": int8_kernel.isa(), "eager": int8_kernel.use_kernel(False),
-                              "compiled": int8_kernel.use_kernel(True)} if int8 else None,
+              "int8_kernel": {"isa": int8_kernel.isa(), "eager": int8_kernel.use_kernel(False, activations),
+                              "compiled": int8_kernel.use_kernel(True, activations)} if int8 else None,
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "compile_cache": cache,
               "batch": batch, "paths": list(paths),
               "methods": {}}
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", help="repeatable; default: tiny and smollm2-135m")
     parser.add_argument("--dtype", action="append", choices=DTYPES,
-                        help="repeatable; int8: int8 weights, fp32 activations (overfill_lib.quantize); default: all")
+                        help="repeatable; int8: int8 weights, fp32 activations; w8a8: int8 activations too "
+                             "(overfill_lib.quantize); default: all")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                         help="paths to time (plain and compiled always are); default: all")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -310,11 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = args.dtype or list(DTYPES)
         rounds = llama_cpp.rounds_for(args.llama_precision, dtypes)
         for dtype in dtypes:
-            load_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+            scheme = quantize.DECODER_WEIGHTS.get(dtype)  # int8 or w8a8: quantized from fp32
+            load_dtype = torch.float32 if scheme else getattr(torch, dtype)
             full, _ = load_model(full_dir, dtype=load_dtype, role="full model")
             decoder, _ = load_model(decoder_dir, dtype=load_dtype, role="decoder")
-            if dtype == "int8":
-                full, decoder = quantize.quantize_int8(full), quantize.quantize_int8(decoder)
+            if scheme:
+                full, decoder = quantize.quantize_int8(full, scheme), quantize.quantize_int8(decoder, scheme)
             r = measure(full, decoder, ids, args.new_tokens, args.repeats, args.paths,
                         peer=functools.partial(peer, rounds[dtype], dtype) if peer is not None and rounds[dtype] else None)
             record["dtypes"][dtype] = r

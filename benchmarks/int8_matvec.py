@@ -10,12 +10,16 @@ At SmolLM2-135M's shapes (the LM head and a layer's projections), batch 1, 2 thr
   (what Q8_0 does: the activation is quantized too);
 - ``kernel_<isa>``: the project's int8 kernel (:mod:`overfill_lib.int8_kernel`), eager, in every instruction set this
   CPU runs (``kernel_avx2`` on an AVX-512 machine is what an AVX2-only one would run); ``int4_kernel_<isa>``: its
-  4-bit product (32 weights per fp32 scale), timed to see whether 4-bit weights would pay.
+  4-bit product (32 weights per fp32 scale), timed to see whether 4-bit weights would pay; ``w8a8_kernel_<isa>``:
+  its int8 x int8 product (the activation row rounded per block of 32 inside the call, as Q8_0 does);
+  ``f32_kernel``: its fp32 path (``f32_linear``), the same loop on fp32 weights.
 
 ``--step`` also times the compiled full-model step with int8 weights, interleaved: through the kernel (what
 ``Int8Linear`` does), through inductor's fused reduction (``Int8Linear.converted``, the path before the kernel), a
 prototype that routes every linear layer but the LM head through ``torch._int_mm`` with the activation row quantized
-per token; ``--step --emulate-avx2`` times an AVX2 machine emulated (inductor's 256-bit code against the kernel's
+per token, and the w8a8 model (``quantize.W8A8Linear``: int8 activations per block of 32, through the kernel's
+``w8a8_linear``), and the fp32 step through inductor's reduction or the kernel's ``f32_linear`` in every linear
+layer; ``--step --emulate-avx2`` times an AVX2 machine emulated (inductor's 256-bit code against the kernel's
 AVX2 path).
 
     python -m benchmarks.int8_matvec [--step]
@@ -77,6 +81,9 @@ def kernels(repeats: int) -> None:
             fns = {"reduction": reduction, "split32": split(32), "split64": split(64), "split192": split(192)}
             fns = {name: torch.compile(f, fullgraph=True, dynamic=False) for name, f in fns.items()}
             args = {name: (x, w, s) for name in fns}
+            if dtype == "fp32" and int8_kernel.load():  # the kernel's fp32 path (f32_linear), eager
+                fns["f32_kernel"] = lambda x, w, s: torch.ops.overfill.f32_linear(x, w) * s
+                args["f32_kernel"] = (x, w, s)
             if dtype == "int8":
                 fns["int_mm"] = int_mm
                 args["int_mm"] = (torch.randint(-127, 128, (1, k), dtype=torch.int8), w, s)
@@ -89,10 +96,13 @@ def kernels(repeats: int) -> None:
                         # 4-bit weights (half the bytes, group scales): timed, not checked against ref
                         fns[f"int4_{name}"] = functools.partial(torch.ops.overfill.int4_linear, isa=isa)
                         args[f"int4_{name}"] = (x, packed, group_scale)
+                        if isa <= 1:  # one AVX2 path serves AVX-512 machines too
+                            fns[f"w8a8_{name}"] = functools.partial(torch.ops.overfill.w8a8_linear, isa=isa)
+                            args[f"w8a8_{name}"] = (x, w, s)
             with torch.no_grad():
                 for name, f in fns.items():
                     y = f(*args[name])
-                    checked = name != "int_mm" and not name.startswith("int4")
+                    checked = name != "int_mm" and not name.startswith(("int4", "w8a8"))  # other products
                     if checked and (y - ref).abs().max() > 1e-4 * ref.abs().max():
                         raise AssertionError(f"{name} {dtype} {n}x{k} does not compute x @ W.T")
                 found = median_ms(fns, args, repeats)
@@ -116,21 +126,31 @@ STEP_VARIANTS = {
     "kernel": "kernel",  # forced into the step, whatever int8_kernel.use_kernel picks on this CPU
     "inductor's reduction": "reduction",
     "int8 x int8 (torch._int_mm)": "int_mm",
+    "w8a8 (int8 activations per block of 32, kernel)": "w8a8",
+    "w8a8, torch's rounding and inductor's reduction": "w8a8_reduction",
+    "fp32 weights, inductor's reduction": "f32_reduction",
+    "fp32 weights, kernel (f32_linear)": "f32_kernel",
 }
 # --emulate-avx2: inductor writes 256-bit code (cpp.simdlen=256) for the whole process, as on a CPU without AVX-512.
 # Its own process: with another width in the same one, dynamo would reuse the graph it already has.
 AVX2_VARIANTS = {"inductor's reduction (AVX2 emulated)": "reduction",
-                 "kernel, AVX2 path (AVX2 emulated)": "kernel_avx2"}
+                 "kernel, AVX2 path (AVX2 emulated)": "kernel_avx2",
+                 "w8a8 (AVX2 emulated)": "w8a8"}
 
 
 def _route(full, how: str) -> None:
     from overfill_lib import quantize
 
     head = full.get_output_embeddings()
+    if how == "f32_kernel":
+        for module in full.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.forward = functools.partial(_f32_forward, module)
+        return
     for module in full.modules():
         if not isinstance(module, quantize.Int8Linear):
             continue
-        if how == "reduction":
+        if how in ("reduction", "w8a8_reduction"):
             module.forward = module.converted
         elif how == "int_mm" and module is not head:
             module.forward = _int_mm_forward.__get__(module)
@@ -145,7 +165,15 @@ def _kernel_forward(module, isa: int, x):
     return torch.ops.overfill.int8_linear(x, module.qweight, module.scale, module.bias, isa)
 
 
-def step(preset_name: str, new_tokens: int, rounds: int = 5, emulate_avx2: bool = False) -> None:
+def _f32_forward(module, x):
+    """nn.Linear.forward through the kernel's f32_linear up to KERNEL_ROWS rows (the compiled step's reduction, from
+    MatVecAsReduction, otherwise)."""
+    if x.numel() > KERNEL_ROWS * module.in_features:
+        return F.linear(x, module.weight, module.bias)
+    return torch.ops.overfill.f32_linear(x, module.weight, module.bias)
+
+
+def step(preset_name: str, new_tokens: int, rounds: int = 5, emulate_avx2: bool = False, variants=None) -> None:
     """The compiled full-model step with int8 weights, each variant on its own copy of the model, ``rounds``
     interleaved rounds, medians: STEP_VARIANTS, or with ``emulate_avx2`` AVX2_VARIANTS."""
     import torch._inductor.config as inductor_config
@@ -162,11 +190,14 @@ def step(preset_name: str, new_tokens: int, rounds: int = 5, emulate_avx2: bool 
     messages = [{"role": "user", "content": "Explain why the sky is blue, briefly."}]
     runs = {}
     for label, how in (AVX2_VARIANTS if emulate_avx2 else STEP_VARIANTS).items():
-        if how.startswith("kernel") and not int8_kernel.load():
+        if variants and how not in variants:
+            continue
+        if how in ("kernel", "kernel_avx2", "w8a8", "f32_kernel") and not int8_kernel.load():
             print(f"{label}: skipped (the int8 kernel is not built)")
             continue
         full, tokenizer = load_model(pipeline.full_model(preset)[0], role="full model")
-        full = quantize.quantize_int8(full).requires_grad_(False)
+        scheme = quantize.W8A8 if how.startswith("w8a8") else quantize.QUANTIZATION
+        full = (full if how.startswith("f32") else quantize.quantize_int8(full, scheme)).requires_grad_(False)
         _route(full, how)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
@@ -194,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="with --step: inductor's 256-bit code, the reduction against the kernel's AVX2 path "
                              "(run it in its own process)")
+    parser.add_argument("--variant", action="append", choices=sorted(set(STEP_VARIANTS.values())),
+                        help="with --step: repeatable; only these variants (default: all)")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the matrix-by-matrix timings")
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    kernels(args.repeats)
+    if not args.no_kernels:
+        kernels(args.repeats)
     if args.step:
-        step(args.preset, args.new_tokens, emulate_avx2=args.emulate_avx2)
+        step(args.preset, args.new_tokens, emulate_avx2=args.emulate_avx2, variants=args.variant)
     return 0
 
 

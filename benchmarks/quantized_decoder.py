@@ -1,11 +1,14 @@
-"""What int8 weights cost in quality: OverFill with an int8 decoder against OverFill in fp32 and the full model in int8.
+"""What int8 weights cost in quality: OverFill with an int8 decoder against OverFill in fp32 and the full model in int8
+(and the same with int8 activations too, w8a8).
 
 Scored as every decoder is (:func:`overfill_lib.scoring.answer_fidelity`): by teacher forcing on the full model's own
 greedy answers to held-out prompts (``data/distill-smollm2-135m/test.jsonl`` for SmolLM2), per-token agreement with
 the full model's greedy token and NLL of its answer, 95% bootstrap intervals over answers, and paired differences
 (both models on the same resampled answers, :func:`overfill_lib.scoring.bootstrap_paired`). The decoder is the
 preset's pruned decoder as :mod:`overfill_lib.pipeline` builds it; int8 is :func:`overfill_lib.quantize.quantize_int8`
-(per-output-channel weights, fp32 activations), the setting a preset asks for with ``decoder: {weights: int8}``.
+(per-output-channel weights, fp32 activations), the setting a preset asks for with ``decoder: {weights: int8}``;
+w8a8 is ``quantize_int8(model, quantize.W8A8)`` (the activations rounded per block of 32 as well, as llama.cpp's Q8_0
+does), ``decoder: {weights: w8a8}``.
 
     nice -n 19 python -m benchmarks.quantized_decoder --out results/smollm2-135m/quantized_decoder.json
     python -m benchmarks.quantized_decoder --limit 150   # a seeded subset of the answers, said so in the record
@@ -44,9 +47,13 @@ MODELS = {
     "overfill_fp32": ("float", "float"),
     "overfill_int8_decoder": ("float", "int8"),
     "overfill_int8_both": ("int8", "int8"),
+    "full_w8a8": ("w8a8", None),
+    "overfill_w8a8_decoder": ("float", "w8a8"),
 }
 COMPARISONS = (("overfill_int8_decoder", "overfill_fp32"), ("overfill_int8_decoder", "full_int8"),
-               ("overfill_int8_both", "overfill_int8_decoder"))
+               ("overfill_int8_both", "overfill_int8_decoder"), ("overfill_w8a8_decoder", "overfill_fp32"),
+               ("overfill_w8a8_decoder", "overfill_int8_decoder"), ("overfill_w8a8_decoder", "full_w8a8"),
+               ("full_w8a8", "full_int8"))
 
 
 def _strip(result: dict) -> dict:
@@ -83,7 +90,9 @@ def record(scores: dict, seconds: dict, answers: dict, identity: dict) -> dict:
                 "(scoring.answer_fidelity); 95% bootstrap intervals over answers; comparisons: a - b on the same "
                 "answers with paired 95% intervals (scoring.bootstrap_paired). int8: quantize.quantize_int8 "
                 "(symmetric per-output-channel int8 weights, fp32 activations and KV cache), the setting "
-                "decoder: {weights: int8}; overfill_*: the full model prefills, the decoder continues",
+                "decoder: {weights: int8}; w8a8: quantize_int8(model, quantize.W8A8) (activations rounded to int8 "
+                "per block of 32 too), decoder: {weights: w8a8}; overfill_*: the full model prefills, the decoder "
+                "continues",
         "models": {name: {"full_model": MODELS[name][0], "decoder": MODELS[name][1] or "none (full model alone)"}
                    for name in scores},
         "scores": {name: _strip(s) for name, s in scores.items()},
@@ -123,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     decoder, _ = load_model(decoder_dir, role="decoder")
     for model in (full, decoder):
         model.requires_grad_(False)
-    variants = {"float": {"full": full, "decoder": decoder},
-                "int8": {"full": quantize.quantize_int8(copy.deepcopy(full)),
-                         "decoder": quantize.quantize_int8(copy.deepcopy(decoder))}}
+    variants = {"float": {"full": full, "decoder": decoder}}
+    for weights, scheme in quantize.DECODER_WEIGHTS.items():
+        if scheme is not None:
+            variants[weights] = {"full": quantize.quantize_int8(copy.deepcopy(full), scheme),
+                                 "decoder": quantize.quantize_int8(copy.deepcopy(decoder), scheme)}
     scores, seconds = {}, {}
     identity = {"full_dir": _relative(full_dir), "decoder_dir": _relative(decoder_dir),
                 "full_weights": weights_fingerprint(full), "decoder_weights": weights_fingerprint(decoder),

@@ -29,7 +29,8 @@ CALIBRATION_SOURCES = ("suite", "wikitext", "pydoc")
 CRITERIA = ("activation", "magnitude", "random")
 AGGREGATIONS = ("l2", "mean", "l1")
 SEQ_AGGREGATIONS = ("mean", "l2")
-DECODER_WEIGHTS = ("float", "int8")  # decoder.weights: the runtime dtype, or int8 weights (quantize.DECODER_WEIGHTS)
+DECODER_WEIGHTS = ("float", "int8", "w8a8")  # decoder.weights: the runtime dtype, int8 weights, int8 weights and
+# activations (quantize.DECODER_WEIGHTS)
 MAIN_FULL_MODEL = "full_model"  # the ablation grid's name for the preset's own full model (pipeline.MODELS)
 # How a run folder names a full model, where that differs from its name: the main full model's ablation folders were
 # named when it was called "teacher" (artifacts/<preset>/ablation/teacher-keep0.5/...). Keeping that spelling in the
@@ -387,8 +388,8 @@ class DecoderSection:
     heads: int | float | None = None
     round_to: int = 1
     criterion: str = "activation"
-    # The decoder's weights where it is timed and scored (notebooks 03 and 04): "float" (the runtime dtype) or "int8"
-    # (quantize.py). A run-time setting: the pruned decoder's stamp leaves it out (pipeline.pruned_decoder).
+    # The decoder's weights where it is timed and scored (notebooks 03 and 04): "float" (the runtime dtype), "int8"
+    # or "w8a8" (int8 activations too; quantize.py). A run-time setting: the pruned decoder's stamp leaves it out (pipeline.pruned_decoder).
     weights: str = "float"
 
     def __post_init__(self):

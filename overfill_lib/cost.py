@@ -38,7 +38,7 @@ def dtype_bytes(dtype) -> float:
 def weight_value_bytes(config, bytes_per_value):
     """Bytes per stored weight: 1 for a model whose config says :func:`overfill_lib.quantize.quantize_int8`
     quantized it (int8 weights, whatever the activations' dtype), else ``bytes_per_value``."""
-    return 1 if getattr(config, quantize.CONFIG_KEY, None) == quantize.QUANTIZATION else bytes_per_value
+    return 1 if getattr(config, quantize.CONFIG_KEY, None) in quantize.SCHEMES else bytes_per_value
 
 
 def parameter_breakdown(config) -> dict[str, int]:

@@ -2,13 +2,18 @@
 // fp32 on the CPU. Built and loaded by overfill_lib/int8_kernel.py; the maths is quantize.Int8Linear's.
 //
 // Why by hand: a decode step at batch 1 is a string of matrix-vector products. On AVX2, inductor's fused int8
-// reduction collapses (SmolLM2's int8 step 5.8x slower than through this kernel) and oneDNN's int8 GEMMs want int8
+// reduction collapses (SmolLM2's int8 step 7x slower than through this kernel on an AMD EPYC) and oneDNN's int8 GEMMs want int8
 // activations and reorder the weight per call; eagerly, the alternative converts each whole weight per call. Here
 // each output channel is one dot product whose int8 weights are widened 16 (AVX-512) or 8 (AVX2) floats at a time and
 // multiplied into fp32 sums, four channels in flight, each widened weight used for up to 4 rows of x (batches above
 // one); blocks of channels are split over OpenMP threads, the pool the inductor kernels around it use (torch's
 // libgomp). One output's sum runs in the same order whatever the thread count; it differs from F.linear's only by
 // the order of the fp32 additions.
+//
+// overfill::w8a8_linear is the same product with the activations quantized too, as llama.cpp's Q8_0 does: each row
+// of x is rounded per block of 32 values to int8 with one fp32 step per block (absmax / 127), and each block's 32
+// products are summed in int32 by AVX2's byte multiply-adds (vpmaddubsw, vpmaddwd: 32 products in two
+// instructions, where the weight-only path widens 8 weights to floats per FMA), then scaled by the block's step.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +23,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -29,6 +35,7 @@
 namespace overfill_kernel {
 
 enum Isa : int64_t { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Weights : int { kInt8Weights = 0, kInt4Weights = 1, kFloatWeights = 2 };
 
 struct Problem {
   const float* x;      // [M, K]
@@ -38,6 +45,7 @@ struct Problem {
   const float* group_scale;  // [N, K / 32] (4-bit) or null
   float* y;            // [M, N]
   int64_t M, N, K;
+  const float* wf = nullptr;  // [N, K] fp32 weights (f32_linear), w then null
 };
 
 inline void store(const Problem& p, int64_t m, int64_t n, float sum) {
@@ -85,6 +93,117 @@ using overfill_kernel::store;
 #undef OVERFILL_ROWS
 }  // namespace overfill_baseline
 
+// ---- int8 x int8 (w8a8_linear): x quantized per block of 32, int32 sums per block.
+namespace overfill_kernel {
+
+constexpr int64_t kBlock = 32;
+
+struct QProblem {
+  const int8_t* xq;    // [M, Kp]: x rounded per block, zero past K (Kp: K rounded up to a block)
+  const float* step;   // [M, Kp / 32]: each block's step
+  const int8_t* w;     // [N, K], values in [-127, 127]
+  const float* scale;  // [N]
+  const float* bias;   // [N] or null
+  float* y;            // [M, N]
+  int64_t M, N, K, Kp;
+};
+
+// The rounding torch does in quantize.W8A8Linear.converted, operation for operation: step = absmax / 127, then
+// round-half-even of x / step (zero for an all-zero block), so both paths see the same int8 activations.
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* step) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < Kp / kBlock; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const int64_t n = std::min(kBlock, K - b * kBlock);
+      float amax = 0.f;
+      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.f;
+      int8_t* q = xq + m * Kp + b * kBlock;
+      for (int64_t i = 0; i < kBlock; ++i)
+        q[i] = (i < n && d > 0.f) ? static_cast<int8_t>(std::nearbyint(xb[i] / d)) : 0;
+      step[m * (Kp / kBlock) + b] = d;
+    }
+}
+
+inline int32_t dot_scalar(const int8_t* a, const int8_t* b, int64_t n) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * b[i];
+  return s;
+}
+
+// The part of a row past its last whole block (K not a multiple of 32), scalar.
+inline float tail(const QProblem& p, int64_t m, int64_t n) {
+  const int64_t whole = p.K / kBlock;
+  if (p.K % kBlock == 0) return 0.f;
+  return dot_scalar(p.xq + m * p.Kp + whole * kBlock, p.w + n * p.K + whole * kBlock, p.K % kBlock) *
+         p.step[m * (p.Kp / kBlock) + whole];
+}
+
+inline void qstore(const QProblem& p, int64_t m, int64_t n, float sum) {
+  p.y[m * p.N + n] = sum * p.scale[n] + (p.bias ? p.bias[n] : 0.f);
+}
+
+void qchannels_baseline(const QProblem& p, int64_t n0, int64_t n1) {
+  const int64_t whole = p.K / kBlock, blocks = p.Kp / kBlock;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      float sum = 0.f;
+      for (int64_t b = 0; b < whole; ++b)
+        sum += dot_scalar(p.xq + m * p.Kp + b * kBlock, p.w + n * p.K + b * kBlock, kBlock) * p.step[m * blocks + b];
+      qstore(p, m, n, sum + tail(p, m, n));
+    }
+}
+
+}  // namespace overfill_kernel
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace overfill_avx2 {
+using overfill_kernel::QProblem;
+using overfill_kernel::kBlock;
+
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// Channels [n, n + C) against one row m. Per block: |x| (unsigned) times w with x's sign moved onto it, pairs summed
+// to int16 (at most 2 * 127 * 127, no saturation), then fours to int32, to float, times the block's step.
+template <int C>
+void qblock(const QProblem& p, int64_t n, int64_t m) {
+  const int64_t whole = p.K / kBlock, blocks = p.Kp / kBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* x = p.xq + m * p.Kp;
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < whole; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kBlock));
+    const __m256i ax = _mm256_sign_epi8(xv, xv);
+    const __m256 d = _mm256_set1_ps(p.step[m * blocks + b]);
+    for (int c = 0; c < C; ++c) {
+      const int8_t* wp = p.w + (n + c) * p.K + b * kBlock;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + C * p.K), _MM_HINT_T0);  // the next channels' same block
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d, acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) overfill_kernel::qstore(p, m, n + c, hsum8(acc[c]) + overfill_kernel::tail(p, m, n + c));
+}
+
+void qchannels(const QProblem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t m = 0; m < p.M; ++m) qblock<4>(p, n, m);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) qblock<1>(p, n, m);
+}
+}  // namespace overfill_avx2
+#pragma GCC pop_options
+#endif
+
 namespace overfill_kernel {
 
 int64_t best_isa() {
@@ -97,23 +216,26 @@ int64_t best_isa() {
 }
 
 using Channels = void (*)(const Problem&, int64_t, int64_t);
+using QChannels = void (*)(const QProblem&, int64_t, int64_t);
 
 void check_isa(int64_t isa) {
   TORCH_CHECK(isa >= kBaseline && isa <= best_isa(), "overfill: instruction set ", isa,
               " is not available on this CPU (best: ", best_isa(), "; 0 baseline, 1 AVX2, 2 AVX-512)");
 }
 
-Channels channels_for(int64_t isa, bool q4) {
+template <int W>
+Channels channels_for(int64_t isa) {
   check_isa(isa);
 #if defined(__x86_64__)
-  if (isa == kAvx512) return q4 ? overfill_avx512::channels<true> : overfill_avx512::channels<false>;
-  if (isa == kAvx2) return q4 ? overfill_avx2::channels<true> : overfill_avx2::channels<false>;
+  if (isa == kAvx512) return overfill_avx512::channels<W>;
+  if (isa == kAvx2) return overfill_avx2::channels<W>;
 #endif
-  return q4 ? overfill_baseline::channels<true> : overfill_baseline::channels<false>;
+  return overfill_baseline::channels<W>;
 }
 
 // Blocks of 4 channels, split evenly over the threads; a small product stays on one thread.
-void run(const Problem& p, Channels channels, int64_t weight_bytes) {
+template <typename P, typename F>
+void run(const P& p, F channels, int64_t weight_bytes) {
   const int64_t blocks = (p.N + 3) / 4;
   const int64_t work = weight_bytes * p.M / (64 * 1024);  // a thread per 64 KB of weight (times rows), at most all
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work));
@@ -141,24 +263,34 @@ at::Tensor shaped(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   return y.view(sizes);
 }
 
+// The arguments of int8_linear and w8a8_linear, checked and made contiguous (x as [M, K]).
+struct Int8Args {
+  at::Tensor x, weight, scale, bias;
+  int64_t M, N, K;
+};
+
+Int8Args int8_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "overfill::", op, " wants fp32 CPU input, got ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "overfill::", op,
+              " wants an int8 [out, in] weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "overfill::", op, ": input has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat, "overfill::", op, " wants ", N,
+              " fp32 scales");
+  const at::Tensor xc = x.reshape({-1, K}).contiguous();
+  return {xc, weight.contiguous(), scale.contiguous(), checked_bias(bias, N), xc.size(0), N, K};
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias, int64_t isa) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "overfill::int8_linear wants fp32 CPU input, got ",
-              x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar,
-              "overfill::int8_linear wants an int8 [out, in] weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "overfill::int8_linear: input has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat, "overfill::int8_linear wants ", N,
-              " fp32 scales");
-  const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
-  const at::Tensor bc = checked_bias(bias, N);
-  const int64_t M = xc.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const Problem p{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
-                  bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr, y.data_ptr<float>(), M, N, K};
-  run(p, channels_for(isa < 0 ? best_isa() : isa, false), N * K);
-  return shaped(y, x, N);
+  const Int8Args a = int8_args("int8_linear", x, weight, scale, bias);
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  const Problem p{a.x.data_ptr<float>(), a.weight.data_ptr<int8_t>(), a.scale.data_ptr<float>(),
+                  a.bias.defined() ? a.bias.data_ptr<float>() : nullptr, nullptr, y.data_ptr<float>(), a.M, a.N, a.K};
+  run(p, channels_for<kInt8Weights>(isa < 0 ? best_isa() : isa), a.N * a.K);
+  return shaped(y, x, a.N);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& group_scale,
@@ -178,8 +310,43 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({M, N}, x.options());
   const Problem p{xc.data_ptr<float>(), reinterpret_cast<const int8_t*>(wc.data_ptr<uint8_t>()), nullptr,
                   bc.defined() ? bc.data_ptr<float>() : nullptr, gc.data_ptr<float>(), y.data_ptr<float>(), M, N, K};
-  run(p, channels_for(isa < 0 ? best_isa() : isa, true), N * K / 2);
+  run(p, channels_for<kInt4Weights>(isa < 0 ? best_isa() : isa), N * K / 2);
   return shaped(y, x, N);
+}
+
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+              weight.dim() == 2, "overfill::f32_linear wants fp32 CPU input and an fp32 [out, in] weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "overfill::f32_linear: input has ", x.size(-1), " features, the weight ", K);
+  const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = weight.contiguous(), bc = checked_bias(bias, N);
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Problem p{xc.data_ptr<float>(), nullptr, nullptr, bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr,
+                  y.data_ptr<float>(), M, N, K, wc.data_ptr<float>()};
+  run(p, channels_for<kFloatWeights>(isa < 0 ? best_isa() : isa), N * K * 4);
+  return shaped(y, x, N);
+}
+
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
+  const Int8Args a = int8_args("w8a8_linear", x, weight, scale, bias);
+  const int64_t Kp = (a.K + kBlock - 1) / kBlock * kBlock;
+  at::Tensor xq = at::empty({a.M, Kp}, weight.options()), step = at::empty({a.M, Kp / kBlock}, x.options());
+  quantize_rows(a.x.data_ptr<float>(), a.M, a.K, Kp, xq.data_ptr<int8_t>(), step.data_ptr<float>());
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  const QProblem p{xq.data_ptr<int8_t>(), step.data_ptr<float>(), a.weight.data_ptr<int8_t>(),
+                   a.scale.data_ptr<float>(), a.bias.defined() ? a.bias.data_ptr<float>() : nullptr,
+                   y.data_ptr<float>(), a.M, a.N, a.K, Kp};
+  const int64_t chosen = isa < 0 ? best_isa() : isa;
+  check_isa(chosen);
+  QChannels channels = qchannels_baseline;
+#if defined(__x86_64__)
+  if (chosen >= kAvx2) channels = overfill_avx2::qchannels;  // the 256-bit path serves AVX-512 machines too
+#endif
+  run(p, channels, a.N * a.K);
+  return shaped(y, x, a.N);
 }
 
 }  // namespace overfill_kernel
@@ -187,10 +354,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY(overfill, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor group_scale, Tensor? bias=None, int isa=-1) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int isa=-1) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("int8_kernel_isa() -> int", &overfill_kernel::best_isa);
 }
 
 TORCH_LIBRARY_IMPL(overfill, CPU, m) {
   m.impl("int8_linear", &overfill_kernel::int8_linear);
   m.impl("int4_linear", &overfill_kernel::int4_linear);
+  m.impl("w8a8_linear", &overfill_kernel::w8a8_linear);
+  m.impl("f32_linear", &overfill_kernel::f32_linear);
 }

@@ -7,12 +7,18 @@ one file per source, torch version and Python ABI, written whole (a temporary na
 it from a compiled decode step). The instruction set is picked when it runs: AVX-512, AVX2 with FMA, or the
 platform's baseline vectors (SSE2, NEON). ``torch.ops.overfill.int4_linear`` is the same product on 4-bit weights
 (:func:`pack_int4`); ``benchmarks/int8_matvec.py`` times it, and no preset uses it: on this project's machine it
-does not pay (docs/cpu-decode.md).
+does not pay (docs/cpu-decode.md). ``torch.ops.overfill.w8a8_linear`` quantizes the activations too, per block of 32
+as llama.cpp's Q8_0 does, and sums int8 x int8 products in int32 (AVX2's byte multiply-adds, on AVX-512 machines as
+well): :class:`overfill_lib.quantize.W8A8Linear`, a preset's ``decoder: {weights: w8a8}``, always through the kernel
+where it is loaded on x86 (the same rounding in torch ops took 137 ms a step on AVX2, the kernel 19).
+``torch.ops.overfill.f32_linear`` is the same loop on fp32 weights, for the benchmark only: inside the compiled
+step inductor's reduction was faster (27 ms against 32 on AVX2). Every loop prefetches the next channels' weights,
+which doubled the LM head's read rate on AVX2.
 
 Where it runs (:func:`use_kernel`, one rule, measured with ``benchmarks/int8_matvec.py --step``): eagerly on any x86
 CPU, where the alternative converts the whole weight at every call; inside a compiled decode step only on AVX2, where
-inductor's fused int8 reduction collapses (SmolLM2's int8 step: 170 ms per token against 30 through the kernel, AVX2
-emulated on this project's machine), not on AVX-512, where that reduction, fused with its neighbours, was as fast or
+inductor's fused int8 reduction collapses (SmolLM2's int8 step: 124 ms per token against 17 through the kernel on a
+2-core AMD EPYC with AVX2), not on AVX-512, where that reduction, fused with its neighbours, was as fast or
 faster (27 ms against 33 in one run, 24 against 23 in another). ``OVERFILL_INT8_KERNEL=always`` uses it in compiled
 steps too, ``off`` never.
 
@@ -104,6 +110,8 @@ def load() -> bool:
             torch.ops.load_library(str(build()))
             torch.library.register_fake("overfill::int8_linear")(_shape_only)
             torch.library.register_fake("overfill::int4_linear")(_shape_only)
+            torch.library.register_fake("overfill::w8a8_linear")(_shape_only)
+            torch.library.register_fake("overfill::f32_linear")(_f32_shape_only)
             best = int(torch.ops.overfill.int8_kernel_isa())
             _state.update(loaded=True, why="", isa=best,
                           in_compiled_step=setting == "always" or ISA_NAMES[best] == "avx2")
@@ -125,12 +133,13 @@ def isa() -> str | None:
     return ISA_NAMES[_state["isa"]] if loaded() else None
 
 
-def use_kernel(compiling: bool) -> bool:
+def use_kernel(compiling: bool, activations: str = "float") -> bool:
     """Whether an int8 layer multiplies through the kernel: eagerly on x86 (its baseline path, for other CPUs, is
-    slower than a GEMM on converted weights), in a compiled step only on AVX2 (or when told ``always``)."""
+    slower than a GEMM on converted weights), in a compiled step only on AVX2 (or when told ``always``). With
+    ``activations="int8"`` (:class:`overfill_lib.quantize.W8A8Linear`) on x86 compiled or not."""
     if not loaded() or ISA_NAMES[_state["isa"]] == "baseline":
         return False
-    return _state["in_compiled_step"] if compiling else True
+    return _state["in_compiled_step"] if compiling and activations == "float" else True
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -144,4 +153,8 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 
 
 def _shape_only(x, weight, scale, bias=None, isa=-1):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _f32_shape_only(x, weight, bias=None, isa=-1):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -1,4 +1,4 @@
-// The body of overfill::int8_linear for one instruction set: included by int8_kernel.cpp once per set, inside its
+// The body of overfill::int8_linear (and int4_linear, f32_linear) for one instruction set: included by int8_kernel.cpp once per set, inside its
 // own namespace and `#pragma GCC target` region, with OVERFILL_LANES (floats per vector) and OVERFILL_ROWS (rows of x
 // per block: as many as the registers hold) defined. Written with GCC vector types, so the same lines become AVX-512,
 // AVX2 or SSE/NEON code.
@@ -26,20 +26,31 @@ inline vfloat widen(const int8_t* w) {  // kLanes int8 weights as floats
 #endif
 }
 
+inline vfloat widen(const float* w) { return load_x(w); }  // fp32 weights (f32_linear): a plain load
+
+template <typename T> inline const T* weights(const Problem& p);
+template <> inline const int8_t* weights<int8_t>(const Problem& p) { return p.w; }
+template <> inline const float* weights<float>(const Problem& p) { return p.wf; }
+
 inline float hsum(vfloat v) {
   float s = 0.f;
   for (int64_t i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
 
-// Channels [n, n + C) against rows [m, m + R): each weight vector is widened once and used for R rows.
-template <int R, int C>
+// Channels [n, n + C) against rows [m, m + R): each weight vector is widened once and used for R rows. T: int8_t
+// or float weights.
+template <typename T, int R, int C>
 void block(const Problem& p, int64_t n, int64_t m) {
   const int64_t K = p.K, Kv = K - K % kLanes;
+  const T* wt = weights<T>(p);
   vfloat acc[R][C] = {};
   for (int64_t k = 0; k < Kv; k += kLanes) {
     vfloat wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = widen(p.w + (n + c) * K + k);
+    for (int c = 0; c < C; ++c) {
+      __builtin_prefetch(wt + (n + c + C) * K + k);  // the next channels' same columns: more reads in flight
+      wv[c] = widen(wt + (n + c) * K + k);
+    }
     for (int r = 0; r < R; ++r) {
       const vfloat xv = load_x(p.x + (m + r) * K + k);
       for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
@@ -48,7 +59,7 @@ void block(const Problem& p, int64_t n, int64_t m) {
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       const float* x = p.x + (m + r) * K;
-      const int8_t* w = p.w + (n + c) * K;
+      const T* w = wt + (n + c) * K;
       float tail = 0.f;
       for (int64_t k = Kv; k < K; ++k) tail += x[k] * static_cast<float>(w[k]);
       store(p, m + r, n + c, hsum(acc[r][c]) + tail);
@@ -99,32 +110,34 @@ void block_q4(const Problem& p, int64_t n, int64_t m) {
     for (int c = 0; c < C; ++c) store(p, m + r, n + c, hsum(acc[r][c]));
 }
 
-template <bool Q4, int R, int C>
+template <int W, int R, int C>  // W: overfill_kernel::Weights
 inline void any_block(const Problem& p, int64_t n, int64_t m) {
-  if constexpr (Q4) block_q4<R, C>(p, n, m); else block<R, C>(p, n, m);
+  if constexpr (W == overfill_kernel::kInt4Weights) block_q4<R, C>(p, n, m);
+  else if constexpr (W == overfill_kernel::kFloatWeights) block<float, R, C>(p, n, m);
+  else block<int8_t, R, C>(p, n, m);
 }
 
 // Every row of x for channels [n, n + C): blocks of OVERFILL_ROWS rows, then the last few.
-template <bool Q4, int C>
+template <int W, int C>
 void rows(const Problem& p, int64_t n) {
   int64_t m = 0;
-  for (; m + OVERFILL_ROWS <= p.M; m += OVERFILL_ROWS) any_block<Q4, OVERFILL_ROWS, C>(p, n, m);
+  for (; m + OVERFILL_ROWS <= p.M; m += OVERFILL_ROWS) any_block<W, OVERFILL_ROWS, C>(p, n, m);
   switch (p.M - m) {
-    case 1: any_block<Q4, 1, C>(p, n, m); break;
+    case 1: any_block<W, 1, C>(p, n, m); break;
 #if OVERFILL_ROWS > 2
-    case 2: any_block<Q4, 2, C>(p, n, m); break;
+    case 2: any_block<W, 2, C>(p, n, m); break;
 #endif
 #if OVERFILL_ROWS > 3
-    case 3: any_block<Q4, 3, C>(p, n, m); break;
+    case 3: any_block<W, 3, C>(p, n, m); break;
 #endif
     default: break;
   }
 }
 
-// Channels [n0, n1): four at a time, then one at a time. Q4: 4-bit weights, else int8.
-template <bool Q4>
+// Channels [n0, n1): four at a time, then one at a time, with weights of kind W.
+template <int W>
 void channels(const Problem& p, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) rows<Q4, 4>(p, n);
-  for (; n < n1; ++n) rows<Q4, 1>(p, n);
+  for (; n + 4 <= n1; n += 4) rows<W, 4>(p, n);
+  for (; n < n1; ++n) rows<W, 1>(p, n);
 }

@@ -505,7 +505,7 @@ def _pair_info(spec: PairSpec, full, decoder, gen, settings: LatencySettings, co
     nbytes = cost.dtype_bytes(dtype)
     info = {
         "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights, "path": gen.path,
-        "decoder_weights": "int8" if quantize.is_quantized(decoder) else "float",  # a preset's decoder.weights
+        "decoder_weights": quantize.weights_of(decoder),  # a preset's decoder.weights
         "full": cost.model_summary(full.config, nbytes), "decoder": cost.model_summary(decoder.config, nbytes),
         "acceptance": spec.alpha,
         "kv_crossover_context": {str(b): cost.kv_crossover_context(decoder.config, nbytes, b, full.config)

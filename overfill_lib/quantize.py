@@ -11,7 +11,11 @@ device, no C++ compiler) it computes the same product with ``F.linear`` on the c
 A quantized model saves with ``save_pretrained`` (its config.json says ``overfill_quantization``) and loads back
 through ``artifacts.load_causal_lm`` (:func:`load_int8`) with the same int8 weights and the same logits.
 
-A preset's ``decoder: {weights: int8}`` runs its decoder with int8 weights (:func:`decoder_weights`,
+:class:`W8A8Linear` rounds the activations too, as llama.cpp's Q8_0 does: each row of ``x`` per block of 32 values
+to int8 with one fp32 step per block, the products summed in int32 (``int8_kernel``'s ``w8a8_linear``). Another
+model, not a faster int8: its quality is scored separately.
+
+A preset's ``decoder: {weights: int8}`` (or ``w8a8``) runs its decoder so (:func:`decoder_weights`,
 :func:`apply_decoder_weights`); the full model, which prefills, stays in the runtime dtype. It is a run-time setting:
 the pruned decoder on disk stays float, and changing it re-prunes nothing. Its quality is scored like every decoder's
 by ``benchmarks/quantized_decoder.py``.
@@ -29,6 +33,8 @@ from torch import nn
 from overfill_lib import int8_kernel
 
 QUANTIZATION = "int8-weight-only"
+W8A8 = "int8-w8a8-block32"  # int8 weights and int8 activations, rounded per block of 32
+BLOCK = 32  # activations per rounding step in W8A8Linear (Q8_0's block)
 KERNEL_ROWS = 16  # up to this many rows (a decode step's batch) the int8 kernel; beyond, a GEMM on converted weights
 CONFIG_KEY = "overfill_quantization"  # in config.json: how the saved weights were quantized
 
@@ -73,15 +79,57 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (the LM head included) by an :class:`Int8Linear`, in place.
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as :class:`W8A8Linear` sees it: each block of 32 values along the last axis rounded to an int8 multiple of
+    its step, absmax / 127 (a last, shorter block on its own), the kernel's rounding operation for operation."""
+    k = x.shape[-1]
+    padded = F.pad(x, (0, -k % BLOCK))
+    blocks = padded.reshape(*padded.shape[:-1], -1, BLOCK)  # not unflatten: under MatVecAsReduction dynamo fails on it
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(step > 0, torch.round(blocks / step), torch.zeros_like(blocks))
+    return (q * step).flatten(-2)[..., :k]
+
+
+class W8A8Linear(Int8Linear):
+    """An :class:`Int8Linear` whose input is rounded too (:func:`round_activations`), products summed in int32 by the
+    kernel's ``w8a8_linear`` on x86 (eager and compiled, up to :data:`KERNEL_ROWS` rows), else the same rounding in
+    torch and ``F.linear``. Weights in [-127, 127], as :meth:`from_linear` makes them (the kernel moves the
+    activation's sign onto the weight)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(qweight, scale, bias)
+        if qweight.numel() and int(qweight.min()) == -128:
+            raise ValueError("W8A8Linear wants int8 weights in [-127, 127] (from_linear rounds them so); got -128")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
+                and x.numel() <= KERNEL_ROWS * self.in_features
+                and int8_kernel.use_kernel(torch.compiler.is_compiling(), activations="int8")):
+            return torch.ops.overfill.w8a8_linear(x, self.qweight, self.scale, self.bias)
+        return self.converted(x)
+
+    def converted(self, x: torch.Tensor) -> torch.Tensor:
+        return super().converted(round_activations(x))
+
+
+SCHEMES = {QUANTIZATION: Int8Linear, W8A8: W8A8Linear}  # config.json's overfill_quantization -> its layer
+
+
+def quantize_int8(model: nn.Module, scheme: str = QUANTIZATION) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (the LM head included) by an :class:`Int8Linear`, in place (a
+    :class:`W8A8Linear` for ``scheme=W8A8``).
 
     A head tied to the input embedding is untied first: the embedding keeps its floating-point table (a decode step
     gathers one row of it) and only the head is quantized. ``model.quantization`` records what was done, and
     ``model.config`` too, so that a saved copy loads back quantized (:func:`load_int8`).
     """
-    if getattr(model, "quantization", None) == QUANTIZATION:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization {scheme!r} is not one of {list(SCHEMES)}")
+    done = getattr(model, "quantization", None)
+    if done == scheme:
         return model
+    if done is not None:
+        raise ValueError(f"this model is already quantized as {done!r}: quantize its float weights as {scheme!r}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
@@ -89,13 +137,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
-    model.quantization = QUANTIZATION
-    setattr(model.config, CONFIG_KEY, QUANTIZATION)
+                setattr(module, name, SCHEMES[scheme].from_linear(child))
+    model.quantization = scheme
+    setattr(model.config, CONFIG_KEY, scheme)
     return model
 
 
-DECODER_WEIGHTS = {"float": None, "int8": QUANTIZATION}  # a preset's decoder.weights -> what is applied
+DECODER_WEIGHTS = {"float": None, "int8": QUANTIZATION, "w8a8": W8A8}  # a preset's decoder.weights -> scheme
 
 
 def decoder_weights(preset) -> str:
@@ -105,10 +153,19 @@ def decoder_weights(preset) -> str:
 
 def apply_decoder_weights(decoder: nn.Module, weights: str) -> nn.Module:
     """``decoder`` as ``weights`` says (a preset's ``decoder.weights``): unchanged for "float", :func:`quantize_int8`
-    (in place) for "int8"."""
+    (in place) with that scheme for "int8" and "w8a8"."""
     if weights not in DECODER_WEIGHTS:
         raise ValueError(f"decoder.weights {weights!r} is not one of {list(DECODER_WEIGHTS)}")
-    return quantize_int8(decoder) if weights == "int8" else decoder
+    scheme = DECODER_WEIGHTS[weights]
+    return decoder if scheme is None else quantize_int8(decoder, scheme)
+
+
+def weights_of(model: nn.Module) -> str:
+    """The ``decoder.weights`` name of how ``model`` is quantized: "float", "int8" or "w8a8"."""
+    scheme = getattr(model, "quantization", None)
+    if scheme is None and is_quantized(model):
+        scheme = QUANTIZATION  # int8 layers put in by hand
+    return next(name for name, s in DECODER_WEIGHTS.items() if s == scheme)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -159,14 +216,15 @@ def load_int8(directory: str | Path, *, dtype=None, trust_remote_code: bool = Fa
 
     directory = Path(directory)
     found = saved_quantization(directory)
-    if found != QUANTIZATION:
+    if found not in SCHEMES:
         raise ValueError(f"{directory / 'config.json'} says {CONFIG_KEY}={found!r}; this version reads "
-                         f"{QUANTIZATION!r} only: load it with the version that saved it, or quantize and save the "
-                         "float model again")
+                         f"{' or '.join(map(repr, SCHEMES))}: load it with the version that saved it, or quantize and "
+                         "save the float model again")
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     dtype = torch_dtype(dtype, "dtype")
     kwargs = {} if dtype in (None, "auto") else {"dtype": dtype}  # default: the saved dtype, as from_pretrained does
-    model = quantize_int8(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs))
+    model = quantize_int8(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs),
+                          found)
     state = {}
     for path in _state_files(directory):
         state.update(load_file(str(path)))

@@ -1,5 +1,6 @@
 """The int8 CPU kernel: the same product as an independent float64 computation on every instruction set this CPU
-has, whatever the thread count; used by Int8Linear; and a build that cannot happen is said, not hidden."""
+has (int8, fp32 and 4-bit weights, int8 activations), whatever the thread count; used by Int8Linear and W8A8Linear;
+and a build that cannot happen is said, not hidden."""
 
 import os
 import shutil
@@ -41,6 +42,10 @@ def test_every_instruction_set_computes_the_product_of_an_independent_reference(
             # fp32 sums of k products of size |x| * 127 * scale: a few ulps of the largest partial sum.
             tol = 1e-6 * k * float(x.abs().amax() * 127 * scale.amax())
             assert torch.allclose(y.double(), ref, rtol=0, atol=tol), (isa, rows, n, k)
+            # The same loop on fp32 weights (f32_linear).
+            wf = w.float() * scale[:, None]
+            yf = torch.ops.overfill.f32_linear(x, wf, bias if with_bias else None, isa)
+            assert torch.allclose(yf.double(), ref, rtol=0, atol=tol), ("f32", isa, rows, n, k)
     with pytest.raises(RuntimeError, match="not available on this CPU"):
         kernel(x, w, scale, None, best + 1)
 
@@ -159,3 +164,63 @@ def test_a_kernel_that_cannot_be_built_is_said_and_int8_layers_still_run(tmp_pat
     assert "torch.Size([1, 4])" in done.stdout
     assert "without the int8 CPU kernel" in done.stderr and "failed" in done.stderr
     assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to be loaded later
+
+
+def _w8a8_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """Q8_0's product written out: each row of x, block by block of 32 (a shorter last one), rounded to int8 steps of
+    its absmax / 127 (fp32, as the kernel computes it), integer dot products, then the steps and scales in float64."""
+    rows, k = x.shape
+    out = torch.zeros(rows, w.shape[0], dtype=torch.float64)
+    for r in range(rows):
+        for start in range(0, k, 32):
+            block = x[r, start:start + 32]
+            step = block.abs().max() / 127  # fp32
+            q = torch.zeros_like(block) if step == 0 else torch.round(block / step)
+            products = (q.to(torch.int64)[None, :] * w[:, start:start + 32].to(torch.int64)).sum(1)
+            out[r] += products.double() * float(step)
+    out = out * scale.double()
+    return out if bias is None else out + bias.double()
+
+
+def test_the_w8a8_product_equals_an_independent_q8_0_computation_on_every_instruction_set(kernel):
+    from overfill_lib.quantize import W8A8Linear
+
+    best = torch.ops.overfill.int8_kernel_isa()
+    g = torch.Generator().manual_seed(3)
+    # K below, at and past whole blocks (and an all-zero block), N across the 4-channel block, rows up to 16.
+    for rows, n, k, with_bias in [(1, 43, 37, True), (3, 9, 32, False), (5, 130, 200, True), (16, 7, 576, True)]:
+        x = torch.randn(rows, k, generator=g)
+        x[0, :min(k, 32)] = 0
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale, bias = torch.rand(n, generator=g) / 100, torch.randn(n, generator=g)
+        b = bias if with_bias else None
+        ref = _w8a8_reference(x, w, scale, b)
+        tol = 1e-6 * k * float(x.abs().amax() * 127 * scale.amax())
+        for isa in range(best + 1):
+            y = torch.ops.overfill.w8a8_linear(x, w, scale, b, isa)
+            assert y.shape == (rows, n) and torch.allclose(y.double(), ref, rtol=0, atol=tol), (isa, rows, n, k)
+        layer = W8A8Linear(w, scale, b)
+        assert torch.allclose(layer.converted(x).double(), ref, rtol=0, atol=tol)  # the torch path, same rounding
+        assert torch.allclose(layer(x).double(), ref, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="-127, 127"):
+        W8A8Linear(torch.full((2, 32), -128, dtype=torch.int8), torch.ones(2))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_compiled_w8a8_step_calls_the_kernel_and_matches_eager(kernel, batch):
+    from overfill_lib.quantize import W8A8Linear
+
+    if int8_kernel.isa() == "baseline":
+        pytest.skip("on a CPU without AVX2 the layers use the torch rounding and F.linear")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = W8A8Linear.from_linear(nn.Linear(100, 24))
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    x = torch.randn(batch, 100)
+    assert torch.allclose(torch.compile(q, backend=backend, fullgraph=True)(x), q(x), atol=1e-5)
+    assert "overfill.w8a8_linear" in traced

@@ -1,4 +1,5 @@
-"""Weight-only int8: close to the float layer, the tied head untied, and the compiled CPU fast path exact on it."""
+"""Weight-only int8 (and w8a8, int8 activations too): close to the float layer, the tied head untied, the compiled
+CPU fast path exact on it, saved and loaded as it was."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 from overfill_lib import fast_decode, int8_kernel
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
-from overfill_lib.quantize import Int8Linear, quantize_int8
+from overfill_lib.quantize import W8A8, Int8Linear, W8A8Linear, quantize_int8
 from tests.tiny_models import random_batch, tiny_model
 
 
@@ -42,14 +43,20 @@ def test_quantize_int8_unties_the_head_and_keeps_the_model_close():
     assert quantize_int8(model) is model  # idempotent
 
 
-@pytest.mark.parametrize(("batch", "kernel_in_step"), [(1, False), (3, True)])
-def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_in_step, monkeypatch):
+@pytest.mark.parametrize(("batch", "kernel_in_step", "scheme"),
+                         [(1, False, "int8-weight-only"), (3, True, "int8-weight-only"), (2, True, W8A8),
+                          (1, None, W8A8)])
+def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_in_step, scheme, monkeypatch):
     """The compiled step multiplies the int8 weights by inductor's reduction (AVX-512) or by the int8 kernel (AVX2,
-    where it is built); either way its tokens must be the plain (eager, dynamic cache) loop's, at batch 1 and above."""
-    if int8_kernel.load():
+    where it is built); either way its tokens must be the plain (eager, dynamic cache) loop's, at batch 1 and above.
+    The same for w8a8: through the kernel's w8a8_linear where built, compiled or not, or (None: no kernel, as on a
+    machine without a compiler) through torch's rounding and F.linear, which dynamo must trace too."""
+    if kernel_in_step is None:
+        monkeypatch.setitem(int8_kernel._state, "loaded", False)
+    elif int8_kernel.load():
         monkeypatch.setitem(int8_kernel._state, "in_compiled_step", kernel_in_step)
-    full = quantize_int8(tiny_model("llama", seed=0))
-    decoder = quantize_int8(tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40))
+    full = quantize_int8(tiny_model("llama", seed=0), scheme)
+    decoder = quantize_int8(tiny_model("llama", seed=1, hidden_size=32, intermediate_size=40), scheme)
     ids = random_batch(full, batch, 9, seed=3)
     mask = torch.ones_like(ids)
     gen = FastGenerator(full, decoder, compile=True)
@@ -60,18 +67,20 @@ def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_
         assert torch.equal(out.new_tokens, ref.new_tokens)
 
 
-def test_an_int8_model_saves_and_loads_back_with_its_int8_weights_and_logits(tmp_path):
+@pytest.mark.parametrize(("scheme", "layer"), [("int8-weight-only", Int8Linear), (W8A8, W8A8Linear)])
+def test_an_int8_model_saves_and_loads_back_with_its_int8_weights_and_logits(tmp_path, scheme, layer):
     """save_pretrained writes int8 tensors under new keys: a plain from_pretrained loaded a float model with random
-    Linear weights (a load report, no error). load_causal_lm rebuilds the int8 layers; the pair reloads them too."""
+    Linear weights (a load report, no error). load_causal_lm rebuilds the int8 layers (of the scheme saved: w8a8 stays
+    w8a8); the pair reloads them too."""
     from overfill_lib.artifacts import load_causal_lm
 
     full = tiny_model("llama", seed=0)
     full.save_pretrained(tmp_path / "full")
-    decoder = quantize_int8(tiny_model("llama", seed=1, tied=True))
+    decoder = quantize_int8(tiny_model("llama", seed=1, tied=True), scheme)
     ids = random_batch(decoder, 2, 7, seed=1)
     decoder.save_pretrained(tmp_path / "decoder")
     again = load_causal_lm(tmp_path / "decoder", "decoder")
-    assert isinstance(again.lm_head, Int8Linear) and again.quantization == "int8-weight-only"
+    assert type(again.lm_head) is layer and again.quantization == scheme
     assert not any(isinstance(m, nn.Linear) for m in again.modules())
     for name, tensor in decoder.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
@@ -79,7 +88,7 @@ def test_an_int8_model_saves_and_loads_back_with_its_int8_weights_and_logits(tmp
         assert torch.equal(again(input_ids=ids).logits, decoder(input_ids=ids).logits)
     OverFillModel(full, decoder, full_id=str(tmp_path / "full")).save_pretrained(tmp_path / "pair")
     pair = OverFillModel.from_pretrained(tmp_path / "pair")
-    assert isinstance(pair.decoder.lm_head, Int8Linear)
+    assert type(pair.decoder.lm_head) is layer
     with torch.no_grad():
         assert torch.equal(pair.decoder(input_ids=ids).logits, decoder(input_ids=ids).logits)
 
@@ -110,19 +119,24 @@ def test_the_decoder_weights_setting_is_checked_and_quantizes_only_when_asked(tm
     assert decoder_weights(presets.load_preset("tiny")) == "float"
     assert decoder_weights(presets.load_preset("tiny", {"decoder": {"weights": "int8"}})) == "int8"
     # Checked when the preset loads: the valid values and the file (or the overrides) to fix.
-    with pytest.raises(ValueError, match=r"decoder.weights 'int4'; choose one of float, int8 \(in preset file "
+    with pytest.raises(ValueError, match=r"decoder.weights 'int4'; choose one of float, int8, w8a8 \(in preset file "
                                          r".*tiny.yaml with the overrides\)"):
         presets.load_preset("tiny", {"decoder": {"weights": "int4"}})
     (tmp_path / "mine.yaml").write_text("full_model: {id: some/dir}\ndecoder: {hidden: 0.5, weights: fp8}\n")
-    with pytest.raises(ValueError, match=r"'fp8'; choose one of float, int8 \(in preset file .*mine.yaml\)"):
+    with pytest.raises(ValueError, match=r"'fp8'; choose one of float, int8, w8a8 \(in preset file .*mine.yaml\)"):
         presets.load_preset(str(tmp_path / "mine.yaml"))
     model = tiny_model("llama", seed=0)
     floats = quantize.parameter_count(model)
     assert apply_decoder_weights(model, "float") is model and not is_quantized(model)
     weight_bytes = cost.weight_bytes(model.config, 4)
-    assert is_quantized(apply_decoder_weights(model, "int8"))
+    assert is_quantized(apply_decoder_weights(model, "int8")) and quantize.weights_of(model) == "int8"
     # An untied model counts the same parameters in int8, and a step reads one byte per weight instead of four.
     assert quantize.parameter_count(model) == floats and cost.weight_bytes(model.config, 4) * 4 == weight_bytes
+    with pytest.raises(ValueError, match="already quantized as 'int8-weight-only'"):
+        apply_decoder_weights(model, "w8a8")
+    w8a8 = apply_decoder_weights(tiny_model("llama", seed=0), "w8a8")
+    assert isinstance(w8a8.lm_head, W8A8Linear) and quantize.weights_of(w8a8) == "w8a8"
+    assert quantize.parameter_count(w8a8) == floats and cost.weight_bytes(w8a8.config, 4) * 4 == weight_bytes
 
 
 def test_the_decoder_that_is_timed_and_scored_runs_as_the_preset_says():
