@@ -2,13 +2,13 @@
 // fp32 on the CPU. Built and loaded by overfill_lib/int8_kernel.py; the maths is quantize.Int8Linear's.
 //
 // Why by hand: a decode step at batch 1 is a string of matrix-vector products. On AVX2, inductor's fused int8
-// reduction collapses (SmolLM2's int8 step 7x slower than through this kernel on an AMD EPYC) and oneDNN's int8 GEMMs want int8
-// activations and reorder the weight per call; eagerly, the alternative converts each whole weight per call. Here
-// each output channel is one dot product whose int8 weights are widened 16 (AVX-512) or 8 (AVX2) floats at a time and
-// multiplied into fp32 sums, four channels in flight, each widened weight used for up to 4 rows of x (batches above
-// one); blocks of channels are split over OpenMP threads, the pool the inductor kernels around it use (torch's
-// libgomp). One output's sum runs in the same order whatever the thread count; it differs from F.linear's only by
-// the order of the fp32 additions.
+// reduction collapses (SmolLM2's int8 step 7x slower than through this kernel on an AMD EPYC) and oneDNN's int8
+// GEMMs want int8 activations and reorder the weight per call; eagerly, the alternative converts each whole weight
+// per call. Here each output channel is one dot product whose int8 weights are widened 16 (AVX-512) or 8 (AVX2)
+// floats at a time and multiplied into fp32 sums, four channels in flight (the next four prefetched), each widened
+// weight used for up to 4 rows of x (batches above one); blocks of channels are split over OpenMP threads, the pool
+// the inductor kernels around it use (torch's libgomp). One output's sum runs in the same order whatever the thread
+// count; it differs from F.linear's only by the order of the fp32 additions.
 //
 // overfill::w8a8_linear is the same product with the activations quantized too, as llama.cpp's Q8_0 does: each row
 // of x is rounded per block of 32 values to int8 with one fp32 step per block (absmax / 127), and each block's 32

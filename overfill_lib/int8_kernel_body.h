@@ -1,7 +1,7 @@
-// The body of overfill::int8_linear (and int4_linear, f32_linear) for one instruction set: included by int8_kernel.cpp once per set, inside its
-// own namespace and `#pragma GCC target` region, with OVERFILL_LANES (floats per vector) and OVERFILL_ROWS (rows of x
-// per block: as many as the registers hold) defined. Written with GCC vector types, so the same lines become AVX-512,
-// AVX2 or SSE/NEON code.
+// The body of overfill::int8_linear (and int4_linear, f32_linear) for one instruction set: included by
+// int8_kernel.cpp once per set, inside its own namespace and `#pragma GCC target` region, with OVERFILL_LANES (floats
+// per vector) and OVERFILL_ROWS (rows of x per block: as many as the registers hold) defined. Written with GCC
+// vector types, so the same lines become AVX-512, AVX2 or SSE/NEON code.
 
 typedef float vfloat __attribute__((vector_size(OVERFILL_LANES * 4)));
 typedef int8_t vbyte __attribute__((vector_size(OVERFILL_LANES)));
