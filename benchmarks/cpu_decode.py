@@ -127,7 +127,7 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
     dtype = next(full.parameters()).dtype  # of the activations and the KV cache
     batch = ids.shape[0]
     weights = quantize.weights_of(full)  # "float", "int8" or "w8a8"
-    int8 = weights != "float"
+    quantized = weights != "float"
     activations = "int8" if weights == "w8a8" else "float"
     for model in (full, decoder):  # the pair's plain loop freezes the full model: a guard change would recompile
         model.requires_grad_(False)
@@ -157,18 +157,18 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
             peer()
     read_bw = statistics.median(bandwidth)
     nbytes = cost.dtype_bytes(dtype)
-    result = {"dtype": weights if int8 else str(dtype).removeprefix("torch."),
+    result = {"dtype": weights if quantized else str(dtype).removeprefix("torch."),
               "activations": str(dtype).removeprefix("torch."), "read_bandwidth_bytes_per_s": read_bw,
               # which int8 product ran, eagerly and compiled: the project's kernel or F.linear (inductor's reduction)
               "int8_kernel": {"isa": int8_kernel.isa(), "eager": int8_kernel.use_kernel(False, activations),
-                              "compiled": int8_kernel.use_kernel(True, activations)} if int8 else None,
+                              "compiled": int8_kernel.use_kernel(True, activations)} if quantized else None,
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "compile_cache": cache,
               "batch": batch, "paths": list(paths),
               "methods": {}}
     for method in METHODS:
         step_model = full if method == "full" else decoder
         step = cost.decode_step_bytes(step_model.config, nbytes, batch=batch, kv_positions=ids.shape[1] + new_tokens,
-                                      kv_config=full.config, weight_bytes_per_value=1 if int8 else None)["total"]
+                                      kv_config=full.config, weight_bytes_per_value=1 if quantized else None)["total"]
         row = {"step_bytes": step}
         for path in paths:
             s = statistics.median(seconds[method, path])

@@ -389,7 +389,8 @@ class DecoderSection:
     round_to: int = 1
     criterion: str = "activation"
     # The decoder's weights where it is timed and scored (notebooks 03 and 04): "float" (the runtime dtype), "int8"
-    # or "w8a8" (int8 activations too; quantize.py). A run-time setting: the pruned decoder's stamp leaves it out (pipeline.pruned_decoder).
+    # or "w8a8" (int8 activations too; quantize.py). A run-time setting: the pruned decoder's stamp leaves it out
+    # (pipeline.pruned_decoder).
     weights: str = "float"
 
     def __post_init__(self):

@@ -48,7 +48,8 @@ struct Problem {
   const float* wf = nullptr;  // [N, K] fp32 weights (f32_linear), w then null
 };
 
-inline void store(const Problem& p, int64_t m, int64_t n, float sum) {
+template <typename P>  // Problem or QProblem
+inline void store(const P& p, int64_t m, int64_t n, float sum) {
   p.y[m * p.N + n] = sum * (p.scale ? p.scale[n] : 1.f) + (p.bias ? p.bias[n] : 0.f);
 }
 
@@ -139,10 +140,6 @@ inline float tail(const QProblem& p, int64_t m, int64_t n) {
          p.step[m * (p.Kp / kBlock) + whole];
 }
 
-inline void qstore(const QProblem& p, int64_t m, int64_t n, float sum) {
-  p.y[m * p.N + n] = sum * p.scale[n] + (p.bias ? p.bias[n] : 0.f);
-}
-
 void qchannels_baseline(const QProblem& p, int64_t n0, int64_t n1) {
   const int64_t whole = p.K / kBlock, blocks = p.Kp / kBlock;
   for (int64_t n = n0; n < n1; ++n)
@@ -150,7 +147,7 @@ void qchannels_baseline(const QProblem& p, int64_t n0, int64_t n1) {
       float sum = 0.f;
       for (int64_t b = 0; b < whole; ++b)
         sum += dot_scalar(p.xq + m * p.Kp + b * kBlock, p.w + n * p.K + b * kBlock, kBlock) * p.step[m * blocks + b];
-      qstore(p, m, n, sum + tail(p, m, n));
+      store(p, m, n, sum + tail(p, m, n));
     }
 }
 
@@ -190,7 +187,7 @@ void qblock(const QProblem& p, int64_t n, int64_t m) {
       acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d, acc[c]);
     }
   }
-  for (int c = 0; c < C; ++c) overfill_kernel::qstore(p, m, n + c, hsum8(acc[c]) + overfill_kernel::tail(p, m, n + c));
+  for (int c = 0; c < C; ++c) overfill_kernel::store(p, m, n + c, hsum8(acc[c]) + overfill_kernel::tail(p, m, n + c));
 }
 
 void qchannels(const QProblem& p, int64_t n0, int64_t n1) {

@@ -111,7 +111,7 @@ def load() -> bool:
             torch.library.register_fake("overfill::int8_linear")(_shape_only)
             torch.library.register_fake("overfill::int4_linear")(_shape_only)
             torch.library.register_fake("overfill::w8a8_linear")(_shape_only)
-            torch.library.register_fake("overfill::f32_linear")(_f32_shape_only)
+            torch.library.register_fake("overfill::f32_linear")(_shape_only)
             best = int(torch.ops.overfill.int8_kernel_isa())
             _state.update(loaded=True, why="", isa=best,
                           in_compiled_step=setting == "always" or ISA_NAMES[best] == "avx2")
@@ -152,9 +152,5 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     return (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
 
 
-def _shape_only(x, weight, scale, bias=None, isa=-1):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _f32_shape_only(x, weight, bias=None, isa=-1):
+def _shape_only(x, weight, *rest):  # every op: (x, weight, ...) -> x's leading shape by weight's rows
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

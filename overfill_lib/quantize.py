@@ -62,12 +62,18 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale.to(linear.weight.dtype), bias)
 
+    activations = "float"  # what the kernel multiplies the int8 weights by (int8_kernel.use_kernel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
                 and x.numel() <= KERNEL_ROWS * self.in_features
-                and int8_kernel.use_kernel(torch.compiler.is_compiling())):
-            return torch.ops.overfill.int8_linear(x, self.qweight, self.scale, self.bias)
+                and int8_kernel.use_kernel(torch.compiler.is_compiling(), self.activations)):
+            return self.kernel_product(x)
         return self.converted(x)
+
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product through the int8 kernel (fp32 CPU input, up to :data:`KERNEL_ROWS` rows)."""
+        return torch.ops.overfill.int8_linear(x, self.qweight, self.scale, self.bias)
 
     def converted(self, x: torch.Tensor) -> torch.Tensor:
         """The product through ``F.linear`` on the weight converted to ``x``'s dtype (inside the compiled CPU step,
@@ -96,17 +102,15 @@ class W8A8Linear(Int8Linear):
     torch and ``F.linear``. Weights in [-127, 127], as :meth:`from_linear` makes them (the kernel moves the
     activation's sign onto the weight)."""
 
+    activations = "int8"
+
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(qweight, scale, bias)
         if qweight.numel() and int(qweight.min()) == -128:
             raise ValueError("W8A8Linear wants int8 weights in [-127, 127] (from_linear rounds them so); got -128")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
-                and x.numel() <= KERNEL_ROWS * self.in_features
-                and int8_kernel.use_kernel(torch.compiler.is_compiling(), activations="int8")):
-            return torch.ops.overfill.w8a8_linear(x, self.qweight, self.scale, self.bias)
-        return self.converted(x)
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.overfill.w8a8_linear(x, self.qweight, self.scale, self.bias)
 
     def converted(self, x: torch.Tensor) -> torch.Tensor:
         return super().converted(round_activations(x))
