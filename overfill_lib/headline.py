@@ -40,8 +40,11 @@ class Point:
     new_tokens: int = 0
 
 
-def plan(pairs: tuple[str, ...] = ("llama-3.2-3b", "llama-3.1-8b")) -> list[Point]:
-    """The points, most important first (the issue's order)."""
+PAIRS = ("llama-3.2-3b", "llama-3.1-8b")
+
+
+def plan(pairs: tuple[str, ...] = PAIRS) -> list[Point]:
+    """The points, most important first: every kind of point for the first pair, batch-1 decode for the others."""
     main = pairs[0]
     points = [Point("copy", "device copy bandwidth")]
     points += [Point("fast", "per-token decode at batch 1, fast path", main, m, 1, 128)
@@ -61,12 +64,13 @@ def plan(pairs: tuple[str, ...] = ("llama-3.2-3b", "llama-3.1-8b")) -> list[Poin
 # Time estimates (for the budget and the dry run)
 # --------------------------------------------------------------------------------------------------
 
-# Assumptions for an H100/H200 (no GPU run has calibrated them yet, so they lean long): achieved bandwidth of a
-# decode step, seconds to build a random-weight model per billion parameters, to compile one decode graph (one per
-# model, batch and cache length), and an eager step's per-layer overhead.
-GPU = {"bandwidth": 2.5e12, "build_s_per_b": 4.0, "compile_s": 30.0, "eager_layer_s": 0.6e-3}
+# Calibrated on an H200 (results/gpu/headline.json, rounded up): a compiled decode step costs a fixed ~2 ms (kernel
+# boundaries, the same for the 3B and 8B shapes) plus its bytes at ~4 TB/s; building a random-weight model takes
+# 1-3 s per billion parameters, compiling one decode graph (one per model, batch and cache length) 29-37 s; an
+# eager step costs ~1 ms per layer (launch-bound).
+GPU = {"bandwidth": 4.0e12, "step_fixed_s": 2.0e-3, "build_s_per_b": 4.0, "compile_s": 36.0, "eager_layer_s": 1.0e-3}
 # On a CPU the fast path runs eagerly (no compile): only the tiny suite is meant to run there, as a check.
-CPU = {"bandwidth": 5e9, "build_s_per_b": 30.0, "compile_s": 0.0, "eager_layer_s": 0.5e-3}
+CPU = {"bandwidth": 5e9, "step_fixed_s": 0.0, "build_s_per_b": 30.0, "compile_s": 0.0, "eager_layer_s": 0.5e-3}
 WARMUP, REPEATS = 1, 3
 
 
@@ -97,7 +101,7 @@ def estimate(points: list[Point], configs: dict, device_kind: str = "cuda") -> l
             cfg = full_cfg if p.method == "full" else dec_cfg
             step = cost.decode_step_bytes(cfg, 2, batch=p.batch, kv_positions=PROMPT + p.new_tokens,
                                           kv_config=full_cfg)["total"]
-            seconds += steps * step / a["bandwidth"]
+            seconds += steps * (a["step_fixed_s"] + step / a["bandwidth"])
         else:
             cfg = full_cfg if p.method == "full" else dec_cfg
             seconds += 2 * steps * cfg.num_hidden_layers * a["eager_layer_s"]  # e2e(1) and e2e(N) are both timed
@@ -140,12 +144,13 @@ def check_args(device: str, budget_s: float, dry_run: bool = False) -> None:
 
 
 def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, out: str | Path | None = None,
-        dry_run: bool = False, points: list[Point] | None = None) -> dict:
-    """Measure ``points`` (default :func:`plan`) in order within ``budget_s`` seconds; the results dict."""
+        dry_run: bool = False, points: list[Point] | None = None, pairs: tuple[str, ...] = PAIRS) -> dict:
+    """Measure ``points`` (default: :func:`plan` of ``pairs``) in order within ``budget_s`` seconds; the results
+    dict."""
     check_args(device, budget_s, dry_run)
     started = time.perf_counter()
     configs = _configs(suite)
-    points = points or plan()
+    points = points or plan(tuple(pairs))
     estimates = estimate(points, configs, torch.device(device).type)
     results = {
         "format": latency.FORMAT, "version": latency.FORMAT_VERSION, "label": f"headline ({suite})",
@@ -180,14 +185,7 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
                                       "decoder": cost.model_summary(dec_cfg, nbytes)}
         return loaded
 
-    for p, est in zip(points, estimates):
-        record = asdict(p) | {"prompt": PROMPT, "estimate_s": est}
-        elapsed = time.perf_counter() - started
-        if elapsed + est > budget_s:
-            results["records"].append(record | {"status": "skipped", "reason": f"{elapsed:.0f} s spent, about {est:.0f} "
-                                                f"s more would overrun the {budget_s:.0f} s budget"})
-            continue
-        t0 = time.perf_counter()
+    def measure(p: Point, record: dict) -> None:
         with latency.oom_guard(record, device, loaded.get("gen").clear_caches if loaded else None):
             if p.kind == "copy":
                 results["copy_bandwidth"] = latency.copy_bandwidth(device)
@@ -203,6 +201,26 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
                 else:
                     record |= latency.measure_hf_generate(m[p.method], **common)
                 record["method"] = p.method
+
+    for p, est in zip(points, estimates):
+        record = asdict(p) | {"prompt": PROMPT, "estimate_s": est}
+        elapsed = time.perf_counter() - started
+        if elapsed + est > budget_s:
+            results["records"].append(record | {"status": "skipped", "reason": f"{elapsed:.0f} s spent, about {est:.0f} "
+                                                f"s more would overrun the {budget_s:.0f} s budget"})
+            continue
+        t0 = time.perf_counter()
+        try:
+            measure(p, record)
+        except Exception as e:  # noqa: BLE001 - one broken point must not cost the slot's later points
+            # The slot is short and paid for: record the failure, say it loudly, go on; main() exits non-zero.
+            first_line = (str(e).splitlines() or [""])[0][:300]
+            record |= {"status": "error", "error": f"{type(e).__name__}: {first_line}"}
+            log.exception("%s %s %s batch %d failed", p.pair or "device", p.kind, p.method, p.batch)
+            loaded.clear()
+            if device.type == "cuda":
+                torch.compiler.reset()
+                torch.cuda.empty_cache()
         record["seconds"] = round(time.perf_counter() - t0, 1)
         results["records"].append(record)
         log.info("%s %s %s batch %d, %d new tokens: %s in %.0f s (estimated %.0f)", p.pair or "device", p.kind,
@@ -222,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="real: Llama-3.2-3B / 3.1-8B shapes; tiny: the same plan on tiny models (a CPU check)")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds; points that would overrun are skipped")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every point")
+    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS),
+                        help="the pairs to measure, the first in full (default: both, the 8B pair last, batch-1 "
+                             "decode only); --pairs llama-3.1-8b gives a second short slot to the larger pair")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated times only")
     args = parser.parse_args(argv)
     try:
@@ -229,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    results = run(device=args.device, suite=args.suite, budget_s=args.budget, out=args.out, dry_run=args.dry_run)
+    results = run(device=args.device, suite=args.suite, budget_s=args.budget, out=args.out, dry_run=args.dry_run,
+                  pairs=tuple(args.pairs))
     for row in results["plan"] if args.dry_run else results["records"]:
         print(f"{row['estimate_s']:7.1f} s  {row['kind']:5s} {row['pair'] or 'device':13s} {row['method']:8s} "
               f"batch {row['batch']:2d} new {row['new_tokens']:4d}  {row.get('status', row['why'])}")
     print(f"estimated total {results['estimated_total_s']:.0f} s against a budget of {args.budget:.0f} s")
-    return 0
+    failed = [r for r in results["records"] if r.get("status") == "error"]
+    if failed:
+        print(f"{len(failed)} point(s) failed: " + "; ".join(r["error"] for r in failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

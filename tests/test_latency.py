@@ -212,3 +212,34 @@ def test_headline_plan_fits_its_budget_and_a_cut_run_keeps_what_it_measured(tmp_
     assert measured and all(r["per_token_s"]["median"] > 0 for r in measured)
     squeezed = headline.run(device="cpu", suite="tiny", points=points, budget_s=0)
     assert {r["status"] for r in squeezed["records"]} == {"skipped"}
+
+
+def test_headline_records_a_broken_point_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A GPU slot is short and paid for: one point that raises (not out of memory) is recorded as an error with its
+    message, the points after it still run, and the command exits non-zero so the failure is not missed."""
+    from overfill_lib import headline, latency
+
+    def broken(device):
+        raise RuntimeError("copy kernel missing\nsecond line")
+
+    monkeypatch.setattr(latency, "copy_bandwidth", broken)
+    points = [headline.Point("copy", "device copy bandwidth"),
+              headline.Point("fast", "decode", "llama-3.2-3b", "decoder", 1, 4)]
+    out = tmp_path / "h.json"
+    res = headline.run(device="cpu", suite="tiny", out=out, points=points, budget_s=60)
+    assert [r["status"] for r in res["records"]] == ["error", "ok"]
+    assert res["records"][0]["error"] == "RuntimeError: copy kernel missing"
+    assert json.loads(out.read_text())["records"][0]["status"] == "error"
+    monkeypatch.setattr(headline, "plan", lambda pairs: points)
+    assert headline.main(["--device", "cpu", "--suite", "tiny", "--budget", "60"]) == 1
+    assert "1 point(s) failed: RuntimeError: copy kernel missing" in capsys.readouterr().out
+
+
+def test_headline_pairs_option_gives_the_larger_pair_a_slot_of_its_own():
+    from overfill_lib import headline
+
+    larger = headline.run(dry_run=True, pairs=("llama-3.1-8b",))["plan"]
+    assert {p["pair"] for p in larger if p["kind"] != "copy"} == {"llama-3.1-8b"}
+    assert [p["kind"] for p in larger][:2] == ["copy", "fast"] and max(p["batch"] for p in larger) == 64
+    with pytest.raises(SystemExit):
+        headline.main(["--dry-run", "--pairs", "llama-70b"])
