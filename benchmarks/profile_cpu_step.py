@@ -1,8 +1,8 @@
 """Where a compiled CPU decode step spends its time: torch.profiler over a few greedy steps of the fast path.
 
-For a preset's full model (or decoder) in fp32 or with int8 weights, compiled and warmed first; prints the operators
-by self CPU time and the wall time per step with and without the profiler, to say what is left in a step that misses
-a target (``benchmarks/cpu_decode.py``).
+For a preset's full model (or decoder) in fp32, with int8 weights or w8a8, compiled and warmed first; prints the
+operators by self CPU time and the wall time per step with and without the profiler, to say what is left in a step
+that misses a target (``benchmarks/cpu_decode.py``).
 
     python -m benchmarks.profile_cpu_step --preset smollm2-135m --dtype float32 --dtype int8
 """
@@ -26,18 +26,26 @@ PROMPT = "Explain why the sky is blue, briefly."
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-135m")
-    parser.add_argument("--dtype", action="append", choices=("float32", "int8"))
+    parser.add_argument("--dtype", action="append", choices=("float32", "int8", "w8a8"))
     parser.add_argument("--method", default="full", choices=("full", "decoder", "overfill"))
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--kernels", action="store_true",
+                        help="name each of inductor's generated C++ kernels in the profile (cpp.enable_kernel_profile), "
+                             "instead of one row for the whole compiled graph")
     args = parser.parse_args(argv)
+    if args.kernels:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
     preset = load_preset(args.preset)
     full_dir, decoder_dir = pipeline.full_model(preset)[0], pipeline.pruned_decoder(preset)
     for dtype in args.dtype or ["float32", "int8"]:
         full, tokenizer = load_model(full_dir, role="full model")
         decoder, _ = load_model(decoder_dir, role="decoder")
-        if dtype == "int8":
-            full, decoder = quantize.quantize_int8(full), quantize.quantize_int8(decoder)
+        if dtype != "float32":
+            scheme = quantize.W8A8 if dtype == "w8a8" else quantize.QUANTIZATION
+            full, decoder = quantize.quantize_int8(full, scheme), quantize.quantize_int8(decoder, scheme)
         for model in (full, decoder):
             model.requires_grad_(False)
         ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,

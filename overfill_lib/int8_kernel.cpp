@@ -109,21 +109,22 @@ struct QProblem {
   int64_t M, N, K, Kp;
 };
 
-// The rounding torch does in quantize.W8A8Linear.converted, operation for operation: step = absmax / 127, then
-// round-half-even of x / step (zero for an all-zero block), so both paths see the same int8 activations.
+// The rounding torch does in quantize.round_activations, operation for operation: step = absmax / 127, then
+// round-half-even of x / step (zero for an all-zero block), so both paths see the same int8 activations. One block of
+// n <= 32 values, zero-padded to 32; returns its step.
+inline float quantize_block(const float* xb, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float d = amax / 127.f;
+  for (int64_t i = 0; i < kBlock; ++i) q[i] = (i < n && d > 0.f) ? static_cast<int8_t>(std::nearbyint(xb[i] / d)) : 0;
+  return d;
+}
+
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* step) {
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < Kp / kBlock; ++b) {
-      const float* xb = x + m * K + b * kBlock;
-      const int64_t n = std::min(kBlock, K - b * kBlock);
-      float amax = 0.f;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.f;
-      int8_t* q = xq + m * Kp + b * kBlock;
-      for (int64_t i = 0; i < kBlock; ++i)
-        q[i] = (i < n && d > 0.f) ? static_cast<int8_t>(std::nearbyint(xb[i] / d)) : 0;
-      step[m * (Kp / kBlock) + b] = d;
-    }
+    for (int64_t b = 0; b < Kp / kBlock; ++b)
+      step[m * (Kp / kBlock) + b] =
+          quantize_block(x + m * K + b * kBlock, std::min(kBlock, K - b * kBlock), xq + m * Kp + b * kBlock);
 }
 
 inline int32_t dot_scalar(const int8_t* a, const int8_t* b, int64_t n) {
@@ -188,6 +189,43 @@ void qblock(const QProblem& p, int64_t n, int64_t m) {
     }
   }
   for (int c = 0; c < C; ++c) overfill_kernel::store(p, m, n + c, hsum8(acc[c]) + overfill_kernel::tail(p, m, n + c));
+}
+
+// quantize_rows, 8 values at a time: the same division and the same round-half-even (the scalar loop calls nearbyint
+// once per value), so the same int8 values; a last, partial block goes the scalar way.
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* step) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' per-lane interleaving
+  const int64_t whole = K / kBlock, blocks = Kp / kBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < whole; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      int8_t* q = xq + m * Kp + b * kBlock;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float d = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.f;
+      step[m * blocks + b] = d;
+      if (!(d > 0.f)) {
+        std::memset(q, 0, kBlock);
+        continue;
+      }
+      const __m256 dv = _mm256_set1_ps(d);
+      __m256i r[4];
+      for (int i = 0; i < 4; ++i)
+        r[i] = _mm256_cvtps_epi32(
+            _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+    for (int64_t b = whole; b < blocks; ++b)
+      step[m * blocks + b] =
+          overfill_kernel::quantize_block(x + m * K + b * kBlock, K - b * kBlock, xq + m * Kp + b * kBlock);
+  }
 }
 
 void qchannels(const QProblem& p, int64_t n0, int64_t n1) {
@@ -331,7 +369,6 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const Int8Args a = int8_args("w8a8_linear", x, weight, scale, bias);
   const int64_t Kp = (a.K + kBlock - 1) / kBlock * kBlock;
   at::Tensor xq = at::empty({a.M, Kp}, weight.options()), step = at::empty({a.M, Kp / kBlock}, x.options());
-  quantize_rows(a.x.data_ptr<float>(), a.M, a.K, Kp, xq.data_ptr<int8_t>(), step.data_ptr<float>());
   at::Tensor y = at::empty({a.M, a.N}, x.options());
   const QProblem p{xq.data_ptr<int8_t>(), step.data_ptr<float>(), a.weight.data_ptr<int8_t>(),
                    a.scale.data_ptr<float>(), a.bias.defined() ? a.bias.data_ptr<float>() : nullptr,
@@ -339,9 +376,14 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t chosen = isa < 0 ? best_isa() : isa;
   check_isa(chosen);
   QChannels channels = qchannels_baseline;
+  void (*round_rows)(const float*, int64_t, int64_t, int64_t, int8_t*, float*) = quantize_rows;
 #if defined(__x86_64__)
-  if (chosen >= kAvx2) channels = overfill_avx2::qchannels;  // the 256-bit path serves AVX-512 machines too
+  if (chosen >= kAvx2) {  // the 256-bit path serves AVX-512 machines too
+    channels = overfill_avx2::qchannels;
+    round_rows = overfill_avx2::quantize_rows;
+  }
 #endif
+  round_rows(a.x.data_ptr<float>(), a.M, a.K, Kp, xq.data_ptr<int8_t>(), step.data_ptr<float>());
   run(p, channels, a.N * a.K);
   return shaped(y, x, a.N);
 }

@@ -206,6 +206,28 @@ def test_the_w8a8_product_equals_an_independent_q8_0_computation_on_every_instru
         W8A8Linear(torch.full((2, 32), -128, dtype=torch.int8), torch.ones(2))
 
 
+def test_every_instruction_set_rounds_the_activations_as_torch_does(kernel):
+    """With one weight per channel the product is each rounded activation times its step, exactly, so any
+    difference in the rounding (the vectorised AVX2 rounding against the scalar loop and torch's
+    round_activations) shows bit for bit: ties (x / step = k + 0.5, round half to even), an all-zero block, a
+    partial last block."""
+    from overfill_lib.quantize import W8A8Linear
+
+    k = 2 * 32 + 5
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, k, generator=g) * 3
+    x[0, :32] = torch.arange(32) - 15.5  # absmax 16.5 -> step 16.5 / 127: many values land near ties
+    x[1, :32] = torch.cat([torch.tensor([127.0]), torch.arange(31) + 0.5])  # step 1: exact ties k + 0.5
+    x[2, 32:64] = 0
+    w = torch.eye(k, dtype=torch.int8)
+    scale = torch.ones(k)
+    layer = W8A8Linear(w, scale)
+    torch_path = layer.converted(x)
+    for isa in range(torch.ops.overfill.int8_kernel_isa() + 1):
+        assert torch.equal(torch.ops.overfill.w8a8_linear(x, w, scale, None, isa), torch_path), isa
+    assert torch.equal(torch_path[1, 1:32], torch.round(torch.arange(31) + 0.5))  # half to even: 0, 2, 2, 4, ...
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_a_compiled_w8a8_step_calls_the_kernel_and_matches_eager(kernel, batch):
     from overfill_lib.quantize import W8A8Linear
