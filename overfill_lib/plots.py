@@ -458,6 +458,8 @@ def cpu_decode_figure(results: dict):
                 continue
             methods = list(r["methods"])
             for path, color in colors.items():
+                if path not in r["paths"]:  # --paths may leave the eager fast path out
+                    continue
                 ms = [r["methods"][m][path]["ms_per_token"] for m in methods]
                 text = ([f"{r['methods'][m][path]['fraction_of_read_bandwidth']:.0%}" for m in methods]
                         if path == "compiled" else None)

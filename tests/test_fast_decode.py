@@ -205,6 +205,11 @@ def test_cpu_decode_benchmark_feeds_notebook_03(models):
     rows = latency.cpu_decode_rows(results)
     assert [row["method"] for row in rows] == list(cpu_decode.METHODS) and all(row["tokens == plain"] for row in rows)
     assert len(plots.cpu_decode_figure(results).data) == len(cpu_decode.PATHS)
+    # --paths plain compiled (the eager fast path left out): the table and the figure draw what was timed
+    lean = cpu_decode.measure(full, decoder, ids, new_tokens=6, repeats=1, paths=("plain", "compiled"))
+    results = {"environment": {}, "presets": {"test": {"dtypes": {"float32": lean}}}}
+    assert all(row["eager ms"] is None and row["tokens == plain"] for row in latency.cpu_decode_rows(results))
+    assert {trace.name for trace in plots.cpu_decode_figure(results).data} == {"plain", "compiled"}
 
 
 def test_cpu_decode_benchmark_at_batch_two_counts_every_row(models):
