@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: $(STAMP)
+# browser: the figures' static PNGs are exported through a headless Chromium (HTML figures are written without it).
+run: $(STAMP) browser
 	$(BIN)/python -m overfill_lib.runner --preset $(PRESET) $(RUNFLAGS)
 
 # Under pytest-xdist two workers share the cores: idle OpenMP threads must yield them instead of spinning (small models
@@ -29,13 +30,14 @@ test: export OMP_WAIT_POLICY ?= PASSIVE
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
 
-# The browser tests (tests/test_browser.py) drive Debian's Chromium: installed here when missing and possible.
+# The browser tests (tests/test_browser.py) and the PNG figures use Debian's Chromium, installed when missing and
+# possible.
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	      echo "apt-get could not install chromium: the browser tests will skip (or fail, under OVERFILL_REQUIRE_BROWSER=1)"; \
-	  else echo "no Chromium: the browser tests will skip (apt-get install chromium, as root, enables them)"; fi
+	  else echo "no Chromium: browser tests skip, figures are HTML only (apt-get install chromium, as root)"; fi
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
