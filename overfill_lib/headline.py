@@ -143,6 +143,58 @@ def check_args(device: str, budget_s: float, dry_run: bool = False) -> None:
                          "use --device cpu --suite tiny (a check of the machinery) or --dry-run (the plan only)")
 
 
+class _Bench:
+    """One pair of random-weight models at a time on ``device`` (the fast path's generator with them), and the
+    measurement of one point into ``results``."""
+
+    def __init__(self, device: torch.device, configs: dict, results: dict):
+        self.device, self.configs, self.results = device, configs, results
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.loaded: dict = {}
+
+    def unload(self) -> None:
+        self.loaded.clear()
+        if self.device.type == "cuda":
+            torch.compiler.reset()
+            torch.cuda.empty_cache()
+
+    def pair(self, name: str) -> dict:
+        if self.loaded.get("name") == name:
+            return self.loaded
+        self.unload()
+        full_cfg, dec_cfg = self.configs[name]
+        full = latency.build_random_model(full_cfg, self.device, self.dtype).requires_grad_(False)
+        decoder = latency.build_random_model(dec_cfg, self.device, self.dtype).requires_grad_(False)
+        # On a CPU this only checks the machinery (tiny models): no compile there.
+        compile_step = "auto" if self.device.type == "cuda" else False
+        self.loaded.update(name=name, full=full, decoder=decoder,
+                           gen=fast_decode.FastGenerator(full, decoder, compile=compile_step),
+                           prompts=latency.random_prompts(full_cfg.vocab_size))
+        nbytes = cost.dtype_bytes(self.dtype)
+        self.results["pairs"][name] = {"dtype": str(self.dtype).removeprefix("torch."), "path": self.loaded["gen"].path,
+                                       "full": cost.model_summary(full_cfg, nbytes),
+                                       "decoder": cost.model_summary(dec_cfg, nbytes)}
+        return self.loaded
+
+    def measure(self, p: Point, record: dict) -> None:
+        cleanup = self.loaded["gen"].clear_caches if self.loaded else None
+        with latency.oom_guard(record, self.device, cleanup):
+            if p.kind == "copy":
+                self.results["copy_bandwidth"] = latency.copy_bandwidth(self.device)
+                record |= {"status": "ok", "bytes_per_s": self.results["copy_bandwidth"]["bytes_per_s"]}
+                return
+            m = self.pair(p.pair)
+            common = dict(batch=p.batch, prompt=PROMPT, new_tokens=p.new_tokens, prompt_fn=m["prompts"],
+                          warmup=WARMUP, repeats=REPEATS)
+            if p.kind == "fast":
+                record |= latency.measure_fast(m["gen"], p.method, copy_bw=self.results["copy_bandwidth"], **common)
+            elif p.method == "overfill":
+                record |= latency.measure_pair_generate(m["full"], m["decoder"], **common)
+            else:
+                record |= latency.measure_hf_generate(m[p.method], **common)
+            record["method"] = p.method
+
+
 def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, out: str | Path | None = None,
         dry_run: bool = False, points: list[Point] | None = None, pairs: tuple[str, ...] = PAIRS) -> dict:
     """Measure ``points`` (default: :func:`plan` of ``pairs``) in order within ``budget_s`` seconds; the results
@@ -161,66 +213,23 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
     if dry_run:
         return results
     out = Path(out) if out is not None else None
-    device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded: dict = {}
-
-    def pair(name: str):
-        if loaded.get("name") != name:
-            loaded.clear()
-            if device.type == "cuda":
-                torch.compiler.reset()
-                torch.cuda.empty_cache()
-            full_cfg, dec_cfg = configs[name]
-            full = latency.build_random_model(full_cfg, device, dtype).requires_grad_(False)
-            decoder = latency.build_random_model(dec_cfg, device, dtype).requires_grad_(False)
-            # On a CPU this only checks the machinery (tiny models): no compile there.
-            compile_step = "auto" if device.type == "cuda" else False
-            loaded.update(name=name, full=full, decoder=decoder,
-                          gen=fast_decode.FastGenerator(full, decoder, compile=compile_step),
-                          prompts=latency.random_prompts(full_cfg.vocab_size))
-            nbytes = cost.dtype_bytes(dtype)
-            results["pairs"][name] = {"dtype": str(dtype).removeprefix("torch."), "path": loaded["gen"].path,
-                                      "full": cost.model_summary(full_cfg, nbytes),
-                                      "decoder": cost.model_summary(dec_cfg, nbytes)}
-        return loaded
-
-    def measure(p: Point, record: dict) -> None:
-        with latency.oom_guard(record, device, loaded.get("gen").clear_caches if loaded else None):
-            if p.kind == "copy":
-                results["copy_bandwidth"] = latency.copy_bandwidth(device)
-                record |= {"status": "ok", "bytes_per_s": results["copy_bandwidth"]["bytes_per_s"]}
-            else:
-                m = pair(p.pair)
-                common = dict(batch=p.batch, prompt=PROMPT, new_tokens=p.new_tokens, prompt_fn=m["prompts"],
-                              warmup=WARMUP, repeats=REPEATS)
-                if p.kind == "fast":
-                    record |= latency.measure_fast(m["gen"], p.method, copy_bw=results["copy_bandwidth"], **common)
-                elif p.method == "overfill":
-                    record |= latency.measure_pair_generate(m["full"], m["decoder"], **common)
-                else:
-                    record |= latency.measure_hf_generate(m[p.method], **common)
-                record["method"] = p.method
-
+    bench = _Bench(torch.device(device), configs, results)
     for p, est in zip(points, estimates):
         record = asdict(p) | {"prompt": PROMPT, "estimate_s": est}
         elapsed = time.perf_counter() - started
         if elapsed + est > budget_s:
-            results["records"].append(record | {"status": "skipped", "reason": f"{elapsed:.0f} s spent, about {est:.0f} "
-                                                f"s more would overrun the {budget_s:.0f} s budget"})
+            reason = f"{elapsed:.0f} s spent, about {est:.0f} s more would overrun the {budget_s:.0f} s budget"
+            results["records"].append(record | {"status": "skipped", "reason": reason})
             continue
         t0 = time.perf_counter()
         try:
-            measure(p, record)
+            bench.measure(p, record)
         except Exception as e:  # noqa: BLE001 - one broken point must not cost the slot's later points
             # The slot is short and paid for: record the failure, say it loudly, go on; main() exits non-zero.
             first_line = (str(e).splitlines() or [""])[0][:300]
             record |= {"status": "error", "error": f"{type(e).__name__}: {first_line}"}
             log.exception("%s %s %s batch %d failed", p.pair or "device", p.kind, p.method, p.batch)
-            loaded.clear()
-            if device.type == "cuda":
-                torch.compiler.reset()
-                torch.cuda.empty_cache()
+            bench.unload()
         record["seconds"] = round(time.perf_counter() - t0, 1)
         results["records"].append(record)
         log.info("%s %s %s batch %d, %d new tokens: %s in %.0f s (estimated %.0f)", p.pair or "device", p.kind,

@@ -233,7 +233,7 @@ def test_a_partial_file_of_another_request_is_discarded(tmp_path, tokenizer, mon
 def test_fidelity_of_a_model_on_its_own_greedy_answers(tokenizer):
     """Scored on its own greedy answers, a model agrees everywhere and reproduces every answer; a different
     decoder does not; alone and as an identity pair the numbers are the same."""
-    from overfill_lib import fidelity, pruning
+    from overfill_lib import pruning, scoring
     from overfill_lib.pair import OverFillModel
 
     model = tiny_model("llama", tied=True, vocab_size=len(tokenizer)).eval()
@@ -247,19 +247,19 @@ def test_fidelity_of_a_model_on_its_own_greedy_answers(tokenizer):
     # Records whose answers are the greedy tokens, then the end-of-turn token the encoding appends.
     records = [{"messages": [*c, {"role": "assistant", "content": tokenizer.decode(row)}]}
                for c, row in zip(chats, out.new_tokens.tolist()) if eos not in row]
-    contexts, answers = fidelity.split_records(tokenizer, records)
+    contexts, answers = scoring.split_records(tokenizer, records)
     assert all(a[:-1] == row for a, row in zip(answers, out.new_tokens.tolist())) and all(a[-1] == eos for a in answers)
-    alone = fidelity.answer_fidelity(model, tokenizer, records, batch_size=1)
+    alone = scoring.answer_fidelity(model, tokenizer, records, batch_size=1)
     # Every generated position agrees; the appended end-of-turn token was not the model's choice.
     assert alone["agreement"] == pytest.approx(6 / 7) and alone["exact"] == 0.0
-    assert fidelity.answer_fidelity(OverFillModel(model, model), tokenizer, records) == pytest.approx(alone)
+    assert scoring.answer_fidelity(OverFillModel(model, model), tokenizer, records) == pytest.approx(alone)
     assert alone["nll"] == pytest.approx(pruning.reply_loss(model, tokenizer, records), rel=1e-5)
-    stranger = fidelity.answer_fidelity(other, tokenizer, records)
+    stranger = scoring.answer_fidelity(other, tokenizer, records)
     assert stranger["nll"] > alone["nll"] and stranger["agreement"] < 1 / 7
     windows = [tokenizer(t)["input_ids"][:12] for t in ("The quick brown fox jumps over it all.", "A decoder reads the cache.")]
-    ppl = fidelity.split_perplexity(model, windows, prefix=4)
-    assert ppl == pytest.approx(fidelity.split_perplexity(OverFillModel(model, model), windows, prefix=4), rel=1e-5)
-    assert fidelity.split_perplexity(OverFillModel(model, other), windows, prefix=4) != pytest.approx(ppl)
+    ppl = scoring.split_perplexity(model, windows, prefix=4)
+    assert ppl == pytest.approx(scoring.split_perplexity(OverFillModel(model, model), windows, prefix=4), rel=1e-5)
+    assert scoring.split_perplexity(OverFillModel(model, other), windows, prefix=4) != pytest.approx(ppl)
 
 
 def test_the_committed_smollm2_data_is_what_its_preset_asks_for():

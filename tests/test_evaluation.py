@@ -392,9 +392,9 @@ def chat_models(tmp_path_factory):
 
 @pytest.mark.parametrize("role", ["identity", "pair"])
 def test_chat_task_over_local_files_matches_the_project_fidelity(chat_models, role):
-    """``overfill_chat`` (lm-eval, local test.jsonl, chat template) gives ``fidelity.answer_fidelity``'s per-token
+    """``overfill_chat`` (lm-eval, local test.jsonl, chat template) gives ``scoring.answer_fidelity``'s per-token
     NLL and exact-reproduction rate, for a model alone (the identity pair) and for a real pair."""
-    from overfill_lib import fidelity
+    from overfill_lib import scoring
     from overfill_lib.pair import OverFillModel
 
     m = chat_models
@@ -403,7 +403,7 @@ def test_chat_task_over_local_files_matches_the_project_fidelity(chat_models, ro
     found = evaluation.evaluate(lm, [evaluation.CHAT_TASK], metadata={"data_dir": str(m["data_dir"])})
     scores = found["results"][evaluation.CHAT_TASK]
     model = m["full"] if role == "identity" else OverFillModel(m["full"], m["decoder"])
-    ours = fidelity.answer_fidelity(model, m["tok"], m["records"], batch_size=2)
+    ours = scoring.answer_fidelity(model, m["tok"], m["records"], batch_size=2)
     assert scores["nll,none"] == pytest.approx(ours["nll"], rel=1e-4)
     assert scores["exact,none"] == pytest.approx(ours["exact"])
     if role == "identity":

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("models and data: every measure of quality, the suite, the offline full model (and ``teacher``, its old name), "
      "GGUF and llama.cpp models, the lm-eval model, corpora",
      {"scoring", "tasks", "full_model", "teacher", "gguf_models", "llama_cpp", "lm_eval_model", "stdlib_corpus",
-      "chat_data", "corpus", "fidelity"}),
+      "chat_data", "corpus"}),
     ("the work, on plain arguments: importance, pruning, window distillation, training and resuming it, latency",
      {"importance", "pruning", "windows", "training", "resume", "latency"}),
     ("presets: what a preset is", {"presets"}),

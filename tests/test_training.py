@@ -244,13 +244,13 @@ def test_a_seed_or_objective_listed_twice_is_refused():
 def test_validation_probe_logs_fidelity_at_step_0_every_n_steps_and_the_end(setup, tmp_path, objective):
     """``eval_steps``: the probe's step-0 entry is the untrained model's fidelity on the held-out records, later
     entries follow training (the model changes), and the token axis counts the examples' tokens."""
-    from overfill_lib import fidelity
+    from overfill_lib import scoring
 
     sources, ds = setup["sources"], setup["dataset"]
     full = load_full(setup)
     held = [dict(r) for r in chat_data.load_conversations("suite", "train", suite_dir=setup["root"] / "suite")][:4]
     decoder0 = AutoModelForCausalLM.from_pretrained(sources.decoder_dir).eval()
-    untrained = fidelity.answer_fidelity(OverFillModel(full, decoder0) if objective == "overfill" else decoder0,
+    untrained = scoring.answer_fidelity(OverFillModel(full, decoder0) if objective == "overfill" else decoder0,
                                          setup["tok"], held)
     result = training.train(objective, sources, ds, recipe(steps=5, batch_size=4, eval_steps=2), tmp_path / "run",
                             full=full, probe_records=held)

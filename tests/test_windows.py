@@ -266,20 +266,20 @@ def test_a_rescore_reuses_the_scores_of_models_that_did_not_change(models, tmp_p
 
 
 def test_a_paired_bootstrap_is_tight_where_two_separate_intervals_overlap():
-    from overfill_lib import fidelity
+    from overfill_lib import scoring
 
     gen = torch.Generator().manual_seed(0)
     hard = torch.rand(200, generator=gen) * 4  # units differ a lot; the second model is better on every one
     a, b = hard + 0.1, hard
     n = [1] * 200
-    diff = fidelity.bootstrap_paired((a.tolist(), n), (b.tolist(), n))
+    diff = scoring.bootstrap_paired((a.tolist(), n), (b.tolist(), n))
     assert diff["difference"] == pytest.approx(0.1) and 0.099 < diff["ci"][0] <= diff["ci"][1] < 0.101
-    lo_a, hi_a = fidelity.bootstrap_ratio(a.tolist(), n)
+    lo_a, hi_a = scoring.bootstrap_ratio(a.tolist(), n)
     assert lo_a < float(b.mean()) < hi_a  # separately, the intervals overlap
-    same = fidelity.bootstrap_paired((b.tolist(), n), (b.tolist(), n))
+    same = scoring.bootstrap_paired((b.tolist(), n), (b.tolist(), n))
     assert same == {"difference": 0.0, "ci": [0.0, 0.0]}
     with pytest.raises(ValueError, match="same units"):
-        fidelity.bootstrap_paired((a.tolist(), n), (b[:10].tolist(), n[:10]))
+        scoring.bootstrap_paired((a.tolist(), n), (b[:10].tolist(), n[:10]))
 
 
 @pytest.mark.parametrize("argv,message", [
