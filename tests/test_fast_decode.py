@@ -152,10 +152,37 @@ def test_matvec_as_reduction_rewrites_only_one_row_linears():
     torch.testing.assert_close(y3.float(), torch.nn.functional.linear(one, weight), atol=0.15, rtol=0.02)
 
 
-def test_cpu_compile_target_is_the_reduction_step():
+def test_cpu_compile_target_is_the_reduction_step_compiled_once_per_model(models):
+    """On a CPU each model gets its own compiled copy of the reduction step (a code object of its own, no guards on
+    its modules): the same one on every call, another for another model or once the model is quantized in place."""
+    full, decoder = models
     step = fast_decode.StepFn(compile=True, device=torch.device("cpu"))
-    assert step._fn._torchdynamo_orig_callable is fast_decode.decode_one_token_cpu
+    first = step.compiled_for(decoder)
+    assert first._torchdynamo_orig_callable.__code__.co_code == fast_decode.decode_one_token_cpu.__code__.co_code
+    assert first._torchdynamo_orig_callable.__code__ is not fast_decode.decode_one_token_cpu.__code__
+    assert step.compiled_for(decoder) is first and step.compiled_for(full) is not first
+    decoder.quantization = "int8-weight-only"  # what quantize_int8 records (quantize.QUANTIZATION): another model now
+    try:
+        assert step.compiled_for(decoder) is not first
+    finally:
+        del decoder.quantization
     assert fast_decode.StepFn(compile=False, device=torch.device("cpu"))._fn is generation.decode_one_token
+
+
+def test_models_of_one_shape_never_share_a_compiled_step(models):
+    """Without guards on the modules, a graph compiled for one model must never run another of the same input
+    shapes: the full model and a copy of it with int8 weights, alternating through one generator, each give their
+    own plain loop's tokens."""
+    from overfill_lib import quantize
+
+    full, _ = models
+    twin = quantize.quantize_int8(copy.deepcopy(full)).requires_grad_(False)
+    gen = FastGenerator(full, twin, compile=True)
+    ids, mask = left_padded(full, batch=1)
+    for _ in range(2):
+        for method, (a, b) in {"full": (full, full), "decoder": (twin, twin)}.items():
+            out = gen.generate(ids, mask, method=method, max_new_tokens=NEW)
+            assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens), method
 
 
 def test_compiled_step_matches_plain_loop_on_cpu(models):
