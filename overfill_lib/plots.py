@@ -458,7 +458,7 @@ def cpu_decode_figure(results: dict):
                 continue
             methods = list(r["methods"])
             for path, color in colors.items():
-                if path not in r["paths"]:  # --paths may leave the eager fast path out
+                if any(path not in r["methods"][m] for m in methods):  # --paths may leave the eager path out
                     continue
                 ms = [r["methods"][m][path]["ms_per_token"] for m in methods]
                 text = ([f"{r['methods'][m][path]['fraction_of_read_bandwidth']:.0%}" for m in methods]
