@@ -242,6 +242,30 @@ def run(*, device: str = "cuda", suite: str = "real", budget_s: float = 330.0, o
     return results
 
 
+def is_headline(results: dict) -> bool:
+    """Whether a latency-format results JSON (``results/gpu/``) was written by this benchmark, not by
+    :func:`overfill_lib.latency.run_suite` (whose sweeps its figures read)."""
+    return "plan" in results and "estimated_total_s" in results
+
+
+def rows(results: dict) -> list[dict]:
+    """One row per point of a headline results JSON, for a table: ms per token, decode tokens per second and the
+    share of the copy bandwidth where measured, the status (and why) where not."""
+    out = []
+    for r in results["records"]:
+        if r["kind"] == "copy":
+            continue
+        ok = r.get("status") == "ok"
+        out.append({"pair": r["pair"], "kind": r["kind"], "method": r["method"], "batch": r["batch"],
+                    "new tokens": r["new_tokens"], "status": r.get("status"),
+                    "ms per token": round(r["per_token_s"]["median"] * 1e3, 3) if ok else None,
+                    "tokens/s": round(r.get("decode_tokens_per_s") or r["tokens_per_s"], 1) if ok else None,
+                    "share of copy bandwidth": (round(r["bandwidth_fraction"], 3)
+                                                if ok and r.get("bandwidth_fraction") is not None else None),
+                    "path": r.get("path"), "note": r.get("reason") or r.get("error")})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")

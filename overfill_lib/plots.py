@@ -300,6 +300,30 @@ def latency_figures(results: dict) -> dict:
     return {name: figure(results, where) for name, figure in LATENCY_FIGURES.items()}
 
 
+def headline_figure(results: dict):
+    """Per-token decode time at batch 1 on the fast path, full model, decoder and OverFill, one group per pair, from
+    a GPU headline results JSON (:mod:`overfill_lib.headline`); bars labelled with their share of the device's copy
+    bandwidth."""
+    import plotly.graph_objects as go
+
+    from overfill_lib import headline
+
+    points = [r for r in headline.rows(results)
+              if r["kind"] == "fast" and r["batch"] == 1 and r["status"] == "ok" and r["new tokens"] == 128]
+    fig = go.Figure()
+    for method, color in (("full", "#9e9e9e"), ("decoder", "#6baed6"), ("overfill", "#08519c")):
+        mine = [r for r in points if r["method"] == method]
+        fig.add_trace(go.Bar(x=[r["pair"] for r in mine], y=[r["ms per token"] for r in mine], name=method,
+                             marker_color=color, textposition="outside",
+                             text=[f"{r['share of copy bandwidth']:.0%}" if r["share of copy bandwidth"] else ""
+                                   for r in mine]))
+    env = results.get("environment", {})
+    fig.update_layout(barmode="group", yaxis_title="ms per token", height=420,
+                      title=f"Decode at batch 1, fast path (bars: share of copy bandwidth)<br><sup>"
+                            f"{env.get('device_name')} · torch {env.get('torch')} · commit {env.get('commit')}</sup>")
+    return fig
+
+
 def _latency_vs_output_length(results: dict, where: str):
     import plotly.graph_objects as go
 

@@ -212,6 +212,27 @@ def test_headline_plan_fits_its_budget_and_a_cut_run_keeps_what_it_measured(tmp_
     assert measured and all(r["per_token_s"]["median"] > 0 for r in measured)
     squeezed = headline.run(device="cpu", suite="tiny", points=points, budget_s=0)
     assert {r["status"] for r in squeezed["records"]} == {"skipped"}
+    # Notebook 03's table and figure of a headline file: a row per point that is not the copy, measured or not.
+    assert headline.is_headline(saved) and not headline.is_headline({"records": [], "pairs": {}})
+    table = headline.rows(saved)
+    assert [r["status"] for r in table] == [r["status"] for r in saved["records"] if r["kind"] != "copy"]
+    assert all(r["ms per token"] > 0 for r in table if r["status"] == "ok")
+    assert sum(len(t.x) for t in plots.headline_figure(saved).data) == sum(
+        r["status"] == "ok" and r["kind"] == "fast" and r["batch"] == 1 and r["new tokens"] == 128 for r in table)
+
+
+def test_every_committed_gpu_result_renders():
+    """Notebook 03 draws every latency-format file in results/gpu/: the headline's through its own table and
+    figure, run_suite's through the latency figures."""
+    from overfill_lib import headline
+
+    found = latency.find_results(PROJECT_ROOT / "results" / "gpu")
+    for path in found:
+        res = latency.load_results(path)
+        if headline.is_headline(res):
+            assert headline.rows(res) and plots.headline_figure(res).data, path
+        else:
+            assert all(fig.data for fig in plots.latency_figures(res).values()), path
 
 
 def test_headline_records_a_broken_point_and_goes_on(tmp_path, monkeypatch, capsys):
