@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=18)
     parser.add_argument("--kernels", action="store_true",
-                        help="name each of inductor's generated C++ kernels in the profile (cpp.enable_kernel_profile), "
-                             "instead of one row for the whole compiled graph")
+                        help="name each of inductor's generated C++ kernels in the profile "
+                             "(cpp.enable_kernel_profile), instead of one row for the whole compiled graph")
     args = parser.parse_args(argv)
     if args.kernels:
         import torch._inductor.config
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtype or ["float32", "int8"]:
         full, tokenizer = load_model(full_dir, role="full model")
         decoder, _ = load_model(decoder_dir, role="decoder")
-        if dtype != "float32":
-            scheme = quantize.W8A8 if dtype == "w8a8" else quantize.QUANTIZATION
+        scheme = quantize.DECODER_WEIGHTS.get(dtype)  # int8 or w8a8: quantized from fp32
+        if scheme:
             full, decoder = quantize.quantize_int8(full, scheme), quantize.quantize_int8(decoder, scheme)
         for model in (full, decoder):
             model.requires_grad_(False)

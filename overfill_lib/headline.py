@@ -25,6 +25,7 @@ from overfill_lib.artifacts import environment_record, write_json
 log = logging.getLogger(__name__)
 
 PROMPT = 128  # tokens of every prompt: one prompt length, so compiled graphs are shared across points
+NEW_TOKENS = 128  # new tokens of the per-token points (batch 1 and throughput); the end-to-end points vary it
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,15 @@ def plan(pairs: tuple[str, ...] = PAIRS) -> list[Point]:
     """The points, most important first: every kind of point for the first pair, batch-1 decode for the others."""
     main = pairs[0]
     points = [Point("copy", "device copy bandwidth")]
-    points += [Point("fast", "per-token decode at batch 1, fast path", main, m, 1, 128)
+    points += [Point("fast", "per-token decode at batch 1, fast path", main, m, 1, NEW_TOKENS)
                for m in ("overfill", "decoder", "full")]
     points += [Point("eager", "eager HF generate / the pair's plain loop", main, m, 1, 32)
                for m in ("full", "decoder", "overfill")]
     points += [Point("fast", "OverFill end to end against the decoder alone", main, m, 1, n)
                for n in (256, 1024) for m in ("overfill", "decoder")]
-    points += [Point("fast", "throughput against batch", main, "overfill", b, 128) for b in (4, 16, 64)]
+    points += [Point("fast", "throughput against batch", main, "overfill", b, NEW_TOKENS) for b in (4, 16, 64)]
     for other in pairs[1:]:
-        points += [Point("fast", "the larger pair, per-token decode at batch 1", other, m, 1, 128)
+        points += [Point("fast", "the larger pair, per-token decode at batch 1", other, m, 1, NEW_TOKENS)
                    for m in ("overfill", "decoder", "full")]
     return points
 

@@ -308,8 +308,8 @@ def headline_figure(results: dict):
 
     from overfill_lib import headline
 
-    points = [r for r in headline.rows(results)
-              if r["kind"] == "fast" and r["batch"] == 1 and r["status"] == "ok" and r["new tokens"] == 128]
+    points = [r for r in headline.rows(results) if r["kind"] == "fast" and r["batch"] == 1 and r["status"] == "ok"
+              and r["new tokens"] == headline.NEW_TOKENS]
     fig = go.Figure()
     for method, color in (("full", "#9e9e9e"), ("decoder", "#6baed6"), ("overfill", "#08519c")):
         mine = [r for r in points if r["method"] == method]
