@@ -197,6 +197,23 @@ def test_compiled_step_matches_plain_loop_on_cpu(models):
             assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens)
 
 
+def test_python_wrapper_setting_matches_plain_loop_and_bad_values_fail_early(models, monkeypatch):
+    """OVERFILL_CPP_WRAPPER=0 compiles CPU steps with inductor's Python wrapper (the default C++ one is what the test
+    above runs); a value other than 0 or 1 fails when the generator is built, not at its first step."""
+    full, decoder = models
+    monkeypatch.setenv("OVERFILL_CPP_WRAPPER", "0")
+    gen = FastGenerator(full, decoder, compile=True)
+    assert not gen.step.cpp_wrapper
+    ids, mask = left_padded(full, batch=1)
+    assert torch.equal(gen.generate(ids, mask, method="overfill", max_new_tokens=NEW).new_tokens,
+                       plain(full, decoder, ids, mask).new_tokens)
+    monkeypatch.setenv("OVERFILL_CPP_WRAPPER", "yes")
+    with pytest.raises(ValueError, match="OVERFILL_CPP_WRAPPER='yes'"):
+        FastGenerator(full, decoder)
+    monkeypatch.delenv("OVERFILL_CPP_WRAPPER")
+    assert FastGenerator(full, decoder).step.cpp_wrapper
+
+
 def test_warm_steps_skip_guards_and_still_match_the_plain_loop(models):
     """A step seen once (model, cache, shapes) runs later without its full guard check; alternating models and
     shapes still gives the plain loop's tokens, and clearing the caches forgets what was seen."""
