@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 from overfill_lib import pipeline, quantize
@@ -33,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", action="store_true",
                         help="name each of inductor's generated C++ kernels in the profile "
                              "(cpp.enable_kernel_profile), instead of one row for the whole compiled graph")
+    parser.add_argument("--width", type=int, default=60, help="characters of each operator's name in the table")
     args = parser.parse_args(argv)
     if args.kernels:
-        import torch._inductor.config
-
-        torch._inductor.config.cpp.enable_kernel_profile = True
+        inductor_config.cpp.enable_kernel_profile = True
     preset = load_preset(args.preset)
     full_dir, decoder_dir = pipeline.full_model(preset)[0], pipeline.pruned_decoder(preset)
     for dtype in args.dtype or ["float32", "int8"]:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{args.preset} {args.method} {dtype}: path {out.path}; first call {compile_s:.1f} s; "
               f"{1e3 * min(plain):.2f} ms per token (best of 3, no profiler), {1e3 * out.timings.per_token_s:.2f} "
               f"under the profiler; {args.new_tokens} steps profiled; {torch.get_num_threads()} threads")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=args.width))
     return 0
 
 
