@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{args.preset} {args.method} {dtype}: path {out.path}; first call {compile_s:.1f} s; "
               f"{1e3 * min(plain):.2f} ms per token (best of 3, no profiler), {1e3 * out.timings.per_token_s:.2f} "
               f"under the profiler; {args.new_tokens} steps profiled; {torch.get_num_threads()} threads")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=args.width))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                        max_name_column_width=args.width))
     return 0
 
 
