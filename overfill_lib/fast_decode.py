@@ -262,7 +262,8 @@ class StepFn:
     again, so later calls run under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``. Anything new
     (another model, cache or shape) runs with every remaining guard first. On a GPU neither: one compiled function,
     every guard (not yet run there). On a CPU the graphs' wrapper is C++ unless ``OVERFILL_CPP_WRAPPER=0``
-    (:func:`cpp_wrapper_enabled`, read here, so a bad value fails before any compile).
+    (:func:`cpp_wrapper_enabled`, read here, so a bad value fails before any compile); with ``fallback``, a first
+    compile that fails with it is tried again with the Python wrapper before running eagerly.
     """
 
     def __init__(self, compile: bool, device: torch.device, mode: str | None = None, fallback: bool = False):
@@ -313,6 +314,12 @@ class StepFn:
             # Only a failure to compile at all falls back; out-of-memory and later errors are real.
             if not self.fallback or self._compiled_once or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
+            if self.cpp_wrapper:  # first the Python wrapper, which needs less of the C++ toolchain
+                log.warning("compiling the decode step with inductor's C++ wrapper failed (%s: %s); trying the Python "
+                            "wrapper (OVERFILL_CPP_WRAPPER=0 skips this try)", type(e).__name__, e)
+                self.cpp_wrapper = False
+                self._per_model.clear()
+                return self(model, input_ids, position_ids, attention_mask, cache)
             log.warning("torch.compile of the decode step failed (%s: %s); running eagerly", type(e).__name__, e)
             self.compiled = False
             return decode_one_token(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw)

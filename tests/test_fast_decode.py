@@ -214,6 +214,30 @@ def test_python_wrapper_setting_matches_plain_loop_and_bad_values_fail_early(mod
     assert FastGenerator(full, decoder).step.cpp_wrapper
 
 
+def test_a_failing_cpp_wrapper_falls_back_to_the_python_one(models, monkeypatch):
+    """compile="auto": a first compile that fails with the C++ wrapper is tried with the Python one (still compiled,
+    the plain loop's tokens), not run eagerly; compile=True raises."""
+    full, decoder = models
+    real = fast_decode.compile_for_one_model
+
+    def cpp_fails(mode=None, cpp_wrapper=True):
+        if not cpp_wrapper:
+            return real(mode, cpp_wrapper)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("no C++ wrapper here")
+        return broken
+
+    monkeypatch.setattr(fast_decode, "compile_for_one_model", cpp_fails)
+    ids, mask = left_padded(full, batch=1)
+    gen = FastGenerator(full, decoder)
+    out = gen.generate(ids, mask, method="overfill", max_new_tokens=NEW)
+    assert out.path == fast_decode.PATH_COMPILED and not gen.step.cpp_wrapper
+    assert torch.equal(out.new_tokens, plain(full, decoder, ids, mask).new_tokens)
+    with pytest.raises(RuntimeError, match="no C.. wrapper here"):
+        FastGenerator(full, decoder, compile=True).generate(ids, mask, method="overfill", max_new_tokens=NEW)
+
+
 def test_warm_steps_skip_guards_and_still_match_the_plain_loop(models):
     """A step seen once (model, cache, shapes) runs later without its full guard check; alternating models and
     shapes still gives the plain loop's tokens, and clearing the caches forgets what was seen."""
