@@ -218,7 +218,8 @@ def test_headline_plan_fits_its_budget_and_a_cut_run_keeps_what_it_measured(tmp_
     assert [r["status"] for r in table] == [r["status"] for r in saved["records"] if r["kind"] != "copy"]
     assert all(r["ms per token"] > 0 for r in table if r["status"] == "ok")
     assert sum(len(t.x) for t in plots.headline_figure(saved).data) == sum(
-        r["status"] == "ok" and r["kind"] == "fast" and r["batch"] == 1 and r["new tokens"] == 128 for r in table)
+        r["status"] == "ok" and r["kind"] == "fast" and r["batch"] == 1 and r["new tokens"] == headline.NEW_TOKENS
+        for r in table)
 
 
 def test_every_committed_gpu_result_renders():
