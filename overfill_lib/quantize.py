@@ -15,6 +15,11 @@ through ``artifacts.load_causal_lm`` (:func:`load_int8`) with the same int8 weig
 to int8 with one fp32 step per block, the products summed in int32 (``int8_kernel``'s ``w8a8_linear``). Another
 model, not a faster int8: its quality is scored separately.
 
+The int8 layers of one decoder layer that read the same input (q, k and v; gate and up:
+:data:`overfill_lib.architectures.SHARED_INPUT_PROJECTIONS`) keep their rows in one matrix (:class:`SharedInput`,
+each layer's weight a view of its rows): inside a compiled decode step they call one product on it, each taking its
+slice (``fast_decode.ComputeOnce`` merges the identical calls), one call of the kernel instead of three or two.
+
 A preset's ``decoder: {weights: int8}`` (or ``w8a8``) runs its decoder so (:func:`decoder_weights`,
 :func:`apply_decoder_weights`); the full model, which prefills, stays in the runtime dtype. It is a run-time setting:
 the pruned decoder on disk stays float, and changing it re-prunes nothing. Its quality is scored like every decoder's
@@ -24,6 +29,7 @@ by ``benchmarks/quantized_decoder.py``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overfill_lib import int8_kernel
+from overfill_lib.architectures import SHARED_INPUT_PROJECTIONS
 
 QUANTIZATION = "int8-weight-only"
 W8A8 = "int8-w8a8-block32"  # int8 weights and int8 activations, rounded per block of 32
@@ -63,6 +70,8 @@ class Int8Linear(nn.Module):
         return cls(q, scale.to(linear.weight.dtype), bias)
 
     activations = "float"  # what the kernel multiplies the int8 weights by (int8_kernel.use_kernel)
+    kernel_name = "int8_linear"  # its op in torch.ops.overfill
+    shared: tuple[SharedInput, int, int] | None = None  # (its group, first row, end row): set by SharedInput
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
@@ -72,8 +81,14 @@ class Int8Linear(nn.Module):
         return self.converted(x)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        """The product through the int8 kernel (fp32 CPU input, up to :data:`KERNEL_ROWS` rows)."""
-        return torch.ops.overfill.int8_linear(x, self.qweight, self.scale, self.bias)
+        """The product through the int8 kernel (fp32 CPU input, up to :data:`KERNEL_ROWS` rows). Compiled, a layer
+        of a :class:`SharedInput` multiplies its group's whole matrix and keeps its rows: its siblings make the same
+        call, which the compiled step computes once."""
+        kernel = getattr(torch.ops.overfill, self.kernel_name)
+        if self.shared is not None and torch.compiler.is_compiling():
+            group, start, end = self.shared
+            return kernel(x, group.qweight, group.scale, group.bias)[..., start:end]
+        return kernel(x, self.qweight, self.scale, self.bias)
 
     def converted(self, x: torch.Tensor) -> torch.Tensor:
         """The product through ``F.linear`` on the weight converted to ``x``'s dtype (inside the compiled CPU step,
@@ -103,17 +118,60 @@ class W8A8Linear(Int8Linear):
     activation's sign onto the weight)."""
 
     activations = "int8"
+    kernel_name = "w8a8_linear"
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(qweight, scale, bias)
         if qweight.numel() and int(qweight.min()) == -128:
             raise ValueError("W8A8Linear wants int8 weights in [-127, 127] (from_linear rounds them so); got -128")
 
-    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.overfill.w8a8_linear(x, self.qweight, self.scale, self.bias)
-
     def converted(self, x: torch.Tensor) -> torch.Tensor:
         return super().converted(round_activations(x))
+
+
+class SharedInput(nn.Module):
+    """Int8 layers that read the same input, their rows stacked in one matrix that each layer's weight, scales and bias
+    are views of (no second copy): what a compiled step multiplies once for all of them
+    (:meth:`Int8Linear.kernel_product`). Its buffers stay out of the state dict; the layers' own keys are saved."""
+
+    def __init__(self, layers: Sequence[Int8Linear]):
+        super().__init__()
+        self.register_buffer("qweight", torch.cat([m.qweight for m in layers]), persistent=False)
+        self.register_buffer("scale", torch.cat([m.scale for m in layers]), persistent=False)
+        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
+        self.register_buffer("bias", bias, persistent=False)
+        start = 0
+        for layer in layers:
+            end = start + layer.out_features
+            layer.qweight, layer.scale = self.qweight[start:end], self.scale[start:end]
+            if bias is not None:
+                layer.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+            layer.shared = (self, start, end)
+            start = end
+
+    def holds(self, layers: Sequence[Int8Linear]) -> bool:
+        """Whether ``layers`` are still this group's, in order, each weight a view of its rows (``.to()`` or a
+        replaced buffer breaks that)."""
+        row = self.qweight.stride(0) * self.qweight.element_size()
+        return all(m.shared is not None and m.shared[0] is self
+                   and m.qweight.data_ptr() == self.qweight.data_ptr() + m.shared[1] * row for m in layers)
+
+
+def share_inputs(model: nn.Module) -> nn.Module:
+    """Stack the int8 layers of each module that read one input (:data:`SHARED_INPUT_PROJECTIONS`, all of one class,
+    shape of input and bias) into a :class:`SharedInput` registered beside them (``shared_qkv``, ``shared_gateup``),
+    in place; a group already stacked and intact is left alone. The model computes the same values."""
+    for module in list(model.modules()):
+        for names in SHARED_INPUT_PROJECTIONS:
+            layers = [getattr(module, name, None) for name in names]
+            if not (all(isinstance(m, Int8Linear) for m in layers) and len({type(m) for m in layers}) == 1
+                    and len({(m.in_features, m.scale.dtype, m.bias is None) for m in layers}) == 1):
+                continue
+            key = "shared_" + "".join(name.split("_")[0] for name in names)
+            group = getattr(module, key, None)
+            if not (isinstance(group, SharedInput) and group.holds(layers)):
+                setattr(module, key, SharedInput(layers))
+    return model
 
 
 SCHEMES = {QUANTIZATION: Int8Linear, W8A8: W8A8Linear}  # config.json's overfill_quantization -> its layer
@@ -124,8 +182,9 @@ def quantize_int8(model: nn.Module, scheme: str = QUANTIZATION) -> nn.Module:
     :class:`W8A8Linear` for ``scheme=W8A8``).
 
     A head tied to the input embedding is untied first: the embedding keeps its floating-point table (a decode step
-    gathers one row of it) and only the head is quantized. ``model.quantization`` records what was done, and
-    ``model.config`` too, so that a saved copy loads back quantized (:func:`load_int8`).
+    gathers one row of it) and only the head is quantized. The layers that read one input are stacked
+    (:func:`share_inputs`). ``model.quantization`` records what was done, and ``model.config`` too, so that a saved copy
+    loads back quantized (:func:`load_int8`).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"quantization {scheme!r} is not one of {list(SCHEMES)}")
@@ -142,6 +201,7 @@ def quantize_int8(model: nn.Module, scheme: str = QUANTIZATION) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, SCHEMES[scheme].from_linear(child))
+    share_inputs(model)
     model.quantization = scheme
     setattr(model.config, CONFIG_KEY, scheme)
     return model

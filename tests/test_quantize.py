@@ -8,7 +8,7 @@ from torch import nn
 from overfill_lib import fast_decode, int8_kernel
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
-from overfill_lib.quantize import W8A8, Int8Linear, W8A8Linear, quantize_int8
+from overfill_lib.quantize import W8A8, Int8Linear, SharedInput, W8A8Linear, quantize_int8, share_inputs
 from tests.tiny_models import random_batch, tiny_model
 
 
@@ -65,6 +65,40 @@ def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_
         ref = OverFillModel(a, b, "shared_kv").generate(ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
         assert out.path == fast_decode.PATH_COMPILED
         assert torch.equal(out.new_tokens, ref.new_tokens)
+    if kernel_in_step and int8_kernel.loaded():  # one kernel call per step for q, k, v and one for gate, up
+        with torch.profiler.profile() as prof:
+            gen.generate(ids, mask, method="full", max_new_tokens=12, eos_token_id=[])
+        calls = sum(e.count for e in prof.key_averages() if e.key.startswith("overfill::"))
+        layers = full.config.num_hidden_layers
+        # 11 compiled steps, each: qkv, o, gate-up and down per layer, the head; and the prefill's head (its last
+        # positions only: the other prefill products have too many rows for the kernel)
+        assert calls == 11 * (4 * layers + 1) + 1
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight-only", W8A8])
+def test_layers_that_read_one_input_are_views_of_one_matrix(tmp_path, scheme):
+    """q, k, v (and gate, up) of an int8 model are rows of one matrix per layer, no second copy; the state dict keeps
+    each layer's own keys and none of the group's; a weight replaced since is noticed and the group stacked again."""
+    model = quantize_int8(tiny_model("llama", seed=0), scheme)
+    ids = random_batch(model, 2, 7, seed=1)
+    attn = model.model.layers[1].self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    group = attn.shared_qkv
+    assert isinstance(group, SharedInput) and isinstance(model.model.layers[1].mlp.shared_gateup, SharedInput)
+    assert group.holds(layers)
+    assert all(m.qweight.untyped_storage().data_ptr() == group.qweight.untyped_storage().data_ptr() for m in layers)
+    assert torch.equal(group.qweight, torch.cat([m.qweight for m in layers]))
+    assert not any("shared_" in key for key in model.state_dict())
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        attn.k_proj.qweight = attn.k_proj.qweight.clone()
+        attn.k_proj.qweight[0, 0] = -attn.k_proj.qweight[0, 0]  # the layer changed, its old group did not
+        assert not group.holds(layers)
+        changed = model(input_ids=ids).logits
+        share_inputs(model)
+        assert attn.shared_qkv is not group and attn.shared_qkv.holds(layers)
+        assert torch.equal(attn.shared_qkv.qweight[attn.q_proj.out_features], attn.k_proj.qweight[0])
+        assert torch.equal(model(input_ids=ids).logits, changed) and not torch.equal(changed, ref)
 
 
 @pytest.mark.parametrize(("scheme", "layer"), [("int8-weight-only", Int8Linear), (W8A8, W8A8Linear)])
