@@ -244,7 +244,7 @@ def cpp_wrapper_enabled() -> bool:
     return value == "1"
 
 
-def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True):
+def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, freezing: bool = True):
     """:func:`decode_one_token_cpu` compiled for one model only: under a code object of its own (dynamo keeps compiled
     graphs per code object) and without guards on the model's modules.
 
@@ -262,15 +262,17 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True):
 
     Two more cuts of the step's fixed cost. ``freezing``: the model's weights become constants of the graph (not
     arguments checked and handed over at every call); a weight changed in place after the first compiled step is not
-    seen, as a changed module is not. :class:`ComputeOnce`: the int8 layers that read one input make one kernel call
-    (121 instead of 211 per SmolLM2 step). Interleaved in one process on the AVX2 machine, int8 full model, the same
-    tokens: 10.06 ms per token before, 9.41 frozen, 9.23 with one call per input, 8.83 with both (another run: 9.08
-    against 8.49); fp32 full model 17.90 against 17.20 frozen.
+    seen, as a changed module is not. Inductor then folds what depends on constants only, so a step that converts an
+    int8 weight to float would keep a float copy (four times the bytes): :class:`StepFn` freezes no such step
+    (:func:`overfill_lib.quantize.converts_in_compiled_step`). :class:`ComputeOnce`: the int8 layers that read one input
+    make one kernel call (121 instead of 211 per SmolLM2 step). Interleaved in one process on the AVX2 machine, int8
+    full model, the same tokens: 10.06 ms per token before, 9.41 frozen, 9.23 with one call per input, 8.83 with both
+    (another run: 9.08 against 8.49); fp32 full model 17.90 against 17.20 frozen.
     """
     fn = decode_one_token_cpu
     twin = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{next(_TWINS)}"), fn.__globals__,
                               fn.__name__)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "freezing": True,
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "freezing": freezing,
                "post_grad_custom_post_pass": ComputeOnce()}
     if cpp_wrapper:
         options |= {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
@@ -287,16 +289,16 @@ class StepFn:
     error is raised.
 
     Guards: before running a compiled graph, dynamo checks that its inputs still match what it was compiled for (the
-    modules, shapes, the cache). On a CPU each model gets its own compiled function without the guards on its
-    modules (:func:`compile_for_one_model`; keyed on the model object and its quantization, so a model quantized in
-    place compiles anew; a model changed otherwise after its first compiled step wants a new generator: its weights are constants of
-    the compiled graph). And once a
-    step has run compiled on a model, a cache object and input shapes, the same call can only pick the same graph
-    again, so later calls run under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``. Anything new
-    (another model, cache or shape) runs with every remaining guard first. On a GPU neither: one compiled function,
-    every guard (not yet run there). On a CPU the graphs' wrapper is C++ unless ``OVERFILL_CPP_WRAPPER=0``
-    (:func:`cpp_wrapper_enabled`, read here, so a bad value fails before any compile); with ``fallback``, a first
-    compile that fails with it is tried again with the Python wrapper before running eagerly.
+    modules, shapes, the cache). On a CPU each model gets its own compiled function without the guards on its modules
+    (:func:`compile_for_one_model`; keyed on the model object, its quantization and whether its weights are frozen, so a
+    model quantized in place compiles anew; a model changed otherwise after its first compiled step wants a new
+    generator: its weights are constants of the compiled graph). And once a step has run compiled on a model, a cache
+    object and input shapes, the same call can only pick the same graph again, so later calls run under
+    ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``. Anything new (another model, cache or shape) runs with
+    every remaining guard first. On a GPU neither: one compiled function, every guard (not yet run there). On a CPU the
+    graphs' wrapper is C++ unless ``OVERFILL_CPP_WRAPPER=0`` (:func:`cpp_wrapper_enabled`, read here, so a bad value
+    fails before any compile); with ``fallback``, a first compile that fails with it is tried again with the Python
+    wrapper before running eagerly.
     """
 
     def __init__(self, compile: bool, device: torch.device, mode: str | None = None, fallback: bool = False):
@@ -306,24 +308,25 @@ class StepFn:
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self._fn = decode_one_token
         self._compiled_once = False
-        self._warm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(id(cache), shapes)} seen
-        self._per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CPU: model -> (quantization, fn)
+        self._warm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(id(cache), shapes): step}
+        self._per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CPU: model -> {key: fn}
         self.cpp_wrapper = self.compiled and self.device.type == "cpu" and cpp_wrapper_enabled()  # checked here
         if self.compiled:
             _raise_recompile_limit()
             if self.device.type != "cpu":
                 self._fn = torch.compile(decode_one_token, mode=self.mode, fullgraph=True, dynamic=False)
 
-    def compiled_for(self, model):
-        """The compiled step that runs ``model`` (on a CPU, its own: :func:`compile_for_one_model`)."""
+    def compiled_for(self, model, rows: int = 1):
+        """The compiled step that runs ``model`` on ``rows`` rows (batch times tokens per row); on a CPU its own
+        (:func:`compile_for_one_model`), frozen unless an int8 layer would convert its weight in it."""
         if self.device.type != "cpu":
             return self._fn
-        quantization = getattr(model, "quantization", None)
-        entry = self._per_model.get(model)
-        if entry is None or entry[0] != quantization:
+        key = (getattr(model, "quantization", None), not quantize.converts_in_compiled_step(model, rows))
+        per_key = self._per_model.setdefault(model, {})
+        if key not in per_key:
             quantize.share_inputs(model)  # (again) in case a .to() or a replaced weight undid the stacking
-            entry = self._per_model[model] = (quantization, compile_for_one_model(self.mode, self.cpp_wrapper))
-        return entry[1]
+            per_key[key] = compile_for_one_model(self.mode, self.cpp_wrapper, freezing=key[1])
+        return per_key[key]
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -337,11 +340,13 @@ class StepFn:
             # Tells CUDA graph trees that the previous replay's outputs are consumed (we clone them).
             torch.compiler.cudagraph_mark_step_begin()
         input_ids, position_ids, attention_mask = map(_standard_layout, (input_ids, position_ids, attention_mask))
-        seen = self._warm.setdefault(model, set())
+        warm = self._warm.setdefault(model, {})
         key = (id(cache), input_ids.shape, position_ids.shape, attention_mask.shape, torch.is_inference_mode_enabled())
+        step = warm.get(key)  # what ran on this model, cache and shapes before (no per-step lookup)
         try:
-            step = self.compiled_for(model)
-            skip = key in seen and self.device.type == "cpu"
+            if step is None:
+                step = self.compiled_for(model, input_ids.numel())
+            skip = key in warm and self.device.type == "cpu"
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip else contextlib.nullcontext():
                 out = step(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw).clone()
         except Exception as e:
@@ -353,12 +358,13 @@ class StepFn:
                             "wrapper (OVERFILL_CPP_WRAPPER=0 skips this try)", type(e).__name__, e)
                 self.cpp_wrapper = False
                 self._per_model.clear()
+                self._warm.clear()
                 return self(model, input_ids, position_ids, attention_mask, cache)
             log.warning("torch.compile of the decode step failed (%s: %s); running eagerly", type(e).__name__, e)
             self.compiled = False
             return decode_one_token(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw)
         self._compiled_once = True
-        seen.add(key)
+        warm[key] = step
         return out
 
     def forget(self) -> None:

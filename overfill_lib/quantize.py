@@ -73,10 +73,14 @@ class Int8Linear(nn.Module):
     kernel_name = "int8_linear"  # its op in torch.ops.overfill
     shared: tuple[SharedInput, int, int] | None = None  # (its group, first row, end row): set by SharedInput
 
+    def takes_kernel(self, rows: int, compiling: bool) -> bool:
+        """Whether ``rows`` rows of fp32 CPU input multiply through the int8 kernel (else :meth:`converted`)."""
+        return (self.scale.dtype == torch.float32 and rows <= KERNEL_ROWS
+                and int8_kernel.use_kernel(compiling, self.activations))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == self.scale.dtype == torch.float32
-                and x.numel() <= KERNEL_ROWS * self.in_features
-                and int8_kernel.use_kernel(torch.compiler.is_compiling(), self.activations)):
+        if (x.device.type == "cpu" and x.dtype == torch.float32
+                and self.takes_kernel(x.numel() // max(self.in_features, 1), torch.compiler.is_compiling())):
             return self.kernel_product(x)
         return self.converted(x)
 
@@ -155,6 +159,12 @@ class SharedInput(nn.Module):
         row = self.qweight.stride(0) * self.qweight.element_size()
         return all(m.shared is not None and m.shared[0] is self
                    and m.qweight.data_ptr() == self.qweight.data_ptr() + m.shared[1] * row for m in layers)
+
+
+def converts_in_compiled_step(model: nn.Module, rows: int) -> bool:
+    """Whether an int8 layer of ``model`` would multiply a float copy of its weight (:meth:`Int8Linear.converted`)
+    inside a compiled CPU step on ``rows`` rows: no kernel there, or more rows than it takes."""
+    return any(not m.takes_kernel(rows, compiling=True) for m in model.modules() if isinstance(m, Int8Linear))
 
 
 def share_inputs(model: nn.Module) -> nn.Module:

@@ -8,7 +8,8 @@ from torch import nn
 from overfill_lib import fast_decode, int8_kernel
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
-from overfill_lib.quantize import W8A8, Int8Linear, SharedInput, W8A8Linear, quantize_int8, share_inputs
+from overfill_lib.quantize import (KERNEL_ROWS, W8A8, Int8Linear, SharedInput, W8A8Linear, converts_in_compiled_step,
+                                   quantize_int8, share_inputs)
 from tests.tiny_models import random_batch, tiny_model
 
 
@@ -73,6 +74,29 @@ def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_
         # 11 compiled steps, each: qkv, o, gate-up and down per layer, the head; and the prefill's head (its last
         # positions only: the other prefill products have too many rows for the kernel)
         assert calls == 11 * (4 * layers + 1) + 1
+
+
+def test_a_step_that_would_convert_int8_weights_to_float_is_not_frozen(monkeypatch):
+    """A frozen step's weights are constants, and inductor folds what depends on constants only: an int8 weight
+    converted to float inside the step would be kept as a float copy, four times the bytes per step. So a CPU step is
+    frozen only where every int8 layer multiplies through the kernel: not past KERNEL_ROWS rows, not where the kernel
+    stays out of compiled steps (AVX-512) or is not built."""
+    model = quantize_int8(tiny_model("llama", seed=0))
+    assert not converts_in_compiled_step(tiny_model("llama", seed=1), 64)  # float weights: nothing to convert
+    frozen = []
+    monkeypatch.setattr(fast_decode, "compile_for_one_model",
+                        lambda mode=None, cpp_wrapper=True, freezing=True: frozen.append(freezing) or object())
+    step = fast_decode.StepFn(compile=True, device=torch.device("cpu"))
+    if int8_kernel.load():
+        monkeypatch.setitem(int8_kernel._state, "in_compiled_step", True)  # AVX2: the kernel in the step
+        assert not converts_in_compiled_step(model, KERNEL_ROWS) and converts_in_compiled_step(model, KERNEL_ROWS + 1)
+        first = step.compiled_for(model, 1)
+        assert step.compiled_for(model, KERNEL_ROWS) is first and step.compiled_for(model, KERNEL_ROWS + 1) is not first
+        assert frozen == [True, False]
+        monkeypatch.setitem(int8_kernel._state, "in_compiled_step", False)  # AVX-512: inductor's reduction
+    assert converts_in_compiled_step(model, 1)
+    step.compiled_for(model, 1)
+    assert frozen[-1] is False
 
 
 @pytest.mark.parametrize("scheme", ["int8-weight-only", W8A8])
