@@ -78,10 +78,6 @@ LAYER_PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "mlp.down_proj.bias": (HIDDEN,),
 }
 
-# Projections of one module that read the same input (children's names): an int8 model stacks each group's rows in
-# one matrix (quantize.SharedInput) so that a compiled decode step multiplies them with one kernel call.
-SHARED_INPUT_PROJECTIONS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers import StaticCache
 
-from overfill_lib.architectures import head_dim_of
 from overfill_lib import quantize
+from overfill_lib.architectures import head_dim_of
 from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.generation import (
     cache_keyword,

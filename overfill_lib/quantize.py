@@ -16,7 +16,7 @@ to int8 with one fp32 step per block, the products summed in int32 (``int8_kerne
 model, not a faster int8: its quality is scored separately.
 
 The int8 layers of one decoder layer that read the same input (q, k and v; gate and up:
-:data:`overfill_lib.architectures.SHARED_INPUT_PROJECTIONS`) keep their rows in one matrix (:class:`SharedInput`,
+:data:`SHARED_INPUT_PROJECTIONS`) keep their rows in one matrix (:class:`SharedInput`,
 each layer's weight a view of its rows): inside a compiled decode step they call one product on it, each taking its
 slice (``fast_decode.ComputeOnce`` merges the identical calls), one call of the kernel instead of three or two.
 
@@ -37,13 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from overfill_lib import int8_kernel
-from overfill_lib.architectures import SHARED_INPUT_PROJECTIONS
 
 QUANTIZATION = "int8-weight-only"
 W8A8 = "int8-w8a8-block32"  # int8 weights and int8 activations, rounded per block of 32
 BLOCK = 32  # activations per rounding step in W8A8Linear (Q8_0's block)
 KERNEL_ROWS = 16  # up to this many rows (a decode step's batch) the int8 kernel; beyond, a GEMM on converted weights
 CONFIG_KEY = "overfill_quantization"  # in config.json: how the saved weights were quantized
+# Children of one module that read the same input, in every supported family's layout (architectures.py): stacked in
+# one matrix (SharedInput), so that a compiled decode step multiplies each group with one kernel call.
+SHARED_INPUT_PROJECTIONS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class Int8Linear(nn.Module):
