@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers import StaticCache
 
-from overfill_lib import quantize
+from overfill_lib import int8_kernel, quantize
 from overfill_lib.architectures import head_dim_of
 from overfill_lib.artifacts import PROJECT_ROOT
 from overfill_lib.generation import (
@@ -192,6 +192,13 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
     SmolLM2's 113 MB lm_head). The sum accumulates in fp32, as the GEMM does; linears on several rows are left alone.
     Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
     only under ``torch.compile``.
+
+    bf16 weights go to the project's CPU kernel instead (``overfill::bf16_linear``: each weight widened to fp32 in
+    registers, fp32 sums) where :func:`overfill_lib.int8_kernel.use_kernel` puts it in compiled steps (AVX2): there
+    inductor's bf16 reduction read the full model's weights at 36% of the bandwidth (16.6 ms per token, no faster than
+    fp32's 16.3, on the AVX2 EPYC). Emulated on an AVX-512 EPYC (inductor's 256-bit code against the kernel's AVX2
+    path, interleaved): 8.56 against 7.52 ms per token for SmolLM2's full model, the same tokens; with AVX-512
+    inductor's reduction was faster (7.60 against 9.29), so there it stays.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -199,7 +206,11 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
         if func is F.linear and args[0].numel() == args[0].shape[-1]:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            y = (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32)
+            to_kernel = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            if to_kernel and int8_kernel.use_kernel(compiling=True):
+                y = torch.ops.overfill.bf16_linear(x.float(), weight)
+            else:
+                y = (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32)
             return (y if bias is None else y + bias).to(x.dtype)
         return func(*args, **kwargs)
 
@@ -324,6 +335,8 @@ class StepFn:
         key = (getattr(model, "quantization", None), not quantize.converts_in_compiled_step(model, rows))
         per_key = self._per_model.setdefault(model, {})
         if key not in per_key:
+            if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+                int8_kernel.load()  # bf16 products may go to the kernel (MatVecAsReduction): loaded before tracing
             quantize.share_inputs(model)  # (again) in case a .to() or a replaced weight undid the stacking
             per_key[key] = compile_for_one_model(self.mode, self.cpp_wrapper, freezing=key[1])
         return per_key[key]

@@ -35,7 +35,14 @@
 namespace overfill_kernel {
 
 enum Isa : int64_t { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-enum Weights : int { kInt8Weights = 0, kInt4Weights = 1, kFloatWeights = 2 };
+enum Weights : int { kInt8Weights = 0, kInt4Weights = 1, kFloatWeights = 2, kBf16Weights = 3 };
+
+inline float bf16_to_float(uint16_t bits) {  // bf16 is the top half of an fp32
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
 
 struct Problem {
   const float* x;      // [M, K]
@@ -46,6 +53,7 @@ struct Problem {
   float* y;            // [M, N]
   int64_t M, N, K;
   const float* wf = nullptr;  // [N, K] fp32 weights (f32_linear), w then null
+  const uint16_t* wb = nullptr;  // [N, K] bf16 weights, their bits (bf16_linear), w then null
 };
 
 template <typename P>  // Problem or QProblem
@@ -364,6 +372,23 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::
   return shaped(y, x, N);
 }
 
+// bf16 weights, fp32 x and y: each weight widened to fp32 in registers (a shift), the sums in fp32.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16 &&
+              weight.dim() == 2, "overfill::bf16_linear wants fp32 CPU input and a bf16 [out, in] weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "overfill::bf16_linear: input has ", x.size(-1), " features, the weight ", K);
+  const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = weight.contiguous(), bc = checked_bias(bias, N);
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  Problem p{xc.data_ptr<float>(), nullptr, nullptr, bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr,
+            y.data_ptr<float>(), M, N, K};
+  p.wb = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  run(p, channels_for<kBf16Weights>(isa < 0 ? best_isa() : isa), N * K * 2);
+  return shaped(y, x, N);
+}
+
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias, int64_t isa) {
   const Int8Args a = int8_args("w8a8_linear", x, weight, scale, bias);
@@ -395,6 +420,7 @@ TORCH_LIBRARY(overfill, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor group_scale, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias=None, int isa=-1) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("int8_kernel_isa() -> int", &overfill_kernel::best_isa);
 }
 
@@ -403,4 +429,5 @@ TORCH_LIBRARY_IMPL(overfill, CPU, m) {
   m.impl("int4_linear", &overfill_kernel::int4_linear);
   m.impl("w8a8_linear", &overfill_kernel::w8a8_linear);
   m.impl("f32_linear", &overfill_kernel::f32_linear);
+  m.impl("bf16_linear", &overfill_kernel::bf16_linear);
 }

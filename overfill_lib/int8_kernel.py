@@ -12,8 +12,10 @@ as llama.cpp's Q8_0 does, and sums int8 x int8 products in int32 (AVX2's byte mu
 well): :class:`overfill_lib.quantize.W8A8Linear`, a preset's ``decoder: {weights: w8a8}``, always through the kernel
 where it is loaded on x86 (the same rounding in torch ops took 137 ms a step on AVX2, the kernel 19).
 ``torch.ops.overfill.f32_linear`` is the same loop on fp32 weights, for the benchmark only: inside the compiled
-step inductor's reduction was faster (27 ms against 32 on AVX2). Every loop prefetches the next channels' weights,
-which doubled the LM head's read rate on AVX2.
+step inductor's reduction was faster (27 ms against 32 on AVX2). ``torch.ops.overfill.bf16_linear`` is the loop on
+bf16 weights (fp32 input and sums), which a compiled step on a bf16 model calls where this rule puts the kernel in
+compiled steps (``fast_decode.MatVecAsReduction``). Every loop prefetches the next channels' weights, which doubled
+the LM head's read rate on AVX2.
 
 Where it runs (:func:`use_kernel`, one rule, measured with ``benchmarks/int8_matvec.py --step``): eagerly on any x86
 CPU, where the alternative converts the whole weight at every call; inside a compiled decode step only on AVX2, where
@@ -112,13 +114,15 @@ def load() -> bool:
             torch.library.register_fake("overfill::int4_linear")(_shape_only)
             torch.library.register_fake("overfill::w8a8_linear")(_shape_only)
             torch.library.register_fake("overfill::f32_linear")(_shape_only)
+            torch.library.register_fake("overfill::bf16_linear")(_shape_only)
             best = int(torch.ops.overfill.int8_kernel_isa())
             _state.update(loaded=True, why="", isa=best,
                           in_compiled_step=setting == "always" or ISA_NAMES[best] == "avx2")
         except (RuntimeError, OSError, ImportError) as error:  # no compiler, a failed build, no setuptools
             _state.update(loaded=False, why=str(error))
     if not _state["loaded"]:
-        log.warning("int8 layers run without the int8 CPU kernel (%s); F.linear computes the same product",
+        log.warning("int8 layers run without the int8 CPU kernel (%s); F.linear computes the same product (and "
+                    "inductor's reduction a compiled bf16 step's)",
                     _state["why"].splitlines()[0] if _state["why"] else "unavailable")
     return _state["loaded"]
 
@@ -134,8 +138,9 @@ def isa() -> str | None:
 
 
 def use_kernel(compiling: bool, activations: str = "float") -> bool:
-    """Whether an int8 layer multiplies through the kernel: eagerly on x86 (its baseline path, for other CPUs, is
-    slower than a GEMM on converted weights), in a compiled step only on AVX2 (or when told ``always``). With
+    """Whether an int8 layer (compiled, also a bf16 one-row product) multiplies through the kernel: eagerly on x86
+    (its baseline path, for other CPUs, is slower than a GEMM on converted weights), in a compiled step only on AVX2
+    (or when told ``always``). With
     ``activations="int8"`` (:class:`overfill_lib.quantize.W8A8Linear`) on x86 compiled or not."""
     if not loaded() or ISA_NAMES[_state["isa"]] == "baseline":
         return False

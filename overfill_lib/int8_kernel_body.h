@@ -1,4 +1,4 @@
-// The body of overfill::int8_linear (and int4_linear, f32_linear) for one instruction set: included by
+// The body of overfill::int8_linear (and int4_linear, f32_linear, bf16_linear) for one instruction set: included by
 // int8_kernel.cpp once per set, inside its own namespace and `#pragma GCC target` region, with OVERFILL_LANES (floats
 // per vector) and OVERFILL_ROWS (rows of x per block: as many as the registers hold) defined. Written with GCC
 // vector types, so the same lines become AVX-512, AVX2 or SSE/NEON code.
@@ -28,9 +28,28 @@ inline vfloat widen(const int8_t* w) {  // kLanes int8 weights as floats
 
 inline vfloat widen(const float* w) { return load_x(w); }  // fp32 weights (f32_linear): a plain load
 
+inline vfloat widen(const uint16_t* w) {  // kLanes bf16 weights (their bits) as floats: each moved to the top half
+#if defined(__x86_64__) && OVERFILL_LANES == 16
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  return (vfloat)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+#elif defined(__x86_64__) && OVERFILL_LANES == 8
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return (vfloat)_mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+#else
+  vfloat f;
+  for (int64_t i = 0; i < kLanes; ++i) f[i] = overfill_kernel::bf16_to_float(w[i]);
+  return f;
+#endif
+}
+
+inline float scalar(int8_t w) { return static_cast<float>(w); }
+inline float scalar(float w) { return w; }
+inline float scalar(uint16_t w) { return overfill_kernel::bf16_to_float(w); }
+
 template <typename T> inline const T* weights(const Problem& p);
 template <> inline const int8_t* weights<int8_t>(const Problem& p) { return p.w; }
 template <> inline const float* weights<float>(const Problem& p) { return p.wf; }
+template <> inline const uint16_t* weights<uint16_t>(const Problem& p) { return p.wb; }
 
 inline float hsum(vfloat v) {
   float s = 0.f;
@@ -38,8 +57,8 @@ inline float hsum(vfloat v) {
   return s;
 }
 
-// Channels [n, n + C) against rows [m, m + R): each weight vector is widened once and used for R rows. T: int8_t
-// or float weights.
+// Channels [n, n + C) against rows [m, m + R): each weight vector is widened once and used for R rows. T: int8_t,
+// float or bf16 (uint16_t) weights.
 template <typename T, int R, int C>
 void block(const Problem& p, int64_t n, int64_t m) {
   const int64_t K = p.K, Kv = K - K % kLanes;
@@ -61,7 +80,7 @@ void block(const Problem& p, int64_t n, int64_t m) {
       const float* x = p.x + (m + r) * K;
       const T* w = wt + (n + c) * K;
       float tail = 0.f;
-      for (int64_t k = Kv; k < K; ++k) tail += x[k] * static_cast<float>(w[k]);
+      for (int64_t k = Kv; k < K; ++k) tail += x[k] * scalar(w[k]);
       store(p, m + r, n + c, hsum(acc[r][c]) + tail);
     }
 }
@@ -114,6 +133,7 @@ template <int W, int R, int C>  // W: overfill_kernel::Weights
 inline void any_block(const Problem& p, int64_t n, int64_t m) {
   if constexpr (W == overfill_kernel::kInt4Weights) block_q4<R, C>(p, n, m);
   else if constexpr (W == overfill_kernel::kFloatWeights) block<float, R, C>(p, n, m);
+  else if constexpr (W == overfill_kernel::kBf16Weights) block<uint16_t, R, C>(p, n, m);
   else block<int8_t, R, C>(p, n, m);
 }
 

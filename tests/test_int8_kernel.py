@@ -1,6 +1,6 @@
 """The int8 CPU kernel: the same product as an independent float64 computation on every instruction set this CPU
-has (int8, fp32 and 4-bit weights, int8 activations), whatever the thread count; used by Int8Linear and W8A8Linear;
-and a build that cannot happen is said, not hidden."""
+has (int8, fp32, bf16 and 4-bit weights; int8 activations), whatever the thread count; used by Int8Linear, W8A8Linear
+and (compiled, where the rule says) bf16 models' steps; and a build that cannot happen is said, not hidden."""
 
 import os
 import shutil
@@ -46,6 +46,11 @@ def test_every_instruction_set_computes_the_product_of_an_independent_reference(
             wf = w.float() * scale[:, None]
             yf = torch.ops.overfill.f32_linear(x, wf, bias if with_bias else None, isa)
             assert torch.allclose(yf.double(), ref, rtol=0, atol=tol), ("f32", isa, rows, n, k)
+            # And on bf16 weights (bf16_linear), against their exact float64 values.
+            wb = wf.bfloat16()
+            yb = torch.ops.overfill.bf16_linear(x, wb, bias if with_bias else None, isa)
+            ref_b = x.double() @ wb.double().T + (bias.double() if with_bias else 0)
+            assert torch.allclose(yb.double(), ref_b, rtol=0, atol=tol), ("bf16", isa, rows, n, k)
     with pytest.raises(RuntimeError, match="not available on this CPU"):
         kernel(x, w, scale, None, best + 1)
 
@@ -136,6 +141,58 @@ def test_a_compiled_step_calls_the_kernel_where_the_rule_says(kernel, monkeypatc
     assert torch.allclose(torch.compile(q, backend=backend, fullgraph=True)(x), q(x), atol=1e-5)
     assert ("overfill.int8_linear" in traced) == in_compiled_step
     assert ("<built-in function linear>" in traced) == (not in_compiled_step)
+
+
+@pytest.mark.parametrize("in_compiled_step", [True, False])
+def test_a_compiled_bf16_product_goes_to_the_kernel_where_the_rule_says(kernel, monkeypatch, in_compiled_step):
+    """In the compiled CPU step (fast_decode.MatVecAsReduction) a one-row product on bf16 weights is one call of the
+    kernel's bf16_linear where the rule puts the kernel in compiled steps (AVX2), else inductor's reduction; the same
+    values up to the order of the fp32 sums and bf16's rounding of the output."""
+    from overfill_lib.fast_decode import MatVecAsReduction
+
+    if int8_kernel.isa() == "baseline":
+        pytest.skip("on a CPU without AVX2 the compiled step keeps inductor's reduction")
+    monkeypatch.setitem(int8_kernel._state, "in_compiled_step", in_compiled_step)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 24).to(torch.bfloat16)
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    def step(x):
+        with MatVecAsReduction():
+            return linear(x)
+
+    x = torch.randn(1, 96).to(torch.bfloat16)
+    y = torch.compile(step, backend=backend, fullgraph=True)(x)
+    assert y.dtype == torch.bfloat16
+    exact = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(y.float(), exact, atol=0.05, rtol=0.02)
+    assert ("overfill.bf16_linear" in traced) == in_compiled_step
+
+
+def test_a_bf16_model_decodes_through_the_kernel_where_the_rule_says(kernel, monkeypatch):
+    """End to end on the fast path: with the kernel in compiled steps, each compiled step of a bf16 model multiplies
+    every linear layer (7 per layer and the head) through bf16_linear once; the prefill's many rows stay GEMMs."""
+    from overfill_lib.fast_decode import PATH_COMPILED, FastGenerator
+    from tests.tiny_models import random_batch, tiny_model
+
+    if int8_kernel.isa() == "baseline":
+        pytest.skip("on a CPU without AVX2 the compiled step keeps inductor's reduction")
+    monkeypatch.setitem(int8_kernel._state, "in_compiled_step", True)
+    model = tiny_model("llama", seed=0).to(torch.bfloat16).requires_grad_(False)
+    ids = random_batch(model, 1, 9, seed=3)
+    generator = FastGenerator(model, None, compile=True)
+    # The first call compiles (and compiling runs the step too); the second, the same shapes, only decodes.
+    generator.generate(ids, torch.ones_like(ids), method="full", max_new_tokens=8, eos_token_id=[])
+    with torch.profiler.profile() as prof:
+        out = generator.generate(ids, torch.ones_like(ids), method="full", max_new_tokens=8, eos_token_id=[])
+    assert out.path == PATH_COMPILED and out.new_tokens.shape == (1, 8)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "overfill::bf16_linear")
+    assert calls == 7 * (7 * model.config.num_hidden_layers + 1)  # 7 compiled steps after the prefill's token
 
 
 def test_the_setting_is_checked():
