@@ -185,6 +185,28 @@ def test_models_of_one_shape_never_share_a_compiled_step(models):
             assert torch.equal(out.new_tokens, plain(a, b, ids, mask).new_tokens), method
 
 
+def test_a_model_whose_tensors_changed_after_compiling_is_refused_and_one_quantized_in_place_compiles_anew():
+    """A CPU step checks neither the model's tensors nor the inputs' layouts when it runs (no guards on the modules, no
+    size asserts): generate refuses a model whose weights changed shape or strides since its step was compiled, by
+    name; quantizing in place is another model, compiled anew, and matches its own plain loop."""
+    from overfill_lib import quantize
+
+    model = tiny_model("llama", seed=4)
+    gen = FastGenerator(model, None, compile=True)
+    ids, mask = left_padded(model, batch=1)
+    gen.generate(ids, mask, method="full", max_new_tokens=4)
+    down = model.model.layers[0].mlp.down_proj
+    weight = down.weight
+    down.weight = torch.nn.Parameter(weight.detach().t().contiguous().t())  # same values and shape, other strides
+    with pytest.raises(ValueError, match="changed shape, strides or dtype.*new FastGenerator"):
+        gen.generate(ids, mask, method="full", max_new_tokens=4)
+    down.weight = weight
+    quantize.quantize_int8(model)
+    out = gen.generate(ids, mask, method="full", max_new_tokens=NEW)
+    assert out.path == fast_decode.PATH_COMPILED
+    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+
+
 def test_compiled_step_matches_plain_loop_on_cpu(models):
     """Compiled on CPU: at batch 1 the one-row linears are reductions (MatVecAsReduction), at batch 2 GEMMs."""
     full, decoder = models
