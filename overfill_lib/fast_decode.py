@@ -271,14 +271,19 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     14.1). Built apart from the kernels (``cpp_wrapper_build_separate``), a cold compile costs about what the Python
     wrapper's does; together it took 329 s instead of 55. ``cpp_wrapper=False`` keeps the Python one.
 
-    Two more cuts of the step's fixed cost. ``freezing``: the model's weights become constants of the graph (not
-    arguments checked and handed over at every call); a weight changed in place after the first compiled step is not
-    seen, as a changed module is not. Inductor then folds what depends on constants only, so a step that converts an
-    int8 weight to float would keep a float copy (four times the bytes): :class:`StepFn` freezes no such step
-    (:func:`overfill_lib.quantize.converts_in_compiled_step`). :class:`ComputeOnce`: the int8 layers that read one input
-    make one kernel call (121 instead of 211 per SmolLM2 step). Interleaved in one process on the AVX2 machine, int8
-    full model, the same tokens: 10.06 ms per token before, 9.41 frozen, 9.23 with one call per input, 8.83 with both
-    (another run: 9.08 against 8.49); fp32 full model 17.90 against 17.20 frozen.
+    Two more cuts of the step's fixed cost. :class:`ComputeOnce`: the int8 layers that read one input make one kernel
+    call (121 instead of 211 per SmolLM2 step; int8 full model on the AVX2 machine, interleaved: 10.06 ms per token
+    before, 9.23 after). ``freezing``: the model's weights become constants of the graph, not a few hundred arguments
+    handed over at every call. The model reaches the graph as an argument, so inductor has parameters to freeze only
+    when dynamo's ``prepare_freezing`` is set while the step is traced (:func:`frozen_tracing`, which :class:`StepFn`
+    sets for such calls); without it, which was the case until December 2026, ``freezing`` compiled the very same graph,
+    and the gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
+    the same tokens: fp32 decoder 5.13 ms per token against 5.27, bf16 decoder 3.93 against 4.15, fp32 full model
+    14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. A weight changed in place after the first
+    compiled step is not seen, as a changed module is not. Inductor folds what depends on constants only, so a step
+    that converts an int8 weight to float keeps a float copy (there: int8 decoder through inductor's reduction 4.76 ms
+    per token frozen, 2.36 not): :class:`StepFn` freezes no such step
+    (:func:`overfill_lib.quantize.converts_in_compiled_step`).
 
     And no ``size_asserts``: inductor's check, at every call, of the shape and strides of every input (the model's
     weights included, when not frozen: 578 inputs in SmolLM2's int8 step) and of every extern kernel's output. The
@@ -294,7 +299,15 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
                "post_grad_custom_post_pass": ComputeOnce(), "size_asserts": False}
     if cpp_wrapper:
         options |= {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
-    return torch.compile(twin, mode=mode, fullgraph=True, dynamic=False, options=options)
+    step = torch.compile(twin, mode=mode, fullgraph=True, dynamic=False, options=options)
+    step.frozen = freezing  # StepFn runs its calls that may trace under frozen_tracing()
+    return step
+
+
+def frozen_tracing():
+    """Dynamo's setting under which inductor's ``freezing`` has the model's parameters to freeze: a step compiled with
+    ``freezing`` is traced under it (:func:`compile_for_one_model`)."""
+    return torch._dynamo.config.patch(prepare_freezing=True)
 
 
 class StepFn:
@@ -379,8 +392,11 @@ class StepFn:
         try:
             if step is None:
                 step = self.compiled_for(model, input_ids.numel())
-            skip = key in warm and self.device.type == "cpu"
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip else contextlib.nullcontext():
+            if key in warm and self.device.type == "cpu":  # the same graph again: no guards, no tracing
+                context = torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+            else:  # may trace: a frozen step must be traced under frozen_tracing()
+                context = frozen_tracing() if getattr(step, "frozen", False) else contextlib.nullcontext()
+            with context:
                 out = step(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw).clone()
         except Exception as e:
             # Only a failure to compile at all falls back; out-of-memory and later errors are real.

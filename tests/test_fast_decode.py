@@ -207,6 +207,27 @@ def test_a_model_whose_tensors_changed_after_compiling_is_refused_and_one_quanti
     assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
 
 
+def test_a_frozen_cpu_step_takes_the_weights_as_constants_not_as_inputs(monkeypatch):
+    """The model reaches the compiled step as an argument: inductor's freezing has its weights to freeze only if dynamo
+    traced under prepare_freezing (fast_decode.frozen_tracing). Frozen, the graph inductor compiles takes only the
+    step's own inputs (ids, positions, mask, the cache), not the model's tensors; and the tokens stay the plain loop's."""
+    seen = []
+    original = fast_decode.ComputeOnce.__call__
+
+    def counting(self, graph):
+        seen.append(len(graph.find_nodes(op="placeholder")))
+        return original(self, graph)
+
+    monkeypatch.setattr(fast_decode.ComputeOnce, "__call__", counting)
+    model = tiny_model("llama", seed=5)
+    ids, mask = left_padded(model, batch=1)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here, so that the pass runs
+        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
+    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+    tensors = len(list(model.parameters())) + len(list(model.buffers()))
+    assert seen and max(seen) < tensors, (seen, tensors)
+
+
 def test_compiled_step_matches_plain_loop_on_cpu(models):
     """Compiled on CPU: at batch 1 the one-row linears are reductions (MatVecAsReduction), at batch 2 GEMMs."""
     full, decoder = models
