@@ -357,36 +357,37 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return shaped(y, x, N);
 }
 
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                      int64_t isa) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-              weight.dim() == 2, "overfill::f32_linear wants fp32 CPU input and an fp32 [out, in] weight");
+// fp32 weights (f32_linear) or bf16 ones (bf16_linear: each widened to fp32 in registers, a shift): fp32 x, y and sums.
+at::Tensor float_weights_linear(const char* op, at::ScalarType dtype, const at::Tensor& x, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == dtype &&
+              weight.dim() == 2, "overfill::", op, " wants fp32 CPU input and a ", dtype, " [out, in] weight");
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "overfill::f32_linear: input has ", x.size(-1), " features, the weight ", K);
-  const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = weight.contiguous(), bc = checked_bias(bias, N);
-  const int64_t M = xc.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const Problem p{xc.data_ptr<float>(), nullptr, nullptr, bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr,
-                  y.data_ptr<float>(), M, N, K, wc.data_ptr<float>()};
-  run(p, channels_for<kFloatWeights>(isa < 0 ? best_isa() : isa), N * K * 4);
-  return shaped(y, x, N);
-}
-
-// bf16 weights, fp32 x and y: each weight widened to fp32 in registers (a shift), the sums in fp32.
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       int64_t isa) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16 &&
-              weight.dim() == 2, "overfill::bf16_linear wants fp32 CPU input and a bf16 [out, in] weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "overfill::bf16_linear: input has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(x.size(-1) == K, "overfill::", op, ": input has ", x.size(-1), " features, the weight ", K);
   const at::Tensor xc = x.reshape({-1, K}).contiguous(), wc = weight.contiguous(), bc = checked_bias(bias, N);
   const int64_t M = xc.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, bc.defined() ? bc.data_ptr<float>() : nullptr, nullptr,
             y.data_ptr<float>(), M, N, K};
-  p.wb = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
-  run(p, channels_for<kBf16Weights>(isa < 0 ? best_isa() : isa), N * K * 2);
+  const int64_t chosen = isa < 0 ? best_isa() : isa;
+  if (dtype == at::kFloat) {
+    p.wf = wc.data_ptr<float>();
+    run(p, channels_for<kFloatWeights>(chosen), N * K * 4);
+  } else {
+    p.wb = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+    run(p, channels_for<kBf16Weights>(chosen), N * K * 2);
+  }
   return shaped(y, x, N);
+}
+
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      int64_t isa) {
+  return float_weights_linear("f32_linear", at::kFloat, x, weight, bias, isa);
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t isa) {
+  return float_weights_linear("bf16_linear", at::kBFloat16, x, weight, bias, isa);
 }
 
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
