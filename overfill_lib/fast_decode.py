@@ -276,8 +276,8 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     before, 9.23 after). ``freezing``: the model's weights become constants of the graph, not a few hundred arguments
     handed over at every call. The model reaches the graph as an argument, so inductor has parameters to freeze only
     when dynamo's ``prepare_freezing`` is set while the step is traced (:func:`frozen_tracing`, which :class:`StepFn`
-    sets for such calls); without it, which was the case until December 2026, ``freezing`` compiled the very same graph,
-    and the gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
+    sets for such calls); without it (as before December 2026) ``freezing`` compiled the very same graph, and the
+    gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
     the same tokens: fp32 decoder 5.13 ms per token against 5.27, bf16 decoder 3.93 against 4.15, fp32 full model
     14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. A weight changed in place after the first
     compiled step is not seen, as a changed module is not. Inductor folds what depends on constants only, so a step

@@ -140,8 +140,8 @@ def isa() -> str | None:
 def use_kernel(compiling: bool, activations: str = "float") -> bool:
     """Whether an int8 layer (compiled, also a bf16 one-row product) multiplies through the kernel: eagerly on x86
     (its baseline path, for other CPUs, is slower than a GEMM on converted weights), in a compiled step only on AVX2
-    (or when told ``always``). With
-    ``activations="int8"`` (:class:`overfill_lib.quantize.W8A8Linear`) on x86 compiled or not."""
+    (or when told ``always``). With ``activations="int8"`` (:class:`overfill_lib.quantize.W8A8Linear`) on x86,
+    compiled or not."""
     if not loaded() or ISA_NAMES[_state["isa"]] == "baseline":
         return False
     return _state["in_compiled_step"] if compiling and activations == "float" else True
