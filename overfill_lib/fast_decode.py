@@ -280,10 +280,11 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
     the same tokens: fp32 decoder 5.13 ms per token against 5.27, bf16 decoder 3.93 against 4.15, fp32 full model
     14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. A weight changed in place after the first
-    compiled step is not seen, as a changed module is not. Inductor folds what depends on constants only, so a step
-    that converts an int8 weight to float keeps a float copy (there: int8 decoder through inductor's reduction 4.76 ms
-    per token frozen, 2.36 not): :class:`StepFn` freezes no such step
-    (:func:`overfill_lib.quantize.converts_in_compiled_step`).
+    compiled step is not seen, as a changed module is not. Inductor also folds what depends on constants only, and an
+    int8 weight converted to float inside the step (inductor's own int8 reduction, AVX-512) would become a float copy
+    read at every step (int8 decoder 4.76 ms per token against 2.36): so no dtype conversion is folded in these graphs
+    (:func:`frozen_tracing`), the reduction still reads int8, and those steps are frozen too (int8 full model 4.33
+    against 4.59 unfrozen, decoder 2.33 against 2.38).
 
     And no ``size_asserts``: inductor's check, at every call, of the shape and strides of every input (the model's
     weights included, when not frozen: 578 inputs in SmolLM2's int8 step) and of every extern kernel's output. The
@@ -304,10 +305,20 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     return step
 
 
+@contextlib.contextmanager
 def frozen_tracing():
-    """Dynamo's setting under which inductor's ``freezing`` has the model's parameters to freeze: a step compiled with
-    ``freezing`` is traced under it (:func:`compile_for_one_model`)."""
-    return torch._dynamo.config.patch(prepare_freezing=True)
+    """What a step compiled with ``freezing`` is traced under (:func:`compile_for_one_model`): dynamo's
+    ``prepare_freezing``, so that inductor has the model's parameters to freeze, and no dtype conversion among the
+    constants inductor folds, so that an int8 weight stays int8 (converted in registers as the reduction reads it)."""
+    from torch._inductor import constant_folding
+
+    convert = torch.ops.prims.convert_element_type.default
+    with torch._dynamo.config.patch(prepare_freezing=True):
+        constant_folding.add_dont_constant_fold(convert)
+        try:
+            yield
+        finally:
+            constant_folding._dont_constant_fold.remove(convert)  # only the entry added here
 
 
 class StepFn:
@@ -321,8 +332,8 @@ class StepFn:
 
     Guards: before running a compiled graph, dynamo checks that its inputs still match what it was compiled for (the
     modules, shapes, the cache). On a CPU each model gets its own compiled function without the guards on its modules
-    (:func:`compile_for_one_model`; keyed on the model object, its quantization and whether its weights are frozen, so a
-    model quantized in place compiles anew; a model changed otherwise after its first compiled step wants a new
+    (:func:`compile_for_one_model`; keyed on the model object and its quantization, so a model quantized in place
+    compiles anew; a model changed otherwise after its first compiled step wants a new
     generator: its weights are constants of the compiled graph, and one whose tensors changed shape, strides or dtype
     is refused by name, :meth:`check_unchanged`). And once a step has run compiled on a model, a cache
     object and input shapes, the same call can only pick the same graph again, so later calls run under
@@ -349,19 +360,18 @@ class StepFn:
             if self.device.type != "cpu":
                 self._fn = torch.compile(decode_one_token, mode=self.mode, fullgraph=True, dynamic=False)
 
-    def compiled_for(self, model, rows: int = 1):
-        """The compiled step that runs ``model`` on ``rows`` rows (batch times tokens per row); on a CPU its own
-        (:func:`compile_for_one_model`), frozen unless an int8 layer would convert its weight in it."""
+    def compiled_for(self, model):
+        """The compiled step that runs ``model``: on a CPU its own, frozen (:func:`compile_for_one_model`)."""
         if self.device.type != "cpu":
             return self._fn
-        key = (getattr(model, "quantization", None), not quantize.converts_in_compiled_step(model, rows))
+        key = getattr(model, "quantization", None)
         per_key = self._per_model.setdefault(model, {})
         if key not in per_key:
             if any(p.dtype == torch.bfloat16 for p in model.parameters()):
                 int8_kernel.load()  # bf16 products may go to the kernel (MatVecAsReduction): loaded before tracing
             quantize.share_inputs(model)  # (again) in case a .to() or a replaced weight undid the stacking
-            self._layouts.setdefault(model, {})[key[0]] = _layout(model)
-            per_key[key] = compile_for_one_model(self.mode, self.cpp_wrapper, freezing=key[1])
+            self._layouts.setdefault(model, {})[key] = _layout(model)
+            per_key[key] = compile_for_one_model(self.mode, self.cpp_wrapper)
         return per_key[key]
 
     def check_unchanged(self, models) -> None:
@@ -391,7 +401,7 @@ class StepFn:
         step = warm.get(key)  # what ran on this model, cache and shapes before (no per-step lookup)
         try:
             if step is None:
-                step = self.compiled_for(model, input_ids.numel())
+                step = self.compiled_for(model)
             if key in warm and self.device.type == "cpu":  # the same graph again: no guards, no tracing
                 context = torch.compiler.set_stance(skip_guard_eval_unsafe=True)
             else:  # may trace: a frozen step must be traced under frozen_tracing()

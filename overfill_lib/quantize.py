@@ -163,12 +163,6 @@ class SharedInput(nn.Module):
                    and m.qweight.data_ptr() == self.qweight.data_ptr() + m.shared[1] * row for m in layers)
 
 
-def converts_in_compiled_step(model: nn.Module, rows: int) -> bool:
-    """Whether an int8 layer of ``model`` would multiply a float copy of its weight (:meth:`Int8Linear.converted`)
-    inside a compiled CPU step on ``rows`` rows: no kernel there, or more rows than it takes."""
-    return any(not m.takes_kernel(rows, compiling=True) for m in model.modules() if isinstance(m, Int8Linear))
-
-
 def share_inputs(model: nn.Module) -> nn.Module:
     """Stack the int8 layers of each module that read one input (:data:`SHARED_INPUT_PROJECTIONS`, all of one class,
     shape of input and bias) into a :class:`SharedInput` registered beside them (``shared_qkv``, ``shared_gateup``),

@@ -8,8 +8,7 @@ from torch import nn
 from overfill_lib import fast_decode, int8_kernel
 from overfill_lib.fast_decode import FastGenerator
 from overfill_lib.pair import OverFillModel
-from overfill_lib.quantize import (KERNEL_ROWS, W8A8, Int8Linear, SharedInput, W8A8Linear, converts_in_compiled_step,
-                                   quantize_int8, share_inputs)
+from overfill_lib.quantize import W8A8, Int8Linear, SharedInput, W8A8Linear, quantize_int8, share_inputs
 from tests.tiny_models import random_batch, tiny_model
 
 
@@ -76,27 +75,34 @@ def test_compiled_cpu_step_on_int8_weights_matches_the_plain_loop(batch, kernel_
         assert calls == 11 * (4 * layers + 1) + 1
 
 
-def test_a_step_that_would_convert_int8_weights_to_float_is_not_frozen(monkeypatch):
-    """A frozen step's weights are constants, and inductor folds what depends on constants only: an int8 weight
-    converted to float inside the step would be kept as a float copy, four times the bytes per step. So a CPU step is
-    frozen only where every int8 layer multiplies through the kernel: not past KERNEL_ROWS rows, not where the kernel
-    stays out of compiled steps (AVX-512) or is not built."""
-    model = quantize_int8(tiny_model("llama", seed=0))
-    assert not converts_in_compiled_step(tiny_model("llama", seed=1), 64)  # float weights: nothing to convert
-    frozen = []
-    monkeypatch.setattr(fast_decode, "compile_for_one_model",
-                        lambda mode=None, cpp_wrapper=True, freezing=True: frozen.append(freezing) or object())
-    step = fast_decode.StepFn(compile=True, device=torch.device("cpu"))
+def test_a_frozen_int8_step_keeps_its_weights_int8_through_inductors_reduction(monkeypatch):
+    """Frozen, a step's weights are constants, and inductor folds what depends on constants only: an int8 weight
+    converted to float for inductor's own reduction (AVX-512, or no kernel) would become a float copy, four times the
+    bytes per step. fast_decode.frozen_tracing keeps conversions out of folding: the graph holds the int8 weights as
+    int8 constants, no float copy of them, and the tokens are the plain loop's."""
     if int8_kernel.load():
-        monkeypatch.setitem(int8_kernel._state, "in_compiled_step", True)  # AVX2: the kernel in the step
-        assert not converts_in_compiled_step(model, KERNEL_ROWS) and converts_in_compiled_step(model, KERNEL_ROWS + 1)
-        first = step.compiled_for(model, 1)
-        assert step.compiled_for(model, KERNEL_ROWS) is first and step.compiled_for(model, KERNEL_ROWS + 1) is not first
-        assert frozen == [True, False]
-        monkeypatch.setitem(int8_kernel._state, "in_compiled_step", False)  # AVX-512: inductor's reduction
-    assert converts_in_compiled_step(model, 1)
-    step.compiled_for(model, 1)
-    assert frozen[-1] is False
+        monkeypatch.setitem(int8_kernel._state, "in_compiled_step", False)  # inductor's reduction, as on AVX-512
+    model = quantize_int8(tiny_model("llama", seed=6))
+    float_numel = sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    constants = []
+    original = fast_decode.ComputeOnce.__call__
+
+    def recording(self, graph):
+        constants.extend(n.meta["val"] for n in graph.find_nodes(op="get_attr") if "val" in n.meta)
+        return original(self, graph)
+
+    monkeypatch.setattr(fast_decode.ComputeOnce, "__call__", recording)
+    ids = random_batch(model, 1, 9, seed=3)
+    mask = torch.ones_like(ids)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here, so that the pass runs
+        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=8,
+                                                                eos_token_id=[])
+    ref = OverFillModel(model, model, "shared_kv").generate(ids, mask, max_new_tokens=8, do_sample=False,
+                                                            eos_token_id=[])
+    assert torch.equal(out.new_tokens, ref.new_tokens)
+    assert any(c.dtype == torch.int8 for c in constants)  # frozen: the int8 weights are constants of the graph
+    # No float copy of them: no more float constants than the model has float tensors (embedding, norms, scales).
+    assert sum(c.numel() for c in constants if c.dtype.is_floating_point) <= float_numel
 
 
 @pytest.mark.parametrize("scheme", ["int8-weight-only", W8A8])
