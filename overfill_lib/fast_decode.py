@@ -279,8 +279,9 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     sets for such calls); without it (as before December 2026) ``freezing`` compiled the very same graph, and the
     gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
     the same tokens: fp32 decoder 5.13 ms per token against 5.27, bf16 decoder 3.93 against 4.15, fp32 full model
-    14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. A weight changed in place after the first
-    compiled step is not seen, as a changed module is not. Inductor also folds what depends on constants only, and an
+    14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. The constants are the parameters' own
+    memory, so a weight changed in place is seen; one replaced by another tensor would not be, and ``generate``
+    refuses that model (:meth:`StepFn.check_unchanged`). Inductor also folds what depends on constants only, and an
     int8 weight converted to float inside the step (inductor's own int8 reduction, AVX-512) would become a float copy
     read at every step (int8 decoder 4.76 ms per token against 2.36): so no dtype conversion is folded in these graphs
     (:func:`frozen_tracing`), the reduction still reads int8, and those steps are frozen too (int8 full model 4.33
@@ -334,8 +335,8 @@ class StepFn:
     modules, shapes, the cache). On a CPU each model gets its own compiled function without the guards on its modules
     (:func:`compile_for_one_model`; keyed on the model object and its quantization, so a model quantized in place
     compiles anew; a model changed otherwise after its first compiled step wants a new
-    generator: its weights are constants of the compiled graph, and one whose tensors changed shape, strides or dtype
-    is refused by name, :meth:`check_unchanged`). And once a step has run compiled on a model, a cache
+    generator: its weights are constants of the compiled graph, and one whose tensors were replaced or changed shape,
+    strides or dtype is refused by name, :meth:`check_unchanged`). And once a step has run compiled on a model, a cache
     object and input shapes, the same call can only pick the same graph again, so later calls run under
     ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``. Anything new (another model, cache or shape) runs with
     every remaining guard first. On a GPU neither: one compiled function, every guard (not yet run there). On a CPU the
@@ -375,14 +376,15 @@ class StepFn:
         return per_key[key]
 
     def check_unchanged(self, models) -> None:
-        """Raise if a model's tensors changed shape, strides or dtype since its CPU step was compiled: the step checks
-        none of them when it runs (:func:`compile_for_one_model`). Once per ``generate``, not per step."""
+        """Raise if a model's tensors were replaced or changed shape, strides or dtype since its CPU step was compiled:
+        the step holds the tensors it was compiled with and checks none of them when it runs
+        (:func:`compile_for_one_model`). Once per ``generate``, not per step."""
         for model in models:
             recorded = self._layouts.get(model, {}).get(getattr(model, "quantization", None))
             if recorded is not None and recorded != _layout(model):
-                raise ValueError(f"this {type(model).__name__}'s weights changed shape, strides or dtype after its "
-                                 "decode step was compiled, and a compiled step trusts them: make a new FastGenerator "
-                                 "for the changed model")
+                raise ValueError(f"this {type(model).__name__}'s weights were replaced, or changed shape, strides or "
+                                 "dtype, after its decode step was compiled, and a compiled step holds the tensors it "
+                                 "was compiled with: make a new FastGenerator for the changed model")
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -432,8 +434,9 @@ class StepFn:
 
 
 def _layout(model) -> list:
-    """What a compiled step takes for granted about a model: each parameter's and buffer's shape, strides and dtype."""
-    return [(t.shape, t.stride(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers())]
+    """What a compiled (frozen) step takes for granted about a model: each parameter and buffer, by its memory,
+    shape, strides and dtype. Values changed in place are fine: the step reads that memory."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers())]
 
 
 class _Clock:

@@ -186,9 +186,10 @@ def test_models_of_one_shape_never_share_a_compiled_step(models):
 
 
 def test_a_model_whose_tensors_changed_after_compiling_is_refused_and_one_quantized_in_place_compiles_anew():
-    """A CPU step checks neither the model's tensors nor the inputs' layouts when it runs (no guards on the modules, no
-    size asserts): generate refuses a model whose weights changed shape or strides since its step was compiled, by
-    name; quantizing in place is another model, compiled anew, and matches its own plain loop."""
+    """A CPU step holds the model's tensors as constants and checks neither them nor the inputs' layouts when it runs
+    (frozen, no guards on the modules, no size asserts): generate refuses a model whose weights were replaced or
+    changed strides since its step was compiled, by name; a weight changed in place is seen; quantizing in place is
+    another model, compiled anew, and matches its own plain loop."""
     from overfill_lib import quantize
 
     model = tiny_model("llama", seed=4)
@@ -200,7 +201,14 @@ def test_a_model_whose_tensors_changed_after_compiling_is_refused_and_one_quanti
     down.weight = torch.nn.Parameter(weight.detach().t().contiguous().t())  # same values and shape, other strides
     with pytest.raises(ValueError, match="changed shape, strides or dtype.*new FastGenerator"):
         gen.generate(ids, mask, method="full", max_new_tokens=4)
+    down.weight = torch.nn.Parameter(weight.detach().clone())  # same values and layout, another tensor
+    with pytest.raises(ValueError, match="were replaced.*new FastGenerator"):
+        gen.generate(ids, mask, method="full", max_new_tokens=4)
     down.weight = weight
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # in place: the frozen step reads the same memory
+    out = gen.generate(ids, mask, method="full", max_new_tokens=NEW)
+    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
     quantize.quantize_int8(model)
     out = gen.generate(ids, mask, method="full", max_new_tokens=NEW)
     assert out.path == fast_decode.PATH_COMPILED
@@ -210,7 +218,8 @@ def test_a_model_whose_tensors_changed_after_compiling_is_refused_and_one_quanti
 def test_a_frozen_cpu_step_takes_the_weights_as_constants_not_as_inputs(monkeypatch):
     """The model reaches the compiled step as an argument: inductor's freezing has its weights to freeze only if dynamo
     traced under prepare_freezing (fast_decode.frozen_tracing). Frozen, the graph inductor compiles takes only the
-    step's own inputs (ids, positions, mask, the cache), not the model's tensors; and the tokens stay the plain loop's."""
+    step's own inputs (ids, positions, mask, the cache), not the model's tensors; and the tokens stay the plain
+    loop's."""
     seen = []
     original = fast_decode.ComputeOnce.__call__
 
