@@ -190,6 +190,13 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
     11 GB/s on this project's 2-core machine, on one core and a third of its read bandwidth; as a multiply-and-sum,
     inductor fuses each into one vectorized reduction over all cores that reads the weight once (about 25 GB/s for
     SmolLM2's 113 MB lm_head). The sum accumulates in fp32, as the GEMM does; linears on several rows are left alone.
+
+    Except fp32 weights that are the model's parameters: once inductor freezes them (:func:`compile_for_one_model`),
+    its C++ GEMM template prepacks each into blocks and reads them faster than the reductions read the plain matrix
+    (interleaved on an AVX-512 EPYC, the same tokens: SmolLM2's full model 8.77 ms per token against 12.60, the 50%
+    decoder 4.13 against 5.02; oneDNN's packed linear, the other choice, 10.98 for the decoder). A weight computed
+    in the step (an int8 one converted to float) is no parameter and stays a reduction that reads int8; bf16 weights
+    stay reductions too (the template with bf16 weights: 13.34 against 7.85 for the full model).
     Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
     only under ``torch.compile``.
 
@@ -206,6 +213,8 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
         if func is F.linear and args[0].numel() == args[0].shape[-1]:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if weight.dtype == torch.float32 and isinstance(weight, torch.nn.Parameter):
+                return func(*args, **kwargs)  # inductor's GEMM template, on weights it prepacks (see above)
             to_kernel = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
             if to_kernel and int8_kernel.use_kernel(compiling=True):
                 y = torch.ops.overfill.bf16_linear(x.float(), weight)
@@ -279,13 +288,16 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     sets for such calls); without it (as before December 2026) ``freezing`` compiled the very same graph, and the
     gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
     the same tokens: fp32 decoder 5.13 ms per token against 5.27, bf16 decoder 3.93 against 4.15, fp32 full model
-    14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. The constants are the parameters' own
-    memory, so a weight changed in place is seen; one replaced by another tensor would not be, and ``generate``
-    refuses that model (:meth:`StepFn.check_unchanged`). Inductor also folds what depends on constants only, and an
+    14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. A weight replaced by another tensor, or
+    changed in place, is not seen by the step, and ``generate`` refuses that model (:meth:`StepFn.check_unchanged`). Inductor also folds what depends on constants only, and an
     int8 weight converted to float inside the step (inductor's own int8 reduction, AVX-512) would become a float copy
     read at every step (int8 decoder 4.76 ms per token against 2.36): so no dtype conversion is folded in these graphs
     (:func:`frozen_tracing`), the reduction still reads int8, and those steps are frozen too (int8 full model 4.33
     against 4.59 unfrozen, decoder 2.33 against 2.38).
+
+    The GEMM template (``max_autotune_gemm``, C++ or ATen, inductor benchmarks both per shape at compile time) takes
+    the fp32 linears (:class:`MatVecAsReduction`); it prepacks their weights into a copy of its own, so the step no
+    longer sees a weight changed in place and ``generate`` refuses such a model too.
 
     And no ``size_asserts``: inductor's check, at every call, of the shape and strides of every input (the model's
     weights included, when not frozen: 578 inputs in SmolLM2's int8 step) and of every extern kernel's output. The
@@ -298,7 +310,8 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     twin = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{next(_TWINS)}"), fn.__globals__,
                               fn.__name__)
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "freezing": freezing,
-               "post_grad_custom_post_pass": ComputeOnce(), "size_asserts": False}
+               "post_grad_custom_post_pass": ComputeOnce(), "size_asserts": False,
+               "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN"}
     if cpp_wrapper:
         options |= {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
     step = torch.compile(twin, mode=mode, fullgraph=True, dynamic=False, options=options)
@@ -376,15 +389,17 @@ class StepFn:
         return per_key[key]
 
     def check_unchanged(self, models) -> None:
-        """Raise if a model's tensors were replaced or changed shape, strides or dtype since its CPU step was compiled:
-        the step holds the tensors it was compiled with and checks none of them when it runs
-        (:func:`compile_for_one_model`). Once per ``generate``, not per step."""
+        """Raise if a model's tensors were replaced, changed in place (their version counter) or changed shape,
+        strides or dtype since its CPU step was compiled: the step holds the weights it was compiled with (fp32 ones
+        as a prepacked copy) and checks none of them when it runs (:func:`compile_for_one_model`). Once per
+        ``generate``, not per step. A change made through ``.data`` bumps no counter and is not seen."""
         for model in models:
             recorded = self._layouts.get(model, {}).get(getattr(model, "quantization", None))
             if recorded is not None and recorded != _layout(model):
-                raise ValueError(f"this {type(model).__name__}'s weights were replaced, or changed shape, strides or "
-                                 "dtype, after its decode step was compiled, and a compiled step holds the tensors it "
-                                 "was compiled with: make a new FastGenerator for the changed model")
+                raise ValueError(f"this {type(model).__name__}'s weights were replaced, changed in place, or changed "
+                                 "shape, strides or dtype after its decode step was compiled, and a compiled step "
+                                 "holds the weights it was compiled with: make a new FastGenerator for the changed "
+                                 "model")
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -435,8 +450,14 @@ class StepFn:
 
 def _layout(model) -> list:
     """What a compiled (frozen) step takes for granted about a model: each parameter and buffer, by its memory,
-    shape, strides and dtype. Values changed in place are fine: the step reads that memory."""
-    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers())]
+    shape, strides, dtype and version (in-place changes: the step may hold a prepacked copy)."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype, _version(t))
+            for t in itertools.chain(model.parameters(), model.buffers())]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """How many times ``t`` was changed in place (None for a tensor made under inference mode, which keeps no count)."""
+    return None if t.is_inference() else t._version
 
 
 class _Clock:
