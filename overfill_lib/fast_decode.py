@@ -191,13 +191,15 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
     inductor fuses each into one vectorized reduction over all cores that reads the weight once (about 25 GB/s for
     SmolLM2's 113 MB lm_head). The sum accumulates in fp32, as the GEMM does; linears on several rows are left alone.
 
-    Except fp32 weights that are the model's parameters: once inductor freezes them (:func:`compile_for_one_model`),
-    its C++ GEMM template prepacks each into blocks and reads them faster than the reductions read the plain matrix
-    (interleaved on an AVX-512 EPYC, the same tokens: SmolLM2's full model 8.77 ms per token against 12.60, the 50%
-    decoder 4.13 against 5.02; oneDNN's packed linear, the other choice, 10.98 for the decoder). A weight computed
-    in the step (an int8 one converted to float) is no parameter and stays a reduction that reads int8; bf16 weights
-    stay reductions too (the template with bf16 weights: 13.34 against 7.85 for the full model).
-    Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
+    With ``fp32_template`` (:func:`fp32_gemm_template`: where inductor writes AVX-512 code), except fp32 weights that
+    are the model's parameters: once inductor freezes them (:func:`compile_for_one_model`), its C++ GEMM template
+    prepacks each into blocks and reads them faster than the reductions read the plain matrix (interleaved on an
+    AVX-512 EPYC, the same tokens: SmolLM2's full model 8.79 ms per token against 11.92 when the machine's memory reads
+    74-84 GB/s, less at 52, where both are bound by the bandwidth; the 50% decoder 4.13 against 5.02; oneDNN's packed
+    linear, the other choice, 10.98 for the decoder). With inductor's 256-bit code on that machine (AVX2 emulated) the
+    template was the slower, 10.95 against 10.40. A weight computed in the step (an int8 one converted to float) is no
+    parameter and stays a reduction that reads int8; bf16 weights stay reductions too (the template with bf16 weights:
+    13.34 against 7.85 for the full model). Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
     only under ``torch.compile``.
 
     bf16 weights go to the project's CPU kernel instead (``overfill::bf16_linear``: each weight widened to fp32 in
@@ -208,12 +210,16 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
     inductor's reduction was faster (7.60 against 9.29), so there it stays.
     """
 
+    def __init__(self, fp32_template: bool = False):
+        super().__init__()
+        self.fp32_template = fp32_template
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and args[0].numel() == args[0].shape[-1]:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if weight.dtype == torch.float32 and isinstance(weight, torch.nn.Parameter):
+            if self.fp32_template and weight.dtype == torch.float32 and isinstance(weight, torch.nn.Parameter):
                 return func(*args, **kwargs)  # inductor's GEMM template, on weights it prepacks (see above)
             to_kernel = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
             if to_kernel and int8_kernel.use_kernel(compiling=True):
@@ -224,10 +230,19 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def decode_one_token_cpu(*args, **kwargs) -> torch.Tensor:
+def decode_one_token_cpu(*args, fp32_template: bool = False, **kwargs) -> torch.Tensor:
     """:func:`~overfill_lib.generation.decode_one_token` with one-row linears as reductions (the CPU compile target)."""
-    with MatVecAsReduction():
+    with MatVecAsReduction(fp32_template):
         return decode_one_token(*args, **kwargs)
+
+
+def fp32_gemm_template() -> bool:
+    """Whether compiled CPU steps leave one-row products on fp32 weights to inductor's GEMM template
+    (:class:`MatVecAsReduction`): where inductor writes AVX-512 code (its choice of instruction set, which
+    ``torch._inductor.config.cpp.simdlen`` narrows). Read outside the traced step, which takes it as a constant."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa().bit_width() >= 512
 
 
 class ComputeOnce(CustomGraphPass):
@@ -296,8 +311,9 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     against 4.59 unfrozen, decoder 2.33 against 2.38).
 
     The GEMM template (``max_autotune_gemm``, C++ or ATen, inductor benchmarks both per shape at compile time) takes
-    the fp32 linears (:class:`MatVecAsReduction`); it prepacks their weights into a copy of its own, so the step no
-    longer sees a weight changed in place and ``generate`` refuses such a model too. Linears that read one input
+    the fp32 linears with AVX-512 (:class:`MatVecAsReduction`, :func:`fp32_gemm_template`), and a batch's GEMMs
+    everywhere; it prepacks their weights into a copy of its own, so a step may not see a weight changed in place,
+    and ``generate`` refuses such a model. Linears that read one input
     (q, k and v; gate and up) are concatenated first (``cpp.enable_concat_linear``), one product each: interleaved,
     the fp32 decoder 5.15 ms per token against 5.36, the full model 12.08 against 12.32. Such graphs are not kept in
     inductor's cache (the autotuner's oneDNN choice leaves packed tensors in the graph, which inductor cannot pickle),
@@ -313,6 +329,7 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     fn = decode_one_token_cpu
     twin = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{next(_TWINS)}"), fn.__globals__,
                               fn.__name__)
+    twin.__kwdefaults__ = {"fp32_template": fp32_gemm_template()}
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "freezing": freezing,
                "post_grad_custom_post_pass": ComputeOnce(), "size_asserts": False,
                "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp.enable_concat_linear": True}

@@ -139,14 +139,19 @@ def test_matvec_as_reduction_rewrites_only_one_row_linears():
                 calls.append(args[0].shape)
             return super().__torch_function__(func, types, args, kwargs)
 
-    with Counting():
+    parameter = torch.nn.Parameter(weight, requires_grad=False)
+    with Counting(fp32_template=True):
         y1 = torch.nn.functional.linear(one, weight, bias)
         y2 = torch.nn.functional.linear(rows, weight)
         y3 = torch.nn.functional.linear(one.bfloat16(), weight.bfloat16())
-        y4 = torch.nn.functional.linear(one, torch.nn.Parameter(weight, requires_grad=False), bias)
-    assert len(calls) == 4
-    # An fp32 parameter stays a linear (inductor's GEMM template, test below), bit for bit.
+        y4 = torch.nn.functional.linear(one, parameter, bias)
+    with Counting():
+        y5 = torch.nn.functional.linear(one, parameter, bias)
+    assert len(calls) == 5
+    # With fp32_template an fp32 parameter stays a linear (inductor's GEMM template, test below), bit for bit;
+    # without, it is a reduction like any weight.
     assert torch.equal(y4, torch.nn.functional.linear(one, weight, bias))
+    assert torch.equal(y5, y1)
     # One row: a multiply-and-sum, equal up to summation order; several rows: the GEMM itself, bit for bit.
     torch.testing.assert_close(y1, torch.nn.functional.linear(one, weight, bias))
     assert not torch.equal(y1, y1.new_zeros(y1.shape)) and y1.shape == (1, 1, 48)
@@ -156,9 +161,9 @@ def test_matvec_as_reduction_rewrites_only_one_row_linears():
 
 
 def test_one_row_fp32_linears_reach_inductors_gemm_template(monkeypatch):
-    """Compiled on CPU, an fp32 model's one-row linears are left to inductor's C++ GEMM template (its prepacked
-    weights read faster than the reductions read them, MatVecAsReduction): the template is offered for every product
-    and the head, and the tokens stay the plain loop's."""
+    """Compiled on an AVX-512 CPU, an fp32 model's one-row linears are left to inductor's C++ GEMM template (its
+    prepacked weights read faster than the reductions read them, MatVecAsReduction): the template is offered for every
+    product and the head; with AVX2 code for none; the tokens stay the plain loop's either way."""
     import torch._inductor.compile_fx  # noqa: F401  (imported first: the template module alone is a cycle)
     from torch._inductor.codegen.cpp_gemm_template import CppGemmTemplate
 
@@ -172,12 +177,16 @@ def test_one_row_fp32_linears_reach_inductors_gemm_template(monkeypatch):
     monkeypatch.setattr(CppGemmTemplate, "add_choices", classmethod(counting))
     model = tiny_model("llama", seed=6)
     ids, mask = left_padded(model, batch=1)
-    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here
-        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
-    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
     # One product per input: q, k and v concatenated (cpp.enable_concat_linear), o, gate and up concatenated, down;
-    # and the head.
-    assert len(offered) == 4 * model.config.num_hidden_layers + 1, offered
+    # and the head. Only where inductor writes AVX-512 code; with 256-bit code (as on AVX2) they stay reductions.
+    products = 4 * model.config.num_hidden_layers + 1
+    for simdlen, expected in [(256, 0), (None, products if fast_decode.fp32_gemm_template() else 0)]:
+        offered.clear()
+        with torch._inductor.config.patch({"fx_graph_cache": False, "cpp.simdlen": simdlen}):  # compile here
+            assert fast_decode.fp32_gemm_template() == (expected > 0)
+            out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
+        assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+        assert len(offered) == expected, (simdlen, offered)
 
 
 def test_cpu_compile_target_is_the_reduction_step_compiled_once_per_model(models):
