@@ -18,9 +18,9 @@ At SmolLM2-135M's shapes (the LM head and a layer's projections), batch 1, 2 thr
 ``Int8Linear`` does), through inductor's fused reduction (``Int8Linear.converted``, the path before the kernel), a
 prototype that routes every linear layer but the LM head through ``torch._int_mm`` with the activation row quantized
 per token, and the w8a8 model (``quantize.W8A8Linear``: int8 activations per block of 32, through the kernel's
-``w8a8_linear``), and the fp32 step as compiled (inductor's GEMM template, ``fast_decode.MatVecAsReduction``) or
-through the kernel's ``f32_linear`` in every linear layer; ``--step --emulate-avx2`` times an AVX2 machine emulated (inductor's 256-bit code against the kernel's
-AVX2 path).
+``w8a8_linear``), and the fp32 step as compiled (``fast_decode.MatVecAsReduction``: inductor's GEMM template with
+AVX-512, its reductions otherwise) or through the kernel's ``f32_linear`` in every linear layer; ``--step
+--emulate-avx2`` times an AVX2 machine emulated (inductor's 256-bit code against the kernel's AVX2 path).
 
     python -m benchmarks.int8_matvec [--step]
 """
@@ -128,7 +128,7 @@ STEP_VARIANTS = {
     "int8 x int8 (torch._int_mm)": "int_mm",
     "w8a8 (int8 activations per block of 32, kernel)": "w8a8",
     "w8a8, torch's rounding and inductor's reduction": "w8a8_reduction",
-    "fp32 weights, inductor's GEMM template (the compiled step's own)": "f32_template",
+    "fp32 weights, as the compiled step multiplies them": "f32_compiled",
     "fp32 weights, kernel (f32_linear)": "f32_kernel",
 }
 # --emulate-avx2: inductor writes 256-bit code (cpp.simdlen=256) for the whole process, as on a CPU without AVX-512.

@@ -199,7 +199,9 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
     linear, the other choice, 10.98 for the decoder). With inductor's 256-bit code on that machine (AVX2 emulated) the
     template was the slower, 10.95 against 10.40. A weight computed in the step (an int8 one converted to float) is no
     parameter and stays a reduction that reads int8; bf16 weights stay reductions too (the template with bf16 weights:
-    13.34 against 7.85 for the full model). Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
+    13.34 against 7.85 for the full model).
+
+    Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
     only under ``torch.compile``.
 
     bf16 weights go to the project's CPU kernel instead (``overfill::bf16_linear``: each weight widened to fp32 in
@@ -304,20 +306,20 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     gains once measured for it were the machine's drift. Frozen for real, interleaved on an AVX-512 EPYC,
     the same tokens: fp32 decoder 5.13 ms per token against 5.27, bf16 decoder 3.93 against 4.15, fp32 full model
     14.42 against 14.75, int8 decoder through the kernel 2.69 against 2.87. A weight replaced by another tensor, or
-    changed in place, is not seen by the step, and ``generate`` refuses that model (:meth:`StepFn.check_unchanged`). Inductor also folds what depends on constants only, and an
-    int8 weight converted to float inside the step (inductor's own int8 reduction, AVX-512) would become a float copy
-    read at every step (int8 decoder 4.76 ms per token against 2.36): so no dtype conversion is folded in these graphs
-    (:func:`frozen_tracing`), the reduction still reads int8, and those steps are frozen too (int8 full model 4.33
-    against 4.59 unfrozen, decoder 2.33 against 2.38).
+    changed in place, may not be seen by the step, and ``generate`` refuses that model (:meth:`StepFn.check_unchanged`).
+    Inductor also folds what depends on constants only, and an int8 weight converted to float inside the step
+    (inductor's own int8 reduction, AVX-512) would become a float copy read at every step (int8 decoder 4.76 ms per
+    token against 2.36): so no dtype conversion is folded in these graphs (:func:`frozen_tracing`), the reduction still
+    reads int8, and those steps are frozen too (int8 full model 4.33 against 4.59 unfrozen, decoder 2.33 against 2.38).
 
     The GEMM template (``max_autotune_gemm``, C++ or ATen, inductor benchmarks both per shape at compile time) takes
     the fp32 linears with AVX-512 (:class:`MatVecAsReduction`, :func:`fp32_gemm_template`), and a batch's GEMMs
     everywhere; it prepacks their weights into a copy of its own, so a step may not see a weight changed in place,
-    and ``generate`` refuses such a model. Linears that read one input
-    (q, k and v; gate and up) are concatenated first (``cpp.enable_concat_linear``), one product each: interleaved,
-    the fp32 decoder 5.15 ms per token against 5.36, the full model 12.08 against 12.32. Such graphs are not kept in
-    inductor's cache (the autotuner's oneDNN choice leaves packed tensors in the graph, which inductor cannot pickle),
-    so a new process compiles an fp32 step again, about a minute for each SmolLM2 model.
+    and ``generate`` refuses such a model. Linears that read one input (q, k and v; gate and up) are concatenated
+    first (``cpp.enable_concat_linear``), one product each: interleaved, the fp32 decoder 5.15 ms per token against
+    5.36, the full model 12.08 against 12.32. Such graphs are not kept in inductor's cache (the autotuner's oneDNN
+    choice leaves packed tensors in the graph, which inductor cannot pickle), so a new process compiles an fp32 step
+    again, about a minute for each SmolLM2 model.
 
     And no ``size_asserts``: inductor's check, at every call, of the shape and strides of every input (the model's
     weights included, when not frozen: 578 inputs in SmolLM2's int8 step) and of every extern kernel's output. The
