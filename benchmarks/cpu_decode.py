@@ -162,9 +162,8 @@ def measure(full, decoder, ids: torch.Tensor, new_tokens: int, repeats: int, pat
               # which int8 product ran, eagerly and compiled: the project's kernel or F.linear (inductor's reduction)
               "int8_kernel": {"isa": int8_kernel.isa(), "eager": int8_kernel.use_kernel(False, activations),
                               "compiled": int8_kernel.use_kernel(True, activations)} if quantized else None,
-              # fp32 weights, compiled: inductor's GEMM template (AVX-512) or its reductions
-              "fp32_gemm_template": fast_decode.fp32_gemm_template() if dtype == torch.float32 and not quantized
-              else None,
+              # compiled, the full model's fp32 weights: inductor's GEMM template (AVX-512) or its reductions
+              "fp32_gemm_template": fast_decode.fp32_gemm_template(full),
               "read_bandwidth_samples": bandwidth, "compile_and_warm_s": compile_s, "compile_cache": cache,
               "batch": batch, "paths": list(paths),
               "methods": {}}

@@ -191,15 +191,15 @@ class MatVecAsReduction(torch.overrides.TorchFunctionMode):
     inductor fuses each into one vectorized reduction over all cores that reads the weight once (about 25 GB/s for
     SmolLM2's 113 MB lm_head). The sum accumulates in fp32, as the GEMM does; linears on several rows are left alone.
 
-    With ``fp32_template`` (:func:`fp32_gemm_template`: where inductor writes AVX-512 code), except fp32 weights that
-    are the model's parameters: once inductor freezes them (:func:`compile_for_one_model`), its C++ GEMM template
-    prepacks each into blocks and reads them faster than the reductions read the plain matrix (interleaved on an
-    AVX-512 EPYC, the same tokens: SmolLM2's full model 8.79 ms per token against 11.92 when the machine's memory reads
-    74-84 GB/s, less at 52, where both are bound by the bandwidth; the 50% decoder 4.13 against 5.02; oneDNN's packed
-    linear, the other choice, 10.98 for the decoder). With inductor's 256-bit code on that machine (AVX2 emulated) the
-    template was the slower, 10.95 against 10.40. A weight computed in the step (an int8 one converted to float) is no
-    parameter and stays a reduction that reads int8; bf16 weights stay reductions too (the template with bf16 weights:
-    13.34 against 7.85 for the full model).
+    With ``fp32_template`` (:func:`fp32_gemm_template`: AVX-512 code, a model whose fp32 weights outgrow the caches),
+    except fp32 weights that are the model's parameters: once inductor freezes them (:func:`compile_for_one_model`), its
+    C++ GEMM template prepacks each into blocks and reads them faster than the reductions read the plain matrix
+    (interleaved on an AVX-512 EPYC, the same tokens: SmolLM2's full model 8.79 ms per token against 11.92 when the
+    machine's memory reads 74-84 GB/s, less at 52, where both are bound by the bandwidth; the 50% decoder 4.13 against
+    5.02; oneDNN's packed linear, the other choice, 10.98 for the decoder). With inductor's 256-bit code on that machine
+    (AVX2 emulated) the template was the slower, 10.95 against 10.40. A weight computed in the step (an int8 one
+    converted to float) is no parameter and stays a reduction that reads int8; bf16 weights stay reductions too (the
+    template with bf16 weights: 13.34 against 7.85 for the full model).
 
     Traced by dynamo, so it costs nothing at run time; in eager mode it would materialize ``x * W``, so it is used
     only under ``torch.compile``.
@@ -238,13 +238,22 @@ def decode_one_token_cpu(*args, fp32_template: bool = False, **kwargs) -> torch.
         return decode_one_token(*args, **kwargs)
 
 
-def fp32_gemm_template() -> bool:
-    """Whether compiled CPU steps leave one-row products on fp32 weights to inductor's GEMM template
-    (:class:`MatVecAsReduction`): where inductor writes AVX-512 code (its choice of instruction set, which
-    ``torch._inductor.config.cpp.simdlen`` narrows). Read outside the traced step, which takes it as a constant."""
+FP32_TEMPLATE_MIN_BYTES = 64 * 2**20  # fp32 linear weights that outgrow a CPU's caches (fp32_gemm_template)
+
+
+def fp32_gemm_template(model) -> bool:
+    """Whether the compiled CPU steps of ``model`` leave its one-row products on fp32 weights to inductor's GEMM
+    template (:class:`MatVecAsReduction`, :func:`compile_for_one_model`): where inductor writes AVX-512 code (its
+    choice of instruction set, which ``torch._inductor.config.cpp.simdlen`` narrows) and the model's fp32 linear
+    weights outgrow the caches (:data:`FP32_TEMPLATE_MIN_BYTES`). A model that fits there gains nothing from
+    prepacked weights, while the template's autotuning costs seconds per shape and its graphs skip inductor's cache
+    (notebook 03's sweeps of the tiny models compile dozens). Read outside the traced step, which takes it as a
+    constant."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return pick_vec_isa().bit_width() >= 512
+    fp32_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                     if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32)
+    return fp32_bytes >= FP32_TEMPLATE_MIN_BYTES and pick_vec_isa().bit_width() >= 512
 
 
 class ComputeOnce(CustomGraphPass):
@@ -281,7 +290,8 @@ def cpp_wrapper_enabled() -> bool:
     return value == "1"
 
 
-def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, freezing: bool = True):
+def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, freezing: bool = True,
+                          fp32_template: bool = False):
     """:func:`decode_one_token_cpu` compiled for one model only: under a code object of its own (dynamo keeps compiled
     graphs per code object) and without guards on the model's modules.
 
@@ -312,9 +322,9 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     token against 2.36): so no dtype conversion is folded in these graphs (:func:`frozen_tracing`), the reduction still
     reads int8, and those steps are frozen too (int8 full model 4.33 against 4.59 unfrozen, decoder 2.33 against 2.38).
 
-    The GEMM template (``max_autotune_gemm``, C++ or ATen, inductor benchmarks both per shape at compile time) takes
-    the fp32 linears with AVX-512 (:class:`MatVecAsReduction`, :func:`fp32_gemm_template`), and a batch's GEMMs
-    everywhere; it prepacks their weights into a copy of its own, so a step may not see a weight changed in place,
+    ``fp32_template`` (:func:`fp32_gemm_template`): inductor's GEMM template (``max_autotune_gemm``, C++ or ATen,
+    inductor benchmarks both per shape at compile time) takes the fp32 linears (:class:`MatVecAsReduction`) and a
+    batch's GEMMs; it prepacks their weights into a copy of its own, so a step may not see a weight changed in place,
     and ``generate`` refuses such a model. Linears that read one input (q, k and v; gate and up) are concatenated
     first (``cpp.enable_concat_linear``), one product each: interleaved, the fp32 decoder 5.15 ms per token against
     5.36, the full model 12.08 against 12.32. Such graphs are not kept in inductor's cache (the autotuner's oneDNN
@@ -331,10 +341,12 @@ def compile_for_one_model(mode: str | None = None, cpp_wrapper: bool = True, fre
     fn = decode_one_token_cpu
     twin = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{next(_TWINS)}"), fn.__globals__,
                               fn.__name__)
-    twin.__kwdefaults__ = {"fp32_template": fp32_gemm_template()}
+    twin.__kwdefaults__ = {"fp32_template": fp32_template}
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "freezing": freezing,
-               "post_grad_custom_post_pass": ComputeOnce(), "size_asserts": False,
-               "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp.enable_concat_linear": True}
+               "post_grad_custom_post_pass": ComputeOnce(), "size_asserts": False}
+    if fp32_template:
+        options |= {"max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    "cpp.enable_concat_linear": True}
     if cpp_wrapper:
         options |= {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
     step = torch.compile(twin, mode=mode, fullgraph=True, dynamic=False, options=options)
@@ -408,7 +420,7 @@ class StepFn:
                 int8_kernel.load()  # bf16 products may go to the kernel (MatVecAsReduction): loaded before tracing
             quantize.share_inputs(model)  # (again) in case a .to() or a replaced weight undid the stacking
             self._layouts.setdefault(model, {})[key] = _layout(model)
-            per_key[key] = compile_for_one_model(self.mode, self.cpp_wrapper)
+            per_key[key] = compile_for_one_model(self.mode, self.cpp_wrapper, fp32_template=fp32_gemm_template(model))
         return per_key[key]
 
     def check_unchanged(self, models) -> None:

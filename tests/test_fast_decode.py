@@ -160,10 +160,20 @@ def test_matvec_as_reduction_rewrites_only_one_row_linears():
     torch.testing.assert_close(y3.float(), torch.nn.functional.linear(one, weight), atol=0.15, rtol=0.02)
 
 
+FP32_BAR = fast_decode.FP32_TEMPLATE_MIN_BYTES
+
+
+def _avx512() -> bool:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa().bit_width() >= 512
+
+
 def test_one_row_fp32_linears_reach_inductors_gemm_template(monkeypatch):
-    """Compiled on an AVX-512 CPU, an fp32 model's one-row linears are left to inductor's C++ GEMM template (its
-    prepacked weights read faster than the reductions read them, MatVecAsReduction): the template is offered for every
-    product and the head; with AVX2 code for none; the tokens stay the plain loop's either way."""
+    """Compiled on an AVX-512 CPU, the one-row linears of an fp32 model whose weights outgrow the caches are left to
+    inductor's C++ GEMM template (its prepacked weights read faster than the reductions read them,
+    MatVecAsReduction): the template is offered for every product and the head; with AVX2 code, or for a model that
+    fits in the caches, for none; the tokens stay the plain loop's either way."""
     import torch._inductor.compile_fx  # noqa: F401  (imported first: the template module alone is a cycle)
     from torch._inductor.codegen.cpp_gemm_template import CppGemmTemplate
 
@@ -178,15 +188,18 @@ def test_one_row_fp32_linears_reach_inductors_gemm_template(monkeypatch):
     model = tiny_model("llama", seed=6)
     ids, mask = left_padded(model, batch=1)
     # One product per input: q, k and v concatenated (cpp.enable_concat_linear), o, gate and up concatenated, down;
-    # and the head. Only where inductor writes AVX-512 code; with 256-bit code (as on AVX2) they stay reductions.
+    # and the head. Only where inductor writes AVX-512 code; with 256-bit code (as on AVX2) they stay reductions;
+    # and only for weights that outgrow the caches, which the tiny model's do once the bar is lowered.
     products = 4 * model.config.num_hidden_layers + 1
-    for simdlen, expected in [(256, 0), (None, products if fast_decode.fp32_gemm_template() else 0)]:
+    cases = [(None, FP32_BAR, 0), (256, 0, 0), (None, 0, products if _avx512() else 0)]
+    for simdlen, bar, expected in cases:
         offered.clear()
+        monkeypatch.setattr(fast_decode, "FP32_TEMPLATE_MIN_BYTES", bar)
         with torch._inductor.config.patch({"fx_graph_cache": False, "cpp.simdlen": simdlen}):  # compile here
-            assert fast_decode.fp32_gemm_template() == (expected > 0)
+            assert fast_decode.fp32_gemm_template(model) == (expected > 0)
             out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
         assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
-        assert len(offered) == expected, (simdlen, offered)
+        assert len(offered) == expected, (simdlen, bar, offered)
 
 
 def test_cpu_compile_target_is_the_reduction_step_compiled_once_per_model(models):
