@@ -324,9 +324,9 @@ def test_a_failing_cpp_wrapper_falls_back_to_the_python_one(models, monkeypatch)
     full, decoder = models
     real = fast_decode.compile_for_one_model
 
-    def cpp_fails(mode=None, cpp_wrapper=True, freezing=True):
+    def cpp_fails(mode=None, cpp_wrapper=True, freezing=True, **kwargs):
         if not cpp_wrapper:
-            return real(mode, cpp_wrapper, freezing)
+            return real(mode, cpp_wrapper, freezing, **kwargs)
 
         def broken(*args, **kwargs):
             raise RuntimeError("no C++ wrapper here")
