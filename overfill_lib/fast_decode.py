@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers import StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from overfill_lib import int8_kernel, quantize
 from overfill_lib.architectures import head_dim_of
@@ -236,6 +238,41 @@ def decode_one_token_cpu(*args, fp32_template: bool = False, **kwargs) -> torch.
     """:func:`~overfill_lib.generation.decode_one_token` with one-row linears as reductions (the CPU compile target)."""
     with MatVecAsReduction(fp32_template):
         return decode_one_token(*args, **kwargs)
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            is_causal=None, **kwargs):
+    """transformers' ``sdpa`` attention, except that on a CPU, with a mask or one query, grouped key/value heads go to
+    SDPA as they are (``enable_gqa``) instead of being copied once per query head first (``repeat_kv``, what
+    transformers does under dynamo): a compiled CPU step then reads each layer's static cache in place instead of
+    writing and reading a copy three times its size for SmolLM2 (9 heads, 3 key/value heads). Interleaved on the
+    AVX-512 EPYC, the same tokens: int8 decoder 1.97 ms per token against 2.18 (32 new tokens), 2.35 against 2.78
+    (200), int8 full model 3.89 against 4.05. Anything else goes to transformers' function unchanged."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = (groups == 1 or query.device.type != "cpu" or (attention_mask is None and query.shape[2] > 1)
+             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap")))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def grouped_query_sdpa():
+    """Within it, models whose attention is ``sdpa`` run :func:`grouped_query_attention` (transformers' attention
+    registry, restored after). Around every compiled CPU step, whose graph dynamo traces with it and whose guards
+    expect it."""
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")  # a local override someone else set, kept
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = grouped_query_attention
+    try:
+        yield
+    finally:
+        if previous is None:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
 
 
 FP32_TEMPLATE_MIN_BYTES = 64 * 2**20  # fp32 linear weights that outgrow a CPU's caches (fp32_gemm_template)
@@ -458,7 +495,8 @@ class StepFn:
                 context = torch.compiler.set_stance(skip_guard_eval_unsafe=True)
             else:  # may trace: a frozen step must be traced under frozen_tracing()
                 context = frozen_tracing() if getattr(step, "frozen", False) else contextlib.nullcontext()
-            with context:
+            attention = grouped_query_sdpa() if self.device.type == "cpu" else contextlib.nullcontext()
+            with context, attention:
                 out = step(model, input_ids, position_ids, attention_mask, cache, cache_kw=kw).clone()
         except Exception as e:
             # Only a failure to compile at all falls back; out-of-memory and later errors are real.

@@ -289,6 +289,50 @@ def test_a_frozen_cpu_step_takes_the_weights_as_constants_not_as_inputs(monkeypa
     assert seen and max(seen) < tensors, (seen, tensors)
 
 
+def test_grouped_query_attention_is_transformers_sdpa_without_the_copy():
+    """Equal to transformers' sdpa attention on grouped heads (one query, several with a mask, no mask) and on plain
+    heads; the registry holds transformers' function again after the context, an error inside included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    g = torch.Generator().manual_seed(0)
+    for groups, queries, masked in [(3, 1, True), (3, 1, False), (3, 4, True), (1, 1, True)]:
+        module = torch.nn.Module()
+        module.num_key_value_groups, module.is_causal = groups, True
+        q = torch.randn(2, 3 * groups, queries, 16, generator=g)
+        k, v = (torch.randn(2, 3, 10, 16, generator=g) for _ in range(2))
+        mask = torch.rand(2, 1, queries, 10, generator=g) > 0.3 if masked else None
+        ours, _ = fast_decode.grouped_query_attention(module, q, k, v, mask, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-6), (groups, queries, masked)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with pytest.raises(RuntimeError), fast_decode.grouped_query_sdpa():
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is fast_decode.grouped_query_attention
+        raise RuntimeError
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+
+
+def test_the_compiled_cpu_step_reads_the_cache_without_copying_it_per_query_head(monkeypatch):
+    """The attention in the graph inductor compiles takes the cache's key/value heads (2 for 4 query heads here), not
+    a copy repeated per query head (fast_decode.grouped_query_attention); and the tokens stay the plain loop's."""
+    seen = []
+    original = fast_decode.ComputeOnce.__call__
+
+    def keys_heads(self, graph):
+        seen.extend(n.args[1].meta["val"].shape[1] for n in graph.nodes if "scaled_dot_product" in str(n.target))
+        return original(self, graph)
+
+    monkeypatch.setattr(fast_decode.ComputeOnce, "__call__", keys_heads)
+    model = tiny_model("llama", seed=6)
+    ids, mask = left_padded(model, batch=1)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here, so that the pass runs
+        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
+    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+    config = model.config
+    assert config.num_key_value_heads < config.num_attention_heads
+    assert seen and set(seen) == {config.num_key_value_heads}, seen
+
+
 def test_compiled_step_matches_plain_loop_on_cpu(models):
     """Compiled on CPU: at batch 1 the one-row linears are reductions (MatVecAsReduction), at batch 2 GEMMs."""
     full, decoder = models
