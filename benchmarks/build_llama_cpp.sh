@@ -4,6 +4,7 @@
 #
 #   benchmarks/build_llama_cpp.sh            # into build/llama.cpp (gitignored)
 #   LLAMA_CPP_DIR=/opt/llama.cpp JOBS=8 benchmarks/build_llama_cpp.sh
+#   LLAMA_CPP_CPU=avx2 LLAMA_CPP_DIR=build/llama.cpp-avx2 benchmarks/build_llama_cpp.sh   # AVX2 code only
 #
 # Needs pip, cmake and a C++ compiler (Debian/Ubuntu: apt-get install build-essential cmake).
 # The benchmark (python -m benchmarks.cpu_decode --llama-cpp) finds the binaries in build/llama.cpp/bin,
@@ -30,8 +31,17 @@ echo "$SHA256  $SDIST" | sha256sum -c - || { echo "error: $SDIST does not match 
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "$SDIST"
 SRC="$DEST/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
 
-# Native CPU flags (AVX2 / AVX-512 / AMX as the machine has them), static, no network code, only the three tools.
-cmake -S "$SRC" -B "$DEST/cmake" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+# Native CPU flags (AVX2 / AVX-512 / AMX as the machine has them), or with LLAMA_CPP_CPU=avx2 what an AVX2 CPU has
+# (to time both engines on AVX2 code on a bigger CPU, beside ATEN_CPU_CAPABILITY=avx2); static, no network code, only
+# the three tools.
+case "${LLAMA_CPP_CPU:-native}" in
+    native) CPU_FLAGS="-DGGML_NATIVE=ON" ;;
+    avx2) CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF" ;;
+    *) echo "error: LLAMA_CPP_CPU=$LLAMA_CPP_CPU: use native (the default) or avx2" >&2; exit 1 ;;
+esac
+FLAGS="-DCMAKE_BUILD_TYPE=Release $CPU_FLAGS -DBUILD_SHARED_LIBS=OFF"
+# shellcheck disable=SC2086  # FLAGS holds several arguments
+cmake -S "$SRC" -B "$DEST/cmake" $FLAGS \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_APP=OFF
 cmake --build "$DEST/cmake" --target llama-bench llama-quantize llama-batched-bench -j "$JOBS"
@@ -40,6 +50,6 @@ cp "$DEST/cmake/bin/llama-bench" "$DEST/cmake/bin/llama-quantize" "$DEST/cmake/b
 
 cat > "$DEST/VERSION.json" <<EOF
 {"source": "llama-cpp-python sdist", "version": "$VERSION", "sdist_sha256": "$SHA256",
- "cmake_flags": "-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF"}
+ "cmake_flags": "$FLAGS"}
 EOF
 echo "built: $DEST/bin/llama-bench $DEST/bin/llama-quantize"

@@ -298,9 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     tools = None if args.no_llama_cpp else llama_cpp.find_tools(args.llama_cpp_bin)
     if tools is None and not args.no_llama_cpp:
         print(llama_cpp.missing_message(args.llama_cpp_bin))
-    results = {"benchmark": "cpu_decode", "environment": environment_record("cpu"), "omp_wait_policy": policy,
-               "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": 1,
-               "batches": sorted(args.batch), "compile_cache": _relative(cache_dir),
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    int8_kernel.load()
+    # what code ran: ATEN_CPU_CAPABILITY=avx2 caps torch's kernels, inductor's and the project's kernel at AVX2
+    isa = {"aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"), "inductor": str(pick_vec_isa()) or "none",
+           "int8_kernel": int8_kernel.isa()}
+    results = {"benchmark": "cpu_decode", "environment": environment_record("cpu"), "isa": isa,
+               "omp_wait_policy": policy, "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats,
+               "batch": 1, "batches": sorted(args.batch), "compile_cache": _relative(cache_dir),
                "threads": torch.get_num_threads(), "presets": {}}
     for name in args.preset or ["tiny", "smollm2-135m"]:
         preset = load_preset(name)

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -249,13 +250,25 @@ void qchannels(const QProblem& p, int64_t n0, int64_t n1) {
 
 namespace overfill_kernel {
 
-int64_t best_isa() {
+int64_t cpu_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kBaseline;
+}
+
+// The CPU's best, capped as torch's own kernels are by ATEN_CPU_CAPABILITY (default, avx2): so that one setting
+// runs a whole process as on a smaller CPU. Read once.
+int64_t best_isa() {
+  static const int64_t isa = [] {
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    if (cap != nullptr && std::strcmp(cap, "default") == 0) return int64_t{kBaseline};
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(cpu_isa(), int64_t{kAvx2});
+    return cpu_isa();
+  }();
+  return isa;
 }
 
 using Channels = void (*)(const Problem&, int64_t, int64_t);

@@ -5,9 +5,11 @@ against the installed torch, into a cache folder (``OVERFILL_KERNEL_CACHE``, els
 one file per source, torch version and Python ABI, written whole (a temporary name, then renamed). Loading registers
 ``torch.ops.overfill.int8_linear`` (with a shape-only implementation, so that dynamo traces it and inductor calls
 it from a compiled decode step). The instruction set is picked when it runs: AVX-512, AVX2 with FMA, or the
-platform's baseline vectors (SSE2, NEON). ``torch.ops.overfill.int4_linear`` is the same product on 4-bit weights
-(:func:`pack_int4`); ``benchmarks/int8_matvec.py`` times it, and no preset uses it: on this project's machine it
-does not pay (docs/cpu-decode.md). ``torch.ops.overfill.w8a8_linear`` quantizes the activations too, per block of 32
+platform's baseline vectors (SSE2, NEON), at most what ``ATEN_CPU_CAPABILITY`` allows torch's own kernels (``avx2``,
+``default``): with inductor, which follows that setting too, one variable runs a process as on a smaller CPU.
+``torch.ops.overfill.int4_linear`` is the same product on 4-bit weights (:func:`pack_int4`);
+``benchmarks/int8_matvec.py`` times it, and no preset uses it: on this project's machine it does not pay
+(docs/cpu-decode.md). ``torch.ops.overfill.w8a8_linear`` quantizes the activations too, per block of 32
 as llama.cpp's Q8_0 does, and sums int8 x int8 products in int32 (AVX2's byte multiply-adds, on AVX-512 machines as
 well): :class:`overfill_lib.quantize.W8A8Linear`, a preset's ``decoder: {weights: w8a8}``, always through the kernel
 where it is loaded on x86 (the same rounding in torch ops took 137 ms a step on AVX2, the kernel 19).

@@ -195,6 +195,18 @@ def test_a_bf16_model_decodes_through_the_kernel_where_the_rule_says(kernel, mon
     assert calls == 7 * (7 * model.config.num_hidden_layers + 1)  # 7 compiled steps after the prefill's token
 
 
+def test_aten_cpu_capability_caps_the_kernels_instruction_set_as_it_caps_torchs(kernel):
+    """ATEN_CPU_CAPABILITY=avx2 runs the kernel's AVX2 path (and so, by the rule, in compiled steps), =default its
+    baseline one (never in compiled steps): one variable runs a process as on a smaller CPU."""
+    best = torch.ops.overfill.int8_kernel_isa()
+    code = ("from overfill_lib import int8_kernel; int8_kernel.load(); "
+            "print(int8_kernel.isa(), int8_kernel.use_kernel(compiling=True))")
+    for capability, expected in (("default", 0), ("avx2", min(best, 1))):
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**os.environ, "ATEN_CPU_CAPABILITY": capability})
+        assert done.stdout.split() == [int8_kernel.ISA_NAMES[expected], str(expected == 1)], (capability, done.stdout)
+
+
 def test_the_setting_is_checked():
     done = subprocess.run([sys.executable, "-c", "from overfill_lib import int8_kernel; int8_kernel.load()"],
                           cwd=ROOT, env={**os.environ, "OVERFILL_INT8_KERNEL": "yes"}, capture_output=True, text=True,
