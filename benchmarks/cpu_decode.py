@@ -301,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     int8_kernel.load()
-    # what code ran: ATEN_CPU_CAPABILITY=avx2 caps torch's kernels, inductor's and the project's kernel at AVX2
-    isa = {"aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"), "inductor": str(pick_vec_isa()) or "none",
-           "int8_kernel": int8_kernel.isa()}
+    # what code ran: ATEN_CPU_CAPABILITY=avx2 caps torch's kernels, inductor's and the project's kernel at AVX2; MKL's
+    # and oneDNN's own settings cap theirs
+    isa = {"inductor": str(pick_vec_isa()) or "none", "int8_kernel": int8_kernel.isa(),
+           **{name.lower(): os.environ.get(name)
+              for name in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")}}
     results = {"benchmark": "cpu_decode", "environment": environment_record("cpu"), "isa": isa,
                "omp_wait_policy": policy, "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats,
                "batch": 1, "batches": sorted(args.batch), "compile_cache": _relative(cache_dir),
