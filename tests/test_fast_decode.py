@@ -267,24 +267,31 @@ def test_a_model_whose_tensors_changed_after_compiling_is_refused_and_one_quanti
     assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
 
 
+def compiled_graphs(monkeypatch, model) -> list:
+    """The graphs inductor compiles (after its own passes) for ``model``'s CPU decode step, at batch 1; the fast path's
+    tokens checked against the plain loop's on the way."""
+    graphs = []
+    original = fast_decode.ComputeOnce.__call__
+
+    def keep(self, graph):
+        graphs.append(graph)
+        return original(self, graph)
+
+    monkeypatch.setattr(fast_decode.ComputeOnce, "__call__", keep)
+    ids, mask = left_padded(model, batch=1)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here, so that the pass runs
+        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
+    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+    return graphs
+
+
 def test_a_frozen_cpu_step_takes_the_weights_as_constants_not_as_inputs(monkeypatch):
     """The model reaches the compiled step as an argument: inductor's freezing has its weights to freeze only if dynamo
     traced under prepare_freezing (fast_decode.frozen_tracing). Frozen, the graph inductor compiles takes only the
     step's own inputs (ids, positions, mask, the cache), not the model's tensors; and the tokens stay the plain
     loop's."""
-    seen = []
-    original = fast_decode.ComputeOnce.__call__
-
-    def counting(self, graph):
-        seen.append(len(graph.find_nodes(op="placeholder")))
-        return original(self, graph)
-
-    monkeypatch.setattr(fast_decode.ComputeOnce, "__call__", counting)
     model = tiny_model("llama", seed=5)
-    ids, mask = left_padded(model, batch=1)
-    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here, so that the pass runs
-        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
-    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+    seen = [len(graph.find_nodes(op="placeholder")) for graph in compiled_graphs(monkeypatch, model)]
     tensors = len(list(model.parameters())) + len(list(model.buffers()))
     assert seen and max(seen) < tensors, (seen, tensors)
 
@@ -315,19 +322,9 @@ def test_grouped_query_attention_is_transformers_sdpa_without_the_copy():
 def test_the_compiled_cpu_step_reads_the_cache_without_copying_it_per_query_head(monkeypatch):
     """The attention in the graph inductor compiles takes the cache's key/value heads (2 for 4 query heads here), not
     a copy repeated per query head (fast_decode.grouped_query_attention); and the tokens stay the plain loop's."""
-    seen = []
-    original = fast_decode.ComputeOnce.__call__
-
-    def keys_heads(self, graph):
-        seen.extend(n.args[1].meta["val"].shape[1] for n in graph.nodes if "scaled_dot_product" in str(n.target))
-        return original(self, graph)
-
-    monkeypatch.setattr(fast_decode.ComputeOnce, "__call__", keys_heads)
     model = tiny_model("llama", seed=6)
-    ids, mask = left_padded(model, batch=1)
-    with torch._inductor.config.patch(fx_graph_cache=False):  # compile here, so that the pass runs
-        out = FastGenerator(model, None, compile=True).generate(ids, mask, method="full", max_new_tokens=NEW)
-    assert torch.equal(out.new_tokens, plain(model, model, ids, mask).new_tokens)
+    seen = [n.args[1].meta["val"].shape[1] for graph in compiled_graphs(monkeypatch, model) for n in graph.nodes
+            if "scaled_dot_product" in str(n.target)]
     config = model.config
     assert config.num_key_value_heads < config.num_attention_heads
     assert seen and set(seen) == {config.num_key_value_heads}, seen
