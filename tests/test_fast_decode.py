@@ -107,6 +107,17 @@ def test_speculative_returns_the_full_models_greedy_tokens(models, noise, gamma)
         assert t.acceptance < 1.0
 
 
+def test_compiled_speculative_verify_returns_the_full_models_greedy_tokens(models):
+    """Compiled on CPU the verify step attends with several queries, a mask and grouped key/value heads
+    (fast_decode.grouped_query_attention), the draft step with one."""
+    full, _ = models
+    ids, mask = left_padded(full)
+    out = FastGenerator(full, noisy_copy(full, 0.1), compile=True).generate(ids, mask, method="speculative",
+                                                                            max_new_tokens=NEW, num_draft_tokens=2)
+    assert out.path == fast_decode.PATH_COMPILED
+    assert torch.equal(out.new_tokens, plain(full, full, ids, mask).new_tokens)
+
+
 def test_errors_name_the_problem(models):
     full, decoder = models
     other = tiny_model("llama", seed=2, num_key_value_heads=4)
