@@ -418,7 +418,7 @@ def test_cpu_decode_benchmark_feeds_notebook_03(models):
 
     full, decoder = models
     ids = random_batch(full, 1, 8, seed=5)
-    r = cpu_decode.measure(full, decoder, ids, new_tokens=6, repeats=1)
+    r = cpu_decode.measure(full, decoder, ids, new_tokens=12, repeats=1)
     assert set(r["methods"]) == set(cpu_decode.METHODS)
     for row in r["methods"].values():
         assert row["eager"]["tokens_equal_plain"] and row["compiled"]["tokens_equal_plain"]
